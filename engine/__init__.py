@@ -1,0 +1,31 @@
+"""flatnet engine: a standalone CNN engine whose hot loops are Cython/OpenMP kernels.
+
+Layers (NCHW float32): Conv2d, Lateral, Vertical, Horizontal, Flattened, MaxPool2d,
+ReLU, Dropout, Linear, Flatten, Sequential; loss: SoftmaxCrossEntropy.
+Threads: openmp_enabled(), get_num_threads(), set_num_threads(n).
+"""
+from .backend import get_num_threads, kernels_path, openmp_enabled, set_num_threads
+from .layers import (
+    Conv2d,
+    Dropout,
+    Flatten,
+    Flattened,
+    Horizontal,
+    Lateral,
+    Layer,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    Vertical,
+    conv1d_padding,
+)
+from .losses import SoftmaxCrossEntropy, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Conv2d", "Dropout", "Flatten", "Flattened", "Horizontal", "Lateral", "Layer", "Linear",
+    "MaxPool2d", "ReLU", "Sequential", "Vertical", "conv1d_padding", "SoftmaxCrossEntropy", "softmax",
+    "get_num_threads", "set_num_threads", "openmp_enabled", "kernels_path",
+]

@@ -1,0 +1,478 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Compiled kernels of the engine: 1D convolutions, im2col/col2im, pooling, ReLU, dropout, GEMM.
+
+Conventions
+-----------
+* Arrays are C-contiguous NCHW; every argument is a typed contiguous memoryview.
+  IN arrays are read, OUT arrays are overwritten entirely (no need to zero them).
+* ``floating`` is float32 or float64 (fused type); float64 exists for gradient checks.
+* The 1D convolutions are cross-correlations with zero padding, like Conv2d:
+      y[j] = bias + sum_k w[k] * x[j + k - pad],   0 <= j < n_out
+  so 'full' is pad = K-1, n_out = N+K-1; 'same' is pad = (K-1)//2, n_out = N;
+  'valid' is pad = 0, n_out = N-K+1: three windows of the same kernel.
+  The input gradient of that map is the same correlation with the flipped filter,
+  pad' = K-1-pad and n_out = N (``flip=True``).
+* Work is split over whole planes (image x channel) or whole channels, so every
+  output element is written by exactly one thread in a fixed order: results do not
+  depend on the thread count, and no atomics or shared accumulators are needed.
+  Weight gradients are parallel over channels; each thread keeps its own row
+  accumulators (allocated inside the parallel block) and reduces them at the end.
+* ``num_threads`` comes from Python (engine.get_num_threads()); BLAS is only ever
+  called outside parallel regions, so BLAS threads never nest inside OpenMP threads.
+"""
+from cython.parallel cimport prange, parallel
+from cython cimport floating
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FLATNET_OPENMP 1
+    #else
+    #define FLATNET_OPENMP 0
+    static int omp_get_max_threads(void) { return 1; }
+    static int omp_get_thread_num(void) { return 0; }
+    static int omp_get_num_threads(void) { return 1; }
+    #endif
+    """
+    int FLATNET_OPENMP
+    int omp_get_max_threads() nogil
+    int omp_get_thread_num() nogil
+    int omp_get_num_threads() nogil
+
+
+# ----------------------------------------------------------------------------- threads
+
+def openmp_enabled():
+    """True when the kernels were compiled with OpenMP."""
+    return bool(FLATNET_OPENMP)
+
+
+def omp_max_threads():
+    """OpenMP's default team size (honours OMP_NUM_THREADS); 1 without OpenMP."""
+    return omp_get_max_threads()
+
+
+def threads_seen(int num_threads):
+    """Run a parallel region with `num_threads` and return how many threads took part."""
+    cdef int seen[1024]
+    cdef int i, total = 0
+    for i in range(1024):
+        seen[i] = 0
+    with nogil, parallel(num_threads=num_threads):
+        i = omp_get_thread_num()
+        if i < 1024:
+            seen[i] = 1
+    for i in range(1024):
+        total += seen[i]
+    return total
+
+
+# ----------------------------------------------------------------------------- 1D convolutions
+
+cdef inline Py_ssize_t _imax(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return a if a < b else b
+
+
+def vconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
+                  const floating[:, ::1] w,            # IN  (C, K)
+                  const floating[::1] b,               # IN  (C,) or None
+                  Py_ssize_t pad,
+                  bint flip,
+                  floating[:, :, :, ::1] out,          # OUT (N, C, Ho, W)
+                  int num_threads):
+    """Vertical (along H) per-channel correlation; rows are combined whole (vectorized over W)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t K = w.shape[1], Ho = out.shape[2]
+    cdef Py_ssize_t plane, n, c, j, k, i, q
+    cdef bint has_bias = b is not None
+    cdef floating wk, bias
+    cdef floating *yr
+    cdef const floating *xr
+    for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
+        n = plane // C
+        c = plane % C
+        bias = b[c] if has_bias else 0
+        for j in range(Ho):
+            yr = &out[n, c, j, 0]
+            for q in range(W):
+                yr[q] = bias
+            for k in range(_imax(0, pad - j), _imin(K, H + pad - j)):
+                i = j + k - pad
+                wk = w[c, K - 1 - k] if flip else w[c, k]
+                xr = &x[n, c, i, 0]
+                for q in range(W):
+                    yr[q] = yr[q] + wk * xr[q]
+
+
+def hconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
+                  const floating[:, ::1] w,            # IN  (C, K)
+                  const floating[::1] b,               # IN  (C,) or None
+                  Py_ssize_t pad,
+                  bint flip,
+                  floating[:, :, :, ::1] out,          # OUT (N, C, H, Wo)
+                  int num_threads):
+    """Horizontal (along W) per-channel correlation; each output row is a vectorized loop per tap."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t K = w.shape[1], Wo = out.shape[3]
+    cdef Py_ssize_t plane, n, c, r, k, j, j0, j1, off
+    cdef bint has_bias = b is not None
+    cdef floating wk, bias
+    cdef floating *yr
+    cdef const floating *xr
+    for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
+        n = plane // C
+        c = plane % C
+        bias = b[c] if has_bias else 0
+        for r in range(H):
+            yr = &out[n, c, r, 0]
+            xr = &x[n, c, r, 0]
+            for j in range(Wo):
+                yr[j] = bias
+            for k in range(K):
+                wk = w[c, K - 1 - k] if flip else w[c, k]
+                off = k - pad
+                j0 = _imax(0, -off)
+                j1 = _imin(Wo, W - off)
+                for j in range(j0, j1):
+                    yr[j] = yr[j] + wk * xr[j + off]
+
+
+def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forward input
+                      const floating[:, :, :, ::1] dy,  # IN  (N, C, Ho, W)
+                      Py_ssize_t pad,
+                      floating[:, ::1] dw,              # OUT (C, K)
+                      floating[::1] db,                 # OUT (C,) or None
+                      int num_threads):
+    """dw[c,k] = sum over n, j, q of dy[n,c,j,q] * x[n,c,j+k-pad,q]; db[c] = sum of dy[:, c].
+
+    Parallel over channels. Each thread accumulates element-wise products into its
+    own (K+1) x W buffer (vectorizable, no shared writes), then reduces it in double.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t K = dw.shape[1], Ho = dy.shape[2]
+    cdef Py_ssize_t n, c, j, k, i, q
+    cdef bint has_bias = db is not None
+    cdef floating *acc
+    cdef floating *ak
+    cdef const floating *dr
+    cdef const floating *xr
+    cdef double s
+    with nogil, parallel(num_threads=num_threads):
+        acc = <floating *> malloc((K + 1) * W * sizeof(floating))
+        for c in prange(C, schedule='static'):
+            memset(acc, 0, (K + 1) * W * sizeof(floating))
+            for n in range(N):
+                for j in range(Ho):
+                    dr = &dy[n, c, j, 0]
+                    ak = acc + K * W
+                    for q in range(W):
+                        ak[q] = ak[q] + dr[q]
+                    for k in range(_imax(0, pad - j), _imin(K, H + pad - j)):
+                        i = j + k - pad
+                        xr = &x[n, c, i, 0]
+                        ak = acc + k * W
+                        for q in range(W):
+                            ak[q] = ak[q] + dr[q] * xr[q]
+            for k in range(K + 1):
+                s = 0
+                for q in range(W):
+                    s = s + acc[k * W + q]
+                if k < K:
+                    dw[c, k] = <floating> s
+                elif has_bias:
+                    db[c] = <floating> s
+        free(acc)
+
+
+def hconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forward input
+                      const floating[:, :, :, ::1] dy,  # IN  (N, C, H, Wo)
+                      Py_ssize_t pad,
+                      floating[:, ::1] dw,              # OUT (C, K)
+                      floating[::1] db,                 # OUT (C,) or None
+                      int num_threads):
+    """dw[c,k] = sum over n, r, j of dy[n,c,r,j] * x[n,c,r,j+k-pad]; db[c] = sum of dy[:, c].
+
+    Same scheme as vconv_grad_params, with a (K+1) x Wo accumulator per thread.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t K = dw.shape[1], Wo = dy.shape[3]
+    cdef Py_ssize_t n, c, r, j, k, q, off, j0, j1
+    cdef bint has_bias = db is not None
+    cdef floating *acc
+    cdef floating *ak
+    cdef const floating *dr
+    cdef const floating *xr
+    cdef double s
+    with nogil, parallel(num_threads=num_threads):
+        acc = <floating *> malloc((K + 1) * Wo * sizeof(floating))
+        for c in prange(C, schedule='static'):
+            memset(acc, 0, (K + 1) * Wo * sizeof(floating))
+            for n in range(N):
+                for r in range(H):
+                    dr = &dy[n, c, r, 0]
+                    xr = &x[n, c, r, 0]
+                    ak = acc + K * Wo
+                    for j in range(Wo):
+                        ak[j] = ak[j] + dr[j]
+                    for k in range(K):
+                        off = k - pad
+                        j0 = _imax(0, -off)
+                        j1 = _imin(Wo, W - off)
+                        ak = acc + k * Wo
+                        for j in range(j0, j1):
+                            ak[j] = ak[j] + dr[j] * xr[j + off]
+            for k in range(K + 1):
+                s = 0
+                for q in range(Wo):
+                    s = s + acc[k * Wo + q]
+                if k < K:
+                    dw[c, k] = <floating> s
+                elif has_bias:
+                    db[c] = <floating> s
+        free(acc)
+
+
+def channel_sum(const floating[:, :, ::1] x,   # IN  (N, C, P)
+                floating[::1] out,             # OUT (C,)
+                int num_threads):
+    """out[c] = sum of x[:, c, :] (bias gradients), accumulated in double per channel."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], P = x.shape[2]
+    cdef Py_ssize_t n, c, p
+    cdef double s
+    for c in prange(C, nogil=True, schedule='static', num_threads=num_threads):
+        s = 0
+        for n in range(N):
+            for p in range(P):
+                s = s + x[n, c, p]
+        out[c] = <floating> s
+
+
+# ----------------------------------------------------------------------------- im2col / col2im
+
+def im2col(const floating[:, :, :, ::1] x,    # IN  (N, C, H, W)
+           Py_ssize_t n0,                      # first image of the chunk
+           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad,
+           floating[:, :, ::1] cols,           # OUT (n, C*kh*kw, Ho*Wo), n images from n0
+           int num_threads):
+    """cols[i, (c*kh + a)*kw + b, oy*Wo + ox] = x[n0+i, c, oy*stride + a - pad, ox*stride + b - pad] (0 outside)."""
+    cdef Py_ssize_t C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t n = cols.shape[0]
+    cdef Py_ssize_t Ho = (H + 2 * pad - kh) // stride + 1
+    cdef Py_ssize_t Wo = (W + 2 * pad - kw) // stride + 1
+    cdef Py_ssize_t job, i, c, a, bb, oy, ox, iy, ix, row
+    cdef floating *dst
+    for job in prange(n * C, nogil=True, schedule='static', num_threads=num_threads):
+        i = job // C
+        c = job % C
+        for a in range(kh):
+            for bb in range(kw):
+                row = (c * kh + a) * kw + bb
+                dst = &cols[i, row, 0]
+                for oy in range(Ho):
+                    iy = oy * stride + a - pad
+                    if iy < 0 or iy >= H:
+                        for ox in range(Wo):
+                            dst[oy * Wo + ox] = 0
+                    elif stride == 1:
+                        for ox in range(Wo):
+                            ix = ox + bb - pad
+                            dst[oy * Wo + ox] = x[n0 + i, c, iy, ix] if 0 <= ix < W else 0
+                    else:
+                        for ox in range(Wo):
+                            ix = ox * stride + bb - pad
+                            dst[oy * Wo + ox] = x[n0 + i, c, iy, ix] if 0 <= ix < W else 0
+
+
+def col2im(const floating[:, :, ::1] cols,     # IN  (n, C*kh*kw, Ho*Wo)
+           Py_ssize_t n0,
+           Py_ssize_t kh, Py_ssize_t kw, Py_ssize_t stride, Py_ssize_t pad,
+           floating[:, :, :, ::1] dx,          # OUT (N, C, H, W): images n0..n0+n overwritten
+           int num_threads):
+    """Adjoint of im2col: scatter-add the columns back into image planes (one plane per thread)."""
+    cdef Py_ssize_t C = dx.shape[1], H = dx.shape[2], W = dx.shape[3]
+    cdef Py_ssize_t n = cols.shape[0]
+    cdef Py_ssize_t Ho = (H + 2 * pad - kh) // stride + 1
+    cdef Py_ssize_t Wo = (W + 2 * pad - kw) // stride + 1
+    cdef Py_ssize_t job, i, c, a, bb, oy, ox, iy, ix, row
+    cdef const floating *src
+    for job in prange(n * C, nogil=True, schedule='static', num_threads=num_threads):
+        i = job // C
+        c = job % C
+        memset(&dx[n0 + i, c, 0, 0], 0, H * W * sizeof(floating))
+        for a in range(kh):
+            for bb in range(kw):
+                row = (c * kh + a) * kw + bb
+                src = &cols[i, row, 0]
+                for oy in range(Ho):
+                    iy = oy * stride + a - pad
+                    if iy < 0 or iy >= H:
+                        continue
+                    for ox in range(Wo):
+                        ix = ox * stride + bb - pad
+                        if 0 <= ix < W:
+                            dx[n0 + i, c, iy, ix] += src[oy * Wo + ox]
+
+
+# ----------------------------------------------------------------------------- pooling
+
+def maxpool_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
+                    Py_ssize_t k, Py_ssize_t stride,
+                    floating[:, :, :, ::1] out,       # OUT (N, C, Ho, Wo)
+                    int[:, :, :, ::1] argmax,         # OUT (N, C, Ho, Wo): flat index in the plane
+                    int num_threads):
+    """Max over k x k windows (clipped at the border when Ho, Wo come from ceil mode); first max wins ties."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t Ho = out.shape[2], Wo = out.shape[3]
+    cdef Py_ssize_t plane, n, c, oy, ox, y0, y1, x0, x1, iy, ix, best_i
+    cdef floating best, v
+    for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
+        n = plane // C
+        c = plane % C
+        for oy in range(Ho):
+            y0 = oy * stride
+            y1 = _imin(y0 + k, H)
+            for ox in range(Wo):
+                x0 = ox * stride
+                x1 = _imin(x0 + k, W)
+                best_i = y0 * W + x0
+                best = x[n, c, y0, x0]
+                for iy in range(y0, y1):
+                    for ix in range(x0, x1):
+                        v = x[n, c, iy, ix]
+                        if v > best or v != v:   # NaN propagates, as in other engines
+                            best = v
+                            best_i = iy * W + ix
+                out[n, c, oy, ox] = best
+                argmax[n, c, oy, ox] = <int> best_i
+
+
+def maxpool_backward(const floating[:, :, :, ::1] dy,   # IN  (N, C, Ho, Wo)
+                     const int[:, :, :, ::1] argmax,    # IN  (N, C, Ho, Wo)
+                     floating[:, :, :, ::1] dx,         # OUT (N, C, H, W)
+                     int num_threads):
+    """Route each output gradient to its window's maximum; overlapping windows add up."""
+    cdef Py_ssize_t N = dy.shape[0], C = dy.shape[1], Ho = dy.shape[2], Wo = dy.shape[3]
+    cdef Py_ssize_t H = dx.shape[2], W = dx.shape[3]
+    cdef Py_ssize_t plane, n, c, oy, ox
+    cdef floating *d
+    for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
+        n = plane // C
+        c = plane % C
+        d = &dx[n, c, 0, 0]
+        memset(d, 0, H * W * sizeof(floating))
+        for oy in range(Ho):
+            for ox in range(Wo):
+                d[argmax[n, c, oy, ox]] += dy[n, c, oy, ox]
+
+
+# ----------------------------------------------------------------------------- element-wise
+
+cdef enum:
+    CHUNK = 16384   # elements per parallel work item in the element-wise kernels
+
+
+def relu_forward(const floating[::1] x, floating[::1] out, int num_threads):
+    """out = max(x, 0) on flat arrays (NaN stays NaN)."""
+    cdef Py_ssize_t n = x.shape[0], blk, i, i1
+    for blk in prange((n + CHUNK - 1) // CHUNK, nogil=True, schedule='static', num_threads=num_threads):
+        i1 = _imin(n, (blk + 1) * CHUNK)
+        for i in range(blk * CHUNK, i1):
+            out[i] = 0 if x[i] < 0 else x[i]
+
+
+def relu_backward(const floating[::1] y, const floating[::1] dy, floating[::1] dx, int num_threads):
+    """dx = dy where the forward output y > 0, else 0."""
+    cdef Py_ssize_t n = y.shape[0], blk, i, i1
+    for blk in prange((n + CHUNK - 1) // CHUNK, nogil=True, schedule='static', num_threads=num_threads):
+        i1 = _imin(n, (blk + 1) * CHUNK)
+        for i in range(blk * CHUNK, i1):
+            dx[i] = dy[i] if y[i] > 0 else 0
+
+
+def mask_scale(const floating[::1] x, const unsigned char[::1] mask, double scale,
+               floating[::1] out, int num_threads):
+    """out = x * scale where mask is set, else 0 (inverted dropout, forward and backward)."""
+    cdef Py_ssize_t n = x.shape[0], blk, i, i1
+    for blk in prange((n + CHUNK - 1) // CHUNK, nogil=True, schedule='static', num_threads=num_threads):
+        i1 = _imin(n, (blk + 1) * CHUNK)
+        for i in range(blk * CHUNK, i1):
+            out[i] = x[i] * <floating> scale if mask[i] else 0
+
+
+# ----------------------------------------------------------------------------- BLAS
+
+cdef void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
+                const floating *a, int lda, const floating *b, int ldb,
+                floating beta, floating *c, int ldc) noexcept nogil:
+    """Row-major C (m x n) = alpha * op(A) op(B) + beta * C, through column-major BLAS.
+
+    A row-major matrix is its transpose in column-major, so we ask BLAS for
+    C^T = op(B)^T op(A)^T: swap the operands and keep the transpose flags.
+    """
+    cdef char ta = b'T' if trans_a else b'N'
+    cdef char tb = b'T' if trans_b else b'N'
+    if floating is float:
+        sgemm(&tb, &ta, &n, &m, &k, &alpha, <float *> b, &ldb, <float *> a, &lda, &beta, c, &ldc)
+    else:
+        dgemm(&tb, &ta, &n, &m, &k, &alpha, <double *> b, &ldb, <double *> a, &lda, &beta, c, &ldc)
+
+
+def gemm(bint trans_a, bint trans_b, double alpha,
+         const floating[:, ::1] a, const floating[:, ::1] b,
+         double beta, floating[:, ::1] c):
+    """c = alpha * op(a) @ op(b) + beta * c for row-major 2D arrays (c is written in place)."""
+    cdef int m = c.shape[0], n = c.shape[1]
+    cdef int k = a.shape[0] if trans_a else a.shape[1]
+    cdef int kb = b.shape[1] if trans_b else b.shape[0]
+    cdef int am = a.shape[1] if trans_a else a.shape[0]
+    cdef int bn = b.shape[0] if trans_b else b.shape[1]
+    if k != kb or am != m or bn != n:
+        raise ValueError(f"gemm: shapes do not match: op(a) {am}x{k}, op(b) {kb}x{bn}, c {m}x{n}")
+    if m == 0 or n == 0 or k == 0:
+        raise ValueError("gemm: empty matrices")
+    with nogil:
+        _gemm(trans_a, trans_b, m, n, k, <floating> alpha, &a[0, 0], a.shape[1], &b[0, 0], b.shape[1],
+              <floating> beta, &c[0, 0], n)
+
+
+def batched_gemm(bint trans_a, bint trans_b, double alpha,
+                 const floating[:, :, ::1] a, const floating[:, :, ::1] b,
+                 double beta, floating[:, :, ::1] c,
+                 bint shared_a, bint shared_b):
+    """c[i] = alpha * op(a[i]) @ op(b[i]) + beta * c[i] for each i, in one nogil loop.
+
+    With `shared_a` (or `shared_b`) the first matrix is used for every i and, when
+    c has a single matrix, the products accumulate into it (weight gradients over a batch).
+    Each product is one BLAS call; BLAS threads it, we never call it from OpenMP threads.
+    """
+    cdef Py_ssize_t batch = max(a.shape[0] if not shared_a else 1, b.shape[0] if not shared_b else 1)
+    cdef int m = c.shape[1], n = c.shape[2]
+    cdef int k = a.shape[1] if trans_a else a.shape[2]
+    cdef int kb = b.shape[2] if trans_b else b.shape[1]
+    cdef int am = a.shape[2] if trans_a else a.shape[1]
+    cdef int bn = b.shape[1] if trans_b else b.shape[2]
+    cdef Py_ssize_t i, ia, ib, ic
+    cdef bint accumulate = c.shape[0] == 1 and batch > 1
+    cdef floating beta_i
+    if k != kb or am != m or bn != n:
+        raise ValueError(f"batched_gemm: shapes do not match: op(a) {am}x{k}, op(b) {kb}x{bn}, c {m}x{n}")
+    if not accumulate and c.shape[0] != batch:
+        raise ValueError("batched_gemm: c must hold one matrix per product, or one to accumulate into")
+    if m == 0 or n == 0 or k == 0 or batch == 0:
+        return
+    with nogil:
+        for i in range(batch):
+            ia = 0 if shared_a else i
+            ib = 0 if shared_b else i
+            ic = 0 if accumulate else i
+            beta_i = <floating> beta if (not accumulate or i == 0) else 1
+            _gemm(trans_a, trans_b, m, n, k, <floating> alpha, &a[ia, 0, 0], a.shape[2],
+                  &b[ib, 0, 0], b.shape[2], beta_i, &c[ic, 0, 0], n)

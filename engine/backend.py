@@ -1,0 +1,136 @@
+"""The thin set of array operations the layers are written against, and thread control.
+
+Layers never call the compiled kernels or BLAS directly: they ask ``get_ops(x)``
+for the operation set that matches the array they hold, so the same layer code can
+run on another backend that provides the same names. Today the CPU set is the only
+one: compiled Cython/OpenMP kernels plus scipy's BLAS.
+"""
+import os
+
+import numpy as np
+
+from . import _kernels
+
+_num_threads = None
+
+
+def openmp_enabled():
+    """True when the compiled kernels were built with OpenMP (else they run on one thread)."""
+    return _kernels.openmp_enabled()
+
+
+def get_num_threads():
+    """Threads the kernels use: set_num_threads(n) if called, else OMP_NUM_THREADS, else all cores."""
+    if not openmp_enabled():
+        return 1
+    if _num_threads is not None:
+        return _num_threads
+    return max(1, _kernels.omp_max_threads())
+
+
+def set_num_threads(n):
+    """Use `n` threads in the kernels from now on (None: back to OMP_NUM_THREADS / all cores)."""
+    global _num_threads
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"set_num_threads: expected a positive integer, got {n!r}")
+        n = int(n)
+    _num_threads = n
+
+
+def kernels_path():
+    """File of the compiled kernel module actually imported (CI checks it is a built extension)."""
+    return os.path.abspath(_kernels.__file__)
+
+
+class CpuOps:
+    """Array operations on numpy arrays: compiled kernels, scipy BLAS and numpy allocation."""
+
+    name = "cpu"
+    xp = np
+
+    # allocation -------------------------------------------------------------------
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    @staticmethod
+    def zeros(shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    # 1D convolutions ----------------------------------------------------------------
+    @staticmethod
+    def conv1d(axis, x, w, b, pad, flip, out):
+        """Per-channel correlation along H (axis=2) or W (axis=3); see _kernels for the formula."""
+        f = _kernels.vconv_forward if axis == 2 else _kernels.hconv_forward
+        f(x, w, b, pad, flip, out, get_num_threads())
+        return out
+
+    @staticmethod
+    def conv1d_grad_params(axis, x, dy, pad, dw, db):
+        f = _kernels.vconv_grad_params if axis == 2 else _kernels.hconv_grad_params
+        f(x, dy, pad, dw, db, get_num_threads())
+
+    # GEMM ---------------------------------------------------------------------------
+    @staticmethod
+    def gemm(trans_a, trans_b, alpha, a, b, beta, c):
+        _kernels.gemm(trans_a, trans_b, alpha, a, b, beta, c)
+        return c
+
+    @staticmethod
+    def batched_gemm(trans_a, trans_b, alpha, a, b, beta, c, shared_a=False, shared_b=False):
+        _kernels.batched_gemm(trans_a, trans_b, alpha, a, b, beta, c, shared_a, shared_b)
+        return c
+
+    # im2col -------------------------------------------------------------------------
+    @staticmethod
+    def im2col(x, n0, kh, kw, stride, pad, cols):
+        _kernels.im2col(x, n0, kh, kw, stride, pad, cols, get_num_threads())
+        return cols
+
+    @staticmethod
+    def col2im(cols, n0, kh, kw, stride, pad, dx):
+        _kernels.col2im(cols, n0, kh, kw, stride, pad, dx, get_num_threads())
+        return dx
+
+    # reductions, pooling, element-wise ---------------------------------------------
+    @staticmethod
+    def channel_sum(x3, out):
+        _kernels.channel_sum(x3, out, get_num_threads())
+        return out
+
+    @staticmethod
+    def maxpool_forward(x, k, stride, out, argmax):
+        _kernels.maxpool_forward(x, k, stride, out, argmax, get_num_threads())
+
+    @staticmethod
+    def maxpool_backward(dy, argmax, dx):
+        _kernels.maxpool_backward(dy, argmax, dx, get_num_threads())
+        return dx
+
+    @staticmethod
+    def relu_forward(x, out):
+        _kernels.relu_forward(x.reshape(-1), out.reshape(-1), get_num_threads())
+        return out
+
+    @staticmethod
+    def relu_backward(y, dy, dx):
+        _kernels.relu_backward(y.reshape(-1), dy.reshape(-1), dx.reshape(-1), get_num_threads())
+        return dx
+
+    @staticmethod
+    def dropout_mask(rng, shape, p):
+        """uint8 mask, 1 with probability 1-p, from the layer's seeded numpy Generator."""
+        return (rng.random(shape, dtype=np.float32) >= p).view(np.uint8)
+
+    @staticmethod
+    def mask_scale(x, mask, scale, out):
+        _kernels.mask_scale(x.reshape(-1), mask.reshape(-1), scale, out.reshape(-1), get_num_threads())
+        return out
+
+
+def get_ops(x):
+    """The operation set for array `x` (the backend is read from the array, never configured per layer)."""
+    if isinstance(x, np.ndarray):
+        return CpuOps
+    raise TypeError(f"no backend for arrays of type {type(x).__name__}")

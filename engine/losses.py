@@ -1,0 +1,49 @@
+"""Softmax cross-entropy, computed stably from logits."""
+import numpy as np
+
+
+class SoftmaxCrossEntropy:
+    """Mean cross-entropy of softmax(logits) against integer labels.
+
+    ``loss = forward(logits (N, K), labels (N,))`` subtracts each row's maximum
+    before exponentiating (log-sum-exp), so large logits neither overflow nor
+    lose precision; ``dlogits = backward()`` is (softmax - onehot) / N.
+    """
+
+    def forward(self, logits, labels):
+        logits = np.asarray(logits)
+        labels = np.asarray(labels)
+        if logits.dtype.kind != "f" or logits.ndim != 2:
+            raise ValueError(f"SoftmaxCrossEntropy: expected float logits of shape (N, K), got "
+                             f"{logits.dtype} {logits.shape}")
+        if labels.dtype.kind not in "iu" or labels.shape != (logits.shape[0],):
+            raise ValueError(f"SoftmaxCrossEntropy: expected integer labels of shape ({logits.shape[0]},), got "
+                             f"{labels.dtype} {labels.shape}")
+        n, k = logits.shape
+        if n == 0:
+            raise ValueError("SoftmaxCrossEntropy: empty batch")
+        if labels.min() < 0 or labels.max() >= k:
+            raise ValueError(f"SoftmaxCrossEntropy: labels must lie in [0, {k}), got [{labels.min()}, {labels.max()}]")
+        z = logits - logits.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1, keepdims=True))
+        logp = z - lse
+        self._p = np.exp(logp)
+        self._labels = labels
+        self._dtype = logits.dtype
+        return float(-logp[np.arange(n), labels].astype(np.float64).mean())
+
+    def backward(self):
+        n = self._p.shape[0]
+        d = self._p.copy()
+        d[np.arange(n), self._labels] -= 1
+        d /= n
+        return d.astype(self._dtype, copy=False)
+
+    __call__ = forward
+
+
+def softmax(logits):
+    """Row-wise softmax, stable for large logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

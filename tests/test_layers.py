@@ -1,0 +1,249 @@
+"""Layers: gradients against float64 central differences, Table 1 counts, the rank-one identity,
+thread-count independence and input validation."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from reference import numerical_grad
+
+import engine
+from engine import (Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Linear, MaxPool2d, ReLU,
+                    Sequential, SoftmaxCrossEntropy, Vertical)
+
+
+def check_gradients(layer, x, rng, reseed=None, rtol=1e-6, atol=1e-8):
+    """Compare layer.backward with central differences of L = <forward(x), R>, all in float64."""
+    layer.astype(np.float64)
+    x = x.astype(np.float64)
+    if reseed:
+        reseed(layer)
+    y = layer.forward(x)
+    r = rng.standard_normal(y.shape)
+    dx = layer.backward(r)
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+
+    def loss():
+        if reseed:
+            reseed(layer)
+        return float((layer.forward(x) * r).sum())
+
+    np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=rtol, atol=atol, err_msg="input gradient")
+    for name, p in layer.params.items():
+        np.testing.assert_allclose(grads[name], numerical_grad(loss, p), rtol=rtol, atol=atol,
+                                   err_msg=f"gradient of {name}")
+    return y
+
+
+def away_from_zero(rng, shape):
+    x = rng.standard_normal(shape)
+    return np.where(np.abs(x) < 0.05, 0.5, x)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda r: Conv2d(3, 4, 3, padding=1, rng=r), (2, 3, 5, 4)),
+    (lambda r: Conv2d(2, 3, 3, stride=2, padding=2, rng=r), (1, 2, 6, 7)),
+    (lambda r: Conv2d(1, 2, 1, rng=r), (2, 1, 1, 1)),
+    (lambda r: Lateral(5, 3, rng=r), (2, 5, 3, 2)),
+    (lambda r: Lateral(1, 1, rng=r), (1, 1, 1, 1)),
+    (lambda r: Vertical(3, 3, "full", rng=r), (2, 3, 4, 5)),
+    (lambda r: Vertical(2, 5, "full", rng=r), (1, 2, 2, 3)),
+    (lambda r: Vertical(2, 3, "same", rng=r), (2, 2, 4, 3)),
+    (lambda r: Vertical(2, 2, "valid", rng=r), (1, 2, 5, 2)),
+    (lambda r: Horizontal(3, 3, "full", rng=r), (2, 3, 5, 4)),
+    (lambda r: Horizontal(2, 4, "same", rng=r), (1, 2, 3, 6)),
+    (lambda r: Horizontal(2, 3, (-1, 1), rng=r), (1, 2, 2, 5)),
+    (lambda r: Flattened(3, 4, 3, rng=r), (2, 3, 5, 4)),
+    (lambda r: Flattened(2, 3, 3, stages=1, rng=r), (1, 2, 4, 4)),
+    (lambda r: Flattened(2, 2, 3, stages=3, rng=r), (1, 2, 4, 5)),
+    (lambda r: MaxPool2d(3, 2), (2, 2, 7, 6)),
+    (lambda r: MaxPool2d(2, 2, ceil_mode=True), (1, 2, 5, 5)),
+    (lambda r: Linear(6, 4, rng=r), (3, 6)),
+    (lambda r: Flatten(), (2, 3, 2, 2)),
+    (lambda r: ReLU(), (2, 3, 4, 4)),
+])
+def test_layer_gradients(make, shape, rng):
+    check_gradients(make(rng), away_from_zero(rng, shape), rng)
+
+
+def test_sequential_and_dropout_gradients(rng):
+    model = Sequential(Conv2d(2, 3, 3, padding=1, rng=rng), ReLU(), Dropout(0.3, rng=5), MaxPool2d(2),
+                       Flatten(), Linear(12, 2, rng=rng))
+
+    def reseed(m):  # the same dropout mask at every evaluation
+        m[2].rng = np.random.default_rng(7)
+
+    y = check_gradients(model, away_from_zero(rng, (2, 2, 4, 4)), rng, reseed=reseed)
+    assert y.shape == (2, 2)
+
+
+def test_dropout_train_and_eval(rng):
+    layer = Dropout(0.25, rng=3)
+    x = np.ones((64, 100), np.float32)
+    y = layer.forward(x)
+    kept = y != 0
+    assert abs(kept.mean() - 0.75) < 0.02
+    np.testing.assert_allclose(y[kept], 1 / 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(layer.backward(x), y)
+    again = Dropout(0.25, rng=3).forward(x)
+    np.testing.assert_array_equal(again, y)  # seeded: reproducible
+    layer.eval()
+    np.testing.assert_array_equal(layer.forward(x), x)
+
+
+def test_softmax_cross_entropy(rng):
+    logits = rng.standard_normal((5, 4)) * 3
+    labels = np.array([0, 3, 1, 1, 2])
+    loss_fn = SoftmaxCrossEntropy()
+    loss = loss_fn(logits, labels)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert np.isclose(loss, -np.log(p[np.arange(5), labels]).mean())
+    g = loss_fn.backward()
+    num = numerical_grad(lambda: SoftmaxCrossEntropy()(logits, labels), logits)
+    np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-9)
+    big = np.array([[1000.0, 0.0], [-1000.0, 1000.0]], dtype=np.float32)
+    assert np.isfinite(SoftmaxCrossEntropy()(big, np.array([1, 0])))
+    with pytest.raises(ValueError, match="labels must lie"):
+        loss_fn(logits, np.array([0, 4, 1, 1, 2]))
+
+
+# ----------------------------------------------------------------------------- Flattened
+
+def weight_count(layer):
+    return sum(v.size for k, v in layer.params.items() if k.endswith("weight"))
+
+
+def test_table1_weight_counts():
+    assert weight_count(Conv2d(3, 96, 5)) == 7_200
+    assert weight_count(Conv2d(96, 128, 5)) == 307_200
+    assert weight_count(Conv2d(128, 256, 5)) == 819_200
+    assert weight_count(Flattened(96, 128, 5)) == 30_912
+    assert weight_count(Flattened(128, 256, 5)) == 102_144
+
+
+@pytest.mark.parametrize("k", [3, 4, 5])
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("hw", [(1, 1), (5, 8), (12, 7)])
+def test_flattened_output_size_matches_baseline(k, stages, hw, rng):
+    x = rng.standard_normal((1, 2, *hw)).astype(np.float32)
+    base = Conv2d(2, 3, k, padding=k // 2)
+    if (base.output_shape(x.shape)[2] < 1):
+        pytest.skip("empty output")
+    assert Flattened(2, 3, k, stages=stages).forward(x).shape == base.output_shape(x.shape)
+
+
+def test_rank_one_identity(rng):
+    """L -> V -> H with filters from alpha, beta, gamma equals Conv2d with alpha x beta x gamma."""
+    C, F, k, H, W = 3, 4, 3, 5, 6
+    alpha = rng.standard_normal((F, C))
+    beta = rng.standard_normal((F, k))
+    gamma = rng.standard_normal((F, k))
+    stage = Sequential(Lateral(C, F), Vertical(F, k, "full"), Horizontal(F, k, "full")).astype(np.float64)
+    stage.load_params({"0.weight": alpha, "0.bias": np.zeros(F), "1.weight": beta, "1.bias": np.zeros(F),
+                       "2.weight": gamma, "2.bias": np.zeros(F)})
+    conv = Conv2d(C, F, k, padding=k - 1, dtype=np.float64)
+    conv.load_params({"weight": np.einsum("fc,fy,fx->fcyx", alpha, beta, gamma), "bias": np.zeros(F)})
+    x = rng.standard_normal((2, C, H, W))
+    y1, y2 = stage.forward(x), conv.forward(x)
+    np.testing.assert_allclose(y1, y2, rtol=1e-10, atol=1e-10)
+    dy = rng.standard_normal(y1.shape)
+    np.testing.assert_allclose(stage.backward(dy), conv.backward(dy), rtol=1e-10, atol=1e-10)
+    dW = conv.grads["weight"]
+    # project the 3D filter gradient back onto each 1D factor (chain rule through the outer product)
+    np.testing.assert_allclose(stage.grads["0.weight"], np.einsum("fcyx,fy,fx->fc", dW, beta, gamma), rtol=1e-9)
+    np.testing.assert_allclose(stage.grads["1.weight"], np.einsum("fcyx,fc,fx->fy", dW, alpha, gamma), rtol=1e-9)
+    np.testing.assert_allclose(stage.grads["2.weight"], np.einsum("fcyx,fc,fy->fx", dW, alpha, beta), rtol=1e-9)
+    np.testing.assert_allclose(stage.grads["2.bias"], conv.grads["bias"], rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- threads
+
+def _run_all(rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    model = Sequential(Flattened(3, 8, 5, rng=rng), ReLU(), MaxPool2d(3, 2), Conv2d(8, 6, 3, padding=1, rng=rng),
+                       Dropout(0.2, rng=1), Flatten(), Linear(6 * 7 * 7, 5, rng=rng))
+    x = np.random.default_rng(9).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    y = model.forward(x)
+    dx = model.backward(np.ones_like(y))
+    return [y, dx] + [g.copy() for g in model.grads.values()]
+
+
+@pytest.mark.skipif(not engine.openmp_enabled(), reason="kernels built without OpenMP")
+def test_two_threads_equal_one(threads):
+    assert engine._kernels.threads_seen(2) == 2, "OpenMP did not start a second thread"
+    engine.set_num_threads(1)
+    one = _run_all(0)
+    engine.set_num_threads(2)
+    two = _run_all(0)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_thread_count_follows_omp_num_threads():
+    code = "import engine; print(engine.get_num_threads(), engine._kernels.threads_seen(engine.get_num_threads()))"
+    for n in (1, 2):
+        env = dict(os.environ, OMP_NUM_THREADS=str(n))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        expect = n if engine.openmp_enabled() else 1
+        assert out.stdout.split() == [str(expect), str(expect)]
+
+
+def test_set_num_threads(threads):
+    engine.set_num_threads(1)
+    assert engine.get_num_threads() == 1
+    with pytest.raises(ValueError):
+        engine.set_num_threads(0)
+
+
+def test_compiled_extension_is_imported():
+    path = engine.kernels_path()
+    assert path.endswith((".so", ".pyd")), path
+    if os.environ.get("FLATNET_REQUIRE_OPENMP") == "1":
+        assert engine.openmp_enabled(), "CI requires the kernels to be built with OpenMP"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("layer,good", [
+    (Conv2d(3, 4, 3), (2, 3, 5, 5)), (Lateral(3, 4), (2, 3, 5, 5)), (Vertical(3, 3), (2, 3, 5, 5)),
+    (Horizontal(3, 3), (2, 3, 5, 5)), (Flattened(3, 4, 3), (2, 3, 5, 5)), (Linear(3, 2), (2, 3)),
+])
+def test_bad_input_is_refused_clearly(layer, good, rng):
+    name = type(layer).__name__
+    bad_rank = rng.standard_normal(good[1:]).astype(np.float32)
+    with pytest.raises(ValueError, match=rf"{name}.*expected input of shape"):
+        layer.forward(bad_rank)
+    wrong_c = rng.standard_normal((good[0], good[1] + 1, *good[2:])).astype(np.float32)
+    with pytest.raises(ValueError, match=rf"{name}.*{good[1]}"):
+        layer.forward(wrong_c)
+    with pytest.raises(TypeError, match=rf"{name}.*floating-point"):
+        layer.forward(np.ones(good, dtype=np.int64))
+    with pytest.raises(RuntimeError, match="before forward"):
+        type(layer)(**layer.config()).backward(np.ones(good, np.float32))
+    y = layer.forward(rng.standard_normal(good).astype(np.float32))
+    with pytest.raises(ValueError, match=rf"{name}.*does not match the last forward"):
+        layer.backward(np.ones((y.shape[0] + 1, *y.shape[1:]), np.float32))
+
+
+def test_noncontiguous_and_float64_input_are_converted(rng):
+    layer = Flattened(3, 4, 3, rng=rng)
+    big = rng.standard_normal((2, 3, 10, 12))
+    view = big[:, :, ::2, 1::2]  # non-contiguous float64
+    y = layer.forward(view)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, layer.forward(np.ascontiguousarray(view).astype(np.float32)))
+    with pytest.raises(ValueError, match="NaN"):
+        Sequential(ReLU(), check_finite=True).forward(np.array([[np.nan]]))
+
+
+def test_params_and_grads_dicts(rng):
+    f = Flattened(4, 6, 3, rng=rng)
+    names = list(f.params)
+    assert names[:3] == ["stage1.vertical.weight", "stage1.vertical.bias", "stage1.horizontal.weight"]
+    assert set(f.grads) == set(names)
+    y = f.forward(rng.standard_normal((2, 4, 5, 5)).astype(np.float32))
+    f.backward(np.ones_like(y))
+    assert all(np.any(g != 0) for g in f.grads.values())
+    f.params["stage1.lateral.weight"][...] = 0  # params are live views: in-place updates reach the layer
+    assert np.all(f[2].params["weight"] == 0)
