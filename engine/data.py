@@ -1,0 +1,402 @@
+"""Datasets in their official distribution formats, and the paper's preprocessing.
+
+* CIFAR-10 / CIFAR-100: the "python version" (``cifar-10-python.tar.gz`` or the
+  extracted ``cifar-10-batches-py/``; ``cifar-100-python``), Python 2 pickles read
+  with an allow-list unpickler that can only rebuild numpy arrays.
+* MNIST: the four IDX files, gzipped or not.
+
+Files found on disk are validated by structure (shapes, counts that agree, label
+ranges), not by checksum, so a user's own copy works. Missing files are downloaded
+from their official location, checked against the published MD5 and written
+atomically; when that is impossible the error names the files and where to put them.
+
+Preprocessing follows Goodfellow et al. (2013, maxout) as the paper does: per-image
+global contrast normalization, then ZCA whitening fitted on the training set (CIFAR);
+contrast normalization only (MNIST). Preprocessed arrays are cached on disk as .npy.
+"""
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+DATA_ENV = "FLATNET_DATA"
+CACHE_ENV = "FLATNET_CACHE"
+
+
+class DatasetError(RuntimeError):
+    """A data file is missing, truncated, corrupt or not in the expected format."""
+
+
+def default_data_dir():
+    """$FLATNET_DATA, else ~/.cache/flatnet/data (or $XDG_CACHE_HOME/flatnet/data)."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flatnet" / "data"
+
+
+def default_cache_dir():
+    """$FLATNET_CACHE, else ~/.cache/flatnet/preprocessed: where preprocessed arrays are kept."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flatnet" / "preprocessed"
+
+
+# ----------------------------------------------------------------------------- safe pickles
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Rebuilds only plain containers and numpy arrays; any other global is refused."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: not a numpy array")
+        if module == "numpy.core.multiarray":
+            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+        return super().find_class(module, name)
+
+
+def safe_unpickle(data, source):
+    """Load a CIFAR pickle (bytes) without running code from it; errors name `source`."""
+    try:
+        obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise DatasetError(f"{source}: not a CIFAR batch file ({e})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, struct.error) as e:
+        raise DatasetError(f"{source}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{source}: expected a dict, got {type(obj).__name__}")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+# ----------------------------------------------------------------------------- specs
+
+CIFAR10 = dict(
+    folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
+    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"], meta="batches.meta",
+)
+CIFAR100 = dict(
+    folder="cifar-100-python", archive="cifar-100-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
+    train=["train"], test=["test"], meta="meta",
+)
+MNIST_FILES = {
+    "train_images": ("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "train_labels": ("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432"),
+    "test_images": ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3"),
+    "test_labels": ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c"),
+}
+MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
+
+
+# ----------------------------------------------------------------------------- download
+
+def download(url, dest, md5, progress=True):
+    """Fetch `url` to `dest` through a temporary file, check its MD5, then rename atomically."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    digest = hashlib.md5()
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}")
+            while True:
+                block = resp.read(1 << 20)
+                if not block:
+                    break
+                out.write(block)
+                digest.update(block)
+                if bar:
+                    bar.update(len(block))
+            if bar:
+                bar.close()
+        if digest.hexdigest() != md5:
+            raise DatasetError(f"{url}: MD5 {digest.hexdigest()} does not match the published {md5}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def _fetch_or_explain(candidates, what, data_dir, download_ok):
+    """Try each (url, dest, md5); raise a DatasetError naming the files and the folder when all fail."""
+    errors = []
+    if download_ok:
+        for url, dest, md5 in candidates:
+            try:
+                return download(url, dest, md5)
+            except Exception as e:  # network down, 404, bad checksum: try the next, then explain
+                errors.append(f"{url}: {e}")
+    why = ("; ".join(errors)) if errors else "downloads disabled"
+    raise DatasetError(
+        f"{what} not found in {data_dir} and could not be downloaded ({why}).\n"
+        f"Put the official files there (or pass --data-dir / set {DATA_ENV}): {what}"
+    )
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+def _read_cifar_files(spec, data_dir, download_ok):
+    """Return {name: bytes} of the batch files, from the extracted folder or the tar.gz."""
+    data_dir = Path(data_dir)
+    folder = data_dir / spec["folder"]
+    names = spec["train"] + spec["test"] + [spec["meta"]]
+    if folder.is_dir():
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DatasetError(f"{folder}: missing {', '.join(missing)}")
+        return {n: (folder / n).read_bytes() for n in names}, str(folder)
+    archive = data_dir / spec["archive"]
+    if not archive.is_file():
+        _fetch_or_explain([(spec["url"], archive, spec["md5"])],
+                          f"{spec['folder']}/ (or {spec['archive']})", data_dir, download_ok)
+    files = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                base = os.path.basename(member.name)
+                if member.isfile() and base in names and os.path.dirname(member.name).endswith(spec["folder"]):
+                    files[base] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{archive}: truncated or corrupt archive ({e})") from None
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise DatasetError(f"{archive}: missing {', '.join(missing)} inside the archive")
+    return files, str(archive)
+
+
+def _cifar_batch(data, source, label_key, n_classes):
+    d = safe_unpickle(data, source)
+    if "data" not in d or label_key not in d:
+        raise DatasetError(f"{source}: missing key 'data' or '{label_key}'")
+    x = np.asarray(d["data"])
+    y = np.asarray(d[label_key])
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise DatasetError(f"{source}: 'data' must be uint8 of shape (N, 3072), got {x.dtype} {x.shape}")
+    if y.shape != (x.shape[0],):
+        raise DatasetError(f"{source}: {x.shape[0]} images but {y.size} labels")
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise DatasetError(f"{source}: labels outside [0, {n_classes})")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
+def load_cifar(data_dir, which="cifar10", label_mode="fine", download_ok=True):
+    """Raw CIFAR as uint8 (N, 3, 32, 32) images, int64 labels and class names.
+
+    Returns dict(train_x, train_y, test_x, test_y, classes, source).
+    """
+    spec = CIFAR10 if which == "cifar10" else CIFAR100
+    if which == "cifar10":
+        label_key, n_classes, names_key = "labels", 10, "label_names"
+    elif label_mode in ("fine", "coarse"):
+        label_key, n_classes = f"{label_mode}_labels", (100 if label_mode == "fine" else 20)
+        names_key = f"{label_mode}_label_names"
+    else:
+        raise ValueError(f"label_mode must be 'fine' or 'coarse', got {label_mode!r}")
+    files, source = _read_cifar_files(spec, data_dir, download_ok)
+    meta = safe_unpickle(files[spec["meta"]], f"{source}/{spec['meta']}")
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, [])]
+    if len(classes) != n_classes:
+        raise DatasetError(f"{source}/{spec['meta']}: expected {n_classes} names under '{names_key}'")
+    parts = {}
+    for split in ("train", "test"):
+        xs, ys = zip(*(_cifar_batch(files[n], f"{source}/{n}", label_key, n_classes) for n in spec[split]))
+        parts[split] = (np.concatenate(xs), np.concatenate(ys))
+    return dict(train_x=parts["train"][0], train_y=parts["train"][1], test_x=parts["test"][0],
+                test_y=parts["test"][1], classes=classes, source=source)
+
+
+# ----------------------------------------------------------------------------- MNIST
+
+def _read_idx(path):
+    """Parse an IDX file (gzipped or not): magic, dimensions, then uint8 data of exactly that size."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"{path}: truncated or corrupt gzip ({e})") from None
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: truncated header")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    count = int(np.prod(dims))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != count:
+        raise DatasetError(f"{path}: header announces {count} bytes of data, file holds {len(body)} (truncated?)")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def _find_mnist_file(data_dir, name, md5, download_ok):
+    for folder in (data_dir / "mnist", data_dir / "MNIST" / "raw", data_dir):
+        for candidate in (folder / name, folder / (name + ".gz")):
+            if candidate.is_file():
+                return candidate
+    dest = data_dir / "mnist" / (name + ".gz")
+    return _fetch_or_explain([(m + name + ".gz", dest, md5) for m in MNIST_MIRRORS],
+                             f"mnist/{name}[.gz]", data_dir, download_ok)
+
+
+def load_mnist(data_dir, download_ok=True):
+    """Raw MNIST: uint8 (N, 1, 28, 28) images, int64 labels."""
+    data_dir = Path(data_dir)
+    arrays = {}
+    for key, (name, md5) in MNIST_FILES.items():
+        path = _find_mnist_file(data_dir, name, md5, download_ok)
+        arrays[key] = (_read_idx(path), path)
+    out = {}
+    for split in ("train", "test"):
+        (x, xp), (y, yp) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise DatasetError(f"{xp}: expected images of shape (N, 28, 28), got {x.shape}")
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DatasetError(f"{yp}: {y.shape[0] if y.ndim else 0} labels for {x.shape[0]} images in {xp}")
+        if y.size and y.max() > 9:
+            raise DatasetError(f"{yp}: labels outside [0, 10)")
+        out[f"{split}_x"], out[f"{split}_y"] = x[:, None], y.astype(np.int64)
+    out["classes"] = [str(i) for i in range(10)]
+    out["source"] = str(arrays["train_images"][1].parent)
+    return out
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def global_contrast_normalize(x, scale=1.0, sqrt_bias=10.0, use_std=True, min_divisor=1e-8):
+    """Per-image contrast normalization (pylearn2's, as used for maxout networks).
+
+    Each image (row) has its mean removed and is divided by
+    sqrt(sqrt_bias + var) / scale (use_std, ddof=1) or sqrt(sqrt_bias + sum of squares) / scale.
+    Works on any float (N, ...) array; returns float32.
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    x = x - x.mean(axis=1, keepdims=True)
+    if use_std:
+        norm = np.sqrt(sqrt_bias + x.var(axis=1, ddof=1, keepdims=True)) / scale
+    else:
+        norm = np.sqrt(sqrt_bias + (x ** 2).sum(axis=1, keepdims=True)) / scale
+    norm[norm < min_divisor] = 1.0
+    return (x / norm).astype(np.float32)
+
+
+class ZCA:
+    """ZCA whitening fitted on a training set: x -> (x - mean) @ W, W = V diag(1/sqrt(eig + bias)) V^T."""
+
+    def __init__(self, filter_bias=1.0):
+        self.filter_bias = filter_bias
+        self.mean = self.matrix = None
+
+    def fit(self, x):
+        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        self.mean = x.mean(axis=0)
+        xc = x - self.mean
+        cov = xc.T @ xc / len(x)
+        eig, vec = np.linalg.eigh(cov)
+        eig = np.clip(eig, 0, None)
+        self.matrix = (vec * (1.0 / np.sqrt(eig + self.filter_bias))) @ vec.T
+        return self
+
+    def transform(self, x, batch=5000):
+        shape = x.shape
+        flat = np.asarray(x).reshape(len(x), -1)
+        out = np.empty(flat.shape, dtype=np.float32)
+        w, mean = self.matrix.astype(np.float32), self.mean.astype(np.float32)
+        for i in range(0, len(flat), batch):
+            out[i:i + batch] = (flat[i:i + batch].astype(np.float32) - mean) @ w
+        return out.reshape(shape)
+
+
+def _fingerprint(source):
+    """Size and modification time of the source files: a cache key part that changes with the data."""
+    p = Path(source)
+    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    h = hashlib.sha1()
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+def _save_atomic_npy(path, array):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def load_dataset(name, data_dir=None, cache_dir=None, label_mode="fine", download_ok=True, log=print,
+                 use_cache=True):
+    """Preprocessed dataset: float32 NCHW train/test arrays, int64 labels, class names.
+
+    `name` is 'cifar10', 'cifar100' or 'mnist'. Returns a dict with train_x, train_y,
+    test_x, test_y, classes, and the preprocessing constants under 'preprocessing'.
+    """
+    if name not in ("cifar10", "cifar100", "mnist"):
+        raise ValueError(f"unknown dataset {name!r} (expected cifar10, cifar100 or mnist)")
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    raw = load_mnist(data_dir, download_ok) if name == "mnist" else load_cifar(data_dir, name, label_mode, download_ok)
+    gcn = dict(scale=1.0, sqrt_bias=10.0, use_std=True)
+    zca_bias = None if name == "mnist" else 1.0
+    params = dict(name=name, label_mode=label_mode if name == "cifar100" else None, gcn=gcn, zca_filter_bias=zca_bias,
+                  n_train=len(raw["train_x"]), n_test=len(raw["test_x"]), version=1)
+    key = hashlib.sha1((json.dumps(params, sort_keys=True) + _fingerprint(raw["source"])).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = cache / f"{name}-{key}"
+    arrays = ("train_x", "test_x") + (("zca_mean", "zca_matrix") if zca_bias is not None else ())
+    out = dict(train_y=raw["train_y"], test_y=raw["test_y"], classes=raw["classes"], source=raw["source"])
+    if use_cache and all((folder / f"{a}.npy").is_file() for a in arrays):
+        try:
+            cached = {a: np.load(folder / f"{a}.npy", allow_pickle=False) for a in arrays}
+            if (cached["train_x"].shape[0] == len(out["train_y"]) and cached["test_x"].shape[0] == len(out["test_y"])):
+                log(f"preprocessed {name} loaded from cache {folder}")
+                return _finish({**out, **cached}, gcn, zca_bias)
+            log(f"cache {folder} does not match the data; preprocessing again")
+        except (ValueError, OSError) as e:
+            log(f"cache {folder} unreadable ({e}); preprocessing again")
+    log(f"preprocessing {name} (contrast normalization{', ZCA whitening' if zca_bias else ''})...")
+    shape = raw["train_x"].shape[1:]
+    train = global_contrast_normalize(raw["train_x"], **gcn)
+    test = global_contrast_normalize(raw["test_x"], **gcn)
+    if zca_bias is not None:
+        zca = ZCA(zca_bias).fit(train)
+        train, test = zca.transform(train), zca.transform(test)
+        out["zca_mean"], out["zca_matrix"] = zca.mean.astype(np.float32), zca.matrix.astype(np.float32)
+    out["train_x"], out["test_x"] = train.reshape(-1, *shape), test.reshape(-1, *shape)
+    if use_cache:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for a in arrays:
+                _save_atomic_npy(folder / f"{a}.npy", out[a])
+            log(f"cached preprocessed arrays in {folder}")
+        except OSError as e:
+            log(f"could not cache preprocessed arrays in {folder}: {e}")
+            shutil.rmtree(folder, ignore_errors=True)
+    return _finish(out, gcn, zca_bias)
+
+
+def _finish(out, gcn, zca_bias):
+    out["preprocessing"] = dict(gcn=gcn, zca_filter_bias=zca_bias)
+    return out
