@@ -4,6 +4,15 @@ Layers (NCHW float32): Conv2d, Lateral, Vertical, Horizontal, Flattened, MaxPool
 ReLU, Dropout, Linear, Flatten, Sequential; loss: SoftmaxCrossEntropy.
 Threads: openmp_enabled(), get_num_threads(), set_num_threads(n).
 """
+import os
+
+# Two thread pools share the cores: OpenMP's (our kernels) and OpenBLAS's (GEMMs). By
+# default each spins for a while after its work, stealing the cores the other needs
+# next (measured: the flattened model's step took up to 2x longer). Unless the user
+# chose otherwise, let both go to sleep at once. Must be set before the runtimes load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
 from .backend import get_num_threads, kernels_path, openmp_enabled, set_num_threads
 from .layers import (
     Conv2d,

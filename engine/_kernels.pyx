@@ -328,30 +328,46 @@ def maxpool_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                     floating[:, :, :, ::1] out,       # OUT (N, C, Ho, Wo)
                     int[:, :, :, ::1] argmax,         # OUT (N, C, Ho, Wo): flat index in the plane
                     int num_threads):
-    """Max over k x k windows (clipped at the border when Ho, Wo come from ceil mode); first max wins ties."""
+    """Max over k x k windows (clipped at the border when Ho, Wo come from ceil mode); first max wins ties.
+
+    A running max along one window has a loop-carried dependency (compare, then
+    select) that costs several cycles per element. So each output row is computed
+    tap by tap for all its windows at once: the inner loop runs over output columns,
+    whose maxima are independent. Taps are visited in row-major order, so the first
+    maximum of each window (in row-major order) wins, as in a plain loop.
+    """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t Ho = out.shape[2], Wo = out.shape[3]
-    cdef Py_ssize_t plane, n, c, oy, ox, y0, y1, x0, x1, iy, ix, best_i
-    cdef floating best, v
-    for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
-        n = plane // C
-        c = plane % C
-        for oy in range(Ho):
-            y0 = oy * stride
-            y1 = _imin(y0 + k, H)
-            for ox in range(Wo):
-                x0 = ox * stride
-                x1 = _imin(x0 + k, W)
-                best_i = y0 * W + x0
-                best = x[n, c, y0, x0]
+    cdef Py_ssize_t plane, n, c, oy, ox, y0, y1, iy, b, ox_end, ix
+    cdef floating v
+    cdef bint take
+    cdef const floating *xp
+    cdef const floating *row
+    cdef floating *yr
+    cdef int *ar
+    with nogil, parallel(num_threads=num_threads):
+        for plane in prange(N * C, schedule='static'):
+            n = plane // C
+            c = plane % C
+            xp = &x[n, c, 0, 0]
+            for oy in range(Ho):
+                y0 = oy * stride
+                y1 = _imin(y0 + k, H)
+                yr = &out[n, c, oy, 0]
+                ar = &argmax[n, c, oy, 0]
+                for ox in range(Wo):
+                    yr[ox] = xp[y0 * W + ox * stride]
+                    ar[ox] = <int> (y0 * W + ox * stride)
                 for iy in range(y0, y1):
-                    for ix in range(x0, x1):
-                        v = x[n, c, iy, ix]
-                        if v > best or v != v:   # NaN propagates, as in other engines
-                            best = v
-                            best_i = iy * W + ix
-                out[n, c, oy, ox] = best
-                argmax[n, c, oy, ox] = <int> best_i
+                    row = xp + iy * W
+                    for b in range(k):
+                        ox_end = _imin(Wo, (W - b + stride - 1) // stride)  # windows where column ox*stride+b exists
+                        for ox in range(ox_end):
+                            ix = ox * stride + b
+                            v = row[ix]
+                            take = (v > yr[ox]) | (v != v)   # NaN is taken: it propagates as in other engines
+                            ar[ox] = <int> (iy * W + ix) if take else ar[ox]
+                            yr[ox] = v if take else yr[ox]
 
 
 def maxpool_backward(const floating[:, :, :, ::1] dy,   # IN  (N, C, Ho, Wo)

@@ -119,9 +119,11 @@ class CpuOps:
         return dx
 
     @staticmethod
-    def dropout_mask(rng, shape, p):
-        """uint8 mask, 1 with probability 1-p, from the layer's seeded numpy Generator."""
-        return (rng.random(shape, dtype=np.float32) >= p).view(np.uint8)
+    def dropout_mask(rng, p, uniform, mask):
+        """Fill `mask` (uint8) with 1 at probability 1-p from the seeded Generator `rng`; `uniform` is float32 scratch."""
+        rng.random(out=uniform, dtype=np.float32)
+        np.greater_equal(uniform, p, out=mask.view(np.bool_))
+        return mask
 
     @staticmethod
     def mask_scale(x, mask, scale, out):

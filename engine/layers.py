@@ -13,6 +13,11 @@ need no per-layer code:
 Layers are float32 by default; ``dtype=np.float64`` (or ``.astype``) gives float64
 layers for gradient checks. Input of another float dtype, or non-contiguous input,
 is converted to the layer's dtype; integer input is refused.
+
+Buffers: the arrays ``forward`` and ``backward`` return are owned by the layer and
+reused by its next call of the same kind (allocating fresh multi-megabyte arrays on
+every call costs page faults comparable to the arithmetic). Copy a result to keep it
+beyond the next call; ``engine.trainer.evaluate`` and the model-level APIs do.
 """
 import numpy as np
 
@@ -132,12 +137,13 @@ class Layer:
             )
         return np.ascontiguousarray(dy, dtype=self.dtype)
 
-    def _workspace(self, name, shape):
+    def _workspace(self, name, shape, dtype=None):
         """A buffer kept between calls (re-allocated only when the shape or dtype changes)."""
+        dtype = np.dtype(dtype or self.dtype)
         ws = self.__dict__.setdefault("_ws", {})
         buf = ws.get(name)
-        if buf is None or buf.shape != tuple(shape) or buf.dtype != self.dtype:
-            buf = ws[name] = np.empty(shape, dtype=self.dtype)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+            buf = ws[name] = np.empty(shape, dtype=dtype)
         return buf
 
     def forward(self, x):
@@ -218,7 +224,7 @@ class Conv2d(Layer):
             raise ValueError(f"{self!r}: input {x.shape} is smaller than the {self.k}x{self.k} kernel")
         ops = get_ops(x)
         P, CKK = ho * wo, self.c_in * self.k * self.k
-        y = ops.empty((N, F, ho, wo), self.dtype)
+        y = self._workspace("out", (N, F, ho, wo))
         y3 = y.reshape(N, F, P)
         y3[...] = self._params["bias"][:, None]
         w2 = self._params["weight"].reshape(1, F, CKK)
@@ -241,7 +247,7 @@ class Conv2d(Layer):
         w2 = self._params["weight"].reshape(1, F, CKK)
         dw2 = self._grads["weight"].reshape(1, F, CKK)
         ops.channel_sum(dy3, self._grads["bias"])
-        dx = ops.empty(x.shape, self.dtype)
+        dx = self._workspace("dx", x.shape)
         chunk = self._chunk(N, P)
         cols = self._workspace("cols", (chunk, CKK, P))
         dcols = self._workspace("dcols", (chunk, CKK, P))
@@ -281,7 +287,7 @@ class Lateral(Layer):
         x = self._check_input(x, 4, self.c_in)
         ops = get_ops(x)
         N, _, H, W = x.shape
-        y = ops.empty((N, self.c_out, H, W), self.dtype)
+        y = self._workspace("out", (N, self.c_out, H, W))
         y3 = y.reshape(N, self.c_out, H * W)
         y3[...] = self._params["bias"][:, None]
         ops.batched_gemm(False, False, 1.0, self._params["weight"][None], x.reshape(N, self.c_in, H * W),
@@ -297,7 +303,7 @@ class Lateral(Layer):
         dy3 = dy.reshape(N, self.c_out, H * W)
         ops.channel_sum(dy3, self._grads["bias"])
         ops.batched_gemm(False, True, 1.0, dy3, x.reshape(N, self.c_in, H * W), 0.0, self._grads["weight"][None])
-        dx = ops.empty(x.shape, self.dtype)
+        dx = self._workspace("dx", x.shape)
         ops.batched_gemm(True, False, 1.0, self._params["weight"][None], dy3, 0.0,
                          dx.reshape(N, self.c_in, H * W), shared_a=True)
         return dx
@@ -355,7 +361,7 @@ class _Conv1d(Layer):
         if out_shape[self.axis] < 1:
             raise ValueError(f"{self!r}: input {x.shape} too small for this kernel and mode")
         ops = get_ops(x)
-        y = ops.empty(out_shape, self.dtype)
+        y = self._workspace("out", out_shape)
         ops.conv1d(self.axis, x, self._params["weight"], self._params["bias"], self.before, False, y)
         self._x, self._out_shape = x, y.shape
         return y
@@ -364,7 +370,7 @@ class _Conv1d(Layer):
         dy = self._check_grad(dy)
         ops = get_ops(dy)
         ops.conv1d_grad_params(self.axis, self._x, dy, self.before, self._grads["weight"], self._grads["bias"])
-        dx = ops.empty(self._x.shape, self.dtype)
+        dx = self._workspace("dx", self._x.shape)
         # The adjoint of a correlation is the correlation with the flipped filter and
         # padding k-1-before, cropped to the input's length.
         ops.conv1d(self.axis, dy, self._params["weight"], None, self.k - 1 - self.before, True, dx)
@@ -531,8 +537,8 @@ class MaxPool2d(Layer):
         if shape[2] < 1 or shape[3] < 1:
             raise ValueError(f"{self!r}: input {x.shape} is smaller than the {self.k}x{self.k} window")
         ops = get_ops(x)
-        y = ops.empty(shape, self.dtype)
-        self._argmax = ops.empty(shape, np.int32)
+        y = self._workspace("out", shape)
+        self._argmax = self._workspace("argmax", shape, np.int32)
         ops.maxpool_forward(x, self.k, self.stride, y, self._argmax)
         self._in_shape, self._out_shape = x.shape, y.shape
         return y
@@ -540,7 +546,7 @@ class MaxPool2d(Layer):
     def backward(self, dy):
         dy = self._check_grad(dy)
         ops = get_ops(dy)
-        return ops.maxpool_backward(dy, self._argmax, ops.empty(self._in_shape, self.dtype))
+        return ops.maxpool_backward(dy, self._argmax, self._workspace("dx", self._in_shape))
 
 
 class _AnyShape(Layer):
@@ -565,14 +571,14 @@ class ReLU(_AnyShape):
     def forward(self, x):
         x = self._check_input(x)
         ops = get_ops(x)
-        self._y = ops.relu_forward(x, ops.empty(x.shape, self.dtype))
+        self._y = ops.relu_forward(x, self._workspace("out", x.shape))
         self._out_shape = x.shape
         return self._y
 
     def backward(self, dy):
         dy = self._check_grad(dy)
         ops = get_ops(dy)
-        return ops.relu_backward(self._y, dy, ops.empty(dy.shape, self.dtype))
+        return ops.relu_backward(self._y, dy, self._workspace("dx", dy.shape))
 
 
 class Dropout(_AnyShape):
@@ -599,15 +605,16 @@ class Dropout(_AnyShape):
             self._mask = None
             return x
         ops = get_ops(x)
-        self._mask = ops.dropout_mask(self.rng, x.shape, self.p)
-        return ops.mask_scale(x, self._mask, 1.0 / (1.0 - self.p), ops.empty(x.shape, self.dtype))
+        self._mask = ops.dropout_mask(self.rng, self.p, self._workspace("uniform", x.shape, np.float32),
+                                      self._workspace("mask", x.shape, np.uint8))
+        return ops.mask_scale(x, self._mask, 1.0 / (1.0 - self.p), self._workspace("out", x.shape))
 
     def backward(self, dy):
         dy = self._check_grad(dy)
         if self._mask is None:
             return dy
         ops = get_ops(dy)
-        return ops.mask_scale(dy, self._mask, 1.0 / (1.0 - self.p), ops.empty(dy.shape, self.dtype))
+        return ops.mask_scale(dy, self._mask, 1.0 / (1.0 - self.p), self._workspace("dx", dy.shape))
 
 
 class Flatten(_AnyShape):
@@ -654,7 +661,7 @@ class Linear(Layer):
     def forward(self, x):
         x = self._check_input(x, 2, self.n_in)
         ops = get_ops(x)
-        y = ops.empty((x.shape[0], self.n_out), self.dtype)
+        y = self._workspace("out", (x.shape[0], self.n_out))
         y[...] = self._params["bias"]
         ops.gemm(False, True, 1.0, x, self._params["weight"], 1.0, y)
         self._x, self._out_shape = x, y.shape
@@ -665,5 +672,4 @@ class Linear(Layer):
         ops = get_ops(dy)
         ops.gemm(True, False, 1.0, dy, self._x, 0.0, self._grads["weight"])
         self._grads["bias"][...] = dy.sum(axis=0)
-        return ops.gemm(False, False, 1.0, dy, self._params["weight"], 0.0,
-                        ops.empty(self._x.shape, self.dtype))
+        return ops.gemm(False, False, 1.0, dy, self._params["weight"], 0.0, self._workspace("dx", self._x.shape))

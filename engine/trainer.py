@@ -1,0 +1,279 @@
+"""SGD with momentum, a learning-rate schedule, checkpoints that resume exactly, and the training loop.
+
+A checkpoint is one .npz written with allow_pickle=False (never a pickle): every
+parameter and momentum buffer, the position inside the epoch (with that epoch's
+shuffling order), and a JSON document holding the generators' states, the
+history and the run's settings. It is written to a temporary file and renamed,
+so an interruption never leaves a half-written checkpoint.
+"""
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .losses import SoftmaxCrossEntropy
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay):
+    """One SGD step, in place: v = momentum * v + (g + weight_decay * w); w -= lr * v.
+
+    Weight decay applies to parameters named '*weight', not to biases.
+    `velocity` maps names to buffers; missing ones are created (zeros).
+    """
+    for name, w in params.items():
+        g = grads[name]
+        v = velocity.get(name)
+        if v is None:
+            v = velocity[name] = np.zeros_like(w)
+        v *= momentum
+        v += g
+        if weight_decay and name.endswith("weight"):
+            v += weight_decay * w
+        w -= lr * v
+    return velocity
+
+
+def lr_at(epoch, base_lr, drop_epochs, factor=0.1):
+    """Learning rate of a 0-based epoch: base_lr times `factor` for each drop epoch already reached."""
+    return base_lr * factor ** sum(epoch >= d for d in drop_epochs)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, velocity, meta, perm=None):
+    """Write weights, momentum, epoch order and `meta` (JSON-able) atomically to `path` (.npz)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"param/{k}": v for k, v in model.params.items()}
+    arrays.update({f"velocity/{k}": v for k, v in velocity.items()})
+    if perm is not None:
+        arrays["perm"] = perm
+    meta = dict(meta, version=CHECKPOINT_VERSION)
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint without executing anything from it: (params, velocity, meta, perm)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            params = {k[6:]: z[k] for k in z.files if k.startswith("param/")}
+            velocity = {k[9:]: z[k] for k in z.files if k.startswith("velocity/")}
+            perm = z["perm"] if "perm" in z.files else None
+    except (ValueError, OSError, KeyError, EOFError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+    return params, velocity, meta, perm
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(model, x, y, batch_size=500):
+    """(mean loss, accuracy) of `model` in eval mode on (x, y); restores the previous mode."""
+    was_training = model.training
+    model.eval()
+    loss_fn = SoftmaxCrossEntropy()
+    total_loss, correct = 0.0, 0
+    try:
+        for i in range(0, len(x), batch_size):
+            logits = model.forward(x[i:i + batch_size])
+            total_loss += loss_fn(logits, y[i:i + batch_size]) * len(logits)
+            correct += int((logits.argmax(axis=1) == y[i:i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return total_loss / len(x), correct / len(x)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+class Trainer:
+    """Mini-batch SGD on (train_x, train_y), evaluated on (test_x, test_y) after every epoch.
+
+    config keys: epochs, batch_size, lr, momentum, weight_decay, lr_drop_epochs,
+    lr_drop_factor, seed, eval_batch_size; `out` is the run folder (checkpoint.npz,
+    log.jsonl). `settings` (JSON-able) is stored in the checkpoint.
+    Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and stops:
+    `run()` then returns 'interrupted'. `on_step(trainer)` is called after each step,
+    `on_epoch(trainer)` after each epoch's evaluation and checkpoint.
+    """
+
+    def __init__(self, model, data, config, out, settings=None, log=print, progress=True, on_step=None,
+                 on_epoch=None):
+        self.model, self.data, self.cfg, self.out = model, data, dict(config), Path(out)
+        self.settings = settings or {}
+        self.log, self.progress, self.on_step, self.on_epoch = log, progress, on_step, on_epoch
+        self.velocity = {}
+        self.data_rng = np.random.default_rng(self.cfg["seed"] + 1)
+        self.epoch, self.step_in_epoch, self.perm = 0, 0, None
+        self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
+        self.history = []
+        self.stop_requested = False
+        self.loss_fn = SoftmaxCrossEntropy()
+
+    @property
+    def checkpoint_path(self):
+        return self.out / "checkpoint.npz"
+
+    # state ------------------------------------------------------------------------
+    def _meta(self):
+        return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, running=self.running,
+                    history=self.history, data_rng=self.data_rng.bit_generator.state,
+                    model_rng=self.model.rng.bit_generator.state, settings=self.settings, config=self.cfg)
+
+    def save(self):
+        save_checkpoint(self.checkpoint_path, self.model, self.velocity, self._meta(), self.perm)
+
+    def resume(self, path=None):
+        params, velocity, meta, perm = load_checkpoint(path or self.checkpoint_path)
+        self.model.load_params(params)
+        self.velocity = {k: v.astype(self.model.dtype) for k, v in velocity.items()}
+        self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+        self.running, self.history = meta["running"], meta["history"]
+        self.data_rng.bit_generator.state = meta["data_rng"]
+        self.model.rng.bit_generator.state = meta["model_rng"]
+        self.perm = perm
+        return meta
+
+    # loop -------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame):
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+
+    def run(self):
+        """Train until cfg['epochs'] epochs are done; returns 'done' or 'interrupted'."""
+        handler = None
+        try:
+            handler = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not in the main thread: no signal handling
+            pass
+        try:
+            while self.epoch < self.cfg["epochs"]:
+                if not self._run_epoch():
+                    self.save()
+                    self.log(f"saved {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}; "
+                             f"continue with --resume")
+                    return "interrupted"
+            return "done"
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+    def _run_epoch(self):
+        x, y = self.data["train_x"], self.data["train_y"]
+        bs, n = self.cfg["batch_size"], len(x)
+        steps = math.ceil(n / bs)
+        if self.stop_requested:
+            return False
+        if self.perm is None:  # a new epoch (a resumed one keeps its saved order)
+            self.perm = self.data_rng.permutation(n)
+            self.step_in_epoch = 0
+            self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
+        lr = lr_at(self.epoch, self.cfg["lr"], self.cfg["lr_drop_epochs"], self.cfg.get("lr_drop_factor", 0.1))
+        self.model.train()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=steps, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}",
+                       unit="batch", leave=False, dynamic_ncols=True)
+        r = self.running
+        try:
+            while self.step_in_epoch < steps:
+                if self.stop_requested:
+                    return False
+                t0 = time.perf_counter()
+                idx = self.perm[self.step_in_epoch * bs:(self.step_in_epoch + 1) * bs]
+                xb, yb = x[idx], y[idx]
+                logits = self.model.forward(xb)
+                loss = self.loss_fn(logits, yb)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} (lr {lr:g}): "
+                        f"training stopped. The last good checkpoint is {self.checkpoint_path}; "
+                        f"try a smaller --lr or another --init.")
+                self.model.backward(self.loss_fn.backward())
+                sgd_momentum(self.model.params, self.model.grads, self.velocity, lr, self.cfg["momentum"],
+                             self.cfg["weight_decay"])
+                self.step_in_epoch += 1
+                r["loss"] += loss * len(idx)
+                r["correct"] += int((logits.argmax(axis=1) == yb).sum())
+                r["seen"] += len(idx)
+                r["seconds"] += time.perf_counter() - t0
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{r['loss'] / r['seen']:.3f}", acc=f"{r['correct'] / r['seen']:.3f}",
+                                    img_s=f"{r['seen'] / max(r['seconds'], 1e-9):.0f}")
+                if self.on_step:
+                    self.on_step(self)
+        finally:
+            if bar:
+                bar.close()
+        t0 = time.perf_counter()
+        test_loss, test_acc = evaluate(self.model, self.data["test_x"], self.data["test_y"],
+                                       self.cfg.get("eval_batch_size", 500))
+        record = dict(epoch=self.epoch + 1, lr=lr, train_loss=r["loss"] / r["seen"], train_acc=r["correct"] / r["seen"],
+                      test_loss=test_loss, test_acc=test_acc, seconds=r["seconds"],
+                      images_per_s=r["seen"] / max(r["seconds"], 1e-9), eval_seconds=time.perf_counter() - t0)
+        self.history.append(record)
+        self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.save()
+        self.log(f"epoch {record['epoch']:3d}  lr {lr:.4g}  train loss {record['train_loss']:.4f} "
+                 f"acc {100 * record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
+                 f"{record['seconds']:.0f}s ({record['images_per_s']:.0f} img/s)")
+        if self.on_epoch:
+            self.on_epoch(self)
+        return True
+
+
+def plot_history(history, path, title=""):
+    """Learning curves (train and test accuracy per epoch, like the paper's Figure 3) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(epochs, [100 * h["train_acc"] for h in history], label="train")
+    axes[0].plot(epochs, [100 * h["test_acc"] for h in history], label="test")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    axes[1].plot(epochs, [h["train_loss"] for h in history], label="train")
+    axes[1].plot(epochs, [h["test_loss"] for h in history], label="test")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("loss")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
