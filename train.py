@@ -20,7 +20,8 @@ import numpy as np
 DEFAULT_WEIGHT_DECAY = {"baseline": 5e-4, "flattened": 1e-4}
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 # Settings that define the run; on --resume they come from the checkpoint.
-RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "weight_decay", "lr_drop_epochs",
+RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "dampening", "weight_decay",
+                "lr_drop_epochs",
                 "lr_drop_factor", "seed", "limit_train", "limit_test", "pool", "pool_mode", "flatten_first", "stages",
                 "init")
 
@@ -86,10 +87,14 @@ def parser():
     g.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=positive_int, default=20, help="total number of epochs")
+    g.add_argument("--epochs", type=positive_int, default=None,
+                   help="total number of epochs (default: 20, or the checkpoint's with --resume)")
     g.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size")
     g.add_argument("--lr", type=non_negative_float, default=0.1, help="initial learning rate")
     g.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    g.add_argument("--dampening", type=non_negative_float, default=None,
+                   help="momentum dampening; default = --momentum, as Torch7's optim.sgd that the paper used "
+                        "(0 gives PyTorch's SGD, whose steps are 1/(1-momentum) = 10x larger)")
     g.add_argument("--weight-decay", type=non_negative_float, default=None,
                    help="L2 weight decay on weights (default: 5e-4 baseline, 1e-4 flattened, smaller as the paper)")
     g.add_argument("--lr-drop-epochs", type=int_list, default=[8],
@@ -137,8 +142,10 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         for key in RUN_SETTINGS:
             setattr(args, key, meta["settings"][key])
+        args.epochs = args.epochs or meta["config"]["epochs"]
         print(f"resuming {ckpt}: {args.model} on {args.dataset}, epoch {meta['epoch'] + 1}, "
               f"step {meta['step_in_epoch']} (settings from the checkpoint)")
+    args.epochs = args.epochs or 20
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.model]
 
@@ -166,6 +173,7 @@ def main(argv=None):
           f"OpenMP {'on' if engine.openmp_enabled() else 'off'}")
 
     config = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                  dampening=args.dampening,
                   weight_decay=args.weight_decay, lr_drop_epochs=args.lr_drop_epochs,
                   lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size)
     settings = {key: getattr(args, key) for key in RUN_SETTINGS}

@@ -54,10 +54,18 @@ def default_cache_dir():
 
 # ----------------------------------------------------------------------------- safe pickles
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
 class _SafeUnpickler(pickle.Unpickler):
-    """Rebuilds only plain containers and numpy arrays; any other global is refused."""
+    """Rebuilds only plain containers and numpy arrays; any other global is refused.
+
+    _codecs.encode is how Python 3 writes bytes in protocol-2 pickles (it only encodes a string).
+    """
 
     ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
@@ -65,7 +73,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: not a numpy array")
+            raise _RefusedGlobal(f"refusing to load global {module}.{name}: not a numpy array")
         if module == "numpy.core.multiarray":
             module = "numpy._core.multiarray" if hasattr(np, "_core") else module
         return super().find_class(module, name)
@@ -75,9 +83,9 @@ def safe_unpickle(data, source):
     """Load a CIFAR pickle (bytes) without running code from it; errors name `source`."""
     try:
         obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except _RefusedGlobal as e:
         raise DatasetError(f"{source}: not a CIFAR batch file ({e})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, struct.error) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, struct.error) as e:
         raise DatasetError(f"{source}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{source}: expected a dict, got {type(obj).__name__}")

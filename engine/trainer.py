@@ -26,21 +26,27 @@ class TrainingDiverged(RuntimeError):
 
 # ----------------------------------------------------------------------------- optimizer
 
-def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay):
-    """One SGD step, in place: v = momentum * v + (g + weight_decay * w); w -= lr * v.
+def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay, dampening=None):
+    """One SGD step, in place, as Torch7's optim.sgd (the paper's framework):
 
-    Weight decay applies to parameters named '*weight', not to biases.
-    `velocity` maps names to buffers; missing ones are created (zeros).
+        d = g + weight_decay * w;  v = momentum * v + (1 - dampening) * d;  w -= lr * v
+
+    with dampening = momentum by default, as Torch7 does: a step is then lr * d at
+    steady state, not lr * d / (1 - momentum) as in PyTorch's SGD (dampening=0).
+    The first step uses v = d. Weight decay applies to '*weight' parameters, not biases.
+    `velocity` maps names to buffers; missing ones are created on the first step.
     """
+    dampening = momentum if dampening is None else dampening
     for name, w in params.items():
-        g = grads[name]
+        d = grads[name]
+        if weight_decay and name.endswith("weight"):
+            d = d + weight_decay * w
         v = velocity.get(name)
         if v is None:
-            v = velocity[name] = np.zeros_like(w)
-        v *= momentum
-        v += g
-        if weight_decay and name.endswith("weight"):
-            v += weight_decay * w
+            v = velocity[name] = np.array(d, dtype=w.dtype, copy=True)
+        else:
+            v *= momentum
+            v += (1.0 - dampening) * d
         w -= lr * v
     return velocity
 
@@ -111,8 +117,8 @@ def evaluate(model, x, y, batch_size=500):
 class Trainer:
     """Mini-batch SGD on (train_x, train_y), evaluated on (test_x, test_y) after every epoch.
 
-    config keys: epochs, batch_size, lr, momentum, weight_decay, lr_drop_epochs,
-    lr_drop_factor, seed, eval_batch_size; `out` is the run folder (checkpoint.npz,
+    config keys: epochs, batch_size, lr, momentum, weight_decay, dampening (None: Torch7's,
+    equal to momentum), lr_drop_epochs, lr_drop_factor, seed, eval_batch_size; `out` is the run folder (checkpoint.npz,
     log.jsonl). `settings` (JSON-able) is stored in the checkpoint.
     Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and stops:
     `run()` then returns 'interrupted'. `on_step(trainer)` is called after each step,
@@ -216,7 +222,7 @@ class Trainer:
                         f"try a smaller --lr or another --init.")
                 self.model.backward(self.loss_fn.backward())
                 sgd_momentum(self.model.params, self.model.grads, self.velocity, lr, self.cfg["momentum"],
-                             self.cfg["weight_decay"])
+                             self.cfg["weight_decay"], self.cfg.get("dampening"))
                 self.step_in_epoch += 1
                 r["loss"] += loss * len(idx)
                 r["correct"] += int((logits.argmax(axis=1) == yb).sum())

@@ -1,0 +1,151 @@
+"""train.py and the trainer end to end on tiny data sets the tests write."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from formats import write_mnist
+
+from engine.trainer import Trainer, TrainingDiverged, load_checkpoint, lr_at, sgd_momentum
+from models.paper import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_py(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=600)
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("baseline", ["7,200", "307,200", "819,200"]),
+    ("flattened", ["7,200", "30,912", "102,144"]),
+])
+def test_summary_shows_table1(model, expected, tmp_path):
+    r = train_py("--model", model, "--dataset", "cifar10", "--summary", "--data-dir", tmp_path / "nothing-here")
+    assert r.returncode == 0, r.stderr
+    conv_rows = [line for line in r.stdout.splitlines() if line.startswith("conv")]
+    assert [row.split()[-2] for row in conv_rows] == expected
+    assert "total" in r.stdout
+
+
+def test_summary_for_mnist_and_cifar100():
+    r = train_py("--model", "flattened", "--dataset", "mnist", "--summary", "--flatten-first")
+    assert r.returncode == 0 and "(96, 28, 28)" in r.stdout
+    r = train_py("--model", "baseline", "--dataset", "cifar100", "--summary")
+    assert r.returncode == 0 and "Linear(n_in=256, n_out=100)" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "expected a positive integer"),
+    (["--model", "resnet"], "invalid choice"),
+    (["--pool", "3"], "SIZE,STRIDE"),
+    (["--lr", "-1"], "non-negative"),
+    (["--lr-drop-epochs", "a,b"], "comma-separated integers"),
+])
+def test_bad_flags_are_rejected(args, message):
+    r = train_py(*args)
+    assert r.returncode == 2 and message in r.stderr
+
+
+def test_help_explains_every_flag():
+    r = train_py("--help")
+    assert r.returncode == 0
+    for flag in ("--model", "--dataset", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
+                 "--lr-drop-epochs", "--seed", "--data-dir", "--out", "--backend", "--threads", "--resume",
+                 "--summary", "--limit-train", "--plot"):
+        assert flag in r.stdout
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    write_mnist(tmp_path / "data", np.random.default_rng(0), n_train=256, n_test=64, learnable=True)
+    return tmp_path
+
+
+COMMON = ["--model", "flattened", "--dataset", "mnist", "--batch-size", "32", "--quiet", "--seed", "3",
+          "--lr-drop-epochs", "2"]
+
+
+def test_train_end_to_end_loss_falls_and_resume_is_exact(tiny_mnist):
+    d, c = tiny_mnist / "data", tiny_mnist / "cache"
+    full = tiny_mnist / "full"
+    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "3", "--out", full, "--plot")
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in log] == [1, 2, 3]
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.1  # it learns
+    assert [h["lr"] for h in log] == pytest.approx([0.1, 0.1, 0.01])
+    assert "test accuracy: " in r.stdout and (full / "curves.png").stat().st_size > 1000
+
+    part = tiny_mnist / "part"
+    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "1", "--out", part)
+    assert r.returncode == 0, r.stderr
+    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "1", "--out", part)
+    assert r.returncode != 0 and "already exists" in r.stderr  # never overwrites a run silently
+    r = train_py("--resume", "--epochs", "3", "--out", part, "--data-dir", d, "--cache-dir", c, "--quiet")
+    assert r.returncode == 0, r.stderr
+    a, b = load_checkpoint(full / "checkpoint.npz")[0], load_checkpoint(part / "checkpoint.npz")[0]
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert r.stdout.splitlines()[-1] == [line for line in train_py(
+        "--resume", "--out", full, "--data-dir", d, "--cache-dir", c, "--quiet").stdout.splitlines()][-1]
+
+
+def _trainer(data, out, **over):
+    cfg = dict(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[1], seed=1)
+    cfg.update(over)
+    model = build("flattened", (1, 28, 28), 10, seed=1)
+    return Trainer(model, data, cfg, out, log=lambda m: None, progress=False)
+
+
+def _tiny_data(seed=0, n=64):
+    rng = np.random.default_rng(seed)
+    return dict(train_x=rng.standard_normal((n, 1, 28, 28)).astype(np.float32), train_y=rng.integers(0, 10, n),
+                test_x=rng.standard_normal((16, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 16))
+
+
+def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    data = _tiny_data()
+    straight = _trainer(data, tmp_path / "a")
+    assert straight.run() == "done"
+
+    def stop_after_5(t):
+        if t.epoch == 0 and t.step_in_epoch == 3 or t.epoch == 1 and t.step_in_epoch == 2:
+            t.stop_requested = True  # what Ctrl-C does
+
+    interrupted = _trainer(data, tmp_path / "b")
+    interrupted.on_step = stop_after_5
+    assert interrupted.run() == "interrupted"
+    for _ in range(2):
+        again = _trainer(data, tmp_path / "b")
+        again.on_step = stop_after_5
+        again.resume()
+        status = again.run()
+    assert status == "done"
+    for name, w in straight.model.params.items():
+        np.testing.assert_array_equal(w, again.model.params[name], err_msg=name)
+    assert [h["test_acc"] for h in straight.history] == [h["test_acc"] for h in again.history]
+
+
+def test_nan_loss_stops_the_run(tmp_path):
+    t = _trainer(_tiny_data(), tmp_path, lr=1e12, epochs=1)
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf)"):
+        t.run()
+
+
+def test_sgd_matches_torch7_update_rule():
+    w = {"l.weight": np.array([1.0, -2.0]), "l.bias": np.array([0.5])}
+    g = {"l.weight": np.array([0.1, 0.2]), "l.bias": np.array([1.0])}
+    v = {}
+    sgd_momentum(w, g, v, lr=0.1, momentum=0.9, weight_decay=0.01)
+    d1 = np.array([0.1 + 0.01, 0.2 - 0.02])
+    np.testing.assert_allclose(w["l.weight"], [1.0, -2.0] - 0.1 * d1)
+    np.testing.assert_allclose(w["l.bias"], [0.5 - 0.1])  # no decay on biases
+    w_before = w["l.weight"].copy()
+    sgd_momentum(w, g, v, lr=0.1, momentum=0.9, weight_decay=0.01)
+    d2 = g["l.weight"] + 0.01 * w_before
+    np.testing.assert_allclose(w["l.weight"], w_before - 0.1 * (0.9 * d1 + 0.1 * d2))
+    assert lr_at(0, 0.1, [8]) == 0.1 and lr_at(7, 0.1, [8]) == 0.1 and lr_at(8, 0.1, [8]) == pytest.approx(0.01)
