@@ -126,6 +126,11 @@ def main(argv=None):
     from engine.trainer import Trainer, TrainingDiverged, evaluate, load_checkpoint, plot_history
     from models.paper import build, format_summary
 
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("error: --plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     if args.backend == "cupy":
         sys.exit("error: --backend cupy: the CuPy backend is not available in this version; use --backend cpu")
     if args.threads:

@@ -40,6 +40,9 @@ class Layer:
         self._grads = {}
         self.children = []  # (name, layer) of composite layers
         self._out_shape = None
+        # False on a network's first layer: its backward then skips the input gradient
+        # (nobody needs it) and returns None. Sequential passes it to its first child.
+        self.input_grad = True
 
     # parameters -------------------------------------------------------------------
     def _add_param(self, name, value):
@@ -247,17 +250,18 @@ class Conv2d(Layer):
         w2 = self._params["weight"].reshape(1, F, CKK)
         dw2 = self._grads["weight"].reshape(1, F, CKK)
         ops.channel_sum(dy3, self._grads["bias"])
-        dx = self._workspace("dx", x.shape)
+        dx = self._workspace("dx", x.shape) if self.input_grad else None
         chunk = self._chunk(N, P)
         cols = self._workspace("cols", (chunk, CKK, P))
-        dcols = self._workspace("dcols", (chunk, CKK, P))
+        dcols = self._workspace("dcols", (chunk, CKK, P)) if self.input_grad else None
         for n0 in range(0, N, chunk):
             n = min(chunk, N - n0)
             if not self._cols_valid:  # the forward's columns were overwritten: rebuild this chunk
                 ops.im2col(x, n0, self.k, self.k, self.stride, self.padding, cols[:n])
             ops.batched_gemm(False, True, 1.0, dy3[n0:n0 + n], cols[:n], 1.0 if n0 else 0.0, dw2)
-            ops.batched_gemm(True, False, 1.0, w2, dy3[n0:n0 + n], 0.0, dcols[:n], shared_a=True)
-            ops.col2im(dcols[:n], n0, self.k, self.k, self.stride, self.padding, dx)
+            if self.input_grad:
+                ops.batched_gemm(True, False, 1.0, w2, dy3[n0:n0 + n], 0.0, dcols[:n], shared_a=True)
+                ops.col2im(dcols[:n], n0, self.k, self.k, self.stride, self.padding, dx)
         return dx
 
 
@@ -303,6 +307,8 @@ class Lateral(Layer):
         dy3 = dy.reshape(N, self.c_out, H * W)
         ops.channel_sum(dy3, self._grads["bias"])
         ops.batched_gemm(False, True, 1.0, dy3, x.reshape(N, self.c_in, H * W), 0.0, self._grads["weight"][None])
+        if not self.input_grad:
+            return None
         dx = self._workspace("dx", x.shape)
         ops.batched_gemm(True, False, 1.0, self._params["weight"][None], dy3, 0.0,
                          dx.reshape(N, self.c_in, H * W), shared_a=True)
@@ -370,6 +376,8 @@ class _Conv1d(Layer):
         dy = self._check_grad(dy)
         ops = get_ops(dy)
         ops.conv1d_grad_params(self.axis, self._x, dy, self.before, self._grads["weight"], self._grads["bias"])
+        if not self.input_grad:
+            return None
         dx = self._workspace("dx", self._x.shape)
         # The adjoint of a correlation is the correlation with the flipped filter and
         # padding k-1-before, cropped to the input's length.
@@ -439,6 +447,7 @@ class Sequential(Layer):
 
     def backward(self, dy):
         dy = self._check_grad(dy)
+        self.layers[0].input_grad = self.input_grad
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
         return dy

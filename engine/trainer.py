@@ -128,6 +128,7 @@ class Trainer:
     def __init__(self, model, data, config, out, settings=None, log=print, progress=True, on_step=None,
                  on_epoch=None):
         self.model, self.data, self.cfg, self.out = model, data, dict(config), Path(out)
+        model.input_grad = False  # nothing uses the gradient of the images: skip it
         self.settings = settings or {}
         self.log, self.progress, self.on_step, self.on_epoch = log, progress, on_step, on_epoch
         self.velocity = {}
@@ -206,6 +207,7 @@ class Trainer:
             bar = tqdm(total=steps, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}",
                        unit="batch", leave=False, dynamic_ncols=True)
         r = self.running
+        last_note = time.perf_counter()
         try:
             while self.step_in_epoch < steps:
                 if self.stop_requested:
@@ -232,6 +234,10 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{r['loss'] / r['seen']:.3f}", acc=f"{r['correct'] / r['seen']:.3f}",
                                     img_s=f"{r['seen'] / max(r['seconds'], 1e-9):.0f}")
+                elif time.perf_counter() - last_note > 60:  # no bar (--quiet, a log file): a line a minute
+                    last_note = time.perf_counter()
+                    self.log(f"  epoch {self.epoch + 1} step {self.step_in_epoch}/{steps}  loss {r['loss'] / r['seen']:.4f} "
+                             f"acc {100 * r['correct'] / r['seen']:.2f}%  {r['seen'] / max(r['seconds'], 1e-9):.0f} img/s")
                 if self.on_step:
                     self.on_step(self)
         finally:

@@ -247,3 +247,19 @@ def test_params_and_grads_dicts(rng):
     assert all(np.any(g != 0) for g in f.grads.values())
     f.params["stage1.lateral.weight"][...] = 0  # params are live views: in-place updates reach the layer
     assert np.all(f[2].params["weight"] == 0)
+
+
+@pytest.mark.parametrize("first", [lambda r: Conv2d(2, 3, 3, padding=1, rng=r), lambda r: Flattened(2, 3, 3, rng=r),
+                                   lambda r: Lateral(2, 3, rng=r)])
+def test_first_layer_can_skip_the_input_gradient(first, rng):
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    grads = []
+    for input_grad in (True, False):
+        net = Sequential(first(np.random.default_rng(1)), ReLU(), Flatten())
+        net.input_grad = input_grad
+        y = net.forward(x)
+        dx = net.backward(np.ones_like(y))
+        assert (dx is None) == (not input_grad)
+        grads.append({k: v.copy() for k, v in net.grads.items()})
+    for k in grads[0]:
+        np.testing.assert_array_equal(grads[0][k], grads[1][k])

@@ -1,0 +1,437 @@
+"""Benchmarks: per-layer forward/backward times (the paper's Figure 7), memory (Figure 6), whole models.
+
+    python -m engine.bench layers [--sizes 16,32,48,64,80] [--compare torch] [--json F] [--plot F.png]
+    python -m engine.bench model --model flattened --dataset cifar10 [--compare torch]
+
+Every figure is a median over --repeat timed runs after warm-up (min and max beside it);
+ratios are only meaningful between rows of the same run. The header states threads,
+BLAS library and kernel, and allocator settings, because they change the numbers.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+import engine
+from engine import Conv2d, Flattened, Lateral, Sequential
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def timeit(fn, repeat, warmup=1):
+    """Seconds per call of fn() over `repeat` runs, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def stats_ms(times):
+    ms = [1e3 * t for t in times]
+    return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms))
+
+
+def environment(threads):
+    """What the numbers depend on: threads, BLAS (threadpoolctl), allocator settings, CPU."""
+    info = dict(python=platform.python_version(), numpy=np.__version__, kernel_threads=threads,
+                openmp=engine.openmp_enabled(), machine=platform.machine(), cpus=os.cpu_count())
+    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        info[var] = os.environ.get(var, "(unset)")
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas"] = [dict(api=p.get("internal_api"), version=p.get("version"), kernel=p.get("architecture"),
+                             threads=p.get("num_threads"), lib=os.path.basename(p.get("filepath", "")))
+                        for p in threadpool_info()]
+    except ImportError:
+        info["blas"] = "threadpoolctl not installed"
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        info["cpu"] = platform.processor()
+    return info
+
+
+def print_environment(info):
+    print("# environment")
+    for k, v in info.items():
+        if k == "blas" and isinstance(v, list):
+            for p in v:
+                print(f"#   blas: {p['lib']} {p['api']} {p['version']} kernel={p['kernel']} threads={p['threads']}")
+        else:
+            print(f"#   {k}: {v}")
+
+
+def layer_flops(layer, in_shape):
+    """Forward multiply-adds x 2 of a Conv2d, Lateral, Vertical/Horizontal, or a composite of them."""
+    if isinstance(layer, Sequential):
+        total, shape = 0, in_shape
+        for child in layer.layers:
+            total += layer_flops(child, shape)
+            shape = child.output_shape(shape)
+        return total
+    out = layer.output_shape(in_shape)
+    n_out = int(np.prod(out))
+    if isinstance(layer, Conv2d):
+        return 2 * n_out * layer.c_in * layer.k * layer.k
+    if isinstance(layer, Lateral):
+        return 2 * n_out * layer.c_in
+    if hasattr(layer, "k"):  # Vertical / Horizontal
+        return 2 * n_out * layer.k
+    return 0
+
+
+def make_layers(channels, k, stages=2):
+    return {"baseline": Conv2d(channels, channels, k, padding=k // 2),
+            "flattened": Flattened(channels, channels, k, stages=stages)}
+
+
+# ----------------------------------------------------------------------------- torch comparison
+
+def torch_layers(torch, channels, k, stages=2):
+    """The same two layers in torch.nn: Conv2d, and V/H as grouped (k,1)/(1,k) convolutions with full padding."""
+    nn = torch.nn
+    base = nn.Conv2d(channels, channels, k, padding=k // 2)
+    mods = []
+    for s in range(stages):
+        pad = k - 1 if s < stages - 1 else 0  # full mode, then valid: the engine's Flattened for odd k, 2 stages
+        mods += [nn.Conv2d(channels, channels, (k, 1), padding=(pad, 0), groups=channels),
+                 nn.Conv2d(channels, channels, (1, k), padding=(0, pad), groups=channels),
+                 nn.Conv2d(channels, channels, 1)]
+    return {"baseline": base, "flattened": nn.Sequential(*mods)}
+
+
+def bench_torch_layers(args, records):
+    try:
+        import torch
+    except ImportError:
+        print("# --compare torch: PyTorch is not installed; skipped")
+        return
+    torch.set_num_threads(args.threads)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for fmt, mf in (("torch-nchw", torch.contiguous_format), ("torch-channels-last", torch.channels_last)):
+        layers = {k: v.to(memory_format=mf) for k, v in torch_layers(torch, args.channels, args.k).items()}
+        for size in args.sizes:
+            x0 = torch.randn(args.batch, args.channels, size, size).to(memory_format=mf)
+            for name, layer in layers.items():
+                x = x0.clone().requires_grad_(True)
+                with torch.no_grad():
+                    fwd = timeit(lambda: layer(x0), args.repeat)
+                y = layer(x)
+                g = torch.ones_like(y)
+
+                def backward():
+                    layer.zero_grad(set_to_none=False)
+                    x.grad = None
+                    yy = layer(x)
+                    yy.backward(g)
+
+                # backward timed as (forward + backward) - forward, like the engine's split
+                both = timeit(backward, args.repeat)
+                bwd = [max(b - f, 1e-9) for b, f in zip(sorted(both), sorted(fwd))]
+                flops = layer_flops(make_layers(args.channels, args.k)[name], (args.batch, args.channels, size, size))
+                for pas, times, fl in (("forward", fwd, flops), ("backward", bwd, 2 * flops)):
+                    records.append(dict(layer=name, size=size, batch=args.batch, pass_=pas, backend=fmt,
+                                        **stats_ms(times), gflops=fl / statistics.median(times) / 1e9))
+                    print_record(records[-1])
+
+
+# ----------------------------------------------------------------------------- layers
+
+def print_record(r):
+    print(f"{r['layer']:<10} {r['size']:>4} {r['pass_']:<9} {r['backend']:<20} {r['median_ms']:>9.1f} "
+          f"{r['min_ms']:>9.1f} {r['max_ms']:>9.1f} {r['gflops']:>8.1f}")
+
+
+def bench_layers(args):
+    engine.set_num_threads(args.threads)
+    info = environment(args.threads)
+    print_environment(info)
+    print(f"# {args.channels}->{args.channels} channels, {args.k}x{args.k}, batch {args.batch}, "
+          f"median of {args.repeat} runs after warm-up")
+    print(f"{'layer':<10} {'size':>4} {'pass':<9} {'backend':<20} {'median_ms':>9} {'min_ms':>9} {'max_ms':>9} "
+          f"{'GFLOP/s':>8}")
+    records = []
+    rng = np.random.default_rng(0)
+    layers = make_layers(args.channels, args.k)
+    for size in args.sizes:
+        x = rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32)
+        for name, layer in layers.items():
+            y = layer.forward(x)
+            dy = np.ones_like(y)
+            fwd = timeit(lambda: layer.forward(x), args.repeat)
+            layer.forward(x)
+            bwd = timeit(lambda: layer.backward(dy), args.repeat)
+            flops = layer_flops(layer, x.shape)
+            for pas, times, fl in (("forward", fwd, flops), ("backward", bwd, 2 * flops)):
+                records.append(dict(layer=name, size=size, batch=args.batch, pass_=pas, backend="cpu",
+                                    **stats_ms(times), gflops=fl / statistics.median(times) / 1e9))
+                print_record(records[-1])
+    if "torch" in args.compare:
+        bench_torch_layers(args, records)
+    print_ratios(records)
+    if args.memory:
+        bench_memory(args)
+    out = [dict({k if k != "pass_" else "pass": v for k, v in r.items()}) for r in records]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=info, records=out) if args.json_env else out, f, indent=1)
+        print(f"# wrote {args.json}")
+    if args.plot:
+        plot_layers(out, args.plot)
+        print(f"# wrote {args.plot}")
+    return out
+
+
+def print_ratios(records):
+    """Side-by-side ratios from this run: flattened vs baseline, and the engine vs torch's best."""
+    def med(layer, size, pas, backend):
+        for r in records:
+            if (r["layer"], r["size"], r["pass_"], r["backend"]) == (layer, size, pas, backend):
+                return r["median_ms"]
+        return None
+
+    print("# ratios (medians of this run)")
+    for size in sorted({r["size"] for r in records}):
+        f, b = med("flattened", size, "forward", "cpu"), med("baseline", size, "forward", "cpu")
+        fb = (med("flattened", size, "backward", "cpu") or 0) + (f or 0)
+        line = f"#   {size:>3}x{size:<3} baseline/flattened forward {b / f:5.2f}x"
+        tf = [med("flattened", size, "forward", t) for t in ("torch-nchw", "torch-channels-last")]
+        tf = [t for t in tf if t]
+        if tf:
+            tfb = min(med("flattened", size, "forward", t) + med("flattened", size, "backward", t)
+                      for t in ("torch-nchw", "torch-channels-last"))
+            tb = min(t for t in (med("baseline", size, "forward", "torch-nchw"),
+                                 med("baseline", size, "forward", "torch-channels-last")) if t)
+            line += (f"; flattened fwd engine/torch-best {f / min(tf):4.2f}; fwd+bwd {fb / tfb:4.2f}; "
+                     f"baseline fwd engine/torch-best {b / tb:4.2f}")
+        print(line)
+
+
+def plot_layers(records, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, pas in zip(axes, ("forward", "backward")):
+        for backend in sorted({r["backend"] for r in records}):
+            for layer, style in (("baseline", "--"), ("flattened", "-")):
+                rows = sorted((r for r in records if r["pass"] == pas and r["backend"] == backend
+                               and r["layer"] == layer), key=lambda r: r["size"])
+                if rows:
+                    ax.plot([r["size"] for r in rows], [r["median_ms"] for r in rows], style, marker="o",
+                            label=f"{layer} ({backend})")
+        ax.set_title(f"{pas} pass")
+        ax.set_xlabel("image size (pixels per side)")
+        ax.set_ylabel("median time (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def peak_extra_bytes(fn):
+    """Peak bytes numpy allocates during fn() beyond what was allocated before (tracemalloc)."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak - before
+
+
+def bench_memory(args):
+    """Figure 6: extra memory of each layer's forward and backward, measured and in theory.
+
+    Measured on fresh layers (their reusable buffers are created during the call).
+    Theory (float32): baseline forward = output + im2col columns (one chunk, kept for
+    backward); backward = input gradient + column gradient. Flattened forward = the six
+    intermediate outputs (kept for backward); backward = the six sub-layers' input gradients.
+    """
+    print("# memory (MiB): measured peak extra allocation during the call (tracemalloc) | theory")
+    rng = np.random.default_rng(0)
+    mib = 2.0 ** 20
+    for size in args.sizes:
+        x = rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32)
+        for name, layer in make_layers(args.channels, args.k).items():
+            fwd = peak_extra_bytes(lambda: layer.forward(x))
+            dy = np.ones_like(layer.forward(x))
+            bwd = peak_extra_bytes(lambda: layer.backward(dy))
+            if name == "baseline":
+                p = dy.shape[2] * dy.shape[3]
+                chunk = layer._chunk(args.batch, p)
+                cols = chunk * layer.c_in * layer.k ** 2 * p * 4
+                t_fwd, t_bwd = dy.nbytes + cols, x.nbytes + cols
+            else:
+                shapes, shape = [], x.shape
+                for child in layer.layers:
+                    shape = child.output_shape(shape)
+                    shapes.append(shape)
+                t_fwd = sum(4 * int(np.prod(s)) for s in shapes)
+                t_bwd = sum(4 * int(np.prod(s)) for s in [x.shape] + shapes[:-1])
+            print(f"#   {name:<10} {size:>3}x{size:<3} forward {fwd / mib:8.1f} | {t_fwd / mib:8.1f}   "
+                  f"backward {bwd / mib:8.1f} | {t_bwd / mib:8.1f}")
+
+
+def peak_rss_mib():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------- whole model
+
+def bench_model(args):
+    from engine.losses import SoftmaxCrossEntropy
+    from engine.trainer import sgd_momentum
+    from models.paper import build
+    engine.set_num_threads(args.threads)
+    print_environment(environment(args.threads))
+    shape = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}[args.dataset]
+    n_classes = {"cifar10": 10, "cifar100": 100, "mnist": 10}[args.dataset]
+    net = build(args.model, shape, n_classes)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, *shape)).astype(np.float32)
+    y = rng.integers(0, n_classes, args.batch)
+    loss_fn, velocity = SoftmaxCrossEntropy(), {}
+
+    def step():
+        loss_fn(net.forward(x), y)
+        net.backward(loss_fn.backward())
+        sgd_momentum(net.params, net.grads, velocity, 0.01, 0.9, 1e-4)
+
+    rows = []
+    t = timeit(step, args.repeat, warmup=2)
+    rows.append(("train step", args.batch, t))
+    net.eval()
+    rows.append(("inference", args.batch, timeit(lambda: net.forward(x), args.repeat, warmup=2)))
+    rows.append(("inference", 1, timeit(lambda: net.forward(x[:1]), max(args.repeat, 20), warmup=3)))
+    print(f"# {args.model} on {args.dataset} inputs {shape}")
+    print(f"{'what':<12} {'batch':>5} {'backend':<20} {'median_ms':>9} {'images/s':>10}")
+    for what, b, t in rows:
+        print(f"{what:<12} {b:>5} {'cpu':<20} {1e3 * statistics.median(t):>9.2f} {b / statistics.median(t):>10.0f}")
+    if "torch" in args.compare:
+        bench_torch_model(args, shape, n_classes)
+    print(f"# peak resident memory of this process: {peak_rss_mib():.0f} MiB")
+
+
+def bench_torch_model(args, shape, n_classes):
+    try:
+        import torch
+    except ImportError:
+        print("# --compare torch: PyTorch is not installed; skipped")
+        return
+    torch.set_num_threads(args.threads)
+    nn = torch.nn
+    from models.paper import build
+    ref = build(args.model, shape, n_classes)
+    mods = []
+    for name, layer in ref.children:
+        kind = type(layer).__name__
+        if kind == "Conv2d":
+            mods.append(nn.Conv2d(layer.c_in, layer.c_out, layer.k, padding=layer.padding))
+        elif kind == "Flattened":
+            for sub, child in layer.children:
+                if sub.endswith("lateral"):
+                    mods.append(nn.Conv2d(child.c_in, child.c_out, 1))
+                else:
+                    c, k, pad = child.channels, child.k, child.before
+                    ks, pd = ((k, 1), (pad, 0)) if sub.endswith("vertical") else ((1, k), (0, pad))
+                    mods.append(nn.Conv2d(c, c, ks, padding=pd, groups=c))
+        elif kind == "MaxPool2d":
+            mods.append(nn.MaxPool2d(layer.k, layer.stride, ceil_mode=layer.ceil_mode))
+        elif kind == "ReLU":
+            mods.append(nn.ReLU())
+        elif kind == "Dropout":
+            mods.append(nn.Dropout(layer.p))
+        elif kind == "Flatten":
+            mods.append(nn.Flatten())
+        elif kind == "Linear":
+            mods.append(nn.Linear(layer.n_in, layer.n_out))
+    for fmt, mf in (("torch-nchw", torch.contiguous_format), ("torch-channels-last", torch.channels_last)):
+        net = nn.Sequential(*mods).to(memory_format=mf)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        x = torch.randn(args.batch, *shape).to(memory_format=mf)
+        y = torch.randint(0, n_classes, (args.batch,))
+
+        def step():
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+
+        net.train()
+        rows = [("train step", args.batch, timeit(step, args.repeat, warmup=2))]
+        net.eval()
+        with torch.no_grad():
+            rows.append(("inference", args.batch, timeit(lambda: net(x), args.repeat, warmup=2)))
+            rows.append(("inference", 1, timeit(lambda: net(x[:1]), max(args.repeat, 20), warmup=3)))
+        for what, b, t in rows:
+            print(f"{what:<12} {b:>5} {fmt:<20} {1e3 * statistics.median(t):>9.2f} "
+                  f"{b / statistics.median(t):>10.0f}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def int_list(s):
+    try:
+        v = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return v
+
+
+def positive_int(s):
+    v = int_list(s)
+    if len(v) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {s!r}")
+    return v[0]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=positive_int, default=engine.get_num_threads(),
+                        help="threads for the kernels (and torch.set_num_threads with --compare torch)")
+    common.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (after warm-up)")
+    common.add_argument("--batch", type=positive_int, default=128, help="batch size")
+    common.add_argument("--compare", choices=["none", "torch"], default="none",
+                        help="also time the same layers/network in PyTorch, in the same run")
+    lay = sub.add_parser("layers", parents=[common], help="one baseline vs one flattened layer (Figure 7)")
+    lay.add_argument("--sizes", type=int_list, default=[16, 32, 48, 64, 80], help="image sizes, e.g. 80 or 16,48")
+    lay.add_argument("--channels", type=positive_int, default=128, help="input and output channels")
+    lay.add_argument("--k", type=positive_int, default=5, help="filter size")
+    lay.add_argument("--memory", action="store_true", help="also measure per-layer extra memory (Figure 6)")
+    lay.add_argument("--json", default=None, help="write the records to this JSON file")
+    lay.add_argument("--json-env", action="store_true", help="wrap the JSON records with the environment")
+    lay.add_argument("--plot", default=None, help="draw the figure to this PNG")
+    mod = sub.add_parser("model", parents=[common], help="a whole training step and inference, in images/s")
+    mod.add_argument("--model", choices=["baseline", "flattened"], default="flattened")
+    mod.add_argument("--dataset", choices=["cifar10", "cifar100", "mnist"], default="cifar10")
+    args = p.parse_args(argv)
+    if args.what == "layers":
+        bench_layers(args)
+    else:
+        bench_model(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

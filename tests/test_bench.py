@@ -1,0 +1,36 @@
+"""The benchmark runs end to end on tiny sizes and writes the documented JSON records (no timing asserted)."""
+import json
+
+import pytest
+
+from engine import bench
+
+
+def test_bench_layers_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "b.json"
+    bench.main(["layers", "--sizes", "8", "--batch", "2", "--channels", "4", "--repeat", "1", "--json", str(out),
+                "--plot", str(tmp_path / "b.png"), "--memory"])
+    records = json.loads(out.read_text())
+    assert {(r["layer"], r["pass"], r["backend"]) for r in records} == {
+        (layer, p, "cpu") for layer in ("baseline", "flattened") for p in ("forward", "backward")}
+    for r in records:
+        assert set(r) == {"layer", "size", "batch", "pass", "backend", "median_ms", "min_ms", "max_ms", "gflops"}
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["size"] == 8 and r["batch"] == 2
+    text = capsys.readouterr().out
+    assert "kernel_threads" in text and "memory (MiB)" in text and "baseline/flattened forward" in text
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_bench_model_runs(capsys):
+    bench.main(["model", "--model", "flattened", "--dataset", "mnist", "--batch", "4", "--repeat", "1"])
+    text = capsys.readouterr().out
+    assert "train step" in text and "inference" in text and "peak resident memory" in text
+
+
+def test_flops_of_the_flattened_layer():
+    from engine import Flattened
+    # 2 stages, 128 channels, k=5, 80x80, batch 1: V,H full on 80->84, L on 84x84, then V,H valid, L on 80x80
+    f = bench.layer_flops(Flattened(128, 128, 5), (1, 128, 80, 80))
+    macs = 128 * 5 * (84 * 80 + 84 * 84) + 128 * 128 * 84 * 84 + 128 * 5 * (80 * 84 + 80 * 80) + 128 * 128 * 80 * 80
+    assert f == 2 * macs
