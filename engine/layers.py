@@ -17,7 +17,7 @@ is converted to the layer's dtype; integer input is refused.
 Buffers: the arrays ``forward`` and ``backward`` return are owned by the layer and
 reused by its next call of the same kind (allocating fresh multi-megabyte arrays on
 every call costs page faults comparable to the arithmetic). Copy a result to keep it
-beyond the next call; ``engine.trainer.evaluate`` and the model-level APIs do.
+beyond the next call.
 """
 import numpy as np
 

@@ -121,7 +121,9 @@ class Trainer:
     equal to momentum), lr_drop_epochs, lr_drop_factor, seed, eval_batch_size; `out` is the run folder (checkpoint.npz,
     log.jsonl). `settings` (JSON-able) is stored in the checkpoint.
     Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and stops:
-    `run()` then returns 'interrupted'. `on_step(trainer)` is called after each step,
+    `run()` then returns 'interrupted'. The model's dropout Generator, if it has one as
+    `model.rng` (models.paper.build sets it), is saved with the checkpoint so a resumed
+    run draws the same masks. `on_step(trainer)` is called after each step,
     `on_epoch(trainer)` after each epoch's evaluation and checkpoint.
     """
 
@@ -145,9 +147,11 @@ class Trainer:
 
     # state ------------------------------------------------------------------------
     def _meta(self):
+        model_rng = getattr(self.model, "rng", None)  # the Generator of the model's dropout layers
         return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, running=self.running,
                     history=self.history, data_rng=self.data_rng.bit_generator.state,
-                    model_rng=self.model.rng.bit_generator.state, settings=self.settings, config=self.cfg)
+                    model_rng=model_rng.bit_generator.state if model_rng is not None else None,
+                    settings=self.settings, config=self.cfg)
 
     def save(self):
         save_checkpoint(self.checkpoint_path, self.model, self.velocity, self._meta(), self.perm)
@@ -159,7 +163,8 @@ class Trainer:
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.running, self.history = meta["running"], meta["history"]
         self.data_rng.bit_generator.state = meta["data_rng"]
-        self.model.rng.bit_generator.state = meta["model_rng"]
+        if meta["model_rng"] is not None:
+            self.model.rng.bit_generator.state = meta["model_rng"]
         self.perm = perm
         return meta
 
