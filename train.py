@@ -6,8 +6,9 @@
     python train.py --out runs/flat-c10 --resume          # continue an interrupted run
 
 A run folder (--out) receives checkpoint.npz after every epoch (and on Ctrl-C),
-log.jsonl (one JSON line per epoch) and, with --plot, curves.png. The run ends by
-printing "test accuracy: NN.NN%" for the final weights.
+log.jsonl (one JSON line per epoch), with --plot curves.png, and at the end model.npz
+(the final weights and preprocessing, for engine.load). The run ends by printing
+"test accuracy: NN.NN%" for the final weights.
 """
 import argparse
 import json
@@ -202,7 +203,11 @@ def main(argv=None):
     if status == "interrupted":
         return 130
     _, acc = evaluate(model, data["test_x"], data["test_y"], args.eval_batch_size)
-    print(f"run folder: {out} ({time.time() - t0:.0f}s)")
+    engine.save_model(out / "model.npz", model, in_shape, data["classes"],
+                      preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
+                      zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
+                      extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc))
+    print(f"run folder: {out} ({time.time() - t0:.0f}s); model file: {out / 'model.npz'}")
     print(f"test accuracy: {100 * acc:.2f}%")
     return 0
 

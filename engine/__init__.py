@@ -3,6 +3,7 @@
 Layers (NCHW float32): Conv2d, Lateral, Vertical, Horizontal, Flattened, MaxPool2d,
 ReLU, Dropout, Linear, Flatten, Sequential; loss: SoftmaxCrossEntropy.
 Threads: openmp_enabled(), get_num_threads(), set_num_threads(n).
+Trained models: engine.load(path) -> Model with predict() / classify().
 """
 import os
 
@@ -29,6 +30,7 @@ from .layers import (
     Vertical,
     conv1d_padding,
 )
+from .inference import Model, ModelFileError, load, save_model
 from .losses import SoftmaxCrossEntropy, softmax
 
 __version__ = "0.1.0"
@@ -37,4 +39,5 @@ __all__ = [
     "Conv2d", "Dropout", "Flatten", "Flattened", "Horizontal", "Lateral", "Layer", "Linear",
     "MaxPool2d", "ReLU", "Sequential", "Vertical", "conv1d_padding", "SoftmaxCrossEntropy", "softmax",
     "get_num_threads", "set_num_threads", "openmp_enabled", "kernels_path",
+    "Model", "ModelFileError", "load", "save_model",
 ]

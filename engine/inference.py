@@ -1,0 +1,181 @@
+"""Model files and a small prediction API, for applications that embed a trained network.
+
+A model file is one ``.npz`` written with ``allow_pickle=False``: every weight array
+(``param/<name>``), the ZCA mean and matrix when the data was whitened, and a JSON
+document (``meta``, a string array) with a format version, the architecture (each
+layer's type and constructor arguments), the input shape, the class names and the
+preprocessing settings. Loading never executes anything from the file.
+
+    import engine
+    model = engine.load("runs/flattened-cifar10/model.npz")
+    probs = model.predict(images_uint8_nhwc)      # (N, classes)
+    labels = model.classify(images_uint8_nhwc)    # (N,)
+
+This module needs numpy and the compiled kernels only (no trainer, tqdm or matplotlib).
+"""
+import json
+import os
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from . import layers as L
+from .losses import softmax
+
+FORMAT = "flatnet-model"
+VERSION = 1
+LAYER_TYPES = {cls.__name__: cls for cls in (L.Conv2d, L.Lateral, L.Vertical, L.Horizontal, L.Flattened,
+                                             L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten, L.Linear)}
+
+
+class ModelFileError(ValueError):
+    """A model file is unreadable, truncated, of an unknown version, or disagrees with itself."""
+
+
+def architecture(net):
+    """The layer list of a Sequential as JSON-able dicts: name, type, constructor arguments."""
+    arch = []
+    for name, layer in net.children:
+        kind = type(layer).__name__
+        if kind not in LAYER_TYPES:
+            raise ValueError(f"cannot save layer {name} of type {kind}")
+        arch.append(dict(name=name, type=kind, config=layer.config()))
+    return arch
+
+
+def build_architecture(arch):
+    """Rebuild a Sequential from `architecture(...)` output, validating every entry."""
+    if not isinstance(arch, list) or not arch:
+        raise ModelFileError("architecture must be a non-empty list of layers")
+    layers, names = [], []
+    for i, entry in enumerate(arch):
+        try:
+            cls = LAYER_TYPES[entry["type"]]
+            layers.append(cls(**entry["config"]))
+            names.append(str(entry["name"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(f"layer {i} of the architecture is invalid ({type(e).__name__}: {e})") from None
+    return L.Sequential(*layers, names=names, check_finite=True)
+
+
+def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, zca_matrix=None, extra=None):
+    """Write `net` (a Sequential of engine layers) and what prediction needs to `path`, atomically."""
+    path = Path(path)
+    meta = dict(format=FORMAT, version=VERSION, architecture=architecture(net), input_shape=list(in_shape),
+                classes=list(classes), preprocessing=preprocessing or {}, extra=extra or {})
+    arrays = {f"param/{k}": v for k, v in net.params.items()}
+    if zca_matrix is not None:
+        arrays["zca_mean"], arrays["zca_matrix"] = zca_mean, zca_matrix
+    arrays["meta"] = np.array(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+class Model:
+    """A loaded network with its preprocessing: predict() and classify(), thread-safe."""
+
+    def __init__(self, net, meta, zca_mean=None, zca_matrix=None):
+        self.net = net.eval()
+        self.meta = meta
+        self.classes = meta["classes"]
+        self.input_shape = tuple(meta["input_shape"])  # (C, H, W)
+        self.preprocessing = meta["preprocessing"]
+        self.zca_mean, self.zca_matrix = zca_mean, zca_matrix
+        self._lock = threading.Lock()  # layers reuse their buffers: one forward at a time
+
+    def preprocess(self, images):
+        """uint8 (or float 0..255) images, HWC or NHWC, -> preprocessed float32 NCHW as in training."""
+        from .data import global_contrast_normalize
+        x = np.asarray(images)
+        c, h, w = self.input_shape
+        if x.ndim == 2 and c == 1:
+            x = x[..., None]
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1:] != (h, w, c):
+            raise ValueError(f"expected images of shape (N, {h}, {w}, {c}) or ({h}, {w}, {c}), got {np.shape(images)}")
+        if x.dtype.kind not in "uif":
+            raise TypeError(f"expected uint8 or float pixel values, got dtype {x.dtype}")
+        x = x.transpose(0, 3, 1, 2).reshape(len(x), -1).astype(np.float32)
+        gcn = self.preprocessing.get("gcn")
+        if gcn:
+            x = global_contrast_normalize(x, **gcn)
+        if self.zca_matrix is not None:
+            x = (x - self.zca_mean) @ self.zca_matrix
+        return np.ascontiguousarray(x.reshape(-1, c, h, w), dtype=np.float32)
+
+    def predict(self, images, preprocessed=False, batch_size=256):
+        """Class probabilities (N, classes). `images`: uint8 HWC/NHWC, or with preprocessed=True float CHW/NCHW."""
+        if preprocessed:
+            x = np.asarray(images)
+            if x.ndim == 3:
+                x = x[None]
+            if x.ndim != 4 or x.shape[1:] != self.input_shape:
+                raise ValueError(f"expected preprocessed input of shape (N, {', '.join(map(str, self.input_shape))})"
+                                 f", got {np.shape(images)}")
+        else:
+            x = self.preprocess(images)
+        out = np.empty((len(x), len(self.classes)), dtype=np.float32)
+        with self._lock:
+            for i in range(0, len(x), batch_size):
+                out[i:i + batch_size] = softmax(self.net.forward(x[i:i + batch_size]))
+        return out
+
+    def classify(self, images, preprocessed=False):
+        """Class indices (N,); names are in `model.classes`."""
+        return self.predict(images, preprocessed=preprocessed).argmax(axis=1)
+
+
+def load(path):
+    """Load a model file written by save_model / train.py, validating it; returns a Model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            files = set(z.files)
+            if "meta" not in files:
+                raise ModelFileError(f"{path}: not a flatnet model file (no 'meta')")
+            meta = json.loads(str(z["meta"]))
+            arrays = {k: z[k] for k in files if k != "meta"}
+    except ModelFileError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise ModelFileError(f"{path}: truncated or corrupt model file ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a flatnet model file")
+    if meta.get("version") != VERSION:
+        raise ModelFileError(f"{path}: model file version {meta.get('version')!r}; this engine reads version {VERSION}")
+    for key in ("architecture", "input_shape", "classes", "preprocessing"):
+        if key not in meta:
+            raise ModelFileError(f"{path}: model file lacks '{key}'")
+    net = build_architecture(meta["architecture"])
+    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    expected = net.params
+    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ModelFileError(f"{path}: weights do not match the architecture (missing {missing}, unexpected {extra})")
+    for name, target in expected.items():
+        if params[name].shape != target.shape:
+            raise ModelFileError(f"{path}: array {name} has shape {params[name].shape}, the architecture "
+                                 f"needs {target.shape}")
+        if params[name].dtype.kind != "f" or not np.isfinite(params[name]).all():
+            raise ModelFileError(f"{path}: array {name} is not finite floating-point data")
+    net.load_params(params)
+    try:
+        out_shape = net.output_shape((1, *meta["input_shape"]))
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: input shape {meta['input_shape']} does not fit the architecture ({e})") from None
+    if out_shape != (1, len(meta["classes"])):
+        raise ModelFileError(f"{path}: the network gives {out_shape[1:]} outputs for {len(meta['classes'])} classes")
+    zca_mean, zca_matrix = arrays.get("zca_mean"), arrays.get("zca_matrix")
+    d = int(np.prod(meta["input_shape"]))
+    if zca_matrix is not None and (zca_matrix.shape != (d, d) or zca_mean is None or zca_mean.shape != (d,)):
+        raise ModelFileError(f"{path}: ZCA arrays do not match the input size {d}")
+    return Model(net, meta, zca_mean, zca_matrix)
