@@ -112,3 +112,44 @@ def test_inference_import_is_light():
             "print(sorted(k for k in ('tqdm', 'matplotlib', 'cupy', 'engine.trainer', 'torch') if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_predict_cli_on_png_and_npy(saved, tmp_path):
+    path, _, raw, x = saved
+    model = engine.load(path)
+    np.save(tmp_path / "batch.npy", raw[:3])
+    r = subprocess.run([sys.executable, "-m", "engine.predict", str(path), str(tmp_path / "batch.npy"), "--top", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3
+    best = model.predict(raw[:3]).argmax(1)
+    for line, b in zip(lines, best):
+        assert line.split(": ")[1].split()[0] == model.classes[b]
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(raw[0][..., 0]).save(tmp_path / "digit.png")
+    r = subprocess.run([sys.executable, "-m", "engine.predict", str(path), str(tmp_path / "digit.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{tmp_path / 'digit.png'}: {model.classes[best[0]]} ")
+    r = subprocess.run([sys.executable, "-m", "engine.predict", str(tmp_path / "nope.npz"), str(tmp_path / "digit.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "no model file" in r.stderr
+
+
+def test_example_application_writes_a_csv(saved, tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    path, _, raw, _ = saved
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(raw[i][..., 0]).save(folder / f"{i}.png")
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "classify_folder.py"
+    r = subprocess.run([sys.executable, str(script), str(path), str(folder), str(tmp_path / "out.csv")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    model = engine.load(path)
+    assert rows[0] == "file,class,probability" and len(rows) == 5
+    assert rows[1].split(",")[1] == model.classes[model.classify(raw[:1])[0]]

@@ -1,0 +1,70 @@
+"""Classify images with a trained model file.
+
+    python -m engine.predict MODEL.npz cat.png dog.jpg        # PNG/JPEG files (needs Pillow)
+    python -m engine.predict MODEL.npz batch.npy --top 3      # a .npy batch: uint8 NHWC, or float NCHW preprocessed
+
+Prints the top-k classes with their probabilities for each image.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .inference import ModelFileError, load
+
+
+def read_image(path, shape):
+    """An image file as uint8 HWC resized to the model's input (C, H, W); Pillow is optional."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SystemExit("error: reading PNG/JPEG files needs Pillow: pip install pillow "
+                         "(or pass a .npy batch instead)") from None
+    c, h, w = shape
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if c == 1 else "RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read image {path}: {e}") from None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m engine.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model file written by train.py (model.npz)")
+    p.add_argument("inputs", nargs="+", help="PNG/JPEG files, or one .npy batch")
+    p.add_argument("--top", type=int, default=3, help="how many classes to print per image")
+    args = p.parse_args(argv)
+    try:
+        model = load(args.model)
+    except (FileNotFoundError, ModelFileError) as e:
+        raise SystemExit(f"error: {e}") from None
+    names, preprocessed = [], False
+    if len(args.inputs) == 1 and args.inputs[0].endswith(".npy"):
+        try:
+            batch = np.load(args.inputs[0], allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read {args.inputs[0]}: {e}") from None
+        preprocessed = batch.dtype.kind == "f" and batch.ndim == 4 and batch.shape[1:] == model.input_shape
+        names = [f"{args.inputs[0]}[{i}]" for i in range(len(batch))]
+    else:
+        batch = np.stack([read_image(Path(f), model.input_shape) for f in args.inputs])
+        names = args.inputs
+    try:
+        probs = model.predict(batch, preprocessed=preprocessed)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    k = max(1, min(args.top, len(model.classes)))
+    for name, pr in zip(names, probs):
+        top = np.argsort(-pr)[:k]
+        print(name + ": " + ", ".join(f"{model.classes[i]} {100 * pr[i]:.1f}%" for i in top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
