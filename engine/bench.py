@@ -2,6 +2,7 @@
 
     python -m engine.bench layers [--sizes 16,32,48,64,80] [--compare torch] [--json F] [--plot F.png]
     python -m engine.bench model --model flattened --dataset cifar10 [--compare torch]
+    python -m engine.bench latency           # inference of both CIFAR-10 models, engine vs onnxruntime
 
 Every figure is a median over --repeat timed runs after warm-up (min and max beside it);
 ratios are only meaningful between rows of the same run. The header states threads,
@@ -384,6 +385,44 @@ def bench_torch_model(args, shape, n_classes):
                   f"{b / statistics.median(t):>10.0f}")
 
 
+# ----------------------------------------------------------------------------- inference latency
+
+def bench_latency(args):
+    """Single-image and batch inference of both CIFAR-10 models via engine.load, beside onnxruntime."""
+    import tempfile
+
+    from engine.inference import load, save_model
+    from models.paper import build
+    engine.set_num_threads(args.threads)
+    print_environment(environment(args.threads))
+    rng = np.random.default_rng(0)
+    print(f"{'model':<10} {'batch':>5} {'runtime':<14} {'median_ms':>9} {'images/s':>10}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("baseline", "flattened"):
+            path = save_model(f"{tmp}/{name}.npz", build(name, (3, 32, 32), 10), (3, 32, 32),
+                              [str(i) for i in range(10)], {})
+            model = load(path)
+            runners = [("engine", lambda x: model.predict(x, preprocessed=True))]
+            try:
+                import onnxruntime as ort
+
+                from engine.export import to_onnx
+                import onnx
+                onnx.save(to_onnx(model), f"{tmp}/{name}.onnx")
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = args.threads
+                sess = ort.InferenceSession(f"{tmp}/{name}.onnx", opts, providers=["CPUExecutionProvider"])
+                runners.append(("onnxruntime", lambda x: sess.run(None, {"input": x})[0]))
+            except ImportError:
+                print("# onnx/onnxruntime not installed: engine only")
+            for batch in (1, args.batch):
+                x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+                for runtime, run in runners:
+                    t = timeit(lambda: run(x), max(args.repeat, 20 if batch == 1 else args.repeat), warmup=3)
+                    m = statistics.median(t)
+                    print(f"{name:<10} {batch:>5} {runtime:<14} {1e3 * m:>9.2f} {batch / m:>10.0f}")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def int_list(s):
@@ -425,11 +464,14 @@ def main(argv=None):
     mod = sub.add_parser("model", parents=[common], help="a whole training step and inference, in images/s")
     mod.add_argument("--model", choices=["baseline", "flattened"], default="flattened")
     mod.add_argument("--dataset", choices=["cifar10", "cifar100", "mnist"], default="cifar10")
+    sub.add_parser("latency", parents=[common], help="inference latency of both CIFAR-10 models (engine, onnxruntime)")
     args = p.parse_args(argv)
     if args.what == "layers":
         bench_layers(args)
-    else:
+    elif args.what == "model":
         bench_model(args)
+    else:
+        bench_latency(args)
     return 0
 
 

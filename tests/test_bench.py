@@ -34,3 +34,9 @@ def test_flops_of_the_flattened_layer():
     f = bench.layer_flops(Flattened(128, 128, 5), (1, 128, 80, 80))
     macs = 128 * 5 * (84 * 80 + 84 * 84) + 128 * 128 * 84 * 84 + 128 * 5 * (80 * 84 + 80 * 80) + 128 * 128 * 80 * 80
     assert f == 2 * macs
+
+
+def test_bench_latency_runs(capsys):
+    bench.main(["latency", "--batch", "2", "--repeat", "1"])
+    text = capsys.readouterr().out
+    assert "flattened" in text and "baseline" in text and "engine" in text

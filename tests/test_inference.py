@@ -153,3 +153,54 @@ def test_example_application_writes_a_csv(saved, tmp_path):
     model = engine.load(path)
     assert rows[0] == "file,class,probability" and len(rows) == 5
     assert rows[1].split(",")[1] == model.classes[model.classify(raw[:1])[0]]
+
+
+@pytest.mark.parametrize("model_name,shape,kw", [("baseline", (3, 32, 32), {}), ("flattened", (3, 32, 32), {}),
+                                                 ("flattened", (1, 28, 28), dict(flatten_first=True, stages=3))])
+def test_onnx_export_matches_the_engine(tmp_path, model_name, shape, kw):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from engine.export import main as export_main
+    net = build(model_name, shape, 10, seed=1, **kw)
+    path = engine.save_model(tmp_path / "m.npz", net, shape, [str(i) for i in range(10)], {})
+    export_main([str(path), str(tmp_path / "m.onnx")])
+    x = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, engine.load(path).predict(x, preprocessed=True), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_filter_reconstruction_equals_the_composed_rank_one_filters(stages):
+    from scipy.signal import convolve2d
+
+    from engine.filters import reconstruct
+    rng = np.random.default_rng(3)
+    layer = engine.Flattened(3, 4, 3, stages=stages, dtype=np.float64)
+    for p in layer.params.values():
+        p[...] = rng.standard_normal(p.shape)
+    bias_before = layer.params["stage1.lateral.bias"].copy()
+    got = reconstruct(layer)
+    p = layer.params
+
+    def stage(s):  # V, H on input channels, then lateral: W[f, c] = alpha[f, c] * beta[c] (x) gamma[c]
+        return np.einsum("fc,cy,cx->fcyx", p[f"stage{s}.lateral.weight"], p[f"stage{s}.vertical.weight"],
+                         p[f"stage{s}.horizontal.weight"])
+
+    expect = stage(1)
+    if stages == 2:  # correlating twice = correlating once with the full convolution of the kernels
+        w1, w2 = stage(1), stage(2)
+        expect = np.array([[sum(convolve2d(w2[f, m], w1[m, c]) for m in range(w2.shape[1])) for c in range(3)]
+                           for f in range(4)])
+    assert got.shape == (4, 3, 2 * stages + 1, 2 * stages + 1)
+    np.testing.assert_allclose(got, expect, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(layer.params["stage1.lateral.bias"], bias_before)  # biases restored
+
+
+def test_filters_cli_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from engine.filters import main as filters_main
+    net = build("flattened", (3, 32, 32), 10, seed=1, flatten_first=True)
+    path = engine.save_model(tmp_path / "m.npz", net, (3, 32, 32), [str(i) for i in range(10)], {})
+    filters_main([str(path), "--out", str(tmp_path / "f.png")])
+    assert (tmp_path / "f.png").stat().st_size > 5000
