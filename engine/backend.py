@@ -38,6 +38,16 @@ def set_num_threads(n):
     _num_threads = n
 
 
+# Below this many output elements a kernel runs on one thread: waking a sleeping thread
+# pool costs tens of microseconds, more than the work (batch-1 inference is all such calls).
+# Results do not depend on the thread count, so this changes only the time.
+SERIAL_BELOW = 32768
+
+
+def _threads(n_elements):
+    return 1 if n_elements < SERIAL_BELOW else get_num_threads()
+
+
 def kernels_path():
     """File of the compiled kernel module actually imported (CI checks it is a built extension)."""
     return os.path.abspath(_kernels.__file__)
@@ -63,13 +73,13 @@ class CpuOps:
     def conv1d(axis, x, w, b, pad, flip, out):
         """Per-channel correlation along H (axis=2) or W (axis=3); see _kernels for the formula."""
         f = _kernels.vconv_forward if axis == 2 else _kernels.hconv_forward
-        f(x, w, b, pad, flip, out, get_num_threads())
+        f(x, w, b, pad, flip, out, _threads(out.size * w.shape[1]))
         return out
 
     @staticmethod
     def conv1d_grad_params(axis, x, dy, pad, dw, db):
         f = _kernels.vconv_grad_params if axis == 2 else _kernels.hconv_grad_params
-        f(x, dy, pad, dw, db, get_num_threads())
+        f(x, dy, pad, dw, db, _threads(dy.size * dw.shape[1]))
 
     # GEMM ---------------------------------------------------------------------------
     @staticmethod
@@ -85,37 +95,37 @@ class CpuOps:
     # im2col -------------------------------------------------------------------------
     @staticmethod
     def im2col(x, n0, kh, kw, stride, pad, cols):
-        _kernels.im2col(x, n0, kh, kw, stride, pad, cols, get_num_threads())
+        _kernels.im2col(x, n0, kh, kw, stride, pad, cols, _threads(cols.size))
         return cols
 
     @staticmethod
     def col2im(cols, n0, kh, kw, stride, pad, dx):
-        _kernels.col2im(cols, n0, kh, kw, stride, pad, dx, get_num_threads())
+        _kernels.col2im(cols, n0, kh, kw, stride, pad, dx, _threads(cols.size))
         return dx
 
     # reductions, pooling, element-wise ---------------------------------------------
     @staticmethod
     def channel_sum(x3, out):
-        _kernels.channel_sum(x3, out, get_num_threads())
+        _kernels.channel_sum(x3, out, _threads(x3.size))
         return out
 
     @staticmethod
     def maxpool_forward(x, k, stride, out, argmax):
-        _kernels.maxpool_forward(x, k, stride, out, argmax, get_num_threads())
+        _kernels.maxpool_forward(x, k, stride, out, argmax, _threads(out.size * k * k))
 
     @staticmethod
     def maxpool_backward(dy, argmax, dx):
-        _kernels.maxpool_backward(dy, argmax, dx, get_num_threads())
+        _kernels.maxpool_backward(dy, argmax, dx, _threads(dx.size))
         return dx
 
     @staticmethod
     def relu_forward(x, out):
-        _kernels.relu_forward(x.reshape(-1), out.reshape(-1), get_num_threads())
+        _kernels.relu_forward(x.reshape(-1), out.reshape(-1), _threads(x.size))
         return out
 
     @staticmethod
     def relu_backward(y, dy, dx):
-        _kernels.relu_backward(y.reshape(-1), dy.reshape(-1), dx.reshape(-1), get_num_threads())
+        _kernels.relu_backward(y.reshape(-1), dy.reshape(-1), dx.reshape(-1), _threads(y.size))
         return dx
 
     @staticmethod
@@ -127,7 +137,7 @@ class CpuOps:
 
     @staticmethod
     def mask_scale(x, mask, scale, out):
-        _kernels.mask_scale(x.reshape(-1), mask.reshape(-1), scale, out.reshape(-1), get_num_threads())
+        _kernels.mask_scale(x.reshape(-1), mask.reshape(-1), scale, out.reshape(-1), _threads(x.size))
         return out
 
 
