@@ -345,29 +345,28 @@ def maxpool_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
     cdef const floating *row
     cdef floating *yr
     cdef int *ar
-    with nogil, parallel(num_threads=num_threads):
-        for plane in prange(N * C, schedule='static'):
-            n = plane // C
-            c = plane % C
-            xp = &x[n, c, 0, 0]
-            for oy in range(Ho):
-                y0 = oy * stride
-                y1 = _imin(y0 + k, H)
-                yr = &out[n, c, oy, 0]
-                ar = &argmax[n, c, oy, 0]
-                for ox in range(Wo):
-                    yr[ox] = xp[y0 * W + ox * stride]
-                    ar[ox] = <int> (y0 * W + ox * stride)
-                for iy in range(y0, y1):
-                    row = xp + iy * W
-                    for b in range(k):
-                        ox_end = _imin(Wo, (W - b + stride - 1) // stride)  # windows where column ox*stride+b exists
-                        for ox in range(ox_end):
-                            ix = ox * stride + b
-                            v = row[ix]
-                            take = (v > yr[ox]) | (v != v)   # NaN is taken: it propagates as in other engines
-                            ar[ox] = <int> (iy * W + ix) if take else ar[ox]
-                            yr[ox] = v if take else yr[ox]
+    for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
+        n = plane // C
+        c = plane % C
+        xp = &x[n, c, 0, 0]
+        for oy in range(Ho):
+            y0 = oy * stride
+            y1 = _imin(y0 + k, H)
+            yr = &out[n, c, oy, 0]
+            ar = &argmax[n, c, oy, 0]
+            for ox in range(Wo):
+                yr[ox] = xp[y0 * W + ox * stride]
+                ar[ox] = <int> (y0 * W + ox * stride)
+            for iy in range(y0, y1):
+                row = xp + iy * W
+                for b in range(k):
+                    ox_end = _imin(Wo, (W - b + stride - 1) // stride)  # windows where column ox*stride+b exists
+                    for ox in range(ox_end):
+                        ix = ox * stride + b
+                        v = row[ix]
+                        take = (v > yr[ox]) | (v != v)   # NaN is taken: it propagates as in other engines
+                        ar[ox] = <int> (iy * W + ix) if take else ar[ox]
+                        yr[ox] = v if take else yr[ox]
 
 
 def maxpool_backward(const floating[:, :, :, ::1] dy,   # IN  (N, C, Ho, Wo)
