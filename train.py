@@ -61,36 +61,47 @@ def pool_spec(s):
     return v
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it, or it has none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def parser():
     p = argparse.ArgumentParser(
         description="Train the baseline or flattened CNN of Jin et al. (2014) with the flatnet engine.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Example: python train.py --model flattened --dataset cifar10 --data-dir ../shared/data --plot",
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=["baseline", "flattened"], default="flattened",
                    help="baseline: three 5x5 convolutions; flattened: layers 2 and 3 as flattened layers")
     g.add_argument("--dataset", choices=["cifar10", "cifar100", "mnist"], default="cifar10", help="dataset")
     g.add_argument("--label-mode", choices=["fine", "coarse"], default="fine",
                    help="CIFAR-100 labels: 100 fine classes or 20 coarse superclasses")
-    g.add_argument("--data-dir", default=None,
+    g.add_argument("--data-dir", metavar="DIR", default=None,
                    help="folder with the official dataset files (default: $FLATNET_DATA, else ~/.cache/flatnet/data)")
-    g.add_argument("--cache-dir", default=None,
+    g.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="folder for preprocessed arrays (default: $FLATNET_CACHE, else ~/.cache/flatnet/preprocessed)")
     g.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     g.add_argument("--flatten-first", action="store_true", help="flattened model: flatten layer 1 as well")
-    g.add_argument("--stages", type=positive_int, default=2, help="V-H-L stages per flattened layer")
+    g.add_argument("--stages", metavar="N", type=positive_int, default=2, help="V-H-L stages per flattened layer")
     g.add_argument("--init", choices=["auto", "lecun", "glorot"], default="auto",
                    help="weight init; auto = Glorot for flattened layers, LeCun's heuristic elsewhere (the paper)")
-    g.add_argument("--pool", type=pool_spec, default=[3, 2],
+    g.add_argument("--pool", metavar="SIZE,STRIDE", type=pool_spec, default=[3, 2],
                    help="max-pooling SIZE,STRIDE (3,2 as Srivastava & Salakhutdinov; the paper's text reads 2,3)")
     g.add_argument("--pool-mode", choices=["ceil", "floor"], default="ceil",
                    help="pooled size rounding (ceil as cuda-convnet: 32 -> 16 -> 8 -> 4)")
-    g.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
-    g.add_argument("--limit-test", type=positive_int, default=None, help="use only the first N test images")
+    g.add_argument("--limit-train", metavar="N", type=positive_int, default=None, help="use only the first N training images")
+    g.add_argument("--limit-test", metavar="N", type=positive_int, default=None, help="use only the first N test images")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=positive_int, default=None,
+    g.add_argument("--epochs", metavar="N", type=positive_int, default=None,
                    help="total number of epochs (default: 20, or the checkpoint's with --resume)")
-    g.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size")
+    g.add_argument("--batch-size", metavar="N", type=positive_int, default=128, help="mini-batch size")
     g.add_argument("--lr", type=non_negative_float, default=0.1, help="initial learning rate")
     g.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
     g.add_argument("--dampening", type=non_negative_float, default=None,
@@ -98,20 +109,20 @@ def parser():
                         "(0 gives PyTorch's SGD, whose steps are 1/(1-momentum) = 10x larger)")
     g.add_argument("--weight-decay", type=non_negative_float, default=None,
                    help="L2 weight decay on weights (default: 5e-4 baseline, 1e-4 flattened, smaller as the paper)")
-    g.add_argument("--lr-drop-epochs", type=int_list, default=[8],
+    g.add_argument("--lr-drop-epochs", metavar="E1,E2,...", type=int_list, default=[8],
                    help="comma-separated epochs after which the learning rate is multiplied by --lr-drop-factor")
     g.add_argument("--lr-drop-factor", type=non_negative_float, default=0.1, help="learning-rate drop factor")
-    g.add_argument("--seed", type=int, default=0, help="seed of weights, dropout masks and batch order")
-    g.add_argument("--eval-batch-size", type=positive_int, default=500, help="batch size for test evaluation")
+    g.add_argument("--seed", metavar="N", type=int, default=0, help="seed of weights, dropout masks and batch order")
+    g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=500, help="batch size for test evaluation")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run folder (default: runs/MODEL-DATASET)")
+    g.add_argument("--out", metavar="DIR", default=None, help="run folder (default: runs/MODEL-DATASET)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (settings come from the checkpoint; "
                         "--epochs may be raised)")
     g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default="auto",
                    help="array backend; auto picks the CPU (the CuPy backend is not built yet)")
-    g.add_argument("--threads", type=positive_int, default=None,
+    g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads for the compiled kernels (default: $OMP_NUM_THREADS, else all cores)")
     g.add_argument("--summary", action="store_true",
                    help="print the per-layer table (output shapes, weights, biases) and exit, without data")
