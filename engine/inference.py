@@ -90,12 +90,12 @@ class Model:
         self._lock = threading.Lock()  # layers reuse their buffers: one forward at a time
 
     def preprocess(self, images):
-        """uint8 (or float 0..255) images, HWC or NHWC, -> preprocessed float32 NCHW as in training."""
+        """uint8 (or float 0..255) images, HWC or NHWC (grey: also HW or NHW), -> float32 NCHW as in training."""
         from .data import global_contrast_normalize
         x = np.asarray(images)
         c, h, w = self.input_shape
-        if x.ndim == 2 and c == 1:
-            x = x[..., None]
+        if c == 1 and x.shape[-2:] == (h, w) and x.ndim in (2, 3):
+            x = x[..., None]  # grey images without a channel axis: (H, W) or (N, H, W)
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[1:] != (h, w, c):

@@ -35,6 +35,7 @@ def test_round_trip_gives_identical_predictions(saved):
     np.testing.assert_array_equal(model.predict(x, preprocessed=True), expect)
     np.testing.assert_allclose(model.predict(raw), expect, rtol=1e-4, atol=1e-6)  # same preprocessing inside
     np.testing.assert_allclose(model.predict(raw[0]), expect[:1], rtol=1e-4, atol=1e-6)  # a single HWC image
+    np.testing.assert_allclose(model.predict(raw[..., 0]), expect, rtol=1e-4, atol=1e-6)  # grey NHW, no channel axis
     assert model.classify(x, preprocessed=True).tolist() == expect.argmax(1).tolist()
     assert model.classes == ["a", "b", "c", "d"]
 
