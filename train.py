@@ -120,8 +120,10 @@ def parser():
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (settings come from the checkpoint; "
                         "--epochs may be raised)")
-    g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default="auto",
-                   help="array backend; auto picks the CPU (the CuPy backend is not built yet)")
+    g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default=None,
+                   help="array backend (default: $FLATNET_BACKEND, else auto: CuPy when it imports and a GPU "
+                        "passes a smoke test, else the CPU; the CuPy operations are not implemented yet, so "
+                        "today auto always runs on the CPU and cupy says why it cannot)")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads for the compiled kernels (default: $OMP_NUM_THREADS, else all cores)")
     g.add_argument("--summary", action="store_true",
@@ -143,8 +145,10 @@ def main(argv=None):
             import matplotlib  # noqa: F401
         except ImportError:
             sys.exit("error: --plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
-    if args.backend == "cupy":
-        sys.exit("error: --backend cupy: the CuPy backend is not available in this version; use --backend cpu")
+    try:
+        backend, why_not_gpu = engine.backend.select_backend(args.backend)
+    except engine.backend.BackendUnavailable as e:
+        sys.exit(f"error: {e}")
     if args.threads:
         engine.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
@@ -186,8 +190,9 @@ def main(argv=None):
         if limit:
             data[f"{split}_x"], data[f"{split}_y"] = data[f"{split}_x"][:limit], data[f"{split}_y"][:limit]
     print(f"{args.dataset}: {len(data['train_x'])} training, {len(data['test_x'])} test images "
-          f"from {data['source']} ({time.time() - t0:.1f}s); kernels on {engine.get_num_threads()} thread(s), "
-          f"OpenMP {'on' if engine.openmp_enabled() else 'off'}")
+          f"from {data['source']} ({time.time() - t0:.1f}s); backend {backend}"
+          f"{f' (GPU not used: {why_not_gpu})' if why_not_gpu else ''}; "
+          f"kernels on {engine.get_num_threads()} thread(s), OpenMP {'on' if engine.openmp_enabled() else 'off'}")
 
     config = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                   dampening=args.dampening,

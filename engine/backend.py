@@ -141,6 +141,57 @@ class CpuOps:
         return out
 
 
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why."""
+
+
+BACKEND_ENV = "FLATNET_BACKEND"
+_CUPY_WHEEL_HINT = "pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13), matching your driver"
+
+
+def _cupy_problem():
+    """None when CuPy imports and a device passes a smoke test, else the reason (with the underlying error)."""
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install raising something else
+        return f"CuPy is not installed or does not import ({type(e).__name__}: {e}); {_CUPY_WHEEL_HINT}"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"CuPy imports but finds no usable CUDA device or driver ({type(e).__name__}: {e})"
+    if n < 1:
+        return "CuPy imports but there is no CUDA device"
+    try:  # a small matmul and a compiled element-wise kernel, synchronized
+        a = cupy.arange(16, dtype=cupy.float32).reshape(4, 4)
+        b = cupy.ElementwiseKernel("float32 x", "float32 y", "y = x * 2", "flatnet_smoke")(a @ a)
+        cupy.cuda.runtime.deviceSynchronize()
+        if float(b.sum()) != float(2 * (np.arange(16, dtype=np.float32).reshape(4, 4) @
+                                        np.arange(16, dtype=np.float32).reshape(4, 4)).sum()):
+            return "the CUDA device computed a wrong result in the smoke test"
+    except Exception as e:
+        return f"the CUDA device failed a smoke test (driver too old for this CuPy?) ({type(e).__name__}: {e})"
+    return "CuPy and a CUDA device work, but flatnet's CuPy operation set is not implemented yet"
+
+
+def select_backend(name=None):
+    """Choose the backend once per process: 'auto', 'cpu' or 'cupy' (default: $FLATNET_BACKEND, else 'auto').
+
+    'auto' takes CuPy only when it imports and a device passes a smoke test, else the CPU.
+    'cupy' raises BackendUnavailable saying why when it cannot run. Returns (name, reason):
+    the backend chosen and, for 'auto' falling back to the CPU, why CuPy was not used.
+    Importing `engine` never imports CuPy; only this call does.
+    """
+    name = name or os.environ.get(BACKEND_ENV) or "auto"
+    if name not in ("auto", "cpu", "cupy"):
+        raise ValueError(f"unknown backend {name!r} (expected auto, cpu or cupy)")
+    if name == "cpu":
+        return "cpu", None
+    problem = _cupy_problem()
+    if name == "cupy" and problem:
+        raise BackendUnavailable(f"--backend cupy: {problem}")
+    return ("cpu", problem) if problem else ("cupy", None)
+
+
 def get_ops(x):
     """The operation set for array `x` (the backend is read from the array, never configured per layer)."""
     if isinstance(x, np.ndarray):
