@@ -13,15 +13,13 @@ preprocessing settings. Loading never executes anything from the file.
 
 This module needs numpy and the compiled kernels only (no trainer, tqdm or matplotlib).
 """
-import json
-import os
 import threading
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from . import layers as L
+from . import npzfile
 from .losses import softmax
 
 FORMAT = "flatnet-model"
@@ -62,19 +60,12 @@ def build_architecture(arch):
 
 def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, zca_matrix=None, extra=None):
     """Write `net` (a Sequential of engine layers) and what prediction needs to `path`, atomically."""
-    path = Path(path)
     meta = dict(format=FORMAT, version=VERSION, architecture=architecture(net), input_shape=list(in_shape),
                 classes=list(classes), preprocessing=preprocessing or {}, extra=extra or {})
     arrays = {f"param/{k}": v for k, v in net.params.items()}
     if zca_matrix is not None:
         arrays["zca_mean"], arrays["zca_matrix"] = zca_mean, zca_matrix
-    arrays["meta"] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-    return path
+    return npzfile.save(path, arrays, meta)
 
 
 class Model:
@@ -135,20 +126,8 @@ class Model:
 def load(path):
     """Load a model file written by save_model / train.py, validating it; returns a Model."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no model file at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            files = set(z.files)
-            if "meta" not in files:
-                raise ModelFileError(f"{path}: not a flatnet model file (no 'meta')")
-            meta = json.loads(str(z["meta"]))
-            arrays = {k: z[k] for k in files if k != "meta"}
-    except ModelFileError:
-        raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise ModelFileError(f"{path}: truncated or corrupt model file ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    arrays, meta = npzfile.load(path, "model file", ModelFileError)
+    if meta.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a flatnet model file")
     if meta.get("version") != VERSION:
         raise ModelFileError(f"{path}: model file version {meta.get('version')!r}; this engine reads version {VERSION}")

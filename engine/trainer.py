@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import npzfile
 from .losses import SoftmaxCrossEntropy
 
 CHECKPOINT_VERSION = 1
@@ -60,38 +61,21 @@ def lr_at(epoch, base_lr, drop_epochs, factor=0.1):
 
 def save_checkpoint(path, model, velocity, meta, perm=None):
     """Write weights, momentum, epoch order and `meta` (JSON-able) atomically to `path` (.npz)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"param/{k}": v for k, v in model.params.items()}
     arrays.update({f"velocity/{k}": v for k, v in velocity.items()})
     if perm is not None:
         arrays["perm"] = perm
-    meta = dict(meta, version=CHECKPOINT_VERSION)
-    arrays["meta"] = np.array(json.dumps(meta))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    npzfile.save(path, arrays, dict(meta, version=CHECKPOINT_VERSION))
 
 
 def load_checkpoint(path):
     """Read a checkpoint without executing anything from it: (params, velocity, meta, perm)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            params = {k[6:]: z[k] for k in z.files if k.startswith("param/")}
-            velocity = {k[9:]: z[k] for k in z.files if k.startswith("velocity/")}
-            perm = z["perm"] if "perm" in z.files else None
-    except (ValueError, OSError, KeyError, EOFError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    arrays, meta = npzfile.load(path, "checkpoint")
     if meta.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
-    return params, velocity, meta, perm
+    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    velocity = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}
+    return params, velocity, meta, arrays.get("perm")
 
 
 # ----------------------------------------------------------------------------- evaluation
