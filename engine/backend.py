@@ -59,15 +59,6 @@ class CpuOps:
     name = "cpu"
     xp = np
 
-    # allocation -------------------------------------------------------------------
-    @staticmethod
-    def empty(shape, dtype):
-        return np.empty(shape, dtype=dtype)
-
-    @staticmethod
-    def zeros(shape, dtype):
-        return np.zeros(shape, dtype=dtype)
-
     # 1D convolutions ----------------------------------------------------------------
     @staticmethod
     def conv1d(axis, x, w, b, pad, flip, out):

@@ -42,6 +42,31 @@ def stats_ms(times):
     return dict(median_ms=statistics.median(ms), min_ms=min(ms), max_ms=max(ms))
 
 
+def per_layer_times(seq, x, repeat):
+    """Median forward and backward ms of each child of a Sequential, in order: [(name, fwd, bwd)]."""
+    fwd, bwd = {}, {}
+    seq.forward(x)
+    for _ in range(repeat):
+        h = x
+        for name, layer in seq.children:
+            t0 = time.perf_counter()
+            h = layer.forward(h)
+            fwd.setdefault(name, []).append(time.perf_counter() - t0)
+        d = np.ones_like(h)
+        for name, layer in reversed(seq.children):
+            t0 = time.perf_counter()
+            d = layer.backward(d)
+            bwd.setdefault(name, []).append(time.perf_counter() - t0)
+    return [(name, 1e3 * statistics.median(fwd[name]), 1e3 * statistics.median(bwd[name])) for name, _ in seq.children]
+
+
+def print_per_layer(rows, title):
+    print(f"# {title} (median ms)")
+    print(f"#   {'layer':<40} {'forward':>9} {'backward':>9}")
+    for name, f, b in rows:
+        print(f"#   {name:<40} {f:9.1f} {b:9.1f}")
+
+
 def environment(threads):
     """What the numbers depend on: threads, BLAS (threadpoolctl), allocator settings, CPU."""
     info = dict(python=platform.python_version(), numpy=np.__version__, kernel_threads=threads,
@@ -182,6 +207,10 @@ def bench_layers(args):
     if "torch" in args.compare:
         bench_torch_layers(args, records)
     print_ratios(records)
+    if args.per_layer:
+        for size in args.sizes:
+            x = rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32)
+            print_per_layer(per_layer_times(layers["flattened"], x, args.repeat), f"flattened {size}x{size} sub-layers")
     if args.memory:
         bench_memory(args)
     out = [dict({k if k != "pass_" else "pass": v for k, v in r.items()}) for r in records]
@@ -325,6 +354,9 @@ def bench_model(args):
     print(f"{'what':<12} {'batch':>5} {'backend':<20} {'median_ms':>9} {'images/s':>10}")
     for what, b, t in rows:
         print(f"{what:<12} {b:>5} {'cpu':<20} {1e3 * statistics.median(t):>9.2f} {b / statistics.median(t):>10.0f}")
+    if args.per_layer:
+        net.train()
+        print_per_layer(per_layer_times(net, x, args.repeat), f"{args.model} layers (training mode)")
     if "torch" in args.compare:
         bench_torch_model(args, shape, n_classes)
     print(f"# peak resident memory of this process: {peak_rss_mib():.0f} MiB")
@@ -451,6 +483,8 @@ def main(argv=None):
                         help="threads for the kernels (and torch.set_num_threads with --compare torch)")
     common.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (after warm-up)")
     common.add_argument("--batch", type=positive_int, default=128, help="batch size")
+    common.add_argument("--per-layer", action="store_true",
+                        help="also print each layer's (or the flattened layer's sub-layers') forward/backward time")
     common.add_argument("--compare", choices=["none", "torch"], default="none",
                         help="also time the same layers/network in PyTorch, in the same run")
     lay = sub.add_parser("layers", parents=[common], help="one baseline vs one flattened layer (Figure 7)")

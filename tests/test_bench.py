@@ -23,9 +23,10 @@ def test_bench_layers_json_and_plot(tmp_path, capsys):
 
 
 def test_bench_model_runs(capsys):
-    bench.main(["model", "--model", "flattened", "--dataset", "mnist", "--batch", "4", "--repeat", "1"])
+    bench.main(["model", "--model", "flattened", "--dataset", "mnist", "--batch", "4", "--repeat", "1", "--per-layer"])
     text = capsys.readouterr().out
     assert "train step" in text and "inference" in text and "peak resident memory" in text
+    assert "conv2" in text and "fc1" in text  # the per-layer breakdown
 
 
 def test_flops_of_the_flattened_layer():
