@@ -177,6 +177,8 @@ def main(argv=None):
     if args.summary:
         print(format_summary(model, f"{args.model} model, input {in_shape}, {n_classes} classes"))
         return 0
+    if backend != "cpu":
+        model.to(backend)
     if not args.resume and ckpt.exists():
         sys.exit(f"error: {ckpt} already exists: pass --resume to continue that run, or choose another --out")
 

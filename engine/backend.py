@@ -1,11 +1,14 @@
 """The thin set of array operations the layers are written against, and thread control.
 
 Layers never call the compiled kernels or BLAS directly: they ask ``get_ops(x)``
-for the operation set that matches the array they hold, so the same layer code can
-run on another backend that provides the same names. Today the CPU set is the only
-one: compiled Cython/OpenMP kernels plus scipy's BLAS.
+for the operation set that matches the array they hold, so the same layer code runs
+on every backend. Two sets provide the same names: ``CpuOps`` (compiled Cython/OpenMP
+kernels plus scipy's BLAS, on numpy arrays) and ``backend_cupy.CupyOps`` (CUDA kernels
+and cuBLAS, on CuPy arrays), imported only when a CuPy array or the CuPy backend is
+asked for.
 """
 import os
+import sys
 
 import numpy as np
 
@@ -59,6 +62,18 @@ class CpuOps:
     name = "cpu"
     xp = np
 
+    @staticmethod
+    def asarray(x):
+        return np.asarray(x)
+
+    @staticmethod
+    def asnumpy(x):
+        return np.asarray(x)
+
+    @staticmethod
+    def synchronize():
+        pass
+
     # 1D convolutions ----------------------------------------------------------------
     @staticmethod
     def conv1d(axis, x, w, b, pad, flip, out):
@@ -105,7 +120,8 @@ class CpuOps:
         _kernels.maxpool_forward(x, k, stride, out, argmax, _threads(out.size * k * k))
 
     @staticmethod
-    def maxpool_backward(dy, argmax, dx):
+    def maxpool_backward(dy, argmax, dx, k, stride):
+        """Scatter dy to the argmax positions (k and stride are for backends that gather instead)."""
         _kernels.maxpool_backward(dy, argmax, dx, _threads(dx.size))
         return dx
 
@@ -152,16 +168,17 @@ def _cupy_problem():
         return f"CuPy imports but finds no usable CUDA device or driver ({type(e).__name__}: {e})"
     if n < 1:
         return "CuPy imports but there is no CUDA device"
-    try:  # a small matmul and a compiled element-wise kernel, synchronized
-        a = cupy.arange(16, dtype=cupy.float32).reshape(4, 4)
-        b = cupy.ElementwiseKernel("float32 x", "float32 y", "y = x * 2", "flatnet_smoke")(a @ a)
-        cupy.cuda.runtime.deviceSynchronize()
-        if float(b.sum()) != float(2 * (np.arange(16, dtype=np.float32).reshape(4, 4) @
-                                        np.arange(16, dtype=np.float32).reshape(4, 4)).sum()):
+    try:  # a small matmul and one of our compiled kernels (ReLU), synchronized
+        from .backend_cupy import CupyOps
+        a = np.arange(-8, 8, dtype=np.float32).reshape(4, 4)
+        da = cupy.asarray(a)
+        out = CupyOps.relu_forward(da @ da, cupy.empty_like(da))
+        CupyOps.synchronize()
+        if not np.allclose(cupy.asnumpy(out), np.maximum(a @ a, 0)):
             return "the CUDA device computed a wrong result in the smoke test"
     except Exception as e:
         return f"the CUDA device failed a smoke test (driver too old for this CuPy?) ({type(e).__name__}: {e})"
-    return "CuPy and a CUDA device work, but flatnet's CuPy operation set is not implemented yet"
+    return None
 
 
 def select_backend(name=None):
@@ -183,8 +200,38 @@ def select_backend(name=None):
     return ("cpu", problem) if problem else ("cupy", None)
 
 
+def _cupy_ndarray():
+    """cupy.ndarray when CuPy has been imported by someone (we never import it just to check a type)."""
+    cupy = sys.modules.get("cupy")
+    return getattr(cupy, "ndarray", None)
+
+
 def get_ops(x):
     """The operation set for array `x` (the backend is read from the array, never configured per layer)."""
+    device_array = _cupy_ndarray()
+    if device_array is not None and isinstance(x, device_array):
+        return ops_for("cupy")
     if isinstance(x, np.ndarray):
         return CpuOps
     raise TypeError(f"no backend for arrays of type {type(x).__name__}")
+
+
+def is_array(x):
+    """True for a numpy array or an array of a backend (CuPy)."""
+    device_array = _cupy_ndarray()
+    return isinstance(x, np.ndarray) or (device_array is not None and isinstance(x, device_array))
+
+
+def ops_for(name):
+    """The operation set of backend 'cpu' or 'cupy' (imports CuPy for 'cupy')."""
+    if name == "cpu":
+        return CpuOps
+    if name == "cupy":
+        from .backend_cupy import CupyOps
+        return CupyOps
+    raise ValueError(f"unknown backend {name!r} (expected cpu or cupy)")
+
+
+def to_numpy(x):
+    """A numpy array with the contents of `x`, wherever `x` lives (files are written from these)."""
+    return x if isinstance(x, np.ndarray) else get_ops(x).asnumpy(x)

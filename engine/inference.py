@@ -20,6 +20,7 @@ import numpy as np
 
 from . import layers as L
 from . import npzfile
+from .backend import ops_for, to_numpy
 from .losses import softmax
 
 FORMAT = "flatnet-model"
@@ -62,7 +63,7 @@ def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, 
     """Write `net` (a Sequential of engine layers) and what prediction needs to `path`, atomically."""
     meta = dict(format=FORMAT, version=VERSION, architecture=architecture(net), input_shape=list(in_shape),
                 classes=list(classes), preprocessing=preprocessing or {}, extra=extra or {})
-    arrays = {f"param/{k}": v for k, v in net.params.items()}
+    arrays = {f"param/{k}": to_numpy(v) for k, v in net.params.items()}
     if zca_matrix is not None:
         arrays["zca_mean"], arrays["zca_matrix"] = zca_mean, zca_matrix
     return npzfile.save(path, arrays, meta)
@@ -113,9 +114,10 @@ class Model:
         else:
             x = self.preprocess(images)
         out = np.empty((len(x), len(self.classes)), dtype=np.float32)
+        ops = ops_for(self.net.backend)
         with self._lock:
             for i in range(0, len(x), batch_size):
-                out[i:i + batch_size] = softmax(self.net.forward(x[i:i + batch_size]))
+                out[i:i + batch_size] = to_numpy(softmax(self.net.forward(ops.asarray(x[i:i + batch_size]))))
         return out
 
     def classify(self, images, preprocessed=False):
@@ -123,8 +125,11 @@ class Model:
         return self.predict(images, preprocessed=preprocessed).argmax(axis=1)
 
 
-def load(path):
-    """Load a model file written by save_model / train.py, validating it; returns a Model."""
+def load(path, backend="cpu"):
+    """Load a model file written by save_model / train.py, validating it; returns a Model.
+
+    backend='cupy' runs the network on the GPU (the file is the same whichever backend wrote it).
+    """
     path = Path(path)
     arrays, meta = npzfile.load(path, "model file", ModelFileError)
     if meta.get("format") != FORMAT:
@@ -157,4 +162,6 @@ def load(path):
     d = int(np.prod(meta["input_shape"]))
     if zca_matrix is not None and (zca_matrix.shape != (d, d) or zca_mean is None or zca_mean.shape != (d,)):
         raise ModelFileError(f"{path}: ZCA arrays do not match the input size {d}")
+    if backend != "cpu":
+        net.to(backend)
     return Model(net, meta, zca_mean, zca_matrix)

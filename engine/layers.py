@@ -14,6 +14,12 @@ Layers are float32 by default; ``dtype=np.float64`` (or ``.astype``) gives float
 layers for gradient checks. Input of another float dtype, or non-contiguous input,
 is converted to the layer's dtype; integer input is refused.
 
+Backends: layers are built on the CPU (numpy parameters); ``layer.to("cupy")`` moves
+the parameters to the GPU, after which the layer takes and returns CuPy arrays (and
+``to("cpu")`` moves them back). Each operation goes through ``get_ops(array)``, so no
+layer knows which backend it runs on. A layer with parameters refuses input from
+another backend with a message; a layer without parameters follows its input.
+
 Buffers: the arrays ``forward`` and ``backward`` return are owned by the layer and
 reused by its next call of the same kind (allocating fresh multi-megabyte arrays on
 every call costs page faults comparable to the arithmetic). Copy a result to keep it
@@ -21,7 +27,7 @@ beyond the next call.
 """
 import numpy as np
 
-from .backend import get_ops
+from .backend import get_ops, is_array, ops_for, to_numpy
 
 # im2col works on chunks of the batch so its column buffer stays below this size.
 COLUMN_BUFFER_BYTES = 64 * 2**20
@@ -43,6 +49,7 @@ class Layer:
         # False on a network's first layer: its backward then skips the input gradient
         # (nobody needs it) and returns None. Sequential passes it to its first child.
         self.input_grad = True
+        self.backend = "cpu"
 
     # parameters -------------------------------------------------------------------
     def _add_param(self, name, value):
@@ -71,10 +78,22 @@ class Layer:
         if missing or extra:
             raise ValueError(f"{self!r}: parameters do not match (missing {missing}, unexpected {extra})")
         for name, target in own.items():
-            src = np.asarray(arrays[name])
+            src = arrays[name] if is_array(arrays[name]) else np.asarray(arrays[name])
             if src.shape != target.shape:
                 raise ValueError(f"{self!r}: parameter {name} has shape {src.shape}, expected {target.shape}")
-            target[...] = src
+            target[...] = to_numpy(src) if isinstance(target, np.ndarray) else get_ops(target).asarray(src)
+
+    def to(self, backend):
+        """Move this layer's parameters and gradients (and its children's) to 'cpu' or 'cupy', in place; returns self."""
+        ops = ops_for(backend)
+        for d in (self._params, self._grads):
+            for name, v in d.items():
+                d[name] = to_numpy(v) if ops.name == "cpu" else ops.asarray(v)
+        self.backend = ops.name
+        self.__dict__.pop("_ws", None)
+        for _, child in self.children:
+            child.to(backend)
+        return self
 
     def astype(self, dtype):
         """Convert this layer (and its children) to float32 or float64, in place; returns self."""
@@ -107,10 +126,22 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
     # checks -----------------------------------------------------------------------
-    def _check_input(self, x, ndim, channels=None, min_spatial=None):
-        """Validate x and return it as a C-contiguous array of the layer's dtype."""
-        if not isinstance(x, np.ndarray):
+    def _as_array(self, x, what="input"):
+        """x as an array of this layer's backend (a layer without parameters adopts the input's backend)."""
+        if not is_array(x):
             x = np.asarray(x)
+        name = get_ops(x).name
+        if name != self.backend:
+            if self._params or self.children:
+                raise TypeError(f"{self!r}: {what} is a {name} array but the layer's parameters are on "
+                                f"{self.backend}; move the layer with .to({name!r}) or the array to {self.backend}")
+            self.backend = name
+            self.__dict__.pop("_ws", None)
+        return x
+
+    def _check_input(self, x, ndim, channels=None):
+        """Validate x and return it as a C-contiguous array of the layer's dtype."""
+        x = self._as_array(x)
         if x.dtype.kind != "f":
             raise TypeError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
         if x.ndim != ndim:
@@ -122,7 +153,7 @@ class Layer:
             )
         if x.shape[0] == 0:
             raise ValueError(f"{self!r}: empty batch (input shape {x.shape})")
-        return np.ascontiguousarray(x, dtype=self.dtype)
+        return get_ops(x).xp.ascontiguousarray(x, dtype=self.dtype)
 
     def _expected_shape(self):
         return "(N, C, H, W)"
@@ -130,15 +161,14 @@ class Layer:
     def _check_grad(self, dy):
         if self._out_shape is None:
             raise RuntimeError(f"{self!r}: backward called before forward")
-        if not isinstance(dy, np.ndarray):
-            dy = np.asarray(dy)
+        dy = self._as_array(dy, "gradient")
         if dy.dtype.kind != "f":
             raise TypeError(f"{self!r}: expected a floating-point gradient, got dtype {dy.dtype}")
         if dy.shape != self._out_shape:
             raise ValueError(
                 f"{self!r}: gradient of shape {dy.shape} does not match the last forward output {self._out_shape}"
             )
-        return np.ascontiguousarray(dy, dtype=self.dtype)
+        return get_ops(dy).xp.ascontiguousarray(dy, dtype=self.dtype)
 
     def _workspace(self, name, shape, dtype=None):
         """A buffer kept between calls (re-allocated only when the shape or dtype changes)."""
@@ -146,7 +176,7 @@ class Layer:
         ws = self.__dict__.setdefault("_ws", {})
         buf = ws.get(name)
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-            buf = ws[name] = np.empty(shape, dtype=dtype)
+            buf = ws[name] = ops_for(self.backend).xp.empty(shape, dtype=dtype)
         return buf
 
     def forward(self, x):
@@ -437,8 +467,8 @@ class Sequential(Layer):
 
     def forward(self, x):
         if self.check_finite:
-            x = np.asarray(x)
-            if x.dtype.kind == "f" and not np.isfinite(x).all():
+            x = x if is_array(x) else np.asarray(x)
+            if x.dtype.kind == "f" and not get_ops(x).xp.isfinite(x).all():
                 raise ValueError(f"{type(self).__name__}: input holds NaN or infinite values")
         for layer in self.layers:
             x = layer.forward(x)
@@ -555,20 +585,19 @@ class MaxPool2d(Layer):
     def backward(self, dy):
         dy = self._check_grad(dy)
         ops = get_ops(dy)
-        return ops.maxpool_backward(dy, self._argmax, self._workspace("dx", self._in_shape))
+        return ops.maxpool_backward(dy, self._argmax, self._workspace("dx", self._in_shape), self.k, self.stride)
 
 
 class _AnyShape(Layer):
     """Base of the layers that take input of any shape (N, ...)."""
 
     def _check_input(self, x, ndim=None, channels=None):
-        if not isinstance(x, np.ndarray):
-            x = np.asarray(x)
+        x = self._as_array(x)
         if x.dtype.kind != "f":
             raise TypeError(f"{self!r}: expected a floating-point input, got dtype {x.dtype}")
         if x.ndim < 1 or x.shape[0] == 0:
             raise ValueError(f"{self!r}: expected a non-empty batch of shape (N, ...), got {x.shape}")
-        return np.ascontiguousarray(x, dtype=self.dtype)
+        return get_ops(x).xp.ascontiguousarray(x, dtype=self.dtype)
 
     def output_shape(self, in_shape):
         return in_shape

@@ -1,5 +1,7 @@
-"""Softmax cross-entropy, computed stably from logits."""
+"""Softmax cross-entropy, computed stably from logits (numpy or CuPy arrays: labels on the same backend)."""
 import numpy as np
+
+from .backend import get_ops, is_array
 
 
 class SoftmaxCrossEntropy:
@@ -11,8 +13,9 @@ class SoftmaxCrossEntropy:
     """
 
     def forward(self, logits, labels):
-        logits = np.asarray(logits)
-        labels = np.asarray(labels)
+        logits = logits if is_array(logits) else np.asarray(logits)
+        xp = get_ops(logits).xp
+        labels = xp.asarray(labels)
         if logits.dtype.kind != "f" or logits.ndim != 2:
             raise ValueError(f"SoftmaxCrossEntropy: expected float logits of shape (N, K), got "
                              f"{logits.dtype} {logits.shape}")
@@ -22,20 +25,22 @@ class SoftmaxCrossEntropy:
         n, k = logits.shape
         if n == 0:
             raise ValueError("SoftmaxCrossEntropy: empty batch")
-        if labels.min() < 0 or labels.max() >= k:
-            raise ValueError(f"SoftmaxCrossEntropy: labels must lie in [0, {k}), got [{labels.min()}, {labels.max()}]")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"SoftmaxCrossEntropy: labels must lie in [0, {k}), got [{lo}, {hi}]")
         z = logits - logits.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(z).sum(axis=1, keepdims=True))
+        lse = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
         logp = z - lse
-        self._p = np.exp(logp)
+        self._p = xp.exp(logp)
         self._labels = labels
         self._dtype = logits.dtype
-        return float(-logp[np.arange(n), labels].astype(np.float64).mean())
+        return float(-logp[xp.arange(n), labels].astype(np.float64).mean())
 
     def backward(self):
         n = self._p.shape[0]
+        xp = get_ops(self._p).xp
         d = self._p.copy()
-        d[np.arange(n), self._labels] -= 1
+        d[xp.arange(n), self._labels] -= 1
         d /= n
         return d.astype(self._dtype, copy=False)
 
@@ -45,5 +50,5 @@ class SoftmaxCrossEntropy:
 def softmax(logits):
     """Row-wise softmax, stable for large logits."""
     z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
+    e = get_ops(logits).xp.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import npzfile
+from .backend import ops_for, to_numpy
 from .losses import SoftmaxCrossEntropy
 
 CHECKPOINT_VERSION = 1
@@ -44,7 +45,7 @@ def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay, dampening=
             d = d + weight_decay * w
         v = velocity.get(name)
         if v is None:
-            v = velocity[name] = np.array(d, dtype=w.dtype, copy=True)
+            v = velocity[name] = d.astype(w.dtype, copy=True)
         else:
             v *= momentum
             v += (1.0 - dampening) * d
@@ -61,8 +62,8 @@ def lr_at(epoch, base_lr, drop_epochs, factor=0.1):
 
 def save_checkpoint(path, model, velocity, meta, perm=None):
     """Write weights, momentum, epoch order and `meta` (JSON-able) atomically to `path` (.npz)."""
-    arrays = {f"param/{k}": v for k, v in model.params.items()}
-    arrays.update({f"velocity/{k}": v for k, v in velocity.items()})
+    arrays = {f"param/{k}": to_numpy(v) for k, v in model.params.items()}
+    arrays.update({f"velocity/{k}": to_numpy(v) for k, v in velocity.items()})
     if perm is not None:
         arrays["perm"] = perm
     npzfile.save(path, arrays, dict(meta, version=CHECKPOINT_VERSION))
@@ -81,16 +82,21 @@ def load_checkpoint(path):
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, x, y, batch_size=500):
-    """(mean loss, accuracy) of `model` in eval mode on (x, y); restores the previous mode."""
+    """(mean loss, accuracy) of `model` in eval mode on (x, y); restores the previous mode.
+
+    x and y are host (numpy) arrays; each batch is copied to the model's backend.
+    """
+    ops = ops_for(model.backend)
     was_training = model.training
     model.eval()
     loss_fn = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
     try:
         for i in range(0, len(x), batch_size):
-            logits = model.forward(x[i:i + batch_size])
-            total_loss += loss_fn(logits, y[i:i + batch_size]) * len(logits)
-            correct += int((logits.argmax(axis=1) == y[i:i + batch_size]).sum())
+            logits = model.forward(ops.asarray(x[i:i + batch_size]))
+            yb = ops.asarray(y[i:i + batch_size])
+            total_loss += loss_fn(logits, yb) * len(logits)
+            correct += int((logits.argmax(axis=1) == yb).sum())
     finally:
         model.train(was_training)
     return total_loss / len(x), correct / len(x)
@@ -100,6 +106,7 @@ def evaluate(model, x, y, batch_size=500):
 
 class Trainer:
     """Mini-batch SGD on (train_x, train_y), evaluated on (test_x, test_y) after every epoch.
+    The data stays in host memory; each batch is copied to the model's backend (model.to(...)).
 
     config keys: epochs, batch_size, lr, momentum, weight_decay, dampening (None: Torch7's,
     equal to momentum), lr_drop_epochs, lr_drop_factor, seed, eval_batch_size; `out` is the run folder (checkpoint.npz,
@@ -143,7 +150,8 @@ class Trainer:
     def resume(self, path=None):
         params, velocity, meta, perm = load_checkpoint(path or self.checkpoint_path)
         self.model.load_params(params)
-        self.velocity = {k: v.astype(self.model.dtype) for k, v in velocity.items()}
+        ops = ops_for(self.model.backend)
+        self.velocity = {k: ops.asarray(v.astype(self.model.dtype)) for k, v in velocity.items()}
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.running, self.history = meta["running"], meta["history"]
         self.data_rng.bit_generator.state = meta["data_rng"]
@@ -196,6 +204,7 @@ class Trainer:
             bar = tqdm(total=steps, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}",
                        unit="batch", leave=False, dynamic_ncols=True)
         r = self.running
+        ops = ops_for(self.model.backend)  # batches are copied there; only the loss and the count come back
         last_note = time.perf_counter()
         try:
             while self.step_in_epoch < steps:
@@ -203,7 +212,7 @@ class Trainer:
                     return False
                 t0 = time.perf_counter()
                 idx = self.perm[self.step_in_epoch * bs:(self.step_in_epoch + 1) * bs]
-                xb, yb = x[idx], y[idx]
+                xb, yb = ops.asarray(x[idx]), ops.asarray(y[idx])
                 logits = self.model.forward(xb)
                 loss = self.loss_fn(logits, yb)
                 if not math.isfinite(loss):
