@@ -234,4 +234,4 @@ def ops_for(name):
 
 def to_numpy(x):
     """A numpy array with the contents of `x`, wherever `x` lives (files are written from these)."""
-    return x if isinstance(x, np.ndarray) else get_ops(x).asnumpy(x)
+    return get_ops(x).asnumpy(x) if is_array(x) else np.asarray(x)

@@ -81,7 +81,8 @@ class Layer:
             src = arrays[name] if is_array(arrays[name]) else np.asarray(arrays[name])
             if src.shape != target.shape:
                 raise ValueError(f"{self!r}: parameter {name} has shape {src.shape}, expected {target.shape}")
-            target[...] = to_numpy(src) if isinstance(target, np.ndarray) else get_ops(target).asarray(src)
+            ops = get_ops(target)
+            target[...] = to_numpy(src) if ops.name == "cpu" else ops.asarray(src)
 
     def to(self, backend):
         """Move this layer's parameters and gradients (and its children's) to 'cpu' or 'cupy', in place; returns self."""

@@ -22,3 +22,50 @@ def threads():
     before = engine.backend._num_threads
     yield
     engine.set_num_threads(before)
+
+
+class Backend:
+    """A backend under test: moves layers and arrays there and back."""
+
+    def __init__(self, name, label):
+        self.name, self.label = name, label
+        self.ops = engine.backend.ops_for(name)
+
+    def put(self, x):
+        return self.ops.asarray(x)
+
+    def get(self, y):
+        return engine.backend.to_numpy(y)
+
+    def to(self, layer):
+        return layer.to(self.name)
+
+
+@pytest.fixture(params=["cpu", "cupy", "cupy-emulated"])
+def backend(request):
+    """Each layer test runs on the CPU, on CuPy where a GPU is usable, and on CuPy emulated on the CPU.
+
+    'cupy-emulated' (tests/emulated_cupy.py) runs the CuPy backend's code with its CUDA
+    kernels compiled as C++, where the real CuPy is not installed.
+    """
+    import importlib.util
+    import emulated_cupy
+    name = request.param
+    if name == "cpu":
+        yield Backend("cpu", name)
+    elif name == "cupy":
+        problem = engine.backend._cupy_problem()
+        if problem:
+            pytest.skip(f"no usable GPU: {problem}")
+        yield Backend("cupy", name)
+    else:
+        if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is not None:
+            pytest.skip("the real CuPy is installed: its cases run instead of the emulation")
+        why = emulated_cupy.available()
+        if why:
+            pytest.skip(f"cannot emulate CuPy: {why}")
+        emulated_cupy.install()
+        try:
+            yield Backend("cupy", name)
+        finally:
+            emulated_cupy.uninstall()

@@ -13,24 +13,30 @@ from engine import (Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Li
                     Sequential, SoftmaxCrossEntropy, Vertical)
 
 
-def check_gradients(layer, x, rng, reseed=None, rtol=1e-6, atol=1e-8):
-    """Compare layer.backward with central differences of L = <forward(x), R>, all in float64."""
-    layer.astype(np.float64)
+def check_gradients(layer, x, rng, backend, reseed=None, rtol=1e-6, atol=1e-8):
+    """Compare layer.backward on `backend` with central differences of L = <forward(x), R>, all in float64.
+
+    The differences perturb host copies of x and of the parameters, loaded into the layer
+    before every evaluation, so they work the same on every backend.
+    """
+    backend.to(layer.astype(np.float64))
     x = x.astype(np.float64)
     if reseed:
         reseed(layer)
-    y = layer.forward(x)
+    y = backend.get(layer.forward(backend.put(x)))
     r = rng.standard_normal(y.shape)
-    dx = layer.backward(r)
-    grads = {k: v.copy() for k, v in layer.grads.items()}
+    dx = backend.get(layer.backward(backend.put(r)))
+    grads = {k: backend.get(v).copy() for k, v in layer.grads.items()}
+    params = {k: backend.get(v).copy() for k, v in layer.params.items()}
 
     def loss():
         if reseed:
             reseed(layer)
-        return float((layer.forward(x) * r).sum())
+        layer.load_params(params)
+        return float((backend.get(layer.forward(backend.put(x))) * r).sum())
 
     np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=rtol, atol=atol, err_msg="input gradient")
-    for name, p in layer.params.items():
+    for name, p in params.items():
         np.testing.assert_allclose(grads[name], numerical_grad(loss, p), rtol=rtol, atol=atol,
                                    err_msg=f"gradient of {name}")
     return y
@@ -63,44 +69,46 @@ def away_from_zero(rng, shape):
     (lambda r: Flatten(), (2, 3, 2, 2)),
     (lambda r: ReLU(), (2, 3, 4, 4)),
 ])
-def test_layer_gradients(make, shape, rng):
-    check_gradients(make(rng), away_from_zero(rng, shape), rng)
+def test_layer_gradients(make, shape, rng, backend):
+    check_gradients(make(rng), away_from_zero(rng, shape), rng, backend)
 
 
-def test_sequential_and_dropout_gradients(rng):
+def test_sequential_and_dropout_gradients(rng, backend):
     model = Sequential(Conv2d(2, 3, 3, padding=1, rng=rng), ReLU(), Dropout(0.3, rng=5), MaxPool2d(2),
                        Flatten(), Linear(12, 2, rng=rng))
 
     def reseed(m):  # the same dropout mask at every evaluation
         m[2].rng = np.random.default_rng(7)
 
-    y = check_gradients(model, away_from_zero(rng, (2, 2, 4, 4)), rng, reseed=reseed)
+    y = check_gradients(model, away_from_zero(rng, (2, 2, 4, 4)), rng, backend, reseed=reseed)
     assert y.shape == (2, 2)
 
 
-def test_dropout_train_and_eval(rng):
+def test_dropout_train_and_eval(rng, backend):
     layer = Dropout(0.25, rng=3)
-    x = np.ones((64, 100), np.float32)
-    y = layer.forward(x)
+    x = backend.put(np.ones((64, 100), np.float32))
+    y = backend.get(layer.forward(x)).copy()
     kept = y != 0
     assert abs(kept.mean() - 0.75) < 0.02
     np.testing.assert_allclose(y[kept], 1 / 0.75, rtol=1e-6)
-    np.testing.assert_array_equal(layer.backward(x), y)
-    again = Dropout(0.25, rng=3).forward(x)
+    np.testing.assert_array_equal(backend.get(layer.backward(x)), y)
+    again = backend.get(Dropout(0.25, rng=3).forward(x))
     np.testing.assert_array_equal(again, y)  # seeded: reproducible
+    other = backend.get(Dropout(0.25, rng=4).forward(x))
+    assert (other != y).any()  # another seed, another mask
     layer.eval()
-    np.testing.assert_array_equal(layer.forward(x), x)
+    np.testing.assert_array_equal(backend.get(layer.forward(x)), backend.get(x))
 
 
-def test_softmax_cross_entropy(rng):
+def test_softmax_cross_entropy(rng, backend):
     logits = rng.standard_normal((5, 4)) * 3
     labels = np.array([0, 3, 1, 1, 2])
     loss_fn = SoftmaxCrossEntropy()
-    loss = loss_fn(logits, labels)
+    loss = loss_fn(backend.put(logits), backend.put(labels))
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     assert np.isclose(loss, -np.log(p[np.arange(5), labels]).mean())
-    g = loss_fn.backward()
-    num = numerical_grad(lambda: SoftmaxCrossEntropy()(logits, labels), logits)
+    g = backend.get(loss_fn.backward())
+    num = numerical_grad(lambda: SoftmaxCrossEntropy()(backend.put(logits), backend.put(labels)), logits)
     np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-9)
     big = np.array([[1000.0, 0.0], [-1000.0, 1000.0]], dtype=np.float32)
     assert np.isfinite(SoftmaxCrossEntropy()(big, np.array([1, 0])))
@@ -133,7 +141,7 @@ def test_flattened_output_size_matches_baseline(k, stages, hw, rng):
     assert Flattened(2, 3, k, stages=stages).forward(x).shape == base.output_shape(x.shape)
 
 
-def test_rank_one_identity(rng):
+def test_rank_one_identity(rng, backend):
     """L -> V -> H with filters from alpha, beta, gamma equals Conv2d with alpha x beta x gamma."""
     C, F, k, H, W = 3, 4, 3, 5, 6
     alpha = rng.standard_normal((F, C))
@@ -144,17 +152,19 @@ def test_rank_one_identity(rng):
                        "2.weight": gamma, "2.bias": np.zeros(F)})
     conv = Conv2d(C, F, k, padding=k - 1, dtype=np.float64)
     conv.load_params({"weight": np.einsum("fc,fy,fx->fcyx", alpha, beta, gamma), "bias": np.zeros(F)})
-    x = rng.standard_normal((2, C, H, W))
-    y1, y2 = stage.forward(x), conv.forward(x)
+    backend.to(stage), backend.to(conv)
+    x = backend.put(rng.standard_normal((2, C, H, W)))
+    y1, y2 = backend.get(stage.forward(x)), backend.get(conv.forward(x))
     np.testing.assert_allclose(y1, y2, rtol=1e-10, atol=1e-10)
-    dy = rng.standard_normal(y1.shape)
-    np.testing.assert_allclose(stage.backward(dy), conv.backward(dy), rtol=1e-10, atol=1e-10)
-    dW = conv.grads["weight"]
+    dy = backend.put(rng.standard_normal(y1.shape))
+    np.testing.assert_allclose(backend.get(stage.backward(dy)), backend.get(conv.backward(dy)), rtol=1e-10, atol=1e-10)
+    g = {k: backend.get(v) for k, v in stage.grads.items()}
+    dW = backend.get(conv.grads["weight"])
     # project the 3D filter gradient back onto each 1D factor (chain rule through the outer product)
-    np.testing.assert_allclose(stage.grads["0.weight"], np.einsum("fcyx,fy,fx->fc", dW, beta, gamma), rtol=1e-9)
-    np.testing.assert_allclose(stage.grads["1.weight"], np.einsum("fcyx,fc,fx->fy", dW, alpha, gamma), rtol=1e-9)
-    np.testing.assert_allclose(stage.grads["2.weight"], np.einsum("fcyx,fc,fy->fx", dW, alpha, beta), rtol=1e-9)
-    np.testing.assert_allclose(stage.grads["2.bias"], conv.grads["bias"], rtol=1e-10)
+    np.testing.assert_allclose(g["0.weight"], np.einsum("fcyx,fy,fx->fc", dW, beta, gamma), rtol=1e-9)
+    np.testing.assert_allclose(g["1.weight"], np.einsum("fcyx,fc,fx->fy", dW, alpha, gamma), rtol=1e-9)
+    np.testing.assert_allclose(g["2.weight"], np.einsum("fcyx,fc,fy->fx", dW, alpha, beta), rtol=1e-9)
+    np.testing.assert_allclose(g["2.bias"], backend.get(conv.grads["bias"]), rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------- threads

@@ -1,0 +1,202 @@
+"""A CPU stand-in for CuPy, so flatnet's CuPy backend runs (slowly) where there is no GPU.
+
+Installed as ``sys.modules["cupy"]`` by the ``backend`` fixture (conftest.py) only when the
+real CuPy is not importable. It mimics what matters to the engine's glue code:
+
+* ``ndarray`` is a numpy subclass that, like CuPy's arrays, refuses to mix with host
+  (numpy) arrays: no implicit conversion (``__array__`` raises), numpy functions called
+  on it raise, a ufunc or an assignment with a host array operand raises.
+* ``RawModule(code, options)`` compiles the CUDA source as C++ with tests/cuda_emulation.h
+  and calls its kernels through ctypes. Kernel arguments must be device arrays
+  (C-contiguous) or numpy scalars of an explicit width, as with CuPy's RawKernel; a host
+  array or a bare Python number is refused.
+* Everything else (``cupy.matmul``, ``cupy.exp``, ...) is numpy's function on the
+  unwrapped arrays, its results wrapped back.
+
+What this verifies: the CuPy operation set's Python side (launch arguments, shapes,
+dtypes, in-place writes), the host/device boundary in layers, loss, trainer and model
+files, and the kernels' arithmetic. What it cannot: CUDA itself (NVRTC, cuBLAS, a real
+launch on a device, speed).
+"""
+import ctypes
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+
+HEADER = Path(__file__).with_name("cuda_emulation.h")
+_libs = {}
+_build_dir = None
+launch_shape = None  # (blocks, threads) to run a kernel as that many emulated threads; None: one thread
+
+
+class ndarray(np.ndarray):
+    """A 'device' array: numpy storage, CuPy's refusal to mix with host arrays."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        args = [_device_operand(a, ufunc.__name__) for a in inputs]
+        if out is not None:
+            kwargs["out"] = tuple(_device_operand(o, ufunc.__name__) for o in out)
+        result = getattr(ufunc, method)(*args, **kwargs)
+        return out[0] if out is not None and len(out) == 1 else _wrap(result)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        raise TypeError(f"numpy.{func.__name__} was called on a device array (CuPy refuses this; "
+                        f"use cupy.{func.__name__} or cupy.asnumpy first)")
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
+                        "a NumPy array explicitly.")
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, _device_operand(value, "setitem"))
+
+    def get(self):
+        return np.array(self.view(np.ndarray))
+
+
+def _device_operand(a, what):
+    if isinstance(a, ndarray):
+        return a.view(np.ndarray)
+    if isinstance(a, np.ndarray) and a.ndim > 0:
+        raise TypeError(f"{what}: a host (numpy) array mixed with device arrays; CuPy refuses this")
+    return a
+
+
+def _wrap(result):
+    if isinstance(result, tuple):
+        return tuple(_wrap(r) for r in result)
+    if isinstance(result, np.ndarray) and not isinstance(result, ndarray):
+        return result.view(ndarray)
+    if isinstance(result, np.generic):  # CuPy's reductions give 0-d device arrays
+        return np.asarray(result).view(ndarray)
+    return result
+
+
+def _device_function(name):
+    func = getattr(np, name)
+
+    def call(*args, **kwargs):
+        args = [_device_operand(a, f"cupy.{name}") for a in args]
+        kwargs = {k: _device_operand(v, f"cupy.{name}") for k, v in kwargs.items()}
+        return _wrap(func(*args, **kwargs))
+
+    call.__name__ = name
+    return call
+
+
+def asarray(a, dtype=None):
+    """Host or device data -> a device array (the same object when it already is one of that dtype)."""
+    if isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype)):
+        return a
+    base = a.view(np.ndarray) if isinstance(a, ndarray) else a
+    return np.array(base, dtype=dtype, copy=True).view(ndarray)
+
+
+def asnumpy(a):
+    return a.get() if isinstance(a, ndarray) else np.asarray(a)
+
+
+def ascontiguousarray(a, dtype=None):
+    if not isinstance(a, ndarray):
+        raise TypeError("cupy.ascontiguousarray: expected a device array")
+    return np.ascontiguousarray(a.view(np.ndarray), dtype=dtype).view(ndarray)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _compile(code, options):
+    """Compile CUDA `code` as C++ for the CPU (cached by source and options); returns the ctypes library."""
+    global _build_dir
+    key = hashlib.sha256((code + "\0" + "\0".join(options)).encode()).hexdigest()[:16]
+    if key not in _libs:
+        if _build_dir is None:
+            _build_dir = Path(tempfile.mkdtemp(prefix="flatnet-emulated-cupy-"))
+        src, lib = _build_dir / f"{key}.cu", _build_dir / f"{key}.so"
+        src.write_text(code)
+        cmd = ["g++", "-O1", "-shared", "-fPIC", "-x", "c++", "-include", str(HEADER), *options, "-o", str(lib),
+               str(src)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        _libs[key] = ctypes.CDLL(str(lib))
+    return _libs[key]
+
+
+_SCALARS = {np.dtype(np.int64): ctypes.c_longlong, np.dtype(np.uint64): ctypes.c_ulonglong,
+            np.dtype(np.int32): ctypes.c_int, np.dtype(np.float32): ctypes.c_float,
+            np.dtype(np.float64): ctypes.c_double}
+
+
+class _Kernel:
+    def __init__(self, lib, name):
+        self.lib, self.name = lib, name
+        self.func = getattr(lib, name)
+        self.func.restype = None
+
+    def __call__(self, grid, block, args):
+        if not (isinstance(grid, tuple) and isinstance(block, tuple) and grid[0] >= 1 and block[0] >= 1):
+            raise ValueError(f"{self.name}: grid and block must be tuples of positive sizes, got {grid}, {block}")
+        c_args = []
+        for i, a in enumerate(args):
+            if isinstance(a, ndarray):
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"{self.name}: argument {i} is not C-contiguous")
+                c_args.append(ctypes.c_void_p(a.ctypes.data))
+            elif isinstance(a, np.generic) and a.dtype in _SCALARS:
+                c_args.append(_SCALARS[a.dtype](a.item()))
+            else:
+                raise TypeError(f"{self.name}: argument {i} is a {type(a).__name__}; a kernel takes device arrays "
+                                f"and numpy scalars of an explicit width")
+        # The kernels are grid-stride loops: one emulated thread with a grid of one covers every
+        # element. With launch_shape = (blocks, threads) set, every thread of that grid runs instead.
+        blocks, threads = launch_shape or (1, 1)
+        for bi in range(blocks):
+            for ti in range(threads):
+                self.lib.flatnet_launch(bi, ti, threads, blocks)
+                self.func(*c_args)
+
+
+class RawModule:
+    def __init__(self, code=None, options=()):
+        self.lib = _compile(code, tuple(options))
+
+    def get_function(self, name):
+        return _Kernel(self.lib, name)
+
+
+# ----------------------------------------------------------------------------- the module
+
+def available():
+    """None when the emulation can run here (a C++ compiler), else why not."""
+    return None if shutil.which("g++") else "g++ is not on the PATH"
+
+
+def make_module():
+    mod = types.ModuleType("cupy", __doc__)
+    mod.ndarray, mod.asarray, mod.asnumpy, mod.ascontiguousarray = ndarray, asarray, asnumpy, ascontiguousarray
+    mod.RawModule = RawModule
+    mod.__flatnet_emulated__ = True
+    for name in ("float32", "float64", "int32", "int64", "uint8", "bool_"):
+        setattr(mod, name, getattr(np, name))
+    for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "arange", "matmul", "tensordot",
+                 "broadcast_to", "exp", "log", "isfinite", "maximum", "sum", "allclose", "array_equal"):
+        setattr(mod, name, _device_function(name))
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None)
+    mod.cuda = types.SimpleNamespace(runtime=runtime)
+    return mod
+
+
+def install():
+    """Put the stand-in in sys.modules['cupy'] (dropping any engine module bound to a previous one)."""
+    sys.modules["cupy"] = make_module()
+    sys.modules.pop("engine.backend_cupy", None)
+
+
+def uninstall():
+    if getattr(sys.modules.get("cupy"), "__flatnet_emulated__", False):
+        del sys.modules["cupy"]
+    sys.modules.pop("engine.backend_cupy", None)
