@@ -4,6 +4,9 @@
     python -m engine.bench model --model flattened --dataset cifar10 [--compare torch]
     python -m engine.bench latency           # inference of both CIFAR-10 models, engine vs onnxruntime
 
+`layers` and `model` time every usable backend (the CPU, and CuPy where a GPU passes the
+smoke test; --backend picks one). GPU times are taken after a device synchronization.
+
 Every figure is a median over --repeat timed runs after warm-up (min and max beside it);
 ratios are only meaningful between rows of the same run. The header states threads,
 BLAS library and kernel, and allocator settings, because they change the numbers.
@@ -25,16 +28,37 @@ from engine import Conv2d, Flattened, Lateral, Sequential
 # ----------------------------------------------------------------------------- helpers
 
 
-def timeit(fn, repeat, warmup=1):
-    """Seconds per call of fn() over `repeat` runs, after `warmup` untimed calls."""
+def timeit(fn, repeat, warmup=1, sync=None):
+    """Seconds per call of fn() over `repeat` runs, after `warmup` untimed calls (sync() ends each run)."""
     for _ in range(warmup):
         fn()
+    if sync:
+        sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        if sync:
+            sync()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def backends_to_time(choice):
+    """The backends to time: 'cpu', 'cupy' (an error if unusable), or 'all' = the CPU and CuPy if usable."""
+    from engine.backend import BackendUnavailable, select_backend
+    if choice == "cpu":
+        return ["cpu"]
+    if choice == "cupy":
+        try:
+            select_backend("cupy")
+        except BackendUnavailable as e:
+            sys.exit(f"error: {e}")
+        return ["cupy"]
+    name, why = select_backend("auto")
+    if why:
+        print(f"# cupy not timed: {why}")
+    return ["cpu", "cupy"] if name == "cupy" else ["cpu"]
 
 
 def stats_ms(times):
@@ -191,19 +215,25 @@ def bench_layers(args):
     records = []
     rng = np.random.default_rng(0)
     layers = make_layers(args.channels, args.k)
-    for size in args.sizes:
-        x = rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32)
-        for name, layer in layers.items():
-            y = layer.forward(x)
-            dy = np.ones_like(y)
-            fwd = timeit(lambda: layer.forward(x), args.repeat)
-            layer.forward(x)
-            bwd = timeit(lambda: layer.backward(dy), args.repeat)
-            flops = layer_flops(layer, x.shape)
-            for pas, times, fl in (("forward", fwd, flops), ("backward", bwd, 2 * flops)):
-                records.append(dict(layer=name, size=size, batch=args.batch, pass_=pas, backend="cpu",
-                                    **stats_ms(times), gflops=fl / statistics.median(times) / 1e9))
-                print_record(records[-1])
+    for backend in backends_to_time(args.backend):
+        ops = engine.backend.ops_for(backend)
+        for layer in layers.values():
+            layer.to(backend)
+        for size in args.sizes:
+            x = ops.asarray(rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32))
+            for name, layer in layers.items():
+                y = layer.forward(x)
+                dy = ops.xp.ones_like(y)
+                fwd = timeit(lambda: layer.forward(x), args.repeat, sync=ops.synchronize)
+                layer.forward(x)
+                bwd = timeit(lambda: layer.backward(dy), args.repeat, sync=ops.synchronize)
+                flops = layer_flops(layer, x.shape)
+                for pas, times, fl in (("forward", fwd, flops), ("backward", bwd, 2 * flops)):
+                    records.append(dict(layer=name, size=size, batch=args.batch, pass_=pas, backend=backend,
+                                        **stats_ms(times), gflops=fl / statistics.median(times) / 1e9))
+                    print_record(records[-1])
+    for layer in layers.values():
+        layer.to("cpu")
     if "torch" in args.compare:
         bench_torch_layers(args, records)
     print_ratios(records)
@@ -333,30 +363,33 @@ def bench_model(args):
     print_environment(environment(args.threads))
     shape = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}[args.dataset]
     n_classes = {"cifar10": 10, "cifar100": 100, "mnist": 10}[args.dataset]
-    net = build(args.model, shape, n_classes)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, *shape)).astype(np.float32)
-    y = rng.integers(0, n_classes, args.batch)
-    loss_fn, velocity = SoftmaxCrossEntropy(), {}
-
-    def step():
-        loss_fn(net.forward(x), y)
-        net.backward(loss_fn.backward())
-        sgd_momentum(net.params, net.grads, velocity, 0.01, 0.9, 1e-4)
-
     rows = []
-    t = timeit(step, args.repeat, warmup=2)
-    rows.append(("train step", args.batch, t))
-    net.eval()
-    rows.append(("inference", args.batch, timeit(lambda: net.forward(x), args.repeat, warmup=2)))
-    rows.append(("inference", 1, timeit(lambda: net.forward(x[:1]), max(args.repeat, 20), warmup=3)))
+    for backend in backends_to_time(args.backend):
+        ops = engine.backend.ops_for(backend)
+        net = build(args.model, shape, n_classes).to(backend)
+        rng = np.random.default_rng(0)
+        x = ops.asarray(rng.standard_normal((args.batch, *shape)).astype(np.float32))
+        y = ops.asarray(rng.integers(0, n_classes, args.batch))
+        loss_fn, velocity = SoftmaxCrossEntropy(), {}
+
+        def step():
+            loss_fn(net.forward(x), y)
+            net.backward(loss_fn.backward())
+            sgd_momentum(net.params, net.grads, velocity, 0.01, 0.9, 1e-4)
+
+        rows.append(("train step", args.batch, backend, timeit(step, args.repeat, warmup=2, sync=ops.synchronize)))
+        net.eval()
+        rows.append(("inference", args.batch, backend,
+                     timeit(lambda: net.forward(x), args.repeat, warmup=2, sync=ops.synchronize)))
+        rows.append(("inference", 1, backend,
+                     timeit(lambda: net.forward(x[:1]), max(args.repeat, 20), warmup=3, sync=ops.synchronize)))
+        if args.per_layer and backend == "cpu":
+            net.train()
+            print_per_layer(per_layer_times(net, x, args.repeat), f"{args.model} layers (training mode)")
     print(f"# {args.model} on {args.dataset} inputs {shape}")
     print(f"{'what':<12} {'batch':>5} {'backend':<20} {'median_ms':>9} {'images/s':>10}")
-    for what, b, t in rows:
-        print(f"{what:<12} {b:>5} {'cpu':<20} {1e3 * statistics.median(t):>9.2f} {b / statistics.median(t):>10.0f}")
-    if args.per_layer:
-        net.train()
-        print_per_layer(per_layer_times(net, x, args.repeat), f"{args.model} layers (training mode)")
+    for what, b, backend, t in rows:
+        print(f"{what:<12} {b:>5} {backend:<20} {1e3 * statistics.median(t):>9.2f} {b / statistics.median(t):>10.0f}")
     if "torch" in args.compare:
         bench_torch_model(args, shape, n_classes)
     print(f"# peak resident memory of this process: {peak_rss_mib():.0f} MiB")
@@ -487,7 +520,11 @@ def main(argv=None):
                         help="also print each layer's (or the flattened layer's sub-layers') forward/backward time")
     common.add_argument("--compare", choices=["none", "torch"], default="none",
                         help="also time the same layers/network in PyTorch, in the same run")
-    lay = sub.add_parser("layers", parents=[common], help="one baseline vs one flattened layer (Figure 7)")
+    backends = argparse.ArgumentParser(add_help=False)
+    backends.add_argument("--backend", choices=["all", "cpu", "cupy"], default="all",
+                          help="engine backend(s) to time: all usable ones (the CPU, and CuPy when a GPU passes the "
+                               "smoke test), or only one")
+    lay = sub.add_parser("layers", parents=[common, backends], help="one baseline vs one flattened layer (Figure 7)")
     lay.add_argument("--sizes", type=int_list, default=[16, 32, 48, 64, 80], help="image sizes, e.g. 80 or 16,48")
     lay.add_argument("--channels", type=positive_int, default=128, help="input and output channels")
     lay.add_argument("--k", type=positive_int, default=5, help="filter size")
@@ -495,7 +532,7 @@ def main(argv=None):
     lay.add_argument("--json", default=None, help="write the records to this JSON file")
     lay.add_argument("--json-env", action="store_true", help="wrap the JSON records with the environment")
     lay.add_argument("--plot", default=None, help="draw the figure to this PNG")
-    mod = sub.add_parser("model", parents=[common], help="a whole training step and inference, in images/s")
+    mod = sub.add_parser("model", parents=[common, backends], help="a whole training step and inference, in images/s")
     mod.add_argument("--model", choices=["baseline", "flattened"], default="flattened")
     mod.add_argument("--dataset", choices=["cifar10", "cifar100", "mnist"], default="cifar10")
     sub.add_parser("latency", parents=[common], help="inference latency of both CIFAR-10 models (engine, onnxruntime)")

@@ -182,7 +182,7 @@ def make_module():
     mod.__flatnet_emulated__ = True
     for name in ("float32", "float64", "int32", "int64", "uint8", "bool_"):
         setattr(mod, name, getattr(np, name))
-    for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "arange", "matmul", "tensordot",
+    for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "arange", "matmul", "tensordot",
                  "broadcast_to", "exp", "log", "isfinite", "maximum", "sum", "allclose", "array_equal"):
         setattr(mod, name, _device_function(name))
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None)

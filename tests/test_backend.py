@@ -44,3 +44,79 @@ def test_train_py_backend_flag(tmp_path):
             f" runpy.run_path({str(root / 'train.py')!r}, run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert r.returncode == 1 and "--backend cupy: CuPy is not installed" in r.stderr
+
+
+# ----------------------------------------------------------------------------- every backend (conftest's `backend`)
+
+def test_same_model_same_predictions_on_every_backend(backend):
+    import numpy as np
+    from models.paper import build
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    cpu = build("flattened", (3, 32, 32), 10, seed=0).eval()
+    dev = backend.to(build("flattened", (3, 32, 32), 10, seed=0).eval())
+    want = cpu.forward(x).copy()
+    got = backend.get(dev.forward(backend.put(x)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # float32, different summation orders
+
+
+def test_training_on_a_backend_gives_files_the_cpu_reads(backend, tmp_path):
+    """Train a few steps on `backend`; the checkpoint and model file load on the CPU with the same outputs."""
+    import numpy as np
+    import engine
+    from engine.trainer import Trainer, load_checkpoint
+    from models.paper import build
+    rng = np.random.default_rng(1)
+    data = dict(train_x=rng.standard_normal((24, 1, 28, 28)).astype(np.float32), train_y=rng.integers(0, 10, 24),
+                test_x=rng.standard_normal((8, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 8))
+    net = backend.to(build("flattened", (1, 28, 28), 10, seed=0))
+    cfg = dict(epochs=1, batch_size=8, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[], seed=0)
+    trainer = Trainer(net, data, cfg, tmp_path, progress=False, log=lambda *a: None)
+    assert trainer.run() == "done"
+    assert np.isfinite(trainer.history[0]["train_loss"]) and trainer.history[0]["test_acc"] >= 0
+    params, velocity, _, _ = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert all(type(v) is np.ndarray for v in list(params.values()) + list(velocity.values()))
+    cpu = build("flattened", (1, 28, 28), 10, seed=5).eval()
+    cpu.load_params(params)
+    net.eval()
+    want = backend.get(net.forward(backend.put(data["test_x"])))
+    np.testing.assert_allclose(cpu.forward(data["test_x"]), want, rtol=1e-4, atol=1e-4)
+    engine.save_model(tmp_path / "model.npz", net, (1, 28, 28), [str(i) for i in range(10)])
+    model = engine.load(tmp_path / "model.npz")  # on the CPU
+    np.testing.assert_allclose(model.predict(data["test_x"], preprocessed=True),
+                               engine.losses.softmax(want.astype(np.float64)), rtol=1e-3, atol=1e-5)
+    again = engine.load(tmp_path / "model.npz", backend=backend.name)  # and back on the backend
+    np.testing.assert_array_equal(again.classify(data["test_x"], preprocessed=True), want.argmax(axis=1))
+
+
+def test_layers_refuse_arrays_of_another_backend(backend):
+    import numpy as np
+    from engine import Linear, ReLU
+    if backend.name == "cpu":
+        pytest.skip("needs a second backend")
+    layer = backend.to(Linear(3, 2))
+    with pytest.raises(TypeError, match=r"input is a cpu array but the layer's parameters are on cupy"):
+        layer.forward(np.ones((1, 3), np.float32))
+    relu = ReLU()  # no parameters: follows its input
+    assert backend.get(relu.forward(backend.put(-np.ones((2, 2), np.float32)))).sum() == 0
+    assert relu.forward(np.ones((2, 2), np.float32)).sum() == 4
+
+
+def test_emulated_cupy_passes_selection_and_is_timed_by_the_benchmark(capsys):
+    import emulated_cupy
+    from engine import bench
+    if emulated_cupy.available():
+        pytest.skip(emulated_cupy.available())
+    if "cupy" not in sys.modules:
+        import importlib.util
+        if importlib.util.find_spec("cupy") is not None:
+            pytest.skip("the real CuPy is installed")
+    emulated_cupy.install()
+    try:
+        assert select_backend("auto") == ("cupy", None)  # the smoke test runs our ReLU kernel
+        bench.main(["layers", "--sizes", "6", "--batch", "2", "--channels", "3", "--repeat", "1"])
+        bench.main(["model", "--dataset", "mnist", "--batch", "2", "--repeat", "1", "--backend", "cupy"])
+        text = capsys.readouterr().out
+        assert "flattened     6 forward   cupy" in text and "flattened     6 forward   cpu" in text
+        assert "train step       2 cupy" in text
+    finally:
+        emulated_cupy.uninstall()

@@ -149,3 +149,26 @@ def test_sgd_matches_torch7_update_rule():
     d2 = g["l.weight"] + 0.01 * w_before
     np.testing.assert_allclose(w["l.weight"], w_before - 0.1 * (0.9 * d1 + 0.1 * d2))
     assert lr_at(0, 0.1, [8]) == 0.1 and lr_at(7, 0.1, [8]) == 0.1 and lr_at(8, 0.1, [8]) == pytest.approx(0.01)
+
+
+def test_train_py_with_backend_cupy_on_the_emulation(tiny_mnist):
+    """`train.py --backend cupy` end to end, with CuPy emulated on the CPU (tests/emulated_cupy.py):
+    the run trains, and its checkpoint and model file are the same format the CPU reads."""
+    import emulated_cupy
+    if emulated_cupy.available():
+        pytest.skip(emulated_cupy.available())
+    out = tiny_mnist / "gpu"
+    code = (f"import sys, runpy; sys.path.insert(0, {str(ROOT / 'tests')!r}); import emulated_cupy; "
+            f"emulated_cupy.install(); sys.argv = ['train.py'] + sys.argv[1:]; "
+            f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
+    args = [*COMMON, "--data-dir", tiny_mnist / "data", "--cache-dir", tiny_mnist / "cache", "--epochs", "3",
+            "--out", out, "--backend", "cupy"]
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "backend cupy" in r.stdout and "test accuracy: " in r.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and log[-1]["train_loss"] < log[0]["train_loss"] - 0.1  # it learns
+    import engine
+    acc = engine.load(out / "model.npz").meta["extra"]["test_accuracy"]
+    assert f"{100 * acc:.2f}%" in r.stdout.splitlines()[-1]
