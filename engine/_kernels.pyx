@@ -24,7 +24,7 @@ from cython.parallel cimport prange, parallel
 from cython cimport floating
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cdef extern from *:
     """
@@ -434,6 +434,22 @@ cdef void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
     """
     cdef char ta = b'T' if trans_a else b'N'
     cdef char tb = b'T' if trans_b else b'N'
+    cdef char tv
+    cdef int rows, cols, incx, one = 1
+    if m == 1 and k > 0:
+        # One output row (a batch of one through a Linear layer): a GEMV. OpenBLAS's GEMM
+        # would pack all of B for a single row, ten times slower at 4096 x 256.
+        # C^T (n) = op(B)^T (n x k) x; B is column-major n x k (tb 'N') or k x n (tb 'T').
+        if trans_b:
+            tv, rows, cols = b'T', k, n
+        else:
+            tv, rows, cols = b'N', n, k
+        incx = lda if trans_a else 1  # op(A) is 1 x k: a row of A, or a column of A^T
+        if floating is float:
+            sgemv(&tv, &rows, &cols, &alpha, <float *> b, &ldb, <float *> a, &incx, &beta, c, &one)
+        else:
+            dgemv(&tv, &rows, &cols, &alpha, <double *> b, &ldb, <double *> a, &incx, &beta, c, &one)
+        return
     if floating is float:
         sgemm(&tb, &ta, &n, &m, &k, &alpha, <float *> b, &ldb, <float *> a, &lda, &beta, c, &ldc)
     else:

@@ -120,15 +120,19 @@ def test_im2col_col2im(dtype, N, C, H, W, k, stride, pad, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_gemm_against_numpy(dtype, rng):
+@pytest.mark.parametrize("m", [4, 1])  # m = 1 takes the GEMV path
+def test_gemm_against_numpy(dtype, m, rng):
     for ta in (False, True):
         for tb in (False, True):
-            a = rng.standard_normal((4, 3) if not ta else (3, 4)).astype(dtype)
-            b = rng.standard_normal((3, 5) if not tb else (5, 3)).astype(dtype)
-            c = rng.standard_normal((4, 5)).astype(dtype)
-            expect = 0.5 * (a.T if ta else a).astype(np.float64) @ (b.T if tb else b) + 2.0 * c
-            _kernels.gemm(ta, tb, 0.5, a, b, 2.0, c)
-            np.testing.assert_allclose(c, expect, rtol=1e-5, atol=1e-5)
+            for beta in (2.0, 0.0):
+                a = rng.standard_normal((m, 3) if not ta else (3, m)).astype(dtype)
+                b = rng.standard_normal((3, 5) if not tb else (5, 3)).astype(dtype)
+                c = rng.standard_normal((m, 5)).astype(dtype)
+                expect = 0.5 * (a.T if ta else a).astype(np.float64) @ (b.T if tb else b) + beta * c
+                if beta == 0.0:
+                    c[...] = np.nan  # beta = 0 must not read C
+                _kernels.gemm(ta, tb, 0.5, a, b, beta, c)
+                np.testing.assert_allclose(c, expect, rtol=1e-5, atol=1e-5)
     a = rng.standard_normal((6, 4, 3)).astype(dtype)
     b = rng.standard_normal((6, 5, 3)).astype(dtype)
     acc = np.zeros((1, 4, 5), dtype=dtype)
