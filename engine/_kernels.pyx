@@ -24,6 +24,7 @@ from cython.parallel cimport prange, parallel
 from cython cimport floating
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
+from libc.math cimport INFINITY
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cdef extern from *:
@@ -88,28 +89,52 @@ def vconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                   bint flip,
                   floating[:, :, :, ::1] out,          # OUT (N, C, Ho, W)
                   int num_threads):
-    """Vertical (along H) per-channel correlation; rows are combined whole (vectorized over W)."""
+    """Vertical (along H) per-channel correlation.
+
+    Input and output rows have the same width, so for one tap the output rows it
+    reaches and the input rows they read are both contiguous runs of the plane: each
+    tap is one long vectorized pass (Ho*W elements), not Ho short ones. Each output
+    element still adds the bias, then the taps in order.
+    """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = w.shape[1], Ho = out.shape[2]
-    cdef Py_ssize_t plane, n, c, j, k, i, q
+    cdef Py_ssize_t plane, n, c, j0, j1, k, e
     cdef bint has_bias = b is not None
     cdef floating wk, bias
-    cdef floating *yr
-    cdef const floating *xr
+    cdef floating *yp
+    cdef const floating *xp
     for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
         n = plane // C
         c = plane % C
         bias = b[c] if has_bias else 0
-        for j in range(Ho):
-            yr = &out[n, c, j, 0]
-            for q in range(W):
-                yr[q] = bias
-            for k in range(_imax(0, pad - j), _imin(K, H + pad - j)):
-                i = j + k - pad
-                wk = w[c, K - 1 - k] if flip else w[c, k]
-                xr = &x[n, c, i, 0]
-                for q in range(W):
-                    yr[q] = yr[q] + wk * xr[q]
+        yp = &out[n, c, 0, 0]
+        for e in range(Ho * W):
+            yp[e] = bias
+        for k in range(K):
+            j0 = _imax(0, pad - k)          # output rows j with 0 <= j + k - pad < H
+            j1 = _imin(Ho, H + pad - k)
+            if j1 <= j0:
+                continue
+            wk = w[c, K - 1 - k] if flip else w[c, k]
+            yp = &out[n, c, j0, 0]
+            xp = &x[n, c, j0 + k - pad, 0]
+            for e in range((j1 - j0) * W):
+                yp[e] = yp[e] + wk * xp[e]
+
+
+cdef inline void _pad_rows(const floating *xp, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pad, Py_ssize_t Lw,
+                           Py_ssize_t tail, floating *dst) noexcept nogil:
+    """dst[r*Lw + t] = xp[r*W + t - pad] where 0 <= t - pad < W, else 0; then `tail` zeros."""
+    cdef Py_ssize_t r, t, t0 = _imax(0, pad), t1 = _imin(Lw, W + pad)
+    for r in range(H):
+        for t in range(t0):
+            dst[r * Lw + t] = 0
+        for t in range(t0, t1):
+            dst[r * Lw + t] = xp[r * W + t - pad]
+        for t in range(_imax(t0, t1), Lw):
+            dst[r * Lw + t] = 0
+    for t in range(tail):
+        dst[H * Lw + t] = 0
 
 
 def hconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
@@ -119,30 +144,46 @@ def hconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                   bint flip,
                   floating[:, :, :, ::1] out,          # OUT (N, C, H, Wo)
                   int num_threads):
-    """Horizontal (along W) per-channel correlation; each output row is a vectorized loop per tap."""
+    """Horizontal (along W) per-channel correlation.
+
+    Rows are short (16 or 8 columns in the paper's networks), so a loop per row and
+    tap would be mostly loop overhead. Instead each plane is copied into a buffer
+    with rows Lw = Wo + K - 1 wide, zero-padded (`pad` zeros before the row); then
+    out[r, j] = bias + sum_k w[k] * buf[r*Lw + j + k] is, for each tap, one long
+    vectorized pass over the whole buffer (positions j >= Wo are scratch), and the
+    Wo real columns of each row are copied out. Each output element adds the bias,
+    then the taps in order (a padded tap adds an exact zero).
+    """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = w.shape[1], Wo = out.shape[3]
-    cdef Py_ssize_t plane, n, c, r, k, j, j0, j1, off
+    cdef Py_ssize_t Lw = Wo + K - 1, T = H * Lw
+    cdef Py_ssize_t plane, n, c, r, k, e, j
     cdef bint has_bias = b is not None
     cdef floating wk, bias
+    cdef floating *buf
+    cdef floating *acc
     cdef floating *yr
-    cdef const floating *xr
-    for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
-        n = plane // C
-        c = plane % C
-        bias = b[c] if has_bias else 0
-        for r in range(H):
-            yr = &out[n, c, r, 0]
-            xr = &x[n, c, r, 0]
-            for j in range(Wo):
-                yr[j] = bias
+    cdef const floating *src
+    with nogil, parallel(num_threads=num_threads):
+        buf = <floating *> malloc((2 * T + K) * sizeof(floating))
+        acc = buf + T + K
+        for plane in prange(N * C, schedule='static'):
+            n = plane // C
+            c = plane % C
+            bias = b[c] if has_bias else 0
+            _pad_rows(&x[n, c, 0, 0], H, W, pad, Lw, K - 1, buf)
+            for e in range(T):
+                acc[e] = bias
             for k in range(K):
                 wk = w[c, K - 1 - k] if flip else w[c, k]
-                off = k - pad
-                j0 = _imax(0, -off)
-                j1 = _imin(Wo, W - off)
-                for j in range(j0, j1):
-                    yr[j] = yr[j] + wk * xr[j + off]
+                src = buf + k
+                for e in range(T):
+                    acc[e] = acc[e] + wk * src[e]
+            for r in range(H):
+                yr = &out[n, c, r, 0]
+                for j in range(Wo):
+                    yr[j] = acc[r * Lw + j]
+        free(buf)
 
 
 def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forward input
@@ -154,37 +195,42 @@ def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
     """dw[c,k] = sum over n, j, q of dy[n,c,j,q] * x[n,c,j+k-pad,q]; db[c] = sum of dy[:, c].
 
     Parallel over channels. Each thread accumulates element-wise products into its
-    own (K+1) x W buffer (vectorizable, no shared writes), then reduces it in double.
+    own (K+1) x (Ho*W) buffer (one long vectorized pass per tap and image, as in
+    vconv_forward; no shared writes), then reduces it in double.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = dw.shape[1], Ho = dy.shape[2]
-    cdef Py_ssize_t n, c, j, k, i, q
+    cdef Py_ssize_t P = Ho * W
+    cdef Py_ssize_t n, c, j0, j1, k, e
     cdef bint has_bias = db is not None
     cdef floating *acc
     cdef floating *ak
-    cdef const floating *dr
-    cdef const floating *xr
+    cdef const floating *dp
+    cdef const floating *xp
     cdef double s
     with nogil, parallel(num_threads=num_threads):
-        acc = <floating *> malloc((K + 1) * W * sizeof(floating))
+        acc = <floating *> malloc((K + 1) * P * sizeof(floating))
         for c in prange(C, schedule='static'):
-            memset(acc, 0, (K + 1) * W * sizeof(floating))
+            memset(acc, 0, (K + 1) * P * sizeof(floating))
             for n in range(N):
-                for j in range(Ho):
-                    dr = &dy[n, c, j, 0]
-                    ak = acc + K * W
-                    for q in range(W):
-                        ak[q] = ak[q] + dr[q]
-                    for k in range(_imax(0, pad - j), _imin(K, H + pad - j)):
-                        i = j + k - pad
-                        xr = &x[n, c, i, 0]
-                        ak = acc + k * W
-                        for q in range(W):
-                            ak[q] = ak[q] + dr[q] * xr[q]
+                dp = &dy[n, c, 0, 0]
+                ak = acc + K * P
+                for e in range(P):
+                    ak[e] = ak[e] + dp[e]
+                for k in range(K):
+                    j0 = _imax(0, pad - k)
+                    j1 = _imin(Ho, H + pad - k)
+                    if j1 <= j0:
+                        continue
+                    ak = acc + k * P + j0 * W
+                    dp = &dy[n, c, j0, 0]
+                    xp = &x[n, c, j0 + k - pad, 0]
+                    for e in range((j1 - j0) * W):
+                        ak[e] = ak[e] + dp[e] * xp[e]
             for k in range(K + 1):
                 s = 0
-                for q in range(W):
-                    s = s + acc[k * W + q]
+                for e in range(P):
+                    s = s + acc[k * P + e]
                 if k < K:
                     dw[c, k] = <floating> s
                 elif has_bias:
@@ -200,44 +246,49 @@ def hconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
                       int num_threads):
     """dw[c,k] = sum over n, r, j of dy[n,c,r,j] * x[n,c,r,j+k-pad]; db[c] = sum of dy[:, c].
 
-    Same scheme as vconv_grad_params, with a (K+1) x Wo accumulator per thread.
+    The plane layout of hconv_forward: x zero-padded into rows Lw = Wo + K - 1 wide,
+    dy into the same rows with zeros past Wo, so dw[k] is a long dot product
+    sum_e dyb[e] * xb[e + k]. Parallel over channels; each thread accumulates the
+    element-wise products in its own (K+1) x (H*Lw) buffer, reduced in double at the end.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = dw.shape[1], Wo = dy.shape[3]
-    cdef Py_ssize_t n, c, r, j, k, q, off, j0, j1
+    cdef Py_ssize_t Lw = Wo + K - 1, T = H * Lw
+    cdef Py_ssize_t n, c, r, k, e, j
     cdef bint has_bias = db is not None
+    cdef floating *xb
+    cdef floating *dyb
     cdef floating *acc
     cdef floating *ak
+    cdef const floating *src
     cdef const floating *dr
-    cdef const floating *xr
     cdef double s
     with nogil, parallel(num_threads=num_threads):
-        acc = <floating *> malloc((K + 1) * Wo * sizeof(floating))
+        xb = <floating *> malloc(((K + 3) * T + K) * sizeof(floating))
+        dyb = xb + T + K
+        acc = dyb + T
         for c in prange(C, schedule='static'):
-            memset(acc, 0, (K + 1) * Wo * sizeof(floating))
+            memset(acc, 0, (K + 1) * T * sizeof(floating))
             for n in range(N):
-                for r in range(H):
-                    dr = &dy[n, c, r, 0]
-                    xr = &x[n, c, r, 0]
-                    ak = acc + K * Wo
-                    for j in range(Wo):
-                        ak[j] = ak[j] + dr[j]
-                    for k in range(K):
-                        off = k - pad
-                        j0 = _imax(0, -off)
-                        j1 = _imin(Wo, W - off)
-                        ak = acc + k * Wo
-                        for j in range(j0, j1):
-                            ak[j] = ak[j] + dr[j] * xr[j + off]
+                _pad_rows(&x[n, c, 0, 0], H, W, pad, Lw, K - 1, xb)
+                _pad_rows(&dy[n, c, 0, 0], H, Wo, 0, Lw, 0, dyb)
+                ak = acc + K * T
+                for e in range(T):
+                    ak[e] = ak[e] + dyb[e]
+                for k in range(K):
+                    ak = acc + k * T
+                    src = xb + k
+                    for e in range(T):
+                        ak[e] = ak[e] + dyb[e] * src[e]
             for k in range(K + 1):
                 s = 0
-                for q in range(Wo):
-                    s = s + acc[k * Wo + q]
+                for e in range(T):
+                    s = s + acc[k * T + e]
                 if k < K:
                     dw[c, k] = <floating> s
                 elif has_bias:
                     db[c] = <floating> s
-        free(acc)
+        free(xb)
 
 
 def channel_sum(const floating[:, :, ::1] x,   # IN  (N, C, P)
@@ -330,43 +381,90 @@ def maxpool_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                     int num_threads):
     """Max over k x k windows (clipped at the border when Ho, Wo come from ceil mode); first max wins ties.
 
-    A running max along one window has a loop-carried dependency (compare, then
-    select) that costs several cycles per element. So each output row is computed
-    tap by tap for all its windows at once: the inner loop runs over output columns,
-    whose maxima are independent. Taps are visited in row-major order, so the first
-    maximum of each window (in row-major order) wins, as in a plain loop.
+    Tap (a, b) of window (oy, ox) reads x[oy*s + a, ox*s + b] (s = stride). Each plane
+    is first split into s*s phase planes, ph[pa][pb][i, j] = x[i*s + pa, j*s + pb]
+    (-inf outside the input), Lw = Wo + (k-1)//s columns wide. In phase plane
+    (a % s, b % s) the tap reads element [oy + a//s, ox + b//s], a constant offset
+    from (oy, ox): so each tap is one long contiguous pass over all the windows of
+    the plane (vectorized), into a buffer with rows Lw wide whose extra columns are
+    scratch. A window's first tap lies inside the input, so -inf is never taken.
+    Taps are visited in row-major order with a strict '>', so the first maximum (in
+    row-major order) wins, as in a plain loop; a NaN is always taken, so it propagates.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t Ho = out.shape[2], Wo = out.shape[3]
-    cdef Py_ssize_t plane, n, c, oy, ox, y0, y1, iy, b, ox_end, ix
+    cdef Py_ssize_t s = stride, dmax = (k - 1) // stride
+    cdef Py_ssize_t Lw = Wo + dmax, Lh = Ho + dmax
+    cdef Py_ssize_t PH = Lh * Lw + dmax                 # one phase plane (+ dmax read-ahead)
+    cdef Py_ssize_t T = Ho * Lw                         # windows, with scratch columns
+    cdef Py_ssize_t plane, n, c, i, j, r, pa, pb, a, b, e, oy, ox, jn, jr
+    cdef int off
+    cdef floating *yo
+    cdef int *ao
     cdef floating v
     cdef bint take
     cdef const floating *xp
     cdef const floating *row
-    cdef floating *yr
-    cdef int *ar
-    for plane in prange(N * C, nogil=True, schedule='static', num_threads=num_threads):
-        n = plane // C
-        c = plane % C
-        xp = &x[n, c, 0, 0]
-        for oy in range(Ho):
-            y0 = oy * stride
-            y1 = _imin(y0 + k, H)
-            yr = &out[n, c, oy, 0]
-            ar = &argmax[n, c, oy, 0]
-            for ox in range(Wo):
-                yr[ox] = xp[y0 * W + ox * stride]
-                ar[ox] = <int> (y0 * W + ox * stride)
-            for iy in range(y0, y1):
-                row = xp + iy * W
+    cdef const floating *src
+    cdef floating *ph
+    cdef floating *dst
+    cdef floating *best
+    cdef int *arg
+    cdef int *base = <int *> malloc(T * sizeof(int))   # flat input index of each window's tap (0, 0)
+    if base == NULL:
+        raise MemoryError()
+    for oy in range(Ho):
+        for ox in range(Lw):
+            base[oy * Lw + ox] = <int> (oy * s * W + ox * s)
+    with nogil, parallel(num_threads=num_threads):
+        ph = <floating *> malloc((s * s * PH + T) * sizeof(floating))
+        arg = <int *> malloc(T * sizeof(int))
+        best = ph + s * s * PH
+        for plane in prange(N * C, schedule='static'):
+            n = plane // C
+            c = plane % C
+            xp = &x[n, c, 0, 0]
+            for pa in range(s):
+                for pb in range(s):
+                    dst = ph + (pa * s + pb) * PH
+                    jn = _imin(Lw, (W - pb + s - 1) // s)  # columns j*s + pb inside the input
+                    for i in range(Lh):
+                        r = i * s + pa
+                        jr = jn if r < H else 0
+                        row = xp + r * W + pb
+                        if s == 2:  # the paper's pooling: a constant stride vectorizes
+                            for j in range(jr):
+                                dst[i * Lw + j] = row[2 * j]
+                        else:
+                            for j in range(jr):
+                                dst[i * Lw + j] = row[j * s]
+                        for j in range(jr, Lw):
+                            dst[i * Lw + j] = -INFINITY
+                    for j in range(dmax):
+                        dst[Lh * Lw + j] = -INFINITY
+            for e in range(T):
+                best[e] = ph[e]
+                arg[e] = base[e]
+            for a in range(k):
                 for b in range(k):
-                    ox_end = _imin(Wo, (W - b + stride - 1) // stride)  # windows where column ox*stride+b exists
-                    for ox in range(ox_end):
-                        ix = ox * stride + b
-                        v = row[ix]
-                        take = (v > yr[ox]) | (v != v)   # NaN is taken: it propagates as in other engines
-                        ar[ox] = <int> (iy * W + ix) if take else ar[ox]
-                        yr[ox] = v if take else yr[ox]
+                    if a == 0 and b == 0:
+                        continue
+                    src = ph + ((a % s) * s + b % s) * PH + (a // s) * Lw + b // s
+                    off = <int> (a * W + b)
+                    for e in range(T):
+                        v = src[e]
+                        take = (v > best[e]) | (v != v)
+                        arg[e] = base[e] + off if take else arg[e]
+                        best[e] = v if take else best[e]
+            for oy in range(Ho):
+                yo = &out[n, c, oy, 0]
+                ao = &argmax[n, c, oy, 0]
+                for ox in range(Wo):
+                    yo[ox] = best[oy * Lw + ox]
+                    ao[ox] = arg[oy * Lw + ox]
+        free(arg)
+        free(ph)
+    free(base)
 
 
 def maxpool_backward(const floating[:, :, :, ::1] dy,   # IN  (N, C, Ho, Wo)

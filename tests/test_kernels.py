@@ -167,6 +167,19 @@ def test_maxpool(dtype, H, W, k, stride, ceil, rng):
     np.testing.assert_allclose(layer.backward(dy), back(dy), **TOL[dtype])
 
 
+@pytest.mark.parametrize("k,stride,ceil", [(3, 2, True), (2, 1, False), (3, 3, True)])
+def test_maxpool_ties_go_to_the_first_maximum(k, stride, ceil, rng):
+    """Many equal values (as after a ReLU): the gradient goes to the first maximum in row-major order."""
+    from engine import MaxPool2d
+    layer = MaxPool2d(k, stride, ceil_mode=ceil)
+    x = rng.integers(0, 3, (2, 3, 11, 10)).astype(np.float32)
+    y = layer.forward(x)
+    ref, back = maxpool_ref(x, k, stride, *y.shape[2:])
+    np.testing.assert_array_equal(y, ref)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    np.testing.assert_allclose(layer.backward(dy), back(dy), rtol=1e-6, atol=1e-6)
+
+
 def test_maxpool_propagates_nan():
     from engine import MaxPool2d
     x = np.zeros((1, 1, 4, 4), np.float32)
