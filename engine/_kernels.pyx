@@ -520,6 +520,26 @@ def mask_scale(const floating[::1] x, const unsigned char[::1] mask, double scal
             out[i] = x[i] * <floating> scale if mask[i] else 0
 
 
+def dropout_mask(unsigned char[::1] mask, unsigned long long seed, unsigned long long threshold, int num_threads):
+    """mask[i] = 1 when the top 32 bits of splitmix64(seed, i) are >= threshold, else 0.
+
+    threshold = p * 2^32 keeps each element with probability 1 - p. A counter-based hash:
+    the mask depends only on (seed, i), not on the thread count, and it is the same
+    function as the CUDA kernel's (engine/cuda_kernels.cu), so both backends draw the
+    same masks from the same seed.
+    """
+    cdef Py_ssize_t n = mask.shape[0], blk, i, i1
+    cdef unsigned long long z
+    for blk in prange((n + CHUNK - 1) // CHUNK, nogil=True, schedule='static', num_threads=num_threads):
+        i1 = _imin(n, (blk + 1) * CHUNK)
+        for i in range(blk * CHUNK, i1):
+            z = seed + (<unsigned long long> i + 1) * 0x9E3779B97F4A7C15ULL
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+            z = z ^ (z >> 31)
+            mask[i] = 1 if (z >> 32) >= threshold else 0
+
+
 # ----------------------------------------------------------------------------- BLAS
 
 cdef void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,

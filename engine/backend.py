@@ -136,16 +136,23 @@ class CpuOps:
         return dx
 
     @staticmethod
-    def dropout_mask(rng, p, uniform, mask):
-        """Fill `mask` (uint8) with 1 at probability 1-p from the seeded Generator `rng`; `uniform` is float32 scratch."""
-        rng.random(out=uniform, dtype=np.float32)
-        np.greater_equal(uniform, p, out=mask.view(np.bool_))
+    def dropout_mask(rng, p, mask):
+        """Fill `mask` (uint8) with 1 at probability 1-p, from a seed drawn from the Generator `rng`."""
+        seed, threshold = dropout_seed(rng, p)
+        _kernels.dropout_mask(mask.reshape(-1), seed, threshold, _threads(mask.size))
         return mask
 
     @staticmethod
     def mask_scale(x, mask, scale, out):
         _kernels.mask_scale(x.reshape(-1), mask.reshape(-1), scale, out.reshape(-1), _threads(x.size))
         return out
+
+
+def dropout_seed(rng, p):
+    """(seed, threshold) of one dropout mask: a seed drawn from the layer's numpy Generator
+    (so a checkpoint's generator state fixes every later mask, on every backend) and
+    p * 2^32 (the kernels keep an element when 32 hash bits are >= it)."""
+    return int(rng.integers(0, 2**63)), min(int(round(p * 2.0**32)), 2**32)
 
 
 class BackendUnavailable(RuntimeError):

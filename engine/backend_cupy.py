@@ -12,6 +12,8 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
+from .backend import dropout_seed
+
 SOURCE_PATH = Path(__file__).with_name("cuda_kernels.cu")
 BLOCK = 256            # threads per block
 MAX_BLOCKS = 1 << 16   # the kernels are grid-stride loops: more elements than threads is fine
@@ -145,16 +147,14 @@ class CupyOps:
         return dx
 
     @staticmethod
-    def dropout_mask(rng, p, uniform, mask):
+    def dropout_mask(rng, p, mask):
         """Fill `mask` (uint8) with 1 at probability 1-p, on the device, from a seed drawn from `rng`.
 
-        A counter-based hash (see cuda_kernels.cu): the state that matters lives in the
-        layer's numpy Generator, as on the CPU, so checkpoints do not depend on the backend.
-        `uniform` is unused here.
+        The CPU kernel's counter-based hash (see cuda_kernels.cu), so for the same
+        generator state both backends draw the same mask.
         """
-        seed = np.uint64(rng.integers(0, 2**63))
-        threshold = np.uint64(min(int(round(p * 2.0**32)), 2**32))
-        _launch("dropout_mask", np.float32, mask.size, mask, mask.size, seed, threshold)
+        seed, threshold = dropout_seed(rng, p)
+        _launch("dropout_mask", np.float32, mask.size, mask, mask.size, np.uint64(seed), np.uint64(threshold))
         return mask
 
     @staticmethod

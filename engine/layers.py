@@ -644,8 +644,7 @@ class Dropout(_AnyShape):
             self._mask = None
             return x
         ops = get_ops(x)
-        self._mask = ops.dropout_mask(self.rng, self.p, self._workspace("uniform", x.shape, np.float32),
-                                      self._workspace("mask", x.shape, np.uint8))
+        self._mask = ops.dropout_mask(self.rng, self.p, self._workspace("mask", x.shape, np.uint8))
         return ops.mask_scale(x, self._mask, 1.0 / (1.0 - self.p), self._workspace("out", x.shape))
 
     def backward(self, dy):

@@ -96,3 +96,12 @@ def numerical_grad(f, x, eps=1e-6):
         flat[i] = old
         gflat[i] = (fp - fm) / (2 * eps)
     return g
+
+
+def splitmix64(seed, i):
+    """The i-th output (from 0) of Vigna's splitmix64 generator started at state `seed`, in plain Python."""
+    m = 2**64 - 1
+    z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)

@@ -88,6 +88,15 @@ def test_training_on_a_backend_gives_files_the_cpu_reads(backend, tmp_path):
     np.testing.assert_array_equal(again.classify(data["test_x"], preprocessed=True), want.argmax(axis=1))
 
 
+def test_dropout_draws_the_same_masks_on_every_backend(backend):
+    import numpy as np
+    from engine import Dropout
+    x = np.ones((4, 3, 10, 10), np.float32)
+    want = Dropout(0.4, rng=11).forward(x).copy()
+    got = backend.get(Dropout(0.4, rng=11).forward(backend.put(x)))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_layers_refuse_arrays_of_another_backend(backend):
     import numpy as np
     from engine import Linear, ReLU

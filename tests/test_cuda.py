@@ -136,11 +136,11 @@ def test_elementwise_kernels(ops):
     dx = cp.asnumpy(ops.relu_backward(cp.asarray(y), cp.asarray(dy), cp.empty(1000, dtype=np.float32)))
     np.testing.assert_array_equal(dx, np.where(y > 0, dy, 0))
     mask = cp.empty(200_000, dtype=np.uint8)
-    m1 = cp.asnumpy(ops.dropout_mask(np.random.default_rng(1), 0.3, None, mask)).copy()
+    m1 = cp.asnumpy(ops.dropout_mask(np.random.default_rng(1), 0.3, mask)).copy()
     assert set(np.unique(m1)) == {0, 1} and abs(m1.mean() - 0.7) < 0.005
-    m2 = cp.asnumpy(ops.dropout_mask(np.random.default_rng(1), 0.3, None, mask))
+    m2 = cp.asnumpy(ops.dropout_mask(np.random.default_rng(1), 0.3, mask))
     np.testing.assert_array_equal(m1, m2)  # the mask depends only on the generator's state
-    assert cp.asnumpy(ops.dropout_mask(np.random.default_rng(1), 0.0, None, mask)).all()
+    assert cp.asnumpy(ops.dropout_mask(np.random.default_rng(1), 0.0, mask)).all()
     out = cp.asnumpy(ops.mask_scale(cp.asarray(x[:10]), cp.asarray(m1[:10]), 2.0, cp.empty(10, dtype=np.float32)))
     np.testing.assert_array_equal(out, np.where(m1[:10] == 1, x[:10] * 2, 0))
 

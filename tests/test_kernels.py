@@ -180,6 +180,19 @@ def test_maxpool_ties_go_to_the_first_maximum(k, stride, ceil, rng):
     np.testing.assert_allclose(layer.backward(dy), back(dy), rtol=1e-6, atol=1e-6)
 
 
+def test_dropout_mask_is_splitmix64(threads):
+    """Each element is kept when the top 32 bits of splitmix64(seed, i) reach p * 2^32, on any thread count."""
+    from reference import splitmix64
+    assert splitmix64(0, 0) == 0xE220A8397B1DCDAF  # the published first output for seed 0
+    seed, n, threshold = 123456789, 50_000, int(0.3 * 2**32)
+    want = np.array([splitmix64(seed, i) >> 32 >= threshold for i in range(n)], np.uint8)
+    for t in (1, 2):
+        mask = np.empty(n, np.uint8)
+        _kernels.dropout_mask(mask, seed, threshold, t)
+        np.testing.assert_array_equal(mask, want)
+    assert abs(want.mean() - 0.7) < 0.01
+
+
 def test_maxpool_propagates_nan():
     from engine import MaxPool2d
     x = np.zeros((1, 1, 4, 4), np.float32)
