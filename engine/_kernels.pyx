@@ -82,6 +82,14 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return a if a < b else b
 
 
+cdef enum:
+    BLOCK = 1024   # elements per cache block of a plane in the 1D-convolution kernels
+
+
+cdef inline Py_ssize_t _rows_per_block(Py_ssize_t width) noexcept nogil:
+    return _imax(1, BLOCK // _imax(width, 1))
+
+
 def vconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
                   const floating[:, ::1] w,            # IN  (C, K)
                   const floating[::1] b,               # IN  (C,) or None
@@ -92,13 +100,15 @@ def vconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
     """Vertical (along H) per-channel correlation.
 
     Input and output rows have the same width, so for one tap the output rows it
-    reaches and the input rows they read are both contiguous runs of the plane: each
-    tap is one long vectorized pass (Ho*W elements), not Ho short ones. Each output
-    element still adds the bias, then the taps in order.
+    reaches and the input rows they read are both contiguous runs of the plane. The
+    output is done in blocks of whole rows (about BLOCK elements, staying in L1); in a
+    block each tap is one vectorized pass, not one short pass per row (rows are 16 or 8
+    wide in the paper's networks). Each output element adds the bias, then the taps in order.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = w.shape[1], Ho = out.shape[2]
-    cdef Py_ssize_t plane, n, c, j0, j1, k, e
+    cdef Py_ssize_t R = _rows_per_block(W)
+    cdef Py_ssize_t plane, n, c, blk, r0, r1, j0, j1, k, e
     cdef bint has_bias = b is not None
     cdef floating wk, bias
     cdef floating *yp
@@ -107,19 +117,22 @@ def vconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
         n = plane // C
         c = plane % C
         bias = b[c] if has_bias else 0
-        yp = &out[n, c, 0, 0]
-        for e in range(Ho * W):
-            yp[e] = bias
-        for k in range(K):
-            j0 = _imax(0, pad - k)          # output rows j with 0 <= j + k - pad < H
-            j1 = _imin(Ho, H + pad - k)
-            if j1 <= j0:
-                continue
-            wk = w[c, K - 1 - k] if flip else w[c, k]
-            yp = &out[n, c, j0, 0]
-            xp = &x[n, c, j0 + k - pad, 0]
-            for e in range((j1 - j0) * W):
-                yp[e] = yp[e] + wk * xp[e]
+        for blk in range((Ho + R - 1) // R):
+            r0 = blk * R
+            r1 = _imin(Ho, r0 + R)
+            yp = &out[n, c, r0, 0]
+            for e in range((r1 - r0) * W):
+                yp[e] = bias
+            for k in range(K):
+                j0 = _imax(r0, pad - k)          # output rows j with 0 <= j + k - pad < H
+                j1 = _imin(r1, H + pad - k)
+                if j1 <= j0:
+                    continue
+                wk = w[c, K - 1 - k] if flip else w[c, k]
+                yp = &out[n, c, j0, 0]
+                xp = &x[n, c, j0 + k - pad, 0]
+                for e in range((j1 - j0) * W):
+                    yp[e] = yp[e] + wk * xp[e]
 
 
 cdef inline void _pad_rows(const floating *xp, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pad, Py_ssize_t Lw,
@@ -147,17 +160,17 @@ def hconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
     """Horizontal (along W) per-channel correlation.
 
     Rows are short (16 or 8 columns in the paper's networks), so a loop per row and
-    tap would be mostly loop overhead. Instead each plane is copied into a buffer
-    with rows Lw = Wo + K - 1 wide, zero-padded (`pad` zeros before the row); then
-    out[r, j] = bias + sum_k w[k] * buf[r*Lw + j + k] is, for each tap, one long
-    vectorized pass over the whole buffer (positions j >= Wo are scratch), and the
-    Wo real columns of each row are copied out. Each output element adds the bias,
-    then the taps in order (a padded tap adds an exact zero).
+    tap would be mostly loop overhead. Instead a block of rows is copied into a buffer
+    with rows Lw = Wo + K - 1 wide, zero-padded (`pad` zeros before each row); then
+    out[r, j] = bias + sum_k w[k] * buf[r*Lw + j + k] is, for each tap, one vectorized
+    pass over the block (positions j >= Wo are scratch), and the Wo real columns of
+    each row are copied out. Blocks hold about BLOCK elements, so they stay in L1.
+    Each output element adds the bias, then the taps in order (a padded tap adds an exact zero).
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = w.shape[1], Wo = out.shape[3]
-    cdef Py_ssize_t Lw = Wo + K - 1, T = H * Lw
-    cdef Py_ssize_t plane, n, c, r, k, e, j
+    cdef Py_ssize_t Lw = Wo + K - 1, R = _rows_per_block(Lw)
+    cdef Py_ssize_t plane, n, c, r, blk, r0, nr, k, e, j
     cdef bint has_bias = b is not None
     cdef floating wk, bias
     cdef floating *buf
@@ -165,24 +178,27 @@ def hconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
     cdef floating *yr
     cdef const floating *src
     with nogil, parallel(num_threads=num_threads):
-        buf = <floating *> malloc((2 * T + K) * sizeof(floating))
-        acc = buf + T + K
+        buf = <floating *> malloc((2 * R * Lw + K) * sizeof(floating))
+        acc = buf + R * Lw + K
         for plane in prange(N * C, schedule='static'):
             n = plane // C
             c = plane % C
             bias = b[c] if has_bias else 0
-            _pad_rows(&x[n, c, 0, 0], H, W, pad, Lw, K - 1, buf)
-            for e in range(T):
-                acc[e] = bias
-            for k in range(K):
-                wk = w[c, K - 1 - k] if flip else w[c, k]
-                src = buf + k
-                for e in range(T):
-                    acc[e] = acc[e] + wk * src[e]
-            for r in range(H):
-                yr = &out[n, c, r, 0]
-                for j in range(Wo):
-                    yr[j] = acc[r * Lw + j]
+            for blk in range((H + R - 1) // R):
+                r0 = blk * R
+                nr = _imin(R, H - r0)
+                _pad_rows(&x[n, c, r0, 0], nr, W, pad, Lw, K - 1, buf)
+                for e in range(nr * Lw):
+                    acc[e] = bias
+                for k in range(K):
+                    wk = w[c, K - 1 - k] if flip else w[c, k]
+                    src = buf + k
+                    for e in range(nr * Lw):
+                        acc[e] = acc[e] + wk * src[e]
+                for r in range(nr):
+                    yr = &out[n, c, r0 + r, 0]
+                    for j in range(Wo):
+                        yr[j] = acc[r * Lw + j]
         free(buf)
 
 
@@ -194,47 +210,57 @@ def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
                       int num_threads):
     """dw[c,k] = sum over n, j, q of dy[n,c,j,q] * x[n,c,j+k-pad,q]; db[c] = sum of dy[:, c].
 
-    Parallel over channels. Each thread accumulates element-wise products into its
-    own (K+1) x (Ho*W) buffer (one long vectorized pass per tap and image, as in
-    vconv_forward; no shared writes), then reduces it in double.
+    Parallel over channels. For each block of output rows (as in vconv_forward), each
+    thread accumulates the element-wise products over all images into its own
+    (K+1) x BLOCK buffer (vectorized passes, in L1, no shared writes), then adds the
+    block's sums into double accumulators.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = dw.shape[1], Ho = dy.shape[2]
-    cdef Py_ssize_t P = Ho * W
-    cdef Py_ssize_t n, c, j0, j1, k, e
+    cdef Py_ssize_t R = _rows_per_block(W), B = R * W
+    cdef Py_ssize_t n, c, blk, r0, r1, j0, j1, k, e
     cdef bint has_bias = db is not None
     cdef floating *acc
     cdef floating *ak
+    cdef double *tot
     cdef const floating *dp
     cdef const floating *xp
     cdef double s
     with nogil, parallel(num_threads=num_threads):
-        acc = <floating *> malloc((K + 1) * P * sizeof(floating))
+        acc = <floating *> malloc((K + 1) * B * sizeof(floating))
+        tot = <double *> malloc((K + 1) * sizeof(double))
         for c in prange(C, schedule='static'):
-            memset(acc, 0, (K + 1) * P * sizeof(floating))
-            for n in range(N):
-                dp = &dy[n, c, 0, 0]
-                ak = acc + K * P
-                for e in range(P):
-                    ak[e] = ak[e] + dp[e]
-                for k in range(K):
-                    j0 = _imax(0, pad - k)
-                    j1 = _imin(Ho, H + pad - k)
-                    if j1 <= j0:
-                        continue
-                    ak = acc + k * P + j0 * W
-                    dp = &dy[n, c, j0, 0]
-                    xp = &x[n, c, j0 + k - pad, 0]
-                    for e in range((j1 - j0) * W):
-                        ak[e] = ak[e] + dp[e] * xp[e]
             for k in range(K + 1):
-                s = 0
-                for e in range(P):
-                    s = s + acc[k * P + e]
-                if k < K:
-                    dw[c, k] = <floating> s
-                elif has_bias:
-                    db[c] = <floating> s
+                tot[k] = 0
+            for blk in range((Ho + R - 1) // R):
+                r0 = blk * R
+                r1 = _imin(Ho, r0 + R)
+                memset(acc, 0, (K + 1) * B * sizeof(floating))
+                for n in range(N):
+                    dp = &dy[n, c, r0, 0]
+                    ak = acc + K * B
+                    for e in range((r1 - r0) * W):
+                        ak[e] = ak[e] + dp[e]
+                    for k in range(K):
+                        j0 = _imax(r0, pad - k)
+                        j1 = _imin(r1, H + pad - k)
+                        if j1 <= j0:
+                            continue
+                        ak = acc + k * B + (j0 - r0) * W
+                        dp = &dy[n, c, j0, 0]
+                        xp = &x[n, c, j0 + k - pad, 0]
+                        for e in range((j1 - j0) * W):
+                            ak[e] = ak[e] + dp[e] * xp[e]
+                for k in range(K + 1):
+                    s = 0
+                    for e in range((r1 - r0) * W):
+                        s = s + acc[k * B + e]
+                    tot[k] = tot[k] + s
+            for k in range(K):
+                dw[c, k] = <floating> tot[k]
+            if has_bias:
+                db[c] = <floating> tot[K]
+        free(tot)
         free(acc)
 
 
@@ -246,48 +272,57 @@ def hconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
                       int num_threads):
     """dw[c,k] = sum over n, r, j of dy[n,c,r,j] * x[n,c,r,j+k-pad]; db[c] = sum of dy[:, c].
 
-    The plane layout of hconv_forward: x zero-padded into rows Lw = Wo + K - 1 wide,
-    dy into the same rows with zeros past Wo, so dw[k] is a long dot product
-    sum_e dyb[e] * xb[e + k]. Parallel over channels; each thread accumulates the
-    element-wise products in its own (K+1) x (H*Lw) buffer, reduced in double at the end.
+    The layout of hconv_forward: for a block of rows, x zero-padded into rows
+    Lw = Wo + K - 1 wide and dy into the same rows with zeros past Wo, so the block's
+    share of dw[k] is a dot product sum_e dyb[e] * xb[e + k]. Parallel over channels;
+    each thread accumulates the products over all images in its own (K+1) x block
+    buffer (in L1), then adds the block's sums into double accumulators.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = dw.shape[1], Wo = dy.shape[3]
-    cdef Py_ssize_t Lw = Wo + K - 1, T = H * Lw
-    cdef Py_ssize_t n, c, r, k, e, j
+    cdef Py_ssize_t Lw = Wo + K - 1, R = _rows_per_block(Lw), B = R * Lw
+    cdef Py_ssize_t n, c, blk, r0, nr, k, e
     cdef bint has_bias = db is not None
     cdef floating *xb
     cdef floating *dyb
     cdef floating *acc
     cdef floating *ak
+    cdef double *tot
     cdef const floating *src
-    cdef const floating *dr
     cdef double s
     with nogil, parallel(num_threads=num_threads):
-        xb = <floating *> malloc(((K + 3) * T + K) * sizeof(floating))
-        dyb = xb + T + K
-        acc = dyb + T
+        xb = <floating *> malloc(((K + 3) * B + K) * sizeof(floating))
+        dyb = xb + B + K
+        acc = dyb + B
+        tot = <double *> malloc((K + 1) * sizeof(double))
         for c in prange(C, schedule='static'):
-            memset(acc, 0, (K + 1) * T * sizeof(floating))
-            for n in range(N):
-                _pad_rows(&x[n, c, 0, 0], H, W, pad, Lw, K - 1, xb)
-                _pad_rows(&dy[n, c, 0, 0], H, Wo, 0, Lw, 0, dyb)
-                ak = acc + K * T
-                for e in range(T):
-                    ak[e] = ak[e] + dyb[e]
-                for k in range(K):
-                    ak = acc + k * T
-                    src = xb + k
-                    for e in range(T):
-                        ak[e] = ak[e] + dyb[e] * src[e]
             for k in range(K + 1):
-                s = 0
-                for e in range(T):
-                    s = s + acc[k * T + e]
-                if k < K:
-                    dw[c, k] = <floating> s
-                elif has_bias:
-                    db[c] = <floating> s
+                tot[k] = 0
+            for blk in range((H + R - 1) // R):
+                r0 = blk * R
+                nr = _imin(R, H - r0)
+                memset(acc, 0, (K + 1) * B * sizeof(floating))
+                for n in range(N):
+                    _pad_rows(&x[n, c, r0, 0], nr, W, pad, Lw, K - 1, xb)
+                    _pad_rows(&dy[n, c, r0, 0], nr, Wo, 0, Lw, 0, dyb)
+                    ak = acc + K * B
+                    for e in range(nr * Lw):
+                        ak[e] = ak[e] + dyb[e]
+                    for k in range(K):
+                        ak = acc + k * B
+                        src = xb + k
+                        for e in range(nr * Lw):
+                            ak[e] = ak[e] + dyb[e] * src[e]
+                for k in range(K + 1):
+                    s = 0
+                    for e in range(nr * Lw):
+                        s = s + acc[k * B + e]
+                    tot[k] = tot[k] + s
+            for k in range(K):
+                dw[c, k] = <floating> tot[k]
+            if has_bias:
+                db[c] = <floating> tot[K]
+        free(tot)
         free(xb)
 
 

@@ -15,6 +15,8 @@ SHAPES_1D = [
     (1, 5, 9, 4, 5),
     (3, 17, 6, 11, 3),
     (2, 2, 13, 1, 4),
+    (2, 2, 37, 70, 5),   # planes larger than a cache block: several row blocks
+    (1, 1, 300, 4, 3),   # many short rows
 ]
 MODES = ["full", "same", "valid", (3, 1), (-1, 2), (-1, -1)]
 
