@@ -106,6 +106,7 @@ def evaluate(model, x, y, batch_size=500):
 
 class Trainer:
     """Mini-batch SGD on (train_x, train_y), evaluated on (test_x, test_y) after every epoch.
+
     The data stays in host memory; each batch is copied to the model's backend (model.to(...)).
 
     config keys: epochs, batch_size, lr, momentum, weight_decay, dampening (None: Torch7's,
