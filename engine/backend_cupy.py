@@ -31,11 +31,15 @@ def _function(name, dtype):
 
 
 def _launch(name, dtype, n, *args):
-    """Run kernel `name` over `n` output elements; Python ints become 64-bit integers."""
+    """Run kernel `name` over `n` output elements.
+
+    Python ints become np.int64 (the kernels' `long long`); numpy scalars keep their
+    width (np.uint64 for `unsigned long long`, the element type for `real`).
+    """
     if n == 0:
         return
     blocks = min((n + BLOCK - 1) // BLOCK, MAX_BLOCKS)
-    args = tuple(np.int64(a) if isinstance(a, (int, np.integer)) and not isinstance(a, bool) else a for a in args)
+    args = tuple(np.int64(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in args)
     _function(name, dtype)((blocks,), (BLOCK,), args)
 
 
