@@ -205,6 +205,7 @@ def print_record(r):
 
 
 def bench_layers(args):
+    backends = backends_to_time(args.backend)
     engine.set_num_threads(args.threads)
     info = environment(args.threads)
     print_environment(info)
@@ -215,7 +216,7 @@ def bench_layers(args):
     records = []
     rng = np.random.default_rng(0)
     layers = make_layers(args.channels, args.k)
-    for backend in backends_to_time(args.backend):
+    for backend in backends:
         ops = engine.backend.ops_for(backend)
         for layer in layers.values():
             layer.to(backend)
@@ -359,12 +360,13 @@ def bench_model(args):
     from engine.losses import SoftmaxCrossEntropy
     from engine.trainer import sgd_momentum
     from models.paper import build
+    backends = backends_to_time(args.backend)
     engine.set_num_threads(args.threads)
     print_environment(environment(args.threads))
     shape = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}[args.dataset]
     n_classes = {"cifar10": 10, "cifar100": 100, "mnist": 10}[args.dataset]
     rows = []
-    for backend in backends_to_time(args.backend):
+    for backend in backends:
         ops = engine.backend.ops_for(backend)
         net = build(args.model, shape, n_classes).to(backend)
         rng = np.random.default_rng(0)

@@ -41,3 +41,11 @@ def test_bench_latency_runs(capsys):
     bench.main(["latency", "--batch", "2", "--repeat", "1"])
     text = capsys.readouterr().out
     assert "flattened" in text and "baseline" in text and "engine" in text
+
+
+def test_bench_backend_cupy_without_cupy_says_why(monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
+    with pytest.raises(SystemExit, match=r"--backend cupy: CuPy is not installed.*pip install cupy-cuda12x"):
+        bench.main(["layers", "--backend", "cupy", "--sizes", "8", "--batch", "2", "--channels", "4"])
+    assert "median_ms" not in capsys.readouterr().out  # refused before timing anything
