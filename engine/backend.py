@@ -215,6 +215,8 @@ def _cupy_ndarray():
 
 def get_ops(x):
     """The operation set for array `x` (the backend is read from the array, never configured per layer)."""
+    if type(x) is np.ndarray:  # the common case, decided without looking for CuPy
+        return CpuOps
     device_array = _cupy_ndarray()
     if device_array is not None and isinstance(x, device_array):
         return ops_for("cupy")
@@ -225,6 +227,8 @@ def get_ops(x):
 
 def is_array(x):
     """True for a numpy array or an array of a backend (CuPy)."""
+    if type(x) is np.ndarray:
+        return True
     device_array = _cupy_ndarray()
     return isinstance(x, np.ndarray) or (device_array is not None and isinstance(x, device_array))
 
