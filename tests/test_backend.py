@@ -51,6 +51,8 @@ def test_train_py_backend_flag(tmp_path):
 def test_same_model_same_predictions_on_every_backend(backend):
     import numpy as np
     from models.paper import build
+    if backend.name == "cpu":
+        pytest.skip("compares another backend with the CPU")
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     cpu = build("flattened", (3, 32, 32), 10, seed=0).eval()
     dev = backend.to(build("flattened", (3, 32, 32), 10, seed=0).eval())
@@ -91,6 +93,8 @@ def test_training_on_a_backend_gives_files_the_cpu_reads(backend, tmp_path):
 def test_dropout_draws_the_same_masks_on_every_backend(backend):
     import numpy as np
     from engine import Dropout
+    if backend.name == "cpu":
+        pytest.skip("compares another backend with the CPU")
     x = np.ones((4, 3, 10, 10), np.float32)
     want = Dropout(0.4, rng=11).forward(x).copy()
     got = backend.get(Dropout(0.4, rng=11).forward(backend.put(x)))
