@@ -138,13 +138,15 @@ def vconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
 cdef inline void _pad_rows(const floating *xp, Py_ssize_t H, Py_ssize_t W, Py_ssize_t pad, Py_ssize_t Lw,
                            Py_ssize_t tail, floating *dst) noexcept nogil:
     """dst[r*Lw + t] = xp[r*W + t - pad] where 0 <= t - pad < W, else 0; then `tail` zeros."""
-    cdef Py_ssize_t r, t, t0 = _imax(0, pad), t1 = _imin(Lw, W + pad)
+    cdef Py_ssize_t r, t
+    cdef Py_ssize_t t0 = _imin(Lw, _imax(0, pad))       # [0, t0): zeros before the row
+    cdef Py_ssize_t t1 = _imax(t0, _imin(Lw, W + pad))  # [t0, t1): the row; [t1, Lw): zeros
     for r in range(H):
         for t in range(t0):
             dst[r * Lw + t] = 0
         for t in range(t0, t1):
             dst[r * Lw + t] = xp[r * W + t - pad]
-        for t in range(_imax(t0, t1), Lw):
+        for t in range(t1, Lw):
             dst[r * Lw + t] = 0
     for t in range(tail):
         dst[H * Lw + t] = 0

@@ -63,6 +63,32 @@ def test_conv1d_forward_and_input_grad(dtype, axis, shape, mode, rng):
         np.testing.assert_allclose(dx.ravel(), jac.T @ dy.ravel().astype(np.float64), **TOL[dtype])
 
 
+@pytest.mark.parametrize("axis", [2, 3])
+@pytest.mark.parametrize("before,after", [(10, -5), (-4, 9), (6, -6)])
+def test_conv1d_extreme_padding(axis, before, after, rng):
+    """Padding larger than the input on one side and cropping on the other (any (before, after) pair)."""
+    x = rng.standard_normal((2, 3, 2, 2))
+    w, b = rng.standard_normal((3, 3)), rng.standard_normal(3)
+    ref = conv1d_ref(x, w, b, axis, before, after)
+    if ref.shape[axis] < 1:
+        pytest.skip("empty output")
+    f = _kernels.vconv_forward if axis == 2 else _kernels.hconv_forward
+    y = np.full(ref.shape, np.nan)
+    f(x, w, b, before, False, y, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(ref.shape)
+    dx = np.full(x.shape, np.nan)
+    f(dy, w, None, 2 - before, True, dx, 1)  # the input gradient: flipped filter, pad' = K-1-before
+    np.testing.assert_allclose(np.vdot(x, dx), np.vdot(conv1d_ref(x, w, None, axis, before, after), dy), rtol=1e-10)
+    g = _kernels.vconv_grad_params if axis == 2 else _kernels.hconv_grad_params
+    dw, db = np.empty((3, 3)), np.empty(3)
+    g(x, dy, before, dw, db, 1)
+    want = [[(dy[:, c] * conv1d_ref(x, np.eye(3)[[j] * 3], None, axis, before, after)[:, c]).sum() for j in range(3)]
+            for c in range(3)]
+    np.testing.assert_allclose(dw, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)), rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("axis", [2, 3])
 @pytest.mark.parametrize("shape", SHAPES_1D)
