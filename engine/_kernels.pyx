@@ -204,6 +204,18 @@ def hconv_forward(const floating[:, :, :, ::1] x,      # IN  (N, C, H, W)
         free(buf)
 
 
+cdef inline void _add_block_sums(const floating *acc, Py_ssize_t K, Py_ssize_t B, Py_ssize_t n,
+                                 double *tot) noexcept nogil:
+    """tot[k] += the sum, in double, of acc[k*B : k*B + n] for the K taps and the bias row (k = K)."""
+    cdef Py_ssize_t k, e
+    cdef double s
+    for k in range(K + 1):
+        s = 0
+        for e in range(n):
+            s = s + acc[k * B + e]
+        tot[k] = tot[k] + s
+
+
 def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forward input
                       const floating[:, :, :, ::1] dy,  # IN  (N, C, Ho, W)
                       Py_ssize_t pad,
@@ -227,7 +239,6 @@ def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
     cdef double *tot
     cdef const floating *dp
     cdef const floating *xp
-    cdef double s
     with nogil, parallel(num_threads=num_threads):
         acc = <floating *> malloc((K + 1) * B * sizeof(floating))
         tot = <double *> malloc((K + 1) * sizeof(double))
@@ -253,11 +264,7 @@ def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
                         xp = &x[n, c, j0 + k - pad, 0]
                         for e in range((j1 - j0) * W):
                             ak[e] = ak[e] + dp[e] * xp[e]
-                for k in range(K + 1):
-                    s = 0
-                    for e in range((r1 - r0) * W):
-                        s = s + acc[k * B + e]
-                    tot[k] = tot[k] + s
+                _add_block_sums(acc, K, B, (r1 - r0) * W, tot)
             for k in range(K):
                 dw[c, k] = <floating> tot[k]
             if has_bias:
@@ -291,7 +298,6 @@ def hconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
     cdef floating *ak
     cdef double *tot
     cdef const floating *src
-    cdef double s
     with nogil, parallel(num_threads=num_threads):
         xb = <floating *> malloc(((K + 3) * B + K) * sizeof(floating))
         dyb = xb + B + K
@@ -315,11 +321,7 @@ def hconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
                         src = xb + k
                         for e in range(nr * Lw):
                             ak[e] = ak[e] + dyb[e] * src[e]
-                for k in range(K + 1):
-                    s = 0
-                    for e in range(nr * Lw):
-                        s = s + acc[k * B + e]
-                    tot[k] = tot[k] + s
+                _add_block_sums(acc, K, B, nr * Lw, tot)
             for k in range(K):
                 dw[c, k] = <floating> tot[k]
             if has_bias:
