@@ -216,6 +216,17 @@ cdef inline void _add_block_sums(const floating *acc, Py_ssize_t K, Py_ssize_t B
         tot[k] = tot[k] + s
 
 
+cdef inline void _store_sums(double *tot, Py_ssize_t K, floating *dwc, floating *dbc) noexcept nogil:
+    """One channel's gradients from its double sums: dwc[k] = tot[k], *dbc = tot[K] (unless dbc
+    is NULL); then tot is zeroed for the thread's next channel."""
+    cdef Py_ssize_t k
+    for k in range(K):
+        dwc[k] = <floating> tot[k]
+    if dbc != NULL:
+        dbc[0] = <floating> tot[K]
+    memset(tot, 0, (K + 1) * sizeof(double))
+
+
 def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forward input
                       const floating[:, :, :, ::1] dy,  # IN  (N, C, Ho, W)
                       Py_ssize_t pad,
@@ -242,9 +253,8 @@ def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
     with nogil, parallel(num_threads=num_threads):
         acc = <floating *> malloc((K + 1) * B * sizeof(floating))
         tot = <double *> malloc((K + 1) * sizeof(double))
+        memset(tot, 0, (K + 1) * sizeof(double))
         for c in prange(C, schedule='static'):
-            for k in range(K + 1):
-                tot[k] = 0
             for blk in range((Ho + R - 1) // R):
                 r0 = blk * R
                 r1 = _imin(Ho, r0 + R)
@@ -265,10 +275,7 @@ def vconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
                         for e in range((j1 - j0) * W):
                             ak[e] = ak[e] + dp[e] * xp[e]
                 _add_block_sums(acc, K, B, (r1 - r0) * W, tot)
-            for k in range(K):
-                dw[c, k] = <floating> tot[k]
-            if has_bias:
-                db[c] = <floating> tot[K]
+            _store_sums(tot, K, &dw[c, 0], &db[c] if has_bias else NULL)
         free(tot)
         free(acc)
 
@@ -303,9 +310,8 @@ def hconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
         dyb = xb + B + K
         acc = dyb + B
         tot = <double *> malloc((K + 1) * sizeof(double))
+        memset(tot, 0, (K + 1) * sizeof(double))
         for c in prange(C, schedule='static'):
-            for k in range(K + 1):
-                tot[k] = 0
             for blk in range((H + R - 1) // R):
                 r0 = blk * R
                 nr = _imin(R, H - r0)
@@ -322,10 +328,7 @@ def hconv_grad_params(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W) forwa
                         for e in range(nr * Lw):
                             ak[e] = ak[e] + dyb[e] * src[e]
                 _add_block_sums(acc, K, B, nr * Lw, tot)
-            for k in range(K):
-                dw[c, k] = <floating> tot[k]
-            if has_bias:
-                db[c] = <floating> tot[K]
+            _store_sums(tot, K, &dw[c, 0], &db[c] if has_bias else NULL)
         free(tot)
         free(xb)
 

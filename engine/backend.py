@@ -64,7 +64,8 @@ class CpuOps:
 
     @staticmethod
     def asarray(x):
-        return np.asarray(x)
+        """x as a numpy array, copied to the host if it lives on another backend."""
+        return to_numpy(x)
 
     @staticmethod
     def asnumpy(x):

@@ -81,15 +81,14 @@ class Layer:
             src = arrays[name] if is_array(arrays[name]) else np.asarray(arrays[name])
             if src.shape != target.shape:
                 raise ValueError(f"{self!r}: parameter {name} has shape {src.shape}, expected {target.shape}")
-            ops = get_ops(target)
-            target[...] = to_numpy(src) if ops.name == "cpu" else ops.asarray(src)
+            target[...] = get_ops(target).asarray(src)
 
     def to(self, backend):
         """Move this layer's parameters and gradients (and its children's) to 'cpu' or 'cupy', in place; returns self."""
         ops = ops_for(backend)
         for d in (self._params, self._grads):
             for name, v in d.items():
-                d[name] = to_numpy(v) if ops.name == "cpu" else ops.asarray(v)
+                d[name] = ops.asarray(v)
         self.backend = ops.name
         self.__dict__.pop("_ws", None)
         for _, child in self.children:
