@@ -104,7 +104,8 @@ extensions = [
     Extension(
         "engine._kernels",
         ["engine/_kernels.pyx"],
-        include_dirs=[numpy.get_include()],
+        include_dirs=[numpy.get_include(), "engine"],
+        depends=["engine/_infer.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
 ]

@@ -3,15 +3,22 @@
  * One call runs a whole batch through every op inside a single OpenMP parallel region:
  *   - batch >= 2 x threads: each thread takes whole images (private buffers, no barriers);
  *   - smaller batches: all threads work on each op of one image together, split over
- *     output tiles or channels, with a spinning barrier between ops. Waking a sleeping
- *     thread costs tens of microseconds on these machines, more than most ops of a
- *     single image, so the threads are woken once per call, not once per op.
- * The GEMMs (convolutions through im2col, lateral 1x1 convolutions) use a register-
- * blocked micro-kernel over weights packed at compile time in panels of FP_MR rows
- * (k-major), with the bias and an optional ReLU applied before the store. Vectors are
- * GCC/Clang vector extensions, so the same source compiles to AVX-512, AVX2, SSE or
- * NEON, whatever -march gives. Every output element is computed by one thread with a
- * fixed summation order, so results do not depend on the thread count.
+ *     output tiles, rows or channels, with a spinning barrier between ops. Waking a
+ *     sleeping thread costs tens of microseconds on these machines, more than most ops
+ *     of a single image, so the threads are woken once per call, not once per op.
+ *
+ * Activations between ops are channels-last, (H, W, C) per image: every per-channel op
+ * (vertical/horizontal 1D convolution, pooling) is then a loop over whole SIMD vectors
+ * of channels, however narrow the image, and a 1x1 convolution is a plain GEMM
+ * (positions x channels) @ (channels x filters). The input image comes in NCHW; the
+ * first convolution reads it as it is, otherwise an op transposes it.
+ *
+ * The GEMMs use a register-blocked micro-kernel (FP_MR positions x 2 vectors of
+ * filters) over weights packed at compile time in panels of FP_NR filters (k-major,
+ * zero filters past the end), with the bias and an optional ReLU applied before the
+ * store. Vectors are GCC/Clang vector extensions, so the same source compiles to
+ * AVX-512, AVX2, SSE or NEON, whatever -march gives. Every output element is computed
+ * by one thread with a fixed summation order: results do not depend on the thread count.
  */
 #include <stdint.h>
 #include <string.h>
@@ -36,15 +43,15 @@ typedef float fp_v __attribute__((vector_size(FP_VL * sizeof(float))));
 typedef int32_t fp_vi __attribute__((vector_size(FP_VL * sizeof(float))));
 
 /* op kinds and the columns of one row of the op table (int64) */
-enum { FP_GEMM = 0, FP_CONV = 1, FP_VH = 2, FP_POOL = 3, FP_LINEAR = 4, FP_RELU = 5 };
+enum { FP_GEMM = 0, FP_CONV = 1, FP_VH = 2, FP_POOL = 3, FP_LINEAR = 4, FP_RELU = 5, FP_TO_NHWC = 6, FP_TO_NCHW = 7 };
 enum {
     F_KIND, F_RELU, F_CIN, F_HIN, F_WIN, F_COUT, F_HOUT, F_WOUT,
     F_K, F_STRIDE, F_PAD, F_KV, F_VBEFORE, F_KH, F_HBEFORE, F_HMID,
-    F_W, F_B, F_WV, F_BV, F_WH, F_BH
+    F_W, F_B, F_WV, F_BV, F_WH, F_BH, F_NCHW
 };
-#define FP_NFIELDS 24  /* columns per op (a few spare) */
+#define FP_NFIELDS 24  /* columns per op (one spare) */
 
-static int fp_mr(void) { return FP_MR; }
+static int fp_nr(void) { return FP_NR; }
 static int fp_vl(void) { return FP_VL; }
 static int fp_nfields(void) { return FP_NFIELDS; }
 
@@ -52,6 +59,7 @@ static inline fp_v fp_load(const float *p) { fp_v v; memcpy(&v, p, sizeof v); re
 static inline void fp_store(float *p, fp_v v) { memcpy(p, &v, sizeof v); }
 static inline fp_v fp_splat(float s) { fp_v z = {0}; return z + s; }
 static inline fp_v fp_relu(fp_v v) { fp_v z = {0}; return (fp_v)((fp_vi)v & (v > z)); }
+static inline fp_v fp_vmax(fp_v a, fp_v b) { fp_vi m = a > b; return (fp_v)(((fp_vi)a & m) | ((fp_vi)b & ~m)); }
 static inline float fp_hsum(fp_v v) {
     float s = 0.f;
     for (int i = 0; i < FP_VL; i++) s += v[i];
@@ -59,6 +67,14 @@ static inline float fp_hsum(fp_v v) {
 }
 static inline long fp_min(long a, long b) { return a < b ? a : b; }
 static inline long fp_max(long a, long b) { return a > b ? a : b; }
+static inline const float *fp_ptr(int64_t v) { return (const float *)(intptr_t)v; }
+
+/* [lo, hi) of n items for thread tid of nt, in whole units of `unit` items */
+static inline void fp_share(long n, long unit, int tid, int nt, long *lo, long *hi) {
+    long units = (n + unit - 1) / unit;
+    *lo = fp_min(n, unit * (units * tid / nt));
+    *hi = fp_min(n, unit * (units * (tid + 1) / nt));
+}
 
 /* ---------------------------------------------------------------- barrier */
 
@@ -86,61 +102,49 @@ static void fp_barrier_wait(fp_barrier *b, int nt) {
 }
 
 /* ---------------------------------------------------------------- GEMM
- * C[M, N] = A[M, K] B[K, N] + bias (+ ReLU). A is packed: panel p holds rows
- * p*MR .. p*MR+MR-1 as Ap[p][k][i] (zero rows past M). B and C are row-major with
- * leading dimensions ldb and ldc.
+ * C[M, N] = A[M, K] B[K, N] + bias[N] (+ ReLU), C row-major with leading dimension ldc.
+ * A(i, k) is at A[i * a_rs + k * a_ks]: positions x channels (a_rs = K, a_ks = 1), or
+ * the transpose of an im2col matrix (a_rs = 1, a_ks = M). B is packed: panel p holds
+ * columns p*NR .. p*NR+NR-1 as Bp[p][k][j], zero past N; bias is padded likewise.
  */
-#define FP_TILE(NAME, NV)                                                                       \
-static inline void NAME(long K, const float *Ap, const float *B, long ldb, float *C, long ldc,  \
-                        const float *bias, int mr, int relu) {                                  \
-    fp_v acc[FP_MR][NV];                                                                        \
-    for (int i = 0; i < FP_MR; i++)                                                             \
-        for (int v = 0; v < NV; v++) acc[i][v] = fp_splat(bias[i]);                             \
-    for (long k = 0; k < K; k++) {                                                              \
-        fp_v bv[NV];                                                                            \
-        for (int v = 0; v < NV; v++) bv[v] = fp_load(B + k * ldb + v * FP_VL);                  \
-        const float *a = Ap + k * FP_MR;                                                        \
-        for (int i = 0; i < FP_MR; i++)                                                         \
-            for (int v = 0; v < NV; v++) acc[i][v] += a[i] * bv[v];                             \
-    }                                                                                           \
-    for (int i = 0; i < mr; i++)                                                                \
-        for (int v = 0; v < NV; v++)                                                            \
-            fp_store(C + i * ldc + v * FP_VL, relu ? fp_relu(acc[i][v]) : acc[i][v]);           \
-}
-FP_TILE(fp_tile2, 2)
-FP_TILE(fp_tile1, 1)
-
-/* columns left over after the vector tiles: plain loops */
-static void fp_tile_rest(long K, const float *Ap, const float *B, long ldb, float *C, long ldc,
-                         const float *bias, int mr, int nr, int relu) {
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-            float s = bias[i];
-            for (long k = 0; k < K; k++) s += Ap[k * FP_MR + i] * B[k * ldb + j];
-            C[i * ldc + j] = relu && s < 0.f ? 0.f : s;
+static inline void fp_tile(long K, const float *const *arow, long a_ks, const float *bp, const float *bias,
+                           float *C, long ldc, int mr, int nr, int relu) {
+    fp_v acc[FP_MR][2];
+    fp_v b0 = fp_load(bias), b1 = fp_load(bias + FP_VL);
+    for (int i = 0; i < FP_MR; i++) { acc[i][0] = b0; acc[i][1] = b1; }
+    for (long k = 0; k < K; k++) {
+        fp_v v0 = fp_load(bp + k * FP_NR), v1 = fp_load(bp + k * FP_NR + FP_VL);
+        long off = k * a_ks;
+        for (int i = 0; i < FP_MR; i++) {
+            float a = arow[i][off];
+            acc[i][0] += a * v0;
+            acc[i][1] += a * v1;
         }
+    }
+    for (int i = 0; i < mr; i++) {
+        fp_v r0 = relu ? fp_relu(acc[i][0]) : acc[i][0], r1 = relu ? fp_relu(acc[i][1]) : acc[i][1];
+        float *c = C + i * ldc;
+        if (nr == FP_NR) {
+            fp_store(c, r0);
+            fp_store(c + FP_VL, r1);
+        } else {
+            for (int j = 0; j < nr; j++) c[j] = j < FP_VL ? r0[j] : r1[j - FP_VL];
+        }
+    }
 }
 
 /* This thread's share (tid of nt) of the tiles of one GEMM. */
-static void fp_gemm(long M, long N, long K, const float *Ap, const float *bias, const float *B, long ldb,
-                    float *C, long ldc, int relu, int tid, int nt) {
+static void fp_gemm(long M, long N, long K, const float *A, long a_rs, long a_ks, const float *Bp,
+                    const float *bias, float *C, long ldc, int relu, int tid, int nt) {
     long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR, tiles = mp * np_;
     long t0 = tiles * tid / nt, t1 = tiles * (tid + 1) / nt;
+    const float *arow[FP_MR];
     for (long t = t0; t < t1; t++) {
-        long jp = t / mp, ip = t % mp;  /* column panel outer: its B panel stays in L1 */
+        long jp = t / mp, ip = t % mp;  /* filter panel outer: its packed weights stay in L1 */
         long i0 = ip * FP_MR, j0 = jp * FP_NR;
-        int mr = (int)fp_min(FP_MR, M - i0);
-        long nr = fp_min(FP_NR, N - j0);
-        const float *a = Ap + ip * K * FP_MR, *bs = bias + i0;
-        float *c = C + i0 * ldc + j0;
-        const float *b = B + j0;
-        if (nr == FP_NR) {
-            fp_tile2(K, a, b, ldb, c, ldc, bs, mr, relu);
-        } else {
-            long j = 0;
-            if (nr >= FP_VL) { fp_tile1(K, a, b, ldb, c, ldc, bs, mr, relu); j = FP_VL; }
-            if (nr > j) fp_tile_rest(K, a, b + j, ldb, c + j, ldc, bs, mr, (int)(nr - j), relu);
-        }
+        int mr = (int)fp_min(FP_MR, M - i0), nr = (int)fp_min(FP_NR, N - j0);
+        for (int i = 0; i < FP_MR; i++) arow[i] = A + (i0 + (i < mr ? i : 0)) * a_rs;
+        fp_tile(K, arow, a_ks, Bp + jp * K * FP_NR, bias + j0, C + i0 * ldc + j0, ldc, mr, nr, relu);
     }
 }
 
@@ -164,12 +168,11 @@ static void fp_gemv(long M, long K, const float *W, const float *b, const float 
     }
 }
 
-/* ---------------------------------------------------------------- other ops */
+/* ---------------------------------------------------------------- im2col */
 
-/* im2col rows [r0, r1) of the (C*k*k, Ho*Wo) column matrix of one image (C, H, W). */
-static void fp_im2col(const float *x, long C, long H, long W, long k, long stride, long pad, long Ho, long Wo,
-                      float *cols, long r0, long r1) {
-    (void)C;
+/* From an NCHW image: rows [r0, r1) of the (C*k*k, Ho*Wo) column matrix, row (c, ky, kx). */
+static void fp_im2col_nchw(const float *x, long H, long W, long k, long stride, long pad, long Ho, long Wo,
+                           float *cols, long r0, long r1) {
     long P = Ho * Wo;
     for (long r = r0; r < r1; r++) {
         long c = r / (k * k), ky = (r / k) % k, kx = r % k;
@@ -180,97 +183,107 @@ static void fp_im2col(const float *x, long C, long H, long W, long k, long strid
             float *o = row + oy * Wo;
             if (iy < 0 || iy >= H) { memset(o, 0, Wo * sizeof(float)); continue; }
             const float *xr = xc + iy * W;
-            if (stride == 1) {
-                long lo = fp_max(0, pad - kx), hi = fp_min(Wo, W + pad - kx);  /* ox with 0 <= ix < W */
-                if (hi < lo) hi = lo;
-                for (long ox = 0; ox < lo; ox++) o[ox] = 0.f;
-                if (hi > lo) memcpy(o + lo, xr + lo + kx - pad, (hi - lo) * sizeof(float));
-                for (long ox = hi; ox < Wo; ox++) o[ox] = 0.f;
-            } else {
-                for (long ox = 0; ox < Wo; ox++) {
-                    long ix = ox * stride + kx - pad;
-                    o[ox] = (ix >= 0 && ix < W) ? xr[ix] : 0.f;
-                }
+            for (long ox = 0; ox < Wo; ox++) {
+                long ix = ox * stride + kx - pad;
+                o[ox] = (ix >= 0 && ix < W) ? xr[ix] : 0.f;
             }
         }
     }
 }
+
+/* From an (H, W, C) image: positions [p0, p1) of the (Ho*Wo, k*k*C) matrix, column (ky, kx, c). */
+static void fp_im2col_nhwc(const float *x, long C, long H, long W, long k, long stride, long pad, long Wo,
+                           float *cols, long p0, long p1) {
+    long K = k * k * C;
+    for (long p = p0; p < p1; p++) {
+        long oy = p / Wo, ox = p % Wo;
+        float *row = cols + p * K;
+        for (long ky = 0; ky < k; ky++) {
+            long iy = oy * stride + ky - pad;
+            for (long kx = 0; kx < k; kx++) {
+                long ix = ox * stride + kx - pad;
+                float *o = row + (ky * k + kx) * C;
+                if (iy < 0 || iy >= H || ix < 0 || ix >= W) memset(o, 0, C * sizeof(float));
+                else memcpy(o, x + (iy * W + ix) * C, C * sizeof(float));
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- per-channel ops (channels-last) */
 
 /* Vertical then horizontal per-channel correlation of channels [c0, c1), with biases:
- * tmp[i, :] = bv + sum_t wv[t] x[i + t - vb, :]   (rows outside the input are zero)
- * y[i, j]   = bh + sum_t wh[t] tmp[i, j + t - hb] (columns likewise)
- * scratch: Hm*W + Wo + kh floats. */
-static void fp_vh(const int64_t *op, const float *x, float *y, float *scratch, long c0, long c1) {
-    long H = op[F_HIN], W = op[F_WIN], Hm = op[F_HMID], Wo = op[F_WOUT];
+ * tmp[i, x] = bv + sum_t wv[t] in[i + t - vb, x]   (rows outside the input are zero)
+ * y[i, j]   = bh + sum_t wh[t] tmp[i, j + t - hb]  (columns likewise)
+ * wv is (kv, C), wh (kh, C); tmp holds Hm*W*C floats. */
+static void fp_vh(const int64_t *op, const float *x, float *y, float *tmp, long c0, long c1) {
+    long C = op[F_CIN], H = op[F_HIN], W = op[F_WIN], Hm = op[F_HMID], Wo = op[F_WOUT];
     long kv = op[F_KV], vb = op[F_VBEFORE], kh = op[F_KH], hb = op[F_HBEFORE];
-    const float *wv = (const float *)(intptr_t)op[F_WV], *bv = (const float *)(intptr_t)op[F_BV];
-    const float *wh = (const float *)(intptr_t)op[F_WH], *bh = (const float *)(intptr_t)op[F_BH];
+    const float *wv = fp_ptr(op[F_WV]), *bv = fp_ptr(op[F_BV]), *wh = fp_ptr(op[F_WH]), *bh = fp_ptr(op[F_BH]);
     int relu = (int)op[F_RELU];
-    float *tmp = scratch, *line = scratch + Hm * W;
-    long L = Wo + kh - 1;
-    for (long c = c0; c < c1; c++) {
-        const float *xc = x + c * H * W;
-        const float *wvc = wv + c * kv, *whc = wh + c * kh;
-        float bvc = bv[c], bhc = bh[c];
-        long n = Hm * W;
-        for (long i = 0; i < n; i++) tmp[i] = bvc;
-        for (long t = 0; t < kv; t++) {  /* output rows i with 0 <= i + t - vb < H: one contiguous span */
-            long i0 = fp_max(0, vb - t), i1 = fp_min(Hm, H + vb - t);
-            if (i1 <= i0) continue;
-            float w = wvc[t];
-            const float *src = xc + (i0 + t - vb) * W;
-            float *dst = tmp + i0 * W;
-            long len = (i1 - i0) * W;
-            for (long i = 0; i < len; i++) dst[i] += w * src[i];
+    long cv = c0 + (c1 - c0) / FP_VL * FP_VL;  /* [c0, cv) in whole vectors, [cv, c1) one by one */
+    for (long i = 0; i < Hm; i++) {
+        long t0 = fp_max(0, vb - i), t1 = fp_min(kv, H + vb - i);
+        for (long xx = 0; xx < W; xx++) {
+            float *o = tmp + (i * W + xx) * C;
+            const float *src = x + ((i - vb) * W + xx) * C;  /* row i + t - vb is src + t*W*C */
+            for (long c = c0; c < cv; c += FP_VL) {
+                fp_v acc = fp_load(bv + c);
+                for (long t = t0; t < t1; t++) acc += fp_load(wv + t * C + c) * fp_load(src + t * W * C + c);
+                fp_store(o + c, acc);
+            }
+            for (long c = cv; c < c1; c++) {
+                float acc = bv[c];
+                for (long t = t0; t < t1; t++) acc += wv[t * C + c] * src[t * W * C + c];
+                o[c] = acc;
+            }
         }
-        float *yc = y + c * Hm * Wo;
-        for (long r = 0; r < Hm; r++) {
-            const float *tr = tmp + r * W;
-            for (long j = 0; j < L; j++) {  /* the row with its zero padding: line[j] = tmp[r, j - hb] */
-                long s = j - hb;
-                line[j] = (s >= 0 && s < W) ? tr[s] : 0.f;
+    }
+    for (long i = 0; i < Hm; i++) {
+        for (long j = 0; j < Wo; j++) {
+            long t0 = fp_max(0, hb - j), t1 = fp_min(kh, W + hb - j);
+            float *o = y + (i * Wo + j) * C;
+            const float *src = tmp + (i * W + j - hb) * C;  /* column j + t - hb is src + t*C */
+            for (long c = c0; c < cv; c += FP_VL) {
+                fp_v acc = fp_load(bh + c);
+                for (long t = t0; t < t1; t++) acc += fp_load(wh + t * C + c) * fp_load(src + t * C + c);
+                fp_store(o + c, relu ? fp_relu(acc) : acc);
             }
-            float *o = yc + r * Wo;
-            for (long j = 0; j < Wo; j++) o[j] = bhc;
-            for (long t = 0; t < kh; t++) {
-                float w = whc[t];
-                const float *l = line + t;
-                for (long j = 0; j < Wo; j++) o[j] += w * l[j];
+            for (long c = cv; c < c1; c++) {
+                float acc = bh[c];
+                for (long t = t0; t < t1; t++) acc += wh[t * C + c] * src[t * C + c];
+                o[c] = relu && acc < 0.f ? 0.f : acc;
             }
-            if (relu)
-                for (long j = 0; j < Wo; j++) o[j] = o[j] < 0.f ? 0.f : o[j];
         }
     }
 }
 
-/* Max-pooling of channels [c0, c1): windows k x k, stride s, clipped at the border
- * (ceil mode); a row pass then a column pass. scratch: H * Wo floats. */
-static void fp_pool(const int64_t *op, const float *x, float *y, float *scratch, long c0, long c1) {
-    long H = op[F_HIN], W = op[F_WIN], Ho = op[F_HOUT], Wo = op[F_WOUT], k = op[F_K], s = op[F_STRIDE];
+/* Max-pooling of output rows [r0, r1): windows k x k, stride s, clipped at the border (ceil mode). */
+static void fp_pool(const int64_t *op, const float *x, float *y, long r0, long r1) {
+    long C = op[F_CIN], H = op[F_HIN], W = op[F_WIN], Wo = op[F_WOUT], k = op[F_K], s = op[F_STRIDE];
     int relu = (int)op[F_RELU];
-    for (long c = c0; c < c1; c++) {
-        const float *xc = x + c * H * W;
-        float *yc = y + c * Ho * Wo;
-        for (long r = 0; r < H; r++) {
-            const float *xr = xc + r * W;
-            float *h = scratch + r * Wo;
-            for (long ox = 0; ox < Wo; ox++) {
-                long x0 = ox * s, x1 = fp_min(x0 + k, W);
-                float m = xr[x0];
-                for (long i = x0 + 1; i < x1; i++) m = xr[i] > m ? xr[i] : m;
-                h[ox] = m;
+    long cv = C / FP_VL * FP_VL;
+    for (long oy = r0; oy < r1; oy++) {
+        long y0 = oy * s, y1 = fp_min(y0 + k, H);
+        for (long ox = 0; ox < Wo; ox++) {
+            long x0 = ox * s, x1 = fp_min(x0 + k, W);
+            float *o = y + (oy * Wo + ox) * C;
+            const float *first = x + (y0 * W + x0) * C;
+            for (long c = 0; c < cv; c += FP_VL) {
+                fp_v m = fp_load(first + c);
+                for (long iy = y0; iy < y1; iy++)
+                    for (long ix = x0; ix < x1; ix++) m = fp_vmax(fp_load(x + (iy * W + ix) * C + c), m);
+                fp_store(o + c, relu ? fp_relu(m) : m);
             }
-        }
-        for (long oy = 0; oy < Ho; oy++) {
-            long y0 = oy * s, y1 = fp_min(y0 + k, H);
-            float *o = yc + oy * Wo;
-            memcpy(o, scratch + y0 * Wo, Wo * sizeof(float));
-            for (long r = y0 + 1; r < y1; r++) {
-                const float *h = scratch + r * Wo;
-                for (long ox = 0; ox < Wo; ox++) o[ox] = h[ox] > o[ox] ? h[ox] : o[ox];
+            for (long c = cv; c < C; c++) {
+                float m = first[c];
+                for (long iy = y0; iy < y1; iy++)
+                    for (long ix = x0; ix < x1; ix++) {
+                        float v = x[(iy * W + ix) * C + c];
+                        m = v > m ? v : m;
+                    }
+                o[c] = relu && m < 0.f ? 0.f : m;
             }
-            if (relu)
-                for (long ox = 0; ox < Wo; ox++) o[ox] = o[ox] < 0.f ? 0.f : o[ox];
         }
     }
 }
@@ -278,39 +291,59 @@ static void fp_pool(const int64_t *op, const float *x, float *y, float *scratch,
 /* ---------------------------------------------------------------- one image */
 
 static void fp_image(const int64_t *ops, int nops, const float *x, float *out, float *buf0, float *buf1,
-                     float *cols, float *scratch, int tid, int nt, fp_barrier *bar) {
+                     float *cols, int tid, int nt, fp_barrier *bar) {
     const float *in = x;
     for (int o = 0; o < nops; o++) {
         const int64_t *op = ops + (long)o * FP_NFIELDS;
         float *dst = o == nops - 1 ? out : (o % 2 == 0 ? buf0 : buf1);
         long C = op[F_CIN], H = op[F_HIN], W = op[F_WIN], F = op[F_COUT], Ho = op[F_HOUT], Wo = op[F_WOUT];
-        const float *w = (const float *)(intptr_t)op[F_W], *b = (const float *)(intptr_t)op[F_B];
+        const float *w = fp_ptr(op[F_W]), *b = fp_ptr(op[F_B]);
         int relu = (int)op[F_RELU];
+        long lo, hi;
         switch (op[F_KIND]) {
         case FP_GEMM:
-            fp_gemm(F, H * W, C, w, b, in, H * W, dst, H * W, relu, tid, nt);
+            fp_gemm(H * W, F, C, in, C, 1, w, b, dst, F, relu, tid, nt);
             break;
         case FP_CONV: {
-            long k = op[F_K], rows = C * k * k;
-            fp_im2col(in, C, H, W, k, op[F_STRIDE], op[F_PAD], Ho, Wo, cols, rows * tid / nt, rows * (tid + 1) / nt);
-            fp_barrier_wait(bar, nt);
-            fp_gemm(F, Ho * Wo, rows, w, b, cols, Ho * Wo, dst, Ho * Wo, relu, tid, nt);
+            long k = op[F_K], K = C * k * k, P = Ho * Wo;
+            if (op[F_NCHW]) {
+                fp_share(K, 1, tid, nt, &lo, &hi);
+                fp_im2col_nchw(in, H, W, k, op[F_STRIDE], op[F_PAD], Ho, Wo, cols, lo, hi);
+                fp_barrier_wait(bar, nt);
+                fp_gemm(P, F, K, cols, 1, P, w, b, dst, F, relu, tid, nt);
+            } else {
+                fp_share(P, 1, tid, nt, &lo, &hi);
+                fp_im2col_nhwc(in, C, H, W, k, op[F_STRIDE], op[F_PAD], Wo, cols, lo, hi);
+                fp_barrier_wait(bar, nt);
+                fp_gemm(P, F, K, cols, K, 1, w, b, dst, F, relu, tid, nt);
+            }
             break;
         }
         case FP_VH:
-            fp_vh(op, in, dst, scratch, C * tid / nt, C * (tid + 1) / nt);
+            fp_share(C, FP_VL, tid, nt, &lo, &hi);
+            fp_vh(op, in, dst, cols, lo, hi);
             break;
         case FP_POOL:
-            fp_pool(op, in, dst, scratch, C * tid / nt, C * (tid + 1) / nt);
+            fp_share(Ho, 1, tid, nt, &lo, &hi);
+            fp_pool(op, in, dst, lo, hi);
             break;
         case FP_LINEAR:
             fp_gemv(F, C * H * W, w, b, in, dst, relu, tid, nt);
             break;
-        case FP_RELU: {
-            long n = C * H * W, i0 = n * tid / nt, i1 = n * (tid + 1) / nt;
-            for (long i = i0; i < i1; i++) dst[i] = in[i] < 0.f ? 0.f : in[i];
+        case FP_RELU:
+            fp_share(C * H * W, FP_VL, tid, nt, &lo, &hi);
+            for (long i = lo; i < hi; i++) dst[i] = in[i] < 0.f ? 0.f : in[i];
             break;
-        }
+        case FP_TO_NHWC:  /* (C, H, W) -> (H, W, C), positions [lo, hi) */
+            fp_share(H * W, 1, tid, nt, &lo, &hi);
+            for (long p = lo; p < hi; p++)
+                for (long c = 0; c < C; c++) dst[p * C + c] = in[c * H * W + p];
+            break;
+        case FP_TO_NCHW:  /* (H, W, C) -> (C, H, W), channels [lo, hi) */
+            fp_share(C, 1, tid, nt, &lo, &hi);
+            for (long c = lo; c < hi; c++)
+                for (long p = 0; p < H * W; p++) dst[c * H * W + p] = in[p * C + c];
+            break;
         }
         fp_barrier_wait(bar, nt);
         in = dst;
@@ -319,12 +352,11 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
 
 /* Run n images (each in_size floats at x) through the ops; outputs (out_size floats
  * each) go to out. arena: `threads` contexts of ctx_floats (two activation buffers of
- * act_floats, then the column buffer), then `threads` scratch areas of scratch_floats. */
+ * act_floats, then the column / intermediate buffer). */
 static void fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
-                   float *arena, long act_floats, long ctx_floats, long scratch_floats, int threads) {
+                   float *arena, long act_floats, long ctx_floats, int threads) {
     int per_image = n >= 2L * threads;
     fp_barrier bar = {0, 0};
-    float *scratch0 = arena + (long)threads * ctx_floats;
 #ifdef _OPENMP
     #pragma omp parallel num_threads(threads)
 #endif
@@ -334,7 +366,6 @@ static void fp_run(const int64_t *ops, int nops, const float *x, long n, long in
 #else
         int tid = 0, nt = 1;
 #endif
-        float *scratch = scratch0 + (long)tid * scratch_floats;
         if (per_image) {
             float *ctx = arena + (long)tid * ctx_floats;
 #ifdef _OPENMP
@@ -342,11 +373,11 @@ static void fp_run(const int64_t *ops, int nops, const float *x, long n, long in
 #endif
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, ctx, ctx + act_floats,
-                         ctx + 2 * act_floats, scratch, 0, 1, &bar);
+                         ctx + 2 * act_floats, 0, 1, &bar);
         } else {
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, arena, arena + act_floats,
-                         arena + 2 * act_floats, scratch, tid, nt, &bar);
+                         arena + 2 * act_floats, tid, nt, &bar);
         }
     }
 }

@@ -667,3 +667,40 @@ def batched_gemm(bint trans_a, bint trans_b, double alpha,
             beta_i = <floating> beta if (not accumulate or i == 0) else 1
             _gemm(trans_a, trans_b, m, n, k, <floating> alpha, &a[ia, 0, 0], a.shape[2],
                   &b[ib, 0, 0], b.shape[2], beta_i, &c[ic, 0, 0], n)
+
+
+# ----------------------------------------------------------------------------- fused inference
+
+from libc.stdint cimport int64_t
+
+cdef extern from "_infer.h" nogil:
+    int fp_nr()
+    int fp_vl()
+    int fp_nfields()
+    void fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
+                float *arena, long act_floats, long ctx_floats, int threads)
+
+
+def infer_layout():
+    """(filters per packed weight panel, floats per SIMD vector, columns of the op table) of this build."""
+    return fp_nr(), fp_vl(), fp_nfields()
+
+
+def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan (pointers into arrays it keeps)
+              const float[:, ::1] x,        # IN  (N, in_size) images, NCHW
+              float[:, ::1] out,            # OUT (N, out_size)
+              float[::1] arena,             # work buffers: num_threads contexts of ctx_floats
+              Py_ssize_t act_floats, Py_ssize_t ctx_floats,
+              int num_threads):
+    """Run a compiled network (engine/_infer.h) on a batch: one parallel region for the whole batch."""
+    if ops.shape[1] != fp_nfields() or ops.shape[0] < 1:
+        raise ValueError(f"infer_run: op table must be (n_ops, {fp_nfields()}), got ({ops.shape[0]}, {ops.shape[1]})")
+    if out.shape[0] != x.shape[0]:
+        raise ValueError("infer_run: x and out must hold the same number of images")
+    if num_threads < 1 or ctx_floats < 2 * act_floats or arena.shape[0] < num_threads * ctx_floats:
+        raise ValueError("infer_run: arena too small for the thread count")
+    if x.shape[0] == 0:
+        return
+    with nogil:
+        fp_run(&ops[0, 0], <int> ops.shape[0], &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1],
+               &arena[0], act_floats, ctx_floats, num_threads)

@@ -30,11 +30,12 @@ from .backend import get_num_threads
 from .layers import Conv2d, Dropout, Flatten, Horizontal, Lateral, Linear, MaxPool2d, ReLU, Sequential, \
     Vertical
 
-MR, VL, NFIELDS = _kernels.infer_layout()
-(GEMM, CONV, VH, POOL, LINEAR, RELU) = range(6)
+NR, VL, NFIELDS = _kernels.infer_layout()
+(GEMM, CONV, VH, POOL, LINEAR, RELU, TO_NHWC, TO_NCHW) = range(8)
 FIELDS = ("kind relu c_in h_in w_in c_out h_out w_out k stride pad kv vbefore kh hbefore h_mid "
-          "w b wv bv wh bh").split()
+          "w b wv bv wh bh nchw").split()
 COL = {name: i for i, name in enumerate(FIELDS)}
+FUSES_RELU = (GEMM, CONV, VH, POOL, LINEAR)
 
 
 class UnsupportedNetwork(ValueError):
@@ -50,23 +51,23 @@ def _leaves(layer):
         yield layer
 
 
-def _pack_panels(weight, k):
-    """(M, K) weights -> (ceil(M/MR), K, MR) panels, k-major inside a panel, zero rows past M."""
-    m = weight.shape[0]
-    panels = -(-m // MR)
-    padded = np.zeros((panels * MR, k), np.float32)
-    padded[:m] = weight.reshape(m, k)
-    return np.ascontiguousarray(padded.reshape(panels, MR, k).transpose(0, 2, 1))
+def _pack(wt):
+    """(K, F) weights -> (ceil(F/NR), K, NR) panels of NR filters, k-major, zero filters past F."""
+    k, f = wt.shape
+    panels = -(-f // NR)
+    padded = np.zeros((k, panels * NR), np.float32)
+    padded[:, :f] = wt
+    return padded.reshape(k, panels, NR).transpose(1, 0, 2)
 
 
 def _padded_bias(bias):
-    out = np.zeros(-(-len(bias) // MR) * MR, np.float32)
+    out = np.zeros(-(-len(bias) // NR) * NR, np.float32)
     out[:len(bias)] = bias
     return out
 
 
 class Plan:
-    """A compiled network: ``plan(x)`` -> outputs (N, n_out) for float32 x (N, C, H, W)."""
+    """A compiled network: ``plan(x)`` -> outputs for float32 x (N, C, H, W); see the module docstring."""
 
     def __init__(self, net, in_shape):
         if net.backend != "cpu":
@@ -75,101 +76,114 @@ class Plan:
         if len(self.in_shape) != 3 or min(self.in_shape) < 1:
             raise UnsupportedNetwork(f"in_shape must be (C, H, W), got {in_shape}")
         self._keep = []      # arrays the op table points into
-        rows = []
-        shape = self.in_shape
-        act = cols = scratch = 1
+        self._rows = []
+        self._act = self._cols = 1
+        shape, nhwc = self.in_shape, False   # activations: the input is NCHW, every op's output channels-last
+        flat_from = None                     # (C, H, W) of a flattened channels-last activation
         layers = list(_leaves(net))
         i = 0
         while i < len(layers):
             layer = layers[i]
-            c, h, w = shape if len(shape) == 3 else (shape[0], 1, 1)
-            row = dict(relu=0, c_in=c, h_in=h, w_in=w)
-            if isinstance(layer, (Dropout, Flatten)):
-                if isinstance(layer, Flatten):
-                    shape = (int(np.prod(shape)),)
-                i += 1
+            i += 1
+            if isinstance(layer, Dropout):
+                continue
+            if isinstance(layer, Flatten):
+                if len(shape) == 3:
+                    flat_from, shape = (shape if nhwc else None), (int(np.prod(shape)),)
                 continue
             if isinstance(layer, ReLU):
-                if rows and rows[-1]["kind"] != RELU and not rows[-1]["relu"]:
-                    rows[-1]["relu"] = 1
+                if self._rows and self._rows[-1]["kind"] in FUSES_RELU:
+                    self._rows[-1]["relu"] = 1   # ReLU is idempotent: a second one changes nothing
                 else:
-                    rows.append(dict(row, kind=RELU, c_out=c, h_out=h, w_out=w))
-                i += 1
+                    self._add(RELU, shape, shape)
                 continue
-            if len(shape) != 3 and not isinstance(layer, Linear):
+            if isinstance(layer, Linear):
+                n_in = int(np.prod(shape))
+                if n_in != layer.n_in:
+                    raise UnsupportedNetwork(f"{layer!r}: gets {n_in} inputs")
+                weight = layer.params["weight"]
+                src = flat_from if len(shape) == 1 else (shape if nhwc else None)
+                if src is not None:  # the engine flattens (C, H, W); here the activation is (H, W, C)
+                    weight = weight.reshape(layer.n_out, *src).transpose(0, 2, 3, 1).reshape(layer.n_out, n_in)
+                shape, flat_from, nhwc = (layer.n_out,), None, True
+                self._add(LINEAR, (n_in, 1, 1), (layer.n_out, 1, 1), w=self._ptr(weight),
+                          b=self._ptr(layer.params["bias"]))
+                continue
+            if len(shape) != 3:
                 raise UnsupportedNetwork(f"{layer!r} after Flatten is not supported by the compiled path")
-            if isinstance(layer, (Vertical, Horizontal)):
-                v = layer if isinstance(layer, Vertical) else None
-                hz = layer if isinstance(layer, Horizontal) else None
-                if v is not None and i + 1 < len(layers) and isinstance(layers[i + 1], Horizontal) \
-                        and layers[i + 1].channels == v.channels:
-                    hz = layers[i + 1]
-                    i += 1
-                _check_channels(layer, c, layer.channels)
-                kv, vb, vw, vbias = ((v.k, v.before, v.params["weight"], v.params["bias"]) if v is not None
-                                     else (1, 0, np.ones((c, 1)), np.zeros(c)))
-                hm = h + (v.before + v.after - v.k + 1 if v is not None else 0)
-                kh, hb, hw, hbias = ((hz.k, hz.before, hz.params["weight"], hz.params["bias"]) if hz is not None
-                                     else (1, 0, np.ones((c, 1)), np.zeros(c)))
-                wo = w + (hz.before + hz.after - hz.k + 1 if hz is not None else 0)
-                if hm < 1 or wo < 1:
-                    raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
-                row.update(kind=VH, c_out=c, h_out=hm, w_out=wo, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm,
-                           wv=self._ptr(vw), bv=self._ptr(vbias), wh=self._ptr(hw), bh=self._ptr(hbias))
-                scratch = max(scratch, hm * w + wo + kh)
-                shape = (c, hm, wo)
-            elif isinstance(layer, Lateral) or (isinstance(layer, Conv2d) and layer.k == 1 and layer.stride == 1
-                                                and layer.padding == 0):
-                f = layer.c_out
-                _check_channels(layer, c, layer.c_in)
-                row.update(kind=GEMM, c_out=f, h_out=h, w_out=w, w=self._ptr(_pack_panels(layer.params["weight"], c)),
-                           b=self._ptr(_padded_bias(layer.params["bias"])))
-                shape = (f, h, w)
-            elif isinstance(layer, Conv2d):
+            c, h, w = shape
+            if isinstance(layer, Conv2d) and not (layer.k == 1 and layer.stride == 1 and layer.padding == 0):
                 _check_channels(layer, c, layer.c_in)
                 _, f, ho, wo = layer.output_shape((1, c, h, w))
                 if ho < 1 or wo < 1:
                     raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
-                kk = c * layer.k * layer.k
-                row.update(kind=CONV, c_out=f, h_out=ho, w_out=wo, k=layer.k, stride=layer.stride, pad=layer.padding,
-                           w=self._ptr(_pack_panels(layer.params["weight"], kk)),
-                           b=self._ptr(_padded_bias(layer.params["bias"])))
-                cols = max(cols, kk * ho * wo)
-                shape = (f, ho, wo)
+                weight = layer.params["weight"]  # (F, C, k, k); columns in im2col order
+                weight = weight.reshape(f, -1) if not nhwc else weight.transpose(0, 2, 3, 1).reshape(f, -1)
+                self._add(CONV, shape, (f, ho, wo), k=layer.k, stride=layer.stride, pad=layer.padding,
+                          nchw=int(not nhwc), w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
+                self._cols = max(self._cols, c * layer.k * layer.k * ho * wo)
+                shape, nhwc = (f, ho, wo), True
+                continue
+            if not nhwc:
+                self._add(TO_NHWC, shape, shape)
+                nhwc = True
+            if isinstance(layer, (Vertical, Horizontal)):
+                _check_channels(layer, c, layer.channels)
+                v = layer if isinstance(layer, Vertical) else None
+                hz = layer if isinstance(layer, Horizontal) else None
+                if v is not None and i < len(layers) and isinstance(layers[i], Horizontal) \
+                        and layers[i].channels == c:
+                    hz = layers[i]
+                    i += 1
+                hm = h + v.before + v.after - v.k + 1 if v is not None else h
+                wo = w + hz.before + hz.after - hz.k + 1 if hz is not None else w
+                if hm < 1 or wo < 1:
+                    raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
+                ident = (1, 0, np.ones((1, c)), np.zeros(c))
+                kv, vb, wv, bv = (v.k, v.before, v.params["weight"].T, v.params["bias"]) if v is not None else ident
+                kh, hb, wh, bh = (hz.k, hz.before, hz.params["weight"].T, hz.params["bias"]) if hz is not None \
+                    else ident
+                self._add(VH, shape, (c, hm, wo), kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm,
+                          wv=self._ptr(wv), bv=self._ptr(bv), wh=self._ptr(wh), bh=self._ptr(bh))
+                self._cols = max(self._cols, hm * w * c)
+                shape = (c, hm, wo)
+            elif isinstance(layer, (Lateral, Conv2d)):  # Conv2d here: a 1x1 convolution
+                _check_channels(layer, c, layer.c_in)
+                f = layer.c_out
+                self._add(GEMM, shape, (f, h, w), w=self._ptr(_pack(layer.params["weight"].reshape(f, c).T)),
+                          b=self._ptr(_padded_bias(layer.params["bias"])))
+                shape = (f, h, w)
             elif isinstance(layer, MaxPool2d):
                 _, _, ho, wo = layer.output_shape((1, c, h, w))
                 if ho < 1 or wo < 1:
                     raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
-                row.update(kind=POOL, c_out=c, h_out=ho, w_out=wo, k=layer.k, stride=layer.stride)
-                scratch = max(scratch, h * wo)
+                self._add(POOL, shape, (c, ho, wo), k=layer.k, stride=layer.stride)
                 shape = (c, ho, wo)
-            elif isinstance(layer, Linear):
-                n_in = int(np.prod(shape))
-                if n_in != layer.n_in:
-                    raise UnsupportedNetwork(f"{layer!r}: gets {n_in} inputs")
-                row.update(kind=LINEAR, c_in=n_in, h_in=1, w_in=1, c_out=layer.n_out, h_out=1, w_out=1,
-                           w=self._ptr(layer.params["weight"]), b=self._ptr(layer.params["bias"]))
-                shape = (layer.n_out,)
             else:
                 raise UnsupportedNetwork(f"the compiled path has no op for {type(layer).__name__}")
-            rows.append(row)
-            act = max(act, row["c_out"] * row["h_out"] * row["w_out"])
-            i += 1
-        if not rows:
+        if not self._rows:
             raise UnsupportedNetwork("the network has no op the compiled path runs (only dropout/flatten)")
+        if nhwc and (len(shape) == 3 or flat_from is not None):  # give the caller NCHW order back
+            src = shape if len(shape) == 3 else flat_from
+            self._add(TO_NCHW, src, src)
         self.out_shape = tuple(shape)
-        self.ops = np.zeros((len(rows), NFIELDS), np.int64)
-        for r, row in enumerate(rows):
+        self.ops = np.zeros((len(self._rows), NFIELDS), np.int64)
+        for r, row in enumerate(self._rows):
             for name, v in row.items():
                 self.ops[r, COL[name]] = v
-        self.kinds = [rows[r]["kind"] for r in range(len(rows))]
-        self.act_floats, self.scratch_floats = act, scratch
-        self.ctx_floats = 2 * act + cols
+        self.kinds = [row["kind"] for row in self._rows]
+        self.act_floats = self._act
+        self.ctx_floats = 2 * self._act + self._cols
         self._arena = np.empty(0, np.float32)
         self._lock = threading.Lock()
 
+    def _add(self, kind, in_shape, out_shape, **fields):
+        (c, h, w), (f, ho, wo) = (tuple(in_shape) + (1, 1))[:3], (tuple(out_shape) + (1, 1))[:3]
+        self._rows.append(dict(kind=kind, relu=0, c_in=c, h_in=h, w_in=w, c_out=f, h_out=ho, w_out=wo, **fields))
+        self._act = max(self._act, f * ho * wo)
+
     def _ptr(self, array):
-        a = np.ascontiguousarray(array, dtype=np.float32).copy()
+        a = np.array(array, dtype=np.float32, order="C", copy=True)
         self._keep.append(a)
         return a.ctypes.data
 
@@ -190,12 +204,10 @@ class Plan:
         threads = int(num_threads or get_num_threads())
         x2 = np.ascontiguousarray(x).reshape(len(x), -1)
         out = np.empty((len(x), int(np.prod(self.out_shape))), np.float32)
-        need = threads * (self.ctx_floats + self.scratch_floats)
         with self._lock:
-            if self._arena.size < need:
-                self._arena = np.empty(need, np.float32)
-            _kernels.infer_run(self.ops, x2, out, self._arena, self.act_floats, self.ctx_floats,
-                               self.scratch_floats, threads)
+            if self._arena.size < threads * self.ctx_floats:
+                self._arena = np.empty(threads * self.ctx_floats, np.float32)
+            _kernels.infer_run(self.ops, x2, out, self._arena, self.act_floats, self.ctx_floats, threads)
         return out.reshape(len(x), *self.out_shape)
 
 
