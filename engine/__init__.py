@@ -10,8 +10,13 @@ import os
 # Two thread pools share the cores: OpenMP's (our kernels) and OpenBLAS's (GEMMs). By
 # default each spins for a while after its work, stealing the cores the other needs
 # next (measured: the flattened model's step took up to 2x longer). Unless the user
-# chose otherwise, let both go to sleep at once. Must be set before the runtimes load.
+# chose otherwise, let both go to sleep soon. OpenMP's threads still spin briefly
+# (GOMP_SPINCOUNT: about 0.1 ms, by libgomp's own estimate of 100,000 spins per ms):
+# waking a sleeping thread costs ~20 us on these machines, which single-image inference
+# would pay on every call; training speed was the same within noise (docs/benchmarks.md).
+# Must be set before the runtimes load.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .backend import get_num_threads, kernels_path, openmp_enabled, set_num_threads

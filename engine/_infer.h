@@ -10,8 +10,8 @@
  * Activations between ops are channels-last, (H, W, C) per image: every per-channel op
  * (vertical/horizontal 1D convolution, pooling) is then a loop over whole SIMD vectors
  * of channels, however narrow the image, and a 1x1 convolution is a plain GEMM
- * (positions x channels) @ (channels x filters). The input image comes in NCHW; the
- * first convolution reads it as it is, otherwise an op transposes it.
+ * (positions x channels) @ (channels x filters). The input image comes in NCHW and
+ * the first op transposes it.
  *
  * The GEMMs use a register-blocked micro-kernel (FP_MR positions x 2 vectors of
  * filters) over weights packed at compile time in panels of FP_NR filters (k-major,
@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sched.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -47,9 +48,9 @@ enum { FP_GEMM = 0, FP_CONV = 1, FP_VH = 2, FP_POOL = 3, FP_LINEAR = 4, FP_RELU 
 enum {
     F_KIND, F_RELU, F_CIN, F_HIN, F_WIN, F_COUT, F_HOUT, F_WOUT,
     F_K, F_STRIDE, F_PAD, F_KV, F_VBEFORE, F_KH, F_HBEFORE, F_HMID,
-    F_W, F_B, F_WV, F_BV, F_WH, F_BH, F_NCHW
+    F_W, F_B, F_WV, F_BV, F_WH, F_BH
 };
-#define FP_NFIELDS 24  /* columns per op (one spare) */
+#define FP_NFIELDS 24  /* columns per op (two spare) */
 
 static int fp_nr(void) { return FP_NR; }
 static int fp_vl(void) { return FP_VL; }
@@ -103,8 +104,8 @@ static void fp_barrier_wait(fp_barrier *b, int nt) {
 
 /* ---------------------------------------------------------------- GEMM
  * C[M, N] = A[M, K] B[K, N] + bias[N] (+ ReLU), C row-major with leading dimension ldc.
- * A(i, k) is at A[i * a_rs + k * a_ks]: positions x channels (a_rs = K, a_ks = 1), or
- * the transpose of an im2col matrix (a_rs = 1, a_ks = M). B is packed: panel p holds
+ * A(i, k) is at A[i * a_rs + k * a_ks] (positions x channels: a_rs = K, a_ks = 1; the
+ * strides are kept general for the tests). B is packed: panel p holds
  * columns p*NR .. p*NR+NR-1 as Bp[p][k][j], zero past N; bias is padded likewise.
  */
 static inline void fp_tile(long K, const float *const *arow, long a_ks, const float *bp, const float *bias,
@@ -170,42 +171,21 @@ static void fp_gemv(long M, long K, const float *W, const float *b, const float 
 
 /* ---------------------------------------------------------------- im2col */
 
-/* From an NCHW image: rows [r0, r1) of the (C*k*k, Ho*Wo) column matrix, row (c, ky, kx). */
-static void fp_im2col_nchw(const float *x, long H, long W, long k, long stride, long pad, long Ho, long Wo,
-                           float *cols, long r0, long r1) {
-    long P = Ho * Wo;
-    for (long r = r0; r < r1; r++) {
-        long c = r / (k * k), ky = (r / k) % k, kx = r % k;
-        const float *xc = x + c * H * W;
-        float *row = cols + r * P;
-        for (long oy = 0; oy < Ho; oy++) {
-            long iy = oy * stride + ky - pad;
-            float *o = row + oy * Wo;
-            if (iy < 0 || iy >= H) { memset(o, 0, Wo * sizeof(float)); continue; }
-            const float *xr = xc + iy * W;
-            for (long ox = 0; ox < Wo; ox++) {
-                long ix = ox * stride + kx - pad;
-                o[ox] = (ix >= 0 && ix < W) ? xr[ix] : 0.f;
-            }
-        }
-    }
-}
-
 /* From an (H, W, C) image: positions [p0, p1) of the (Ho*Wo, k*k*C) matrix, column (ky, kx, c). */
-static void fp_im2col_nhwc(const float *x, long C, long H, long W, long k, long stride, long pad, long Wo,
+static void fp_im2col(const float *x, long C, long H, long W, long k, long stride, long pad, long Wo,
                            float *cols, long p0, long p1) {
     long K = k * k * C;
     for (long p = p0; p < p1; p++) {
-        long oy = p / Wo, ox = p % Wo;
+        long oy = p / Wo, ox = p % Wo, ix0 = ox * stride - pad;
+        long kx0 = fp_max(0, -ix0), kx1 = fp_min(k, W - ix0);  /* taps inside the row: one run */
         float *row = cols + p * K;
         for (long ky = 0; ky < k; ky++) {
             long iy = oy * stride + ky - pad;
-            for (long kx = 0; kx < k; kx++) {
-                long ix = ox * stride + kx - pad;
-                float *o = row + (ky * k + kx) * C;
-                if (iy < 0 || iy >= H || ix < 0 || ix >= W) memset(o, 0, C * sizeof(float));
-                else memcpy(o, x + (iy * W + ix) * C, C * sizeof(float));
-            }
+            float *o = row + ky * k * C;
+            if (iy < 0 || iy >= H || kx1 <= kx0) { memset(o, 0, k * C * sizeof(float)); continue; }
+            if (kx0 > 0) memset(o, 0, kx0 * C * sizeof(float));
+            memcpy(o + kx0 * C, x + (iy * W + ix0 + kx0) * C, (kx1 - kx0) * C * sizeof(float));
+            if (kx1 < k) memset(o + kx1 * C, 0, (k - kx1) * C * sizeof(float));
         }
     }
 }
@@ -213,46 +193,75 @@ static void fp_im2col_nhwc(const float *x, long C, long H, long W, long k, long 
 /* ---------------------------------------------------------------- per-channel ops (channels-last) */
 
 /* Vertical then horizontal per-channel correlation of channels [c0, c1), with biases:
- * tmp[i, x] = bv + sum_t wv[t] in[i + t - vb, x]   (rows outside the input are zero)
- * y[i, j]   = bh + sum_t wh[t] tmp[i, j + t - hb]  (columns likewise)
- * wv is (kv, C), wh (kh, C); tmp holds Hm*W*C floats. */
-static void fp_vh(const int64_t *op, const float *x, float *y, float *tmp, long c0, long c1) {
+ * v[i, x] = bv + sum_t wv[t] in[i + t - vb, x]   (rows outside the input are zero)
+ * y[i, j] = bh + sum_t wh[t] v[i, j + t - hb]    (columns likewise)
+ * wv is (kv, C), wh (kh, C). Output row i needs only row i of v: it goes, with its
+ * zero padding, to `rowp` (Wo + kh - 1 positions x C, in L1), so every output takes
+ * all kv and kh taps without a bound check; missing input rows read `zero` (W x C).
+ * Threads use disjoint channels of both buffers. Taps are compile-time constants for
+ * the common sizes (see fp_vh). */
+static inline __attribute__((always_inline)) void fp_vh_rows(
+        long c0, long cv, long C, long H, long W, long Hm, long Wo, const float *x, float *y, float *rowp,
+        const float *zero, long kv, long vb, long kh, long hb, const float *wv, const float *bv,
+        const float *wh, const float *bh, int relu) {
+    long x0 = fp_max(0, -hb), x1 = fp_min(W, Wo + kh - 1 - hb);  /* v columns that land in rowp */
+    for (long c = c0; c < cv; c += FP_VL) {  /* this vector of channels: taps in registers */
+        fp_v wvr[kv], whr[kh], bvr = fp_load(bv + c), bhr = fp_load(bh + c);
+        for (long t = 0; t < kv; t++) wvr[t] = fp_load(wv + t * C + c);
+        for (long t = 0; t < kh; t++) whr[t] = fp_load(wh + t * C + c);
+        for (long i = 0; i < Hm; i++) {
+            const float *src[kv];
+            for (long t = 0; t < kv; t++) {
+                long r = i + t - vb;
+                src[t] = (r >= 0 && r < H) ? x + r * W * C : zero;
+            }
+            float *yi = y + i * Wo * C;
+            for (long xx = x0; xx < x1; xx++) {
+                fp_v acc = bvr;
+                for (long t = 0; t < kv; t++) acc += wvr[t] * fp_load(src[t] + xx * C + c);
+                fp_store(rowp + (xx + hb) * C + c, acc);
+            }
+            for (long j = 0; j < Wo; j++) {
+                fp_v acc = bhr;
+                for (long t = 0; t < kh; t++) acc += whr[t] * fp_load(rowp + (j + t) * C + c);
+                fp_store(yi + j * C + c, relu ? fp_relu(acc) : acc);
+            }
+        }
+    }
+}
+
+static void fp_vh(const int64_t *op, const float *x, float *y, float *scratch, long c0, long c1) {
     long C = op[F_CIN], H = op[F_HIN], W = op[F_WIN], Hm = op[F_HMID], Wo = op[F_WOUT];
     long kv = op[F_KV], vb = op[F_VBEFORE], kh = op[F_KH], hb = op[F_HBEFORE];
     const float *wv = fp_ptr(op[F_WV]), *bv = fp_ptr(op[F_BV]), *wh = fp_ptr(op[F_WH]), *bh = fp_ptr(op[F_BH]);
     int relu = (int)op[F_RELU];
-    long cv = c0 + (c1 - c0) / FP_VL * FP_VL;  /* [c0, cv) in whole vectors, [cv, c1) one by one */
-    for (long i = 0; i < Hm; i++) {
-        long t0 = fp_max(0, vb - i), t1 = fp_min(kv, H + vb - i);
-        for (long xx = 0; xx < W; xx++) {
-            float *o = tmp + (i * W + xx) * C;
-            const float *src = x + ((i - vb) * W + xx) * C;  /* row i + t - vb is src + t*W*C */
-            for (long c = c0; c < cv; c += FP_VL) {
-                fp_v acc = fp_load(bv + c);
-                for (long t = t0; t < t1; t++) acc += fp_load(wv + t * C + c) * fp_load(src + t * W * C + c);
-                fp_store(o + c, acc);
-            }
-            for (long c = cv; c < c1; c++) {
+    long L = Wo + kh - 1;
+    float *rowp = scratch, *zero = scratch + L * C;
+    /* zero this thread's channels of the padding positions of rowp and of the zero row */
+    for (long p = 0; p < L; p++)
+        if (p < hb || p >= hb + W) memset(rowp + p * C + c0, 0, (c1 - c0) * sizeof(float));
+    for (long p = 0; p < W; p++) memset(zero + p * C + c0, 0, (c1 - c0) * sizeof(float));
+    long cv = c0 + (c1 - c0) / FP_VL * FP_VL;
+    if (kv == 5 && kh == 5)
+        fp_vh_rows(c0, cv, C, H, W, Hm, Wo, x, y, rowp, zero, 5, vb, 5, hb, wv, bv, wh, bh, relu);
+    else if (kv == 3 && kh == 3)
+        fp_vh_rows(c0, cv, C, H, W, Hm, Wo, x, y, rowp, zero, 3, vb, 3, hb, wv, bv, wh, bh, relu);
+    else
+        fp_vh_rows(c0, cv, C, H, W, Hm, Wo, x, y, rowp, zero, kv, vb, kh, hb, wv, bv, wh, bh, relu);
+    for (long c = cv; c < c1; c++) {  /* channels left over after whole vectors: scalar */
+        for (long i = 0; i < Hm; i++) {
+            for (long xx = 0; xx < W; xx++) {
                 float acc = bv[c];
-                for (long t = t0; t < t1; t++) acc += wv[t * C + c] * src[t * W * C + c];
-                o[c] = acc;
+                for (long t = 0; t < kv; t++) {
+                    long r = i + t - vb;
+                    if (r >= 0 && r < H) acc += wv[t * C + c] * x[(r * W + xx) * C + c];
+                }
+                if (xx + hb >= 0 && xx + hb < L) rowp[(xx + hb) * C + c] = acc;
             }
-        }
-    }
-    for (long i = 0; i < Hm; i++) {
-        for (long j = 0; j < Wo; j++) {
-            long t0 = fp_max(0, hb - j), t1 = fp_min(kh, W + hb - j);
-            float *o = y + (i * Wo + j) * C;
-            const float *src = tmp + (i * W + j - hb) * C;  /* column j + t - hb is src + t*C */
-            for (long c = c0; c < cv; c += FP_VL) {
-                fp_v acc = fp_load(bh + c);
-                for (long t = t0; t < t1; t++) acc += fp_load(wh + t * C + c) * fp_load(src + t * C + c);
-                fp_store(o + c, relu ? fp_relu(acc) : acc);
-            }
-            for (long c = cv; c < c1; c++) {
+            for (long j = 0; j < Wo; j++) {
                 float acc = bh[c];
-                for (long t = t0; t < t1; t++) acc += wh[t * C + c] * src[t * C + c];
-                o[c] = relu && acc < 0.f ? 0.f : acc;
+                for (long t = 0; t < kh; t++) acc += wh[t * C + c] * rowp[(j + t) * C + c];
+                y[(i * Wo + j) * C + c] = relu && acc < 0.f ? 0.f : acc;
             }
         }
     }
@@ -290,9 +299,17 @@ static void fp_pool(const int64_t *op, const float *x, float *y, long r0, long r
 
 /* ---------------------------------------------------------------- one image */
 
+static inline double fp_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* times (optional, thread 0 only): seconds spent in each op are added to times[o] */
 static void fp_image(const int64_t *ops, int nops, const float *x, float *out, float *buf0, float *buf1,
-                     float *cols, int tid, int nt, fp_barrier *bar) {
+                     float *cols, int tid, int nt, fp_barrier *bar, double *times) {
     const float *in = x;
+    double t_prev = times ? fp_now() : 0.0;
     for (int o = 0; o < nops; o++) {
         const int64_t *op = ops + (long)o * FP_NFIELDS;
         float *dst = o == nops - 1 ? out : (o % 2 == 0 ? buf0 : buf1);
@@ -304,19 +321,12 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
         case FP_GEMM:
             fp_gemm(H * W, F, C, in, C, 1, w, b, dst, F, relu, tid, nt);
             break;
-        case FP_CONV: {
+        case FP_CONV: {  /* im2col (positions x taps) of the channels-last input, then a GEMM */
             long k = op[F_K], K = C * k * k, P = Ho * Wo;
-            if (op[F_NCHW]) {
-                fp_share(K, 1, tid, nt, &lo, &hi);
-                fp_im2col_nchw(in, H, W, k, op[F_STRIDE], op[F_PAD], Ho, Wo, cols, lo, hi);
-                fp_barrier_wait(bar, nt);
-                fp_gemm(P, F, K, cols, 1, P, w, b, dst, F, relu, tid, nt);
-            } else {
-                fp_share(P, 1, tid, nt, &lo, &hi);
-                fp_im2col_nhwc(in, C, H, W, k, op[F_STRIDE], op[F_PAD], Wo, cols, lo, hi);
-                fp_barrier_wait(bar, nt);
-                fp_gemm(P, F, K, cols, K, 1, w, b, dst, F, relu, tid, nt);
-            }
+            fp_share(P, 1, tid, nt, &lo, &hi);
+            fp_im2col(in, C, H, W, k, op[F_STRIDE], op[F_PAD], Wo, cols, lo, hi);
+            fp_barrier_wait(bar, nt);
+            fp_gemm(P, F, K, cols, K, 1, w, b, dst, F, relu, tid, nt);
             break;
         }
         case FP_VH:
@@ -346,16 +356,23 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
             break;
         }
         fp_barrier_wait(bar, nt);
+        if (times) {
+            double t = fp_now();
+            times[o] += t - t_prev;
+            t_prev = t;
+        }
         in = dst;
     }
 }
 
 /* Run n images (each in_size floats at x) through the ops; outputs (out_size floats
  * each) go to out. arena: `threads` contexts of ctx_floats (two activation buffers of
- * act_floats, then the column / intermediate buffer). */
-static void fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
-                   float *arena, long act_floats, long ctx_floats, int threads) {
-    int per_image = n >= 2L * threads;
+ * act_floats, then the column / intermediate buffer). times: NULL, or per-op seconds
+ * (accumulated by thread 0, which waits at every barrier, so they are wall times).
+ * Returns the number of threads that ran (OpenMP may give fewer than asked). */
+static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
+                  float *arena, long act_floats, long ctx_floats, int threads, double *times) {
+    int per_image = n >= 2L * threads, team = 1;
     fp_barrier bar = {0, 0};
 #ifdef _OPENMP
     #pragma omp parallel num_threads(threads)
@@ -366,6 +383,7 @@ static void fp_run(const int64_t *ops, int nops, const float *x, long n, long in
 #else
         int tid = 0, nt = 1;
 #endif
+        if (tid == 0) team = nt;
         if (per_image) {
             float *ctx = arena + (long)tid * ctx_floats;
 #ifdef _OPENMP
@@ -373,11 +391,12 @@ static void fp_run(const int64_t *ops, int nops, const float *x, long n, long in
 #endif
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, ctx, ctx + act_floats,
-                         ctx + 2 * act_floats, 0, 1, &bar);
+                         ctx + 2 * act_floats, 0, 1, &bar, tid == 0 ? times : NULL);
         } else {
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, arena, arena + act_floats,
-                         arena + 2 * act_floats, tid, nt, &bar);
+                         arena + 2 * act_floats, tid, nt, &bar, tid == 0 ? times : NULL);
         }
     }
+    return team;
 }

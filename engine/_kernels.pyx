@@ -677,8 +677,8 @@ cdef extern from "_infer.h" nogil:
     int fp_nr()
     int fp_vl()
     int fp_nfields()
-    void fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
-                float *arena, long act_floats, long ctx_floats, int threads)
+    int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
+                float *arena, long act_floats, long ctx_floats, int threads, double *times)
 
 
 def infer_layout():
@@ -691,16 +691,24 @@ def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan 
               float[:, ::1] out,            # OUT (N, out_size)
               float[::1] arena,             # work buffers: num_threads contexts of ctx_floats
               Py_ssize_t act_floats, Py_ssize_t ctx_floats,
-              int num_threads):
-    """Run a compiled network (engine/_infer.h) on a batch: one parallel region for the whole batch."""
+              int num_threads,
+              double[::1] times=None):      # OUT (optional, n_ops): seconds per op are added here
+    """Run a compiled network (engine/_infer.h) on a batch, in one parallel region; returns the team size."""
+    cdef double *t = NULL
+    cdef int team = 0
     if ops.shape[1] != fp_nfields() or ops.shape[0] < 1:
         raise ValueError(f"infer_run: op table must be (n_ops, {fp_nfields()}), got ({ops.shape[0]}, {ops.shape[1]})")
     if out.shape[0] != x.shape[0]:
         raise ValueError("infer_run: x and out must hold the same number of images")
     if num_threads < 1 or ctx_floats < 2 * act_floats or arena.shape[0] < num_threads * ctx_floats:
         raise ValueError("infer_run: arena too small for the thread count")
+    if times is not None:
+        if times.shape[0] != ops.shape[0]:
+            raise ValueError("infer_run: times must have one entry per op")
+        t = &times[0]
     if x.shape[0] == 0:
-        return
+        return 0
     with nogil:
-        fp_run(&ops[0, 0], <int> ops.shape[0], &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1],
-               &arena[0], act_floats, ctx_floats, num_threads)
+        team = fp_run(&ops[0, 0], <int> ops.shape[0], &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1],
+               &arena[0], act_floats, ctx_floats, num_threads, t)
+    return team

@@ -33,7 +33,7 @@ from .layers import Conv2d, Dropout, Flatten, Horizontal, Lateral, Linear, MaxPo
 NR, VL, NFIELDS = _kernels.infer_layout()
 (GEMM, CONV, VH, POOL, LINEAR, RELU, TO_NHWC, TO_NCHW) = range(8)
 FIELDS = ("kind relu c_in h_in w_in c_out h_out w_out k stride pad kv vbefore kh hbefore h_mid "
-          "w b wv bv wh bh nchw").split()
+          "w b wv bv wh bh").split()
 COL = {name: i for i, name in enumerate(FIELDS)}
 FUSES_RELU = (GEMM, CONV, VH, POOL, LINEAR)
 
@@ -42,13 +42,13 @@ class UnsupportedNetwork(ValueError):
     """The network holds a layer (or a dtype or backend) the compiled path does not handle."""
 
 
-def _leaves(layer):
-    """The network's layers in order, with Sequential/Flattened containers opened."""
+def _leaves(layer, name=""):
+    """(name, layer) of the network's layers in order, Sequential/Flattened containers opened."""
     if isinstance(layer, Sequential):
-        for _, child in layer.children:
-            yield from _leaves(child)
+        for cname, child in layer.children:
+            yield from _leaves(child, f"{name}.{cname}" if name else cname)
     else:
-        yield layer
+        yield name, layer
 
 
 def _pack(wt):
@@ -77,13 +77,15 @@ class Plan:
             raise UnsupportedNetwork(f"in_shape must be (C, H, W), got {in_shape}")
         self._keep = []      # arrays the op table points into
         self._rows = []
+        self.names = []      # per op: the layers it runs
         self._act = self._cols = 1
         shape, nhwc = self.in_shape, False   # activations: the input is NCHW, every op's output channels-last
         flat_from = None                     # (C, H, W) of a flattened channels-last activation
-        layers = list(_leaves(net))
+        named = list(_leaves(net))
+        layers = [layer for _, layer in named]
         i = 0
         while i < len(layers):
-            layer = layers[i]
+            self._name, layer = named[i]
             i += 1
             if isinstance(layer, Dropout):
                 continue
@@ -94,6 +96,7 @@ class Plan:
             if isinstance(layer, ReLU):
                 if self._rows and self._rows[-1]["kind"] in FUSES_RELU:
                     self._rows[-1]["relu"] = 1   # ReLU is idempotent: a second one changes nothing
+                    self.names[-1] += f"+{self._name}"
                 else:
                     self._add(RELU, shape, shape)
                 continue
@@ -117,15 +120,17 @@ class Plan:
                 _, f, ho, wo = layer.output_shape((1, c, h, w))
                 if ho < 1 or wo < 1:
                     raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
-                weight = layer.params["weight"]  # (F, C, k, k); columns in im2col order
-                weight = weight.reshape(f, -1) if not nhwc else weight.transpose(0, 2, 3, 1).reshape(f, -1)
+                if not nhwc:
+                    self._to_nhwc(shape)
+                    nhwc = True
+                weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(f, -1)  # im2col order (ky, kx, c)
                 self._add(CONV, shape, (f, ho, wo), k=layer.k, stride=layer.stride, pad=layer.padding,
-                          nchw=int(not nhwc), w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
+                          w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
                 self._cols = max(self._cols, c * layer.k * layer.k * ho * wo)
-                shape, nhwc = (f, ho, wo), True
+                shape = (f, ho, wo)
                 continue
             if not nhwc:
-                self._add(TO_NHWC, shape, shape)
+                self._to_nhwc(shape)
                 nhwc = True
             if isinstance(layer, (Vertical, Horizontal)):
                 _check_channels(layer, c, layer.channels)
@@ -134,6 +139,7 @@ class Plan:
                 if v is not None and i < len(layers) and isinstance(layers[i], Horizontal) \
                         and layers[i].channels == c:
                     hz = layers[i]
+                    self._name = f"{self._name}+horizontal"
                     i += 1
                 hm = h + v.before + v.after - v.k + 1 if v is not None else h
                 wo = w + hz.before + hz.after - hz.k + 1 if hz is not None else w
@@ -145,7 +151,7 @@ class Plan:
                     else ident
                 self._add(VH, shape, (c, hm, wo), kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm,
                           wv=self._ptr(wv), bv=self._ptr(bv), wh=self._ptr(wh), bh=self._ptr(bh))
-                self._cols = max(self._cols, hm * w * c)
+                self._cols = max(self._cols, (wo + kh - 1 + w) * c)
                 shape = (c, hm, wo)
             elif isinstance(layer, (Lateral, Conv2d)):  # Conv2d here: a 1x1 convolution
                 _check_channels(layer, c, layer.c_in)
@@ -165,6 +171,7 @@ class Plan:
             raise UnsupportedNetwork("the network has no op the compiled path runs (only dropout/flatten)")
         if nhwc and (len(shape) == 3 or flat_from is not None):  # give the caller NCHW order back
             src = shape if len(shape) == 3 else flat_from
+            self._name = "(to NCHW)"
             self._add(TO_NCHW, src, src)
         self.out_shape = tuple(shape)
         self.ops = np.zeros((len(self._rows), NFIELDS), np.int64)
@@ -176,11 +183,18 @@ class Plan:
         self.ctx_floats = 2 * self._act + self._cols
         self._arena = np.empty(0, np.float32)
         self._lock = threading.Lock()
+        self.last_threads = 0  # threads that ran the last call
+
+    def _to_nhwc(self, shape):
+        name, self._name = self._name, "(to channels-last)"
+        self._add(TO_NHWC, shape, shape)
+        self._name = name
 
     def _add(self, kind, in_shape, out_shape, **fields):
         (c, h, w), (f, ho, wo) = (tuple(in_shape) + (1, 1))[:3], (tuple(out_shape) + (1, 1))[:3]
         self._rows.append(dict(kind=kind, relu=0, c_in=c, h_in=h, w_in=w, c_out=f, h_out=ho, w_out=wo, **fields))
         self._act = max(self._act, f * ho * wo)
+        self.names.append(self._name)
 
     def _ptr(self, array):
         a = np.array(array, dtype=np.float32, order="C", copy=True)
@@ -188,11 +202,26 @@ class Plan:
         return a.ctypes.data
 
     def __call__(self, x, num_threads=None):
+        """Outputs (N, ...) for x (N, C, H, W) or one image (C, H, W); float input, converted to float32."""
+        x = self._check(x)
+        out = np.empty((len(x), int(np.prod(self.out_shape))), np.float32)
+        self._run(x, out, num_threads)
+        return out.reshape(len(x), *self.out_shape)
+
+    def profile(self, x, repeat=20, num_threads=None):
+        """[(op name, median milliseconds)] over `repeat` runs of x (after one warm-up run)."""
+        x = self._check(x)
+        out = np.empty((len(x), int(np.prod(self.out_shape))), np.float32)
+        self._run(x, out, num_threads)
+        runs = np.zeros((repeat, len(self.names)))
+        for r in range(repeat):
+            self._run(x, out, num_threads, runs[r])
+        return list(zip(self.names, 1e3 * np.median(runs, axis=0)))
+
+    def _check(self, x):
         x = np.asarray(x)
-        if x.dtype != np.float32:
-            if x.dtype.kind != "f":
-                raise TypeError(f"expected float32 input, got dtype {x.dtype}")
-            x = x.astype(np.float32)
+        if x.dtype.kind != "f":
+            raise TypeError(f"expected floating-point input, got dtype {x.dtype}")
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[1:] != self.in_shape:
@@ -201,14 +230,15 @@ class Plan:
             raise ValueError("empty batch")
         if not np.isfinite(x).all():
             raise ValueError("input holds NaN or infinite values")
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
+
+    def _run(self, x, out, num_threads, times=None):
         threads = int(num_threads or get_num_threads())
-        x2 = np.ascontiguousarray(x).reshape(len(x), -1)
-        out = np.empty((len(x), int(np.prod(self.out_shape))), np.float32)
         with self._lock:
             if self._arena.size < threads * self.ctx_floats:
                 self._arena = np.empty(threads * self.ctx_floats, np.float32)
-            _kernels.infer_run(self.ops, x2, out, self._arena, self.act_floats, self.ctx_floats, threads)
-        return out.reshape(len(x), *self.out_shape)
+            self.last_threads = _kernels.infer_run(self.ops, x, out, self._arena, self.act_floats, self.ctx_floats,
+                                                   threads, times)
 
 
 def _check_channels(layer, got, expected):
