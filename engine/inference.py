@@ -11,6 +11,11 @@ preprocessing settings. Loading never executes anything from the file.
     probs = model.predict(images_uint8_nhwc)      # (N, classes)
     labels = model.classify(images_uint8_nhwc)    # (N,)
 
+On the CPU, ``predict`` runs the network compiled by ``engine.plan`` (one compiled call
+per batch, channels-last, packed weights); ``Model(..., compiled=False)`` or a network
+the compiled path does not handle runs layer by layer instead, with the same results up
+to float32 rounding.
+
 This module needs numpy and the compiled kernels only (no trainer, tqdm or matplotlib).
 """
 import threading
@@ -22,6 +27,7 @@ from . import layers as L
 from . import npzfile
 from .backend import ops_for, to_numpy
 from .losses import softmax
+from .plan import UnsupportedNetwork, compile_network
 
 FORMAT = "flatnet-model"
 VERSION = 1
@@ -72,7 +78,7 @@ def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, 
 class Model:
     """A loaded network with its preprocessing: predict() and classify(), thread-safe."""
 
-    def __init__(self, net, meta, zca_mean=None, zca_matrix=None):
+    def __init__(self, net, meta, zca_mean=None, zca_matrix=None, compiled=True):
         self.net = net.eval()
         self.meta = meta
         self.classes = meta["classes"]
@@ -80,6 +86,26 @@ class Model:
         self.preprocessing = meta["preprocessing"]
         self.zca_mean, self.zca_matrix = zca_mean, zca_matrix
         self._lock = threading.Lock()  # layers reuse their buffers: one forward at a time
+        self.plan = None
+        if compiled:
+            self.compile()
+
+    def compile(self):
+        """(Re)compile the network for the CPU's fast path, from its current weights.
+
+        Called by the constructor; call it again after changing ``model.net``'s weights.
+        Returns the plan, or None when the network runs layer by layer (not on the CPU,
+        not float32, or a layer the compiled path lacks: ``model.why_not_compiled`` says which).
+        """
+        self.plan, self.why_not_compiled = None, None
+        if self.net.dtype != np.float32:
+            self.why_not_compiled = f"the network is {self.net.dtype}, the compiled path float32"
+            return None
+        try:
+            self.plan = compile_network(self.net, self.input_shape)
+        except UnsupportedNetwork as e:
+            self.why_not_compiled = str(e)
+        return self.plan
 
     def preprocess(self, images):
         """uint8 (or float 0..255) images, HWC or NHWC (grey: also HW or NHW), -> float32 NCHW as in training."""
@@ -113,6 +139,8 @@ class Model:
                                  f", got {np.shape(images)}")
         else:
             x = self.preprocess(images)
+        if self.plan is not None:  # thread-safe itself, and holds the whole batch's work in one call
+            return softmax(self.plan(x)).astype(np.float32, copy=False)
         out = np.empty((len(x), len(self.classes)), dtype=np.float32)
         ops = ops_for(self.net.backend)
         with self._lock:
@@ -125,10 +153,11 @@ class Model:
         return self.predict(images, preprocessed=preprocessed).argmax(axis=1)
 
 
-def load(path, backend="cpu"):
+def load(path, backend="cpu", compiled=True):
     """Load a model file written by save_model / train.py, validating it; returns a Model.
 
     backend='cupy' runs the network on the GPU (the file is the same whichever backend wrote it).
+    compiled=False runs it layer by layer on the CPU too (see engine.plan for the compiled path).
     """
     path = Path(path)
     arrays, meta = npzfile.load(path, "model file", ModelFileError)
@@ -164,4 +193,4 @@ def load(path, backend="cpu"):
         raise ModelFileError(f"{path}: ZCA arrays do not match the input size {d}")
     if backend != "cpu":
         net.to(backend)
-    return Model(net, meta, zca_mean, zca_matrix)
+    return Model(net, meta, zca_mean, zca_matrix, compiled=compiled)

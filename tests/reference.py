@@ -105,3 +105,11 @@ def splitmix64(seed, i):
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
     return z ^ (z >> 31)
+
+
+def conv2d_np(x, w, b, stride, pad):
+    """Conv2d in float64 from numpy's sliding windows and einsum (fast enough for whole networks)."""
+    kh, kw = w.shape[2:]
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+    return np.einsum("nchwij,fcij->nfhw", win, w.astype(np.float64)) + b.astype(np.float64)[None, :, None, None]

@@ -11,6 +11,7 @@ import pytest
 import engine
 from engine.data import ZCA, global_contrast_normalize
 from engine.inference import ModelFileError
+from engine.plan import compile_network
 from models.paper import build
 
 
@@ -31,8 +32,14 @@ def saved(tmp_path):
 def test_round_trip_gives_identical_predictions(saved):
     path, net, raw, x = saved
     model = engine.load(path)
+    assert model.plan is not None  # the CPU's compiled path
     expect = engine.softmax(net.eval().forward(x).copy())
-    np.testing.assert_array_equal(model.predict(x, preprocessed=True), expect)
+    # The file holds exactly the weights: layer by layer, and compiled, the loaded model
+    # gives bit for bit what the original network gives on the same path.
+    np.testing.assert_array_equal(engine.load(path, compiled=False).predict(x, preprocessed=True), expect)
+    np.testing.assert_array_equal(model.predict(x, preprocessed=True),
+                                  engine.softmax(compile_network(net, (1, 28, 28))(x)))
+    np.testing.assert_allclose(model.predict(x, preprocessed=True), expect, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(model.predict(raw), expect, rtol=1e-4, atol=1e-6)  # same preprocessing inside
     np.testing.assert_allclose(model.predict(raw[0]), expect[:1], rtol=1e-4, atol=1e-6)  # a single HWC image
     np.testing.assert_allclose(model.predict(raw[..., 0]), expect, rtol=1e-4, atol=1e-6)  # grey NHW, no channel axis
