@@ -385,6 +385,11 @@ def bench_model(args):
                      timeit(lambda: net.forward(x), args.repeat, warmup=2, sync=ops.synchronize)))
         rows.append(("inference", 1, backend,
                      timeit(lambda: net.forward(x[:1]), max(args.repeat, 20), warmup=3, sync=ops.synchronize)))
+        if backend == "cpu":  # the compiled path engine.load(...).predict uses (engine/plan.py)
+            from engine.plan import compile_network
+            plan = compile_network(net)
+            rows.append(("inference", args.batch, "cpu compiled", timeit(lambda: plan(x), args.repeat, warmup=2)))
+            rows.append(("inference", 1, "cpu compiled", timeit(lambda: plan(x[:1]), max(args.repeat, 20), warmup=3)))
         if args.per_layer and backend == "cpu":
             net.train()
             print_per_layer(per_layer_times(net, x, args.repeat), f"{args.model} layers (training mode)")
@@ -455,7 +460,12 @@ def bench_torch_model(args, shape, n_classes):
 # ----------------------------------------------------------------------------- inference latency
 
 def bench_latency(args):
-    """Single-image and batch inference of both CIFAR-10 models via engine.load, beside onnxruntime."""
+    """Single-image and batch inference of both CIFAR-10 models via engine.load, beside onnxruntime.
+
+    engine: Model.predict on the compiled path; engine-layers: the same model run layer by
+    layer (load(..., compiled=False)). The runtimes take turns in blocks (5 rounds), so a
+    noisy minute affects all of them; each row is the median over all its rounds.
+    """
     import tempfile
 
     from engine.inference import load, save_model
@@ -463,13 +473,14 @@ def bench_latency(args):
     engine.set_num_threads(args.threads)
     print_environment(environment(args.threads))
     rng = np.random.default_rng(0)
-    print(f"{'model':<10} {'batch':>5} {'runtime':<14} {'median_ms':>9} {'images/s':>10}")
+    rows, profiles = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("baseline", "flattened"):
             path = save_model(f"{tmp}/{name}.npz", build(name, (3, 32, 32), 10), (3, 32, 32),
                               [str(i) for i in range(10)], {})
-            model = load(path)
-            runners = [("engine", lambda x: model.predict(x, preprocessed=True))]
+            model, layered = load(path), load(path, compiled=False)
+            runners = [("engine", lambda x: model.predict(x, preprocessed=True)),
+                       ("engine-layers", lambda x: layered.predict(x, preprocessed=True))]
             try:
                 import onnxruntime as ort
 
@@ -484,10 +495,21 @@ def bench_latency(args):
                 print("# onnx/onnxruntime not installed: engine only")
             for batch in (1, args.batch):
                 x = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
-                for runtime, run in runners:
-                    t = timeit(lambda: run(x), max(args.repeat, 20 if batch == 1 else args.repeat), warmup=3)
-                    m = statistics.median(t)
-                    print(f"{name:<10} {batch:>5} {runtime:<14} {1e3 * m:>9.2f} {batch / m:>10.0f}")
+                n = max(args.repeat, 20) if batch == 1 else args.repeat
+                times = {runtime: [] for runtime, _ in runners}
+                for _ in range(5):
+                    for runtime, run in runners:
+                        times[runtime] += timeit(lambda: run(x), n, warmup=3 if batch == 1 else 1)
+                rows += [(name, batch, runtime, statistics.median(t)) for runtime, t in times.items()]
+            if args.per_layer:
+                profiles.append((name, model.plan.profile(rng.standard_normal((1, 3, 32, 32)), max(args.repeat, 50))))
+    print(f"{'model':<10} {'batch':>5} {'runtime':<14} {'median_ms':>9} {'images/s':>10}")
+    for name, batch, runtime, m in rows:
+        print(f"{name:<10} {batch:>5} {runtime:<14} {1e3 * m:>9.3f} {batch / m:>10.0f}")
+    for name, prof in profiles:
+        print(f"# {name}: compiled ops, batch 1 (median ms)")
+        for op, ms in prof:
+            print(f"#   {op:<44} {ms:8.4f}")
 
 
 # ----------------------------------------------------------------------------- CLI
