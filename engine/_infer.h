@@ -192,75 +192,95 @@ static void fp_im2col(const float *x, long C, long H, long W, long k, long strid
 
 /* ---------------------------------------------------------------- per-channel ops (channels-last) */
 
-/* Vertical then horizontal per-channel correlation of channels [c0, c1), with biases:
- * v[i, x] = bv + sum_t wv[t] in[i + t - vb, x]   (rows outside the input are zero)
- * y[i, j] = bh + sum_t wh[t] v[i, j + t - hb]    (columns likewise)
- * wv is (kv, C), wh (kh, C). Output row i needs only row i of v: it goes, with its
- * zero padding, to `rowp` (Wo + kh - 1 positions x C, in L1), so every output takes
- * all kv and kh taps without a bound check; missing input rows read `zero` (W x C).
- * Threads use disjoint channels of both buffers. Taps are compile-time constants for
- * the common sizes (see fp_vh). */
-static inline __attribute__((always_inline)) void fp_vh_rows(
-        long c0, long cv, long C, long H, long W, long Hm, long Wo, const float *x, float *y, float *rowp,
-        const float *zero, long kv, long vb, long kh, long hb, const float *wv, const float *bv,
-        const float *wh, const float *bh, int relu) {
-    long x0 = fp_max(0, -hb), x1 = fp_min(W, Wo + kh - 1 - hb);  /* v columns that land in rowp */
-    for (long c = c0; c < cv; c += FP_VL) {  /* this vector of channels: taps in registers */
-        fp_v wvr[kv], whr[kh], bvr = fp_load(bv + c), bhr = fp_load(bh + c);
-        for (long t = 0; t < kv; t++) wvr[t] = fp_load(wv + t * C + c);
-        for (long t = 0; t < kh; t++) whr[t] = fp_load(wh + t * C + c);
-        for (long i = 0; i < Hm; i++) {
-            const float *src[kv];
-            for (long t = 0; t < kv; t++) {
-                long r = i + t - vb;
-                src[t] = (r >= 0 && r < H) ? x + r * W * C : zero;
-            }
-            float *yi = y + i * Wo * C;
-            for (long xx = x0; xx < x1; xx++) {
-                fp_v acc = bvr;
-                for (long t = 0; t < kv; t++) acc += wvr[t] * fp_load(src[t] + xx * C + c);
-                fp_store(rowp + (xx + hb) * C + c, acc);
-            }
-            for (long j = 0; j < Wo; j++) {
-                fp_v acc = bhr;
-                for (long t = 0; t < kh; t++) acc += whr[t] * fp_load(rowp + (j + t) * C + c);
-                fp_store(yi + j * C + c, relu ? fp_relu(acc) : acc);
-            }
+#define FP_KMAX 8  /* longest 1D filter of the vector path; longer ones take the scalar path */
+
+/* The two passes over one gathered vector of channels (see fp_vh); inlined with constant
+ * taps for the common filter sizes. */
+static inline __attribute__((always_inline)) void fp_vh_plane(
+        const float *pp, float *tp, float *y, const float *wv, fp_v bv, const float *wh, fp_v bh,
+        long C, long W, long Hm, long Wo, long L, long x0, long x1, long hb, long kv, long kh, int relu) {
+    fp_v wvr[FP_KMAX], whr[FP_KMAX];  /* the taps stay in registers */
+    for (long t = 0; t < kv; t++) wvr[t] = fp_load(wv + t * C);
+    for (long t = 0; t < kh; t++) whr[t] = fp_load(wh + t * C);
+    for (long i = 0; i < Hm; i++) {
+        const float *s = pp + (i * W + x0) * FP_VL;
+        float *o = tp + (i * L + x0 + hb) * FP_VL;
+        for (long xx = 0; xx < x1 - x0; xx++) {
+            fp_v acc = bv;
+            for (long t = 0; t < kv; t++) acc += wvr[t] * fp_load(s + (t * W + xx) * FP_VL);
+            fp_store(o + xx * FP_VL, acc);
+        }
+    }
+    for (long i = 0; i < Hm; i++) {
+        const float *s = tp + i * L * FP_VL;
+        float *o = y + i * Wo * C;
+        for (long j = 0; j < Wo; j++) {
+            fp_v acc = bh;
+            for (long t = 0; t < kh; t++) acc += whr[t] * fp_load(s + (j + t) * FP_VL);
+            fp_store(o + j * C, relu ? fp_relu(acc) : acc);
         }
     }
 }
 
+/* Vertical then horizontal per-channel correlation of channels [c0, c1), with biases:
+ * v[i, x] = bv + sum_t wv[t] in[i + t - vb, x]   (rows outside the input are zero)
+ * y[i, j] = bh + sum_t wh[t] v[i, j + t - hb]    (columns likewise)
+ * wv is (kv, C), wh (kh, C). One vector of channels at a time, on contiguous planes in
+ * this thread's scratch: the input plane is gathered with its zero rows (`pp`,
+ * (Hm + kv - 1) x W vectors), v goes to `tp` with its zero columns (Hm x (Wo + kh - 1)),
+ * and the output is scattered back. Working on the channels-last activation directly
+ * would stride by C floats, which for C = 128 or 256 puts every access of a pass in a
+ * few cache sets; on the gathered planes every tap is a fixed offset. */
 static void fp_vh(const int64_t *op, const float *x, float *y, float *scratch, long c0, long c1) {
     long C = op[F_CIN], H = op[F_HIN], W = op[F_WIN], Hm = op[F_HMID], Wo = op[F_WOUT];
     long kv = op[F_KV], vb = op[F_VBEFORE], kh = op[F_KH], hb = op[F_HBEFORE];
     const float *wv = fp_ptr(op[F_WV]), *bv = fp_ptr(op[F_BV]), *wh = fp_ptr(op[F_WH]), *bh = fp_ptr(op[F_BH]);
     int relu = (int)op[F_RELU];
-    long L = Wo + kh - 1;
-    float *rowp = scratch, *zero = scratch + L * C;
-    /* zero this thread's channels of the padding positions of rowp and of the zero row */
-    for (long p = 0; p < L; p++)
-        if (p < hb || p >= hb + W) memset(rowp + p * C + c0, 0, (c1 - c0) * sizeof(float));
-    for (long p = 0; p < W; p++) memset(zero + p * C + c0, 0, (c1 - c0) * sizeof(float));
-    long cv = c0 + (c1 - c0) / FP_VL * FP_VL;
-    if (kv == 5 && kh == 5)
-        fp_vh_rows(c0, cv, C, H, W, Hm, Wo, x, y, rowp, zero, 5, vb, 5, hb, wv, bv, wh, bh, relu);
-    else if (kv == 3 && kh == 3)
-        fp_vh_rows(c0, cv, C, H, W, Hm, Wo, x, y, rowp, zero, 3, vb, 3, hb, wv, bv, wh, bh, relu);
-    else
-        fp_vh_rows(c0, cv, C, H, W, Hm, Wo, x, y, rowp, zero, kv, vb, kh, hb, wv, bv, wh, bh, relu);
-    for (long c = cv; c < c1; c++) {  /* channels left over after whole vectors: scalar */
+    long Hp = Hm + kv - 1, L = Wo + kh - 1;
+    long x0 = fp_max(0, -hb), x1 = fp_min(W, L - hb);  /* v columns that land in tp */
+    float *pp = scratch, *tp = scratch + Hp * W * FP_VL;
+    long cv = kv <= FP_KMAX && kh <= FP_KMAX ? c0 + (c1 - c0) / FP_VL * FP_VL : c0;
+    if (cv > c0) {  /* the zero rows of pp and zero columns of tp: nothing below writes them */
+        for (long r = 0; r < Hp; r++)
+            if (r < vb || r >= vb + H) memset(pp + r * W * FP_VL, 0, W * FP_VL * sizeof(float));
         for (long i = 0; i < Hm; i++) {
-            for (long xx = 0; xx < W; xx++) {
+            float *row = tp + i * L * FP_VL;
+            memset(row, 0, fp_max(0, fp_min(L, hb + x0)) * FP_VL * sizeof(float));
+            long p1 = fp_max(0, hb + x1);
+            if (p1 < L) memset(row + p1 * FP_VL, 0, (L - p1) * FP_VL * sizeof(float));
+        }
+    }
+    for (long c = c0; c < cv; c += FP_VL) {
+        for (long ir = fp_max(0, -vb); ir < fp_min(H, Hp - vb); ir++) {  /* pp row ir + vb = input row ir */
+            float *o = pp + (ir + vb) * W * FP_VL;
+            const float *s = x + ir * W * C + c;
+            for (long xx = 0; xx < W; xx++) fp_store(o + xx * FP_VL, fp_load(s + xx * C));
+        }
+        if (kv == 5 && kh == 5)
+            fp_vh_plane(pp, tp, y + c, wv + c, fp_load(bv + c), wh + c, fp_load(bh + c), C, W, Hm, Wo, L, x0, x1, hb,
+                        5, 5, relu);
+        else if (kv == 3 && kh == 3)
+            fp_vh_plane(pp, tp, y + c, wv + c, fp_load(bv + c), wh + c, fp_load(bh + c), C, W, Hm, Wo, L, x0, x1, hb,
+                        3, 3, relu);
+        else
+            fp_vh_plane(pp, tp, y + c, wv + c, fp_load(bv + c), wh + c, fp_load(bh + c), C, W, Hm, Wo, L, x0, x1, hb,
+                        kv, kh, relu);
+    }
+    for (long c = cv; c < c1; c++) {  /* channels left over after whole vectors: scalar, same sums */
+        for (long i = 0; i < Hm; i++) {
+            float *v = scratch;  /* row i of v, zero-padded: L floats */
+            for (long p = 0; p < L; p++) v[p] = 0.f;
+            for (long xx = x0; xx < x1; xx++) {
                 float acc = bv[c];
                 for (long t = 0; t < kv; t++) {
                     long r = i + t - vb;
-                    if (r >= 0 && r < H) acc += wv[t * C + c] * x[(r * W + xx) * C + c];
+                    acc += wv[t * C + c] * ((r >= 0 && r < H) ? x[(r * W + xx) * C + c] : 0.f);
                 }
-                if (xx + hb >= 0 && xx + hb < L) rowp[(xx + hb) * C + c] = acc;
+                v[xx + hb] = acc;
             }
             for (long j = 0; j < Wo; j++) {
                 float acc = bh[c];
-                for (long t = 0; t < kh; t++) acc += wh[t * C + c] * rowp[(j + t) * C + c];
+                for (long t = 0; t < kh; t++) acc += wh[t * C + c] * v[j + t];
                 y[(i * Wo + j) * C + c] = relu && acc < 0.f ? 0.f : acc;
             }
         }
@@ -307,7 +327,7 @@ static inline double fp_now(void) {
 
 /* times (optional, thread 0 only): seconds spent in each op are added to times[o] */
 static void fp_image(const int64_t *ops, int nops, const float *x, float *out, float *buf0, float *buf1,
-                     float *cols, int tid, int nt, fp_barrier *bar, double *times) {
+                     float *cols, float *scratch, int tid, int nt, fp_barrier *bar, double *times) {
     const float *in = x;
     double t_prev = times ? fp_now() : 0.0;
     for (int o = 0; o < nops; o++) {
@@ -331,7 +351,7 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
         }
         case FP_VH:
             fp_share(C, FP_VL, tid, nt, &lo, &hi);
-            fp_vh(op, in, dst, cols, lo, hi);
+            fp_vh(op, in, dst, scratch, lo, hi);
             break;
         case FP_POOL:
             fp_share(Ho, 1, tid, nt, &lo, &hi);
@@ -366,12 +386,14 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
 }
 
 /* Run n images (each in_size floats at x) through the ops; outputs (out_size floats
- * each) go to out. arena: `threads` contexts of ctx_floats (two activation buffers of
- * act_floats, then the column / intermediate buffer). times: NULL, or per-op seconds
- * (accumulated by thread 0, which waits at every barrier, so they are wall times).
+ * each) go to out. arena (64-byte aligned): `threads` contexts of ctx_floats (two
+ * activation buffers of act_floats, then the column buffer), then `threads` private
+ * scratch areas of scratch_floats; all sizes multiples of 16 floats, so every buffer
+ * starts on a cache line. times: NULL, or per-op seconds (accumulated by thread 0,
+ * which waits at every barrier, so they are wall times).
  * Returns the number of threads that ran (OpenMP may give fewer than asked). */
 static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
-                  float *arena, long act_floats, long ctx_floats, int threads, double *times) {
+                  float *arena, long act_floats, long ctx_floats, long scratch_floats, int threads, double *times) {
     int per_image = n >= 2L * threads, team = 1;
     fp_barrier bar = {0, 0};
 #ifdef _OPENMP
@@ -383,6 +405,7 @@ static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_
 #else
         int tid = 0, nt = 1;
 #endif
+        float *scratch = arena + (long)threads * ctx_floats + (long)tid * scratch_floats;
         if (tid == 0) team = nt;
         if (per_image) {
             float *ctx = arena + (long)tid * ctx_floats;
@@ -391,11 +414,11 @@ static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_
 #endif
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, ctx, ctx + act_floats,
-                         ctx + 2 * act_floats, 0, 1, &bar, tid == 0 ? times : NULL);
+                         ctx + 2 * act_floats, scratch, 0, 1, &bar, tid == 0 ? times : NULL);
         } else {
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, arena, arena + act_floats,
-                         arena + 2 * act_floats, tid, nt, &bar, tid == 0 ? times : NULL);
+                         arena + 2 * act_floats, scratch, tid, nt, &bar, tid == 0 ? times : NULL);
         }
     }
     return team;

@@ -678,7 +678,7 @@ cdef extern from "_infer.h" nogil:
     int fp_vl()
     int fp_nfields()
     int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
-                float *arena, long act_floats, long ctx_floats, int threads, double *times)
+                float *arena, long act_floats, long ctx_floats, long scratch_floats, int threads, double *times)
 
 
 def infer_layout():
@@ -689,8 +689,8 @@ def infer_layout():
 def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan (pointers into arrays it keeps)
               const float[:, ::1] x,        # IN  (N, in_size) images, NCHW
               float[:, ::1] out,            # OUT (N, out_size)
-              float[::1] arena,             # work buffers: num_threads contexts of ctx_floats
-              Py_ssize_t act_floats, Py_ssize_t ctx_floats,
+              float[::1] arena,             # 64-byte aligned: num_threads x ctx_floats, then x scratch_floats
+              Py_ssize_t act_floats, Py_ssize_t ctx_floats, Py_ssize_t scratch_floats,
               int num_threads,
               double[::1] times=None):      # OUT (optional, n_ops): seconds per op are added here
     """Run a compiled network (engine/_infer.h) on a batch, in one parallel region; returns the team size."""
@@ -700,8 +700,10 @@ def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan 
         raise ValueError(f"infer_run: op table must be (n_ops, {fp_nfields()}), got ({ops.shape[0]}, {ops.shape[1]})")
     if out.shape[0] != x.shape[0]:
         raise ValueError("infer_run: x and out must hold the same number of images")
-    if num_threads < 1 or ctx_floats < 2 * act_floats or arena.shape[0] < num_threads * ctx_floats:
+    if num_threads < 1 or ctx_floats < 2 * act_floats or arena.shape[0] < num_threads * (ctx_floats + scratch_floats):
         raise ValueError("infer_run: arena too small for the thread count")
+    if (<size_t> &arena[0]) % 64 or act_floats % 16 or ctx_floats % 16 or scratch_floats % 16:
+        raise ValueError("infer_run: arena and its parts must start on 64-byte boundaries")
     if times is not None:
         if times.shape[0] != ops.shape[0]:
             raise ValueError("infer_run: times must have one entry per op")
@@ -710,5 +712,5 @@ def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan 
         return 0
     with nogil:
         team = fp_run(&ops[0, 0], <int> ops.shape[0], &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1],
-               &arena[0], act_floats, ctx_floats, num_threads, t)
+               &arena[0], act_floats, ctx_floats, scratch_floats, num_threads, t)
     return team
