@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sched.h>
 #include <time.h>
+#include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -44,7 +45,10 @@ typedef float fp_v __attribute__((vector_size(FP_VL * sizeof(float))));
 typedef int32_t fp_vi __attribute__((vector_size(FP_VL * sizeof(float))));
 
 /* op kinds and the columns of one row of the op table (int64) */
-enum { FP_GEMM = 0, FP_CONV = 1, FP_VH = 2, FP_POOL = 3, FP_LINEAR = 4, FP_RELU = 5, FP_TO_NHWC = 6, FP_TO_NCHW = 7 };
+enum {
+    FP_GEMM = 0, FP_CONV = 1, FP_VH = 2, FP_POOL = 3, FP_LINEAR = 4, FP_RELU = 5, FP_TO_NHWC = 6, FP_TO_NCHW = 7,
+    FP_SOFTMAX = 8
+};
 enum {
     F_KIND, F_RELU, F_CIN, F_HIN, F_WIN, F_COUT, F_HOUT, F_WOUT,
     F_K, F_STRIDE, F_PAD, F_KV, F_VBEFORE, F_KH, F_HBEFORE, F_HMID,
@@ -369,6 +373,15 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
             for (long p = lo; p < hi; p++)
                 for (long c = 0; c < C; c++) dst[p * C + c] = in[c * H * W + p];
             break;
+        case FP_SOFTMAX:  /* over C values, by one thread: exp(v - max) / sum */
+            if (tid == 0) {
+                long n = C * H * W;
+                float m = in[0], sum = 0.f;
+                for (long i = 1; i < n; i++) m = in[i] > m ? in[i] : m;
+                for (long i = 0; i < n; i++) sum += (dst[i] = expf(in[i] - m));
+                for (long i = 0; i < n; i++) dst[i] /= sum;
+            }
+            break;
         case FP_TO_NCHW:  /* (H, W, C) -> (C, H, W), channels [lo, hi) */
             fp_share(C, 1, tid, nt, &lo, &hi);
             for (long c = lo; c < hi; c++)
@@ -391,11 +404,15 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
  * scratch areas of scratch_floats; all sizes multiples of 16 floats, so every buffer
  * starts on a cache line. times: NULL, or per-op seconds (accumulated by thread 0,
  * which waits at every barrier, so they are wall times).
- * Returns the number of threads that ran (OpenMP may give fewer than asked). */
+ * Returns the number of threads that ran (OpenMP may give fewer than asked), or -1
+ * without running when the input holds NaN or infinity. */
 static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
                   float *arena, long act_floats, long ctx_floats, long scratch_floats, int threads, double *times) {
     int per_image = n >= 2L * threads, team = 1;
     fp_barrier bar = {0, 0};
+    float finite = 0.f;  /* stays 0 unless some input is NaN or infinite (then x * 0 is NaN) */
+    for (long i = 0; i < n * in_size; i++) finite += x[i] * 0.f;
+    if (finite != 0.f) return -1;
 #ifdef _OPENMP
     #pragma omp parallel num_threads(threads)
 #endif

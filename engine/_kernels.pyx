@@ -693,7 +693,10 @@ def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan 
               Py_ssize_t act_floats, Py_ssize_t ctx_floats, Py_ssize_t scratch_floats,
               int num_threads,
               double[::1] times=None):      # OUT (optional, n_ops): seconds per op are added here
-    """Run a compiled network (engine/_infer.h) on a batch, in one parallel region; returns the team size."""
+    """Run a compiled network (engine/_infer.h) on a batch, in one parallel region.
+
+    Returns the number of threads that ran it; raises ValueError (and runs nothing) when x
+    holds NaN or infinity."""
     cdef double *t = NULL
     cdef int team = 0
     if ops.shape[1] != fp_nfields() or ops.shape[0] < 1:
@@ -713,4 +716,6 @@ def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan 
     with nogil:
         team = fp_run(&ops[0, 0], <int> ops.shape[0], &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1],
                &arena[0], act_floats, ctx_floats, scratch_floats, num_threads, t)
+    if team < 0:
+        raise ValueError("input holds NaN or infinite values")
     return team

