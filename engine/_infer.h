@@ -74,16 +74,17 @@ static inline long fp_min(long a, long b) { return a < b ? a : b; }
 static inline long fp_max(long a, long b) { return a > b ? a : b; }
 static inline const float *fp_ptr(int64_t v) { return (const float *)(intptr_t)v; }
 
-/* [lo, hi) of n items for thread tid of nt, in whole units of `unit` items */
-static inline void fp_share(long n, long unit, int tid, int nt, long *lo, long *hi) {
-    long units = (n + unit - 1) / unit;
-    *lo = fp_min(n, unit * (units * tid / nt));
-    *hi = fp_min(n, unit * (units * (tid + 1) / nt));
-}
+/* ---------------------------------------------------------------- barrier and work sharing
+ * Threads take the work of an op in chunks from a shared counter (about four chunks per
+ * thread), so a thread the machine delays simply takes fewer: on a shared machine a
+ * static split made every op wait for the slowest thread. The last thread to reach the
+ * barrier after an op resets the counter for the next one. */
 
-/* ---------------------------------------------------------------- barrier */
-
-typedef struct { int count; int gen; } fp_barrier;
+typedef struct {
+    int count, gen;
+    char pad[56];
+    long work;  /* next unit of the current op; on its own cache line */
+} fp_barrier;
 
 static inline void fp_pause(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -92,9 +93,10 @@ static inline void fp_pause(void) {
 }
 
 static void fp_barrier_wait(fp_barrier *b, int nt) {
-    if (nt <= 1) return;
+    if (nt <= 1) { b->work = 0; return; }
     int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nt) {
+        __atomic_store_n(&b->work, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
         return;
@@ -104,6 +106,16 @@ static void fp_barrier_wait(fp_barrier *b, int nt) {
         fp_pause();
         if (++spins > 20000) sched_yield();  /* the other thread was descheduled: let it run */
     }
+}
+
+/* Claim the next chunk [lo, hi) of n items, in whole units of `unit` items; 0 when none is left. */
+static inline int fp_claim(fp_barrier *b, long n, long unit, int nt, long *lo, long *hi) {
+    long units = (n + unit - 1) / unit, chunk = fp_max(1, units / (4 * nt));
+    long u = nt <= 1 ? (b->work += chunk) - chunk : __atomic_fetch_add(&b->work, chunk, __ATOMIC_RELAXED);
+    if (u >= units) return 0;
+    *lo = u * unit;
+    *hi = fp_min(n, (u + chunk) * unit);
+    return 1;
 }
 
 /* ---------------------------------------------------------------- GEMM
@@ -138,12 +150,12 @@ static inline void fp_tile(long K, const float *const *arow, long a_ks, const fl
     }
 }
 
-/* This thread's share (tid of nt) of the tiles of one GEMM. */
+/* The tiles of one GEMM this thread claims. */
 static void fp_gemm(long M, long N, long K, const float *A, long a_rs, long a_ks, const float *Bp,
-                    const float *bias, float *C, long ldc, int relu, int tid, int nt) {
-    long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR, tiles = mp * np_;
-    long t0 = tiles * tid / nt, t1 = tiles * (tid + 1) / nt;
+                    const float *bias, float *C, long ldc, int relu, fp_barrier *bar, int nt) {
+    long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR, t0, t1;
     const float *arow[FP_MR];
+    while (fp_claim(bar, mp * np_, 1, nt, &t0, &t1))
     for (long t = t0; t < t1; t++) {
         long jp = t / mp, ip = t % mp;  /* filter panel outer: its packed weights stay in L1 */
         long i0 = ip * FP_MR, j0 = jp * FP_NR;
@@ -153,10 +165,9 @@ static void fp_gemm(long M, long N, long K, const float *A, long a_rs, long a_ks
     }
 }
 
-/* y[m] = b[m] + W[m, :] . x (+ ReLU) for this thread's rows; W row-major (M, K). */
-static void fp_gemv(long M, long K, const float *W, const float *b, const float *x, float *y, int relu,
-                    int tid, int nt) {
-    long m0 = M * tid / nt, m1 = M * (tid + 1) / nt, kv = K - K % FP_VL;
+/* y[m] = b[m] + W[m, :] . x (+ ReLU) for rows [m0, m1); W row-major (M, K). */
+static void fp_gemv(long m0, long m1, long K, const float *W, const float *b, const float *x, float *y, int relu) {
+    long kv = K - K % FP_VL;
     for (long m = m0; m < m1; m++) {
         const float *w = W + m * K;
         fp_v a0 = {0}, a1 = {0};
@@ -343,35 +354,36 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
         long lo, hi;
         switch (op[F_KIND]) {
         case FP_GEMM:
-            fp_gemm(H * W, F, C, in, C, 1, w, b, dst, F, relu, tid, nt);
+            fp_gemm(H * W, F, C, in, C, 1, w, b, dst, F, relu, bar, nt);
             break;
         case FP_CONV: {  /* im2col (positions x taps) of the channels-last input, then a GEMM */
             long k = op[F_K], K = C * k * k, P = Ho * Wo;
-            fp_share(P, 1, tid, nt, &lo, &hi);
-            fp_im2col(in, C, H, W, k, op[F_STRIDE], op[F_PAD], Wo, cols, lo, hi);
+            while (fp_claim(bar, P, 1, nt, &lo, &hi))
+                fp_im2col(in, C, H, W, k, op[F_STRIDE], op[F_PAD], Wo, cols, lo, hi);
             fp_barrier_wait(bar, nt);
-            fp_gemm(P, F, K, cols, K, 1, w, b, dst, F, relu, tid, nt);
+            fp_gemm(P, F, K, cols, K, 1, w, b, dst, F, relu, bar, nt);
             break;
         }
         case FP_VH:
-            fp_share(C, FP_VL, tid, nt, &lo, &hi);
-            fp_vh(op, in, dst, scratch, lo, hi);
+            while (fp_claim(bar, C, FP_VL, nt, &lo, &hi))
+                fp_vh(op, in, dst, scratch, lo, hi);
             break;
         case FP_POOL:
-            fp_share(Ho, 1, tid, nt, &lo, &hi);
-            fp_pool(op, in, dst, lo, hi);
+            while (fp_claim(bar, Ho, 1, nt, &lo, &hi))
+                fp_pool(op, in, dst, lo, hi);
             break;
         case FP_LINEAR:
-            fp_gemv(F, C * H * W, w, b, in, dst, relu, tid, nt);
+            while (fp_claim(bar, F, 1, nt, &lo, &hi))
+                fp_gemv(lo, hi, C * H * W, w, b, in, dst, relu);
             break;
         case FP_RELU:
-            fp_share(C * H * W, FP_VL, tid, nt, &lo, &hi);
-            for (long i = lo; i < hi; i++) dst[i] = in[i] < 0.f ? 0.f : in[i];
+            while (fp_claim(bar, C * H * W, FP_VL, nt, &lo, &hi))
+                for (long i = lo; i < hi; i++) dst[i] = in[i] < 0.f ? 0.f : in[i];
             break;
-        case FP_TO_NHWC:  /* (C, H, W) -> (H, W, C), positions [lo, hi) */
-            fp_share(H * W, 1, tid, nt, &lo, &hi);
-            for (long p = lo; p < hi; p++)
-                for (long c = 0; c < C; c++) dst[p * C + c] = in[c * H * W + p];
+        case FP_TO_NHWC:  /* (C, H, W) -> (H, W, C), by positions */
+            while (fp_claim(bar, H * W, 1, nt, &lo, &hi))
+                for (long p = lo; p < hi; p++)
+                    for (long c = 0; c < C; c++) dst[p * C + c] = in[c * H * W + p];
             break;
         case FP_SOFTMAX:  /* over C values, by one thread: exp(v - max) / sum */
             if (tid == 0) {
@@ -382,10 +394,10 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
                 for (long i = 0; i < n; i++) dst[i] /= sum;
             }
             break;
-        case FP_TO_NCHW:  /* (H, W, C) -> (C, H, W), channels [lo, hi) */
-            fp_share(C, 1, tid, nt, &lo, &hi);
-            for (long c = lo; c < hi; c++)
-                for (long p = 0; p < H * W; p++) dst[c * H * W + p] = in[p * C + c];
+        case FP_TO_NCHW:  /* (H, W, C) -> (C, H, W), by channels */
+            while (fp_claim(bar, C, 1, nt, &lo, &hi))
+                for (long c = lo; c < hi; c++)
+                    for (long p = 0; p < H * W; p++) dst[c * H * W + p] = in[p * C + c];
             break;
         }
         fp_barrier_wait(bar, nt);
@@ -409,7 +421,8 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
 static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
                   float *arena, long act_floats, long ctx_floats, long scratch_floats, int threads, double *times) {
     int per_image = n >= 2L * threads, team = 1;
-    fp_barrier bar = {0, 0};
+    fp_barrier bar;
+    memset(&bar, 0, sizeof bar);
     float finite = 0.f;  /* stays 0 unless some input is NaN or infinite (then x * 0 is NaN) */
     for (long i = 0; i < n * in_size; i++) finite += x[i] * 0.f;
     if (finite != 0.f) return -1;
@@ -426,12 +439,14 @@ static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_
         if (tid == 0) team = nt;
         if (per_image) {
             float *ctx = arena + (long)tid * ctx_floats;
+            fp_barrier own;  /* this thread's work counter (no one to wait for) */
+            memset(&own, 0, sizeof own);
 #ifdef _OPENMP
             #pragma omp for schedule(dynamic, 1)
 #endif
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, ctx, ctx + act_floats,
-                         ctx + 2 * act_floats, scratch, 0, 1, &bar, tid == 0 ? times : NULL);
+                         ctx + 2 * act_floats, scratch, 0, 1, &own, tid == 0 ? times : NULL);
         } else {
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, arena, arena + act_floats,
