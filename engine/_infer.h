@@ -120,22 +120,28 @@ static inline int fp_claim(fp_barrier *b, long n, long unit, int nt, long *lo, l
 
 /* ---------------------------------------------------------------- GEMM
  * C[M, N] = A[M, K] B[K, N] + bias[N] (+ ReLU), C row-major with leading dimension ldc.
- * A(i, k) is at A[i * a_rs + k * a_ks] (positions x channels: a_rs = K, a_ks = 1; the
- * strides are kept general for the tests). B is packed: panel p holds
- * columns p*NR .. p*NR+NR-1 as Bp[p][k][j], zero past N; bias is padded likewise.
+ * B is packed: panel p holds columns p*NR .. p*NR+NR-1 as Bp[p][k][j], zero past N; the
+ * bias is padded likewise. Row i of A is read in place, as nseg segments of seg_len
+ * contiguous floats, segment g starting g*seg_stride after the row's start (arow[i]):
+ *   1x1 convolution: one segment, the position's C channels;
+ *   k x k convolution on the zero-padded channels-last input (no im2col): segment ky is
+ *   the k*C floats of taps (ky, 0..k-1) in input row oy*stride + ky.
  */
-static inline void fp_tile(long K, const float *const *arow, long a_ks, const float *bp, const float *bias,
-                           float *C, long ldc, int mr, int nr, int relu) {
+static inline void fp_tile(long nseg, long seg_len, long seg_stride, const float *const *arow, const float *bp,
+                           const float *bias, float *C, long ldc, int mr, int nr, int relu) {
     fp_v acc[FP_MR][2];
     fp_v b0 = fp_load(bias), b1 = fp_load(bias + FP_VL);
     for (int i = 0; i < FP_MR; i++) { acc[i][0] = b0; acc[i][1] = b1; }
-    for (long k = 0; k < K; k++) {
-        fp_v v0 = fp_load(bp + k * FP_NR), v1 = fp_load(bp + k * FP_NR + FP_VL);
-        long off = k * a_ks;
-        for (int i = 0; i < FP_MR; i++) {
-            float a = arow[i][off];
-            acc[i][0] += a * v0;
-            acc[i][1] += a * v1;
+    for (long g = 0; g < nseg; g++) {
+        const float *bk = bp + g * seg_len * FP_NR;
+        long off = g * seg_stride;
+        for (long k = 0; k < seg_len; k++) {
+            fp_v v0 = fp_load(bk + k * FP_NR), v1 = fp_load(bk + k * FP_NR + FP_VL);
+            for (int i = 0; i < FP_MR; i++) {
+                float a = arow[i][off + k];
+                acc[i][0] += a * v0;
+                acc[i][1] += a * v1;
+            }
         }
     }
     for (int i = 0; i < mr; i++) {
@@ -150,18 +156,24 @@ static inline void fp_tile(long K, const float *const *arow, long a_ks, const fl
     }
 }
 
-/* The tiles of one GEMM this thread claims. */
-static void fp_gemm(long M, long N, long K, const float *A, long a_rs, long a_ks, const float *Bp,
-                    const float *bias, float *C, long ldc, int relu, fp_barrier *bar, int nt) {
-    long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR, t0, t1;
+/* The tiles of one GEMM this thread claims. Output position p = (p / Wo, p % Wo) reads
+ * row A + (p / Wo) * row_stride + (p % Wo) * col_stride. */
+static void fp_gemm(long M, long N, long Wo, const float *A, long row_stride, long col_stride,
+                    long nseg, long seg_len, long seg_stride, const float *Bp, const float *bias,
+                    float *C, long ldc, int relu, fp_barrier *bar, int nt) {
+    long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR, t0, t1, K = nseg * seg_len;
     const float *arow[FP_MR];
     while (fp_claim(bar, mp * np_, 1, nt, &t0, &t1))
     for (long t = t0; t < t1; t++) {
         long jp = t / mp, ip = t % mp;  /* filter panel outer: its packed weights stay in L1 */
         long i0 = ip * FP_MR, j0 = jp * FP_NR;
         int mr = (int)fp_min(FP_MR, M - i0), nr = (int)fp_min(FP_NR, N - j0);
-        for (int i = 0; i < FP_MR; i++) arow[i] = A + (i0 + (i < mr ? i : 0)) * a_rs;
-        fp_tile(K, arow, a_ks, Bp + jp * K * FP_NR, bias + j0, C + i0 * ldc + j0, ldc, mr, nr, relu);
+        for (int i = 0; i < FP_MR; i++) {
+            long p = i0 + (i < mr ? i : 0);
+            arow[i] = A + (p / Wo) * row_stride + (p % Wo) * col_stride;
+        }
+        fp_tile(nseg, seg_len, seg_stride, arow, Bp + jp * K * FP_NR, bias + j0, C + i0 * ldc + j0, ldc, mr, nr,
+                relu);
     }
 }
 
@@ -184,24 +196,18 @@ static void fp_gemv(long m0, long m1, long K, const float *W, const float *b, co
     }
 }
 
-/* ---------------------------------------------------------------- im2col */
+/* ---------------------------------------------------------------- zero padding */
 
-/* From an (H, W, C) image: positions [p0, p1) of the (Ho*Wo, k*k*C) matrix, column (ky, kx, c). */
-static void fp_im2col(const float *x, long C, long H, long W, long k, long stride, long pad, long Wo,
-                           float *cols, long p0, long p1) {
-    long K = k * k * C;
-    for (long p = p0; p < p1; p++) {
-        long oy = p / Wo, ox = p % Wo, ix0 = ox * stride - pad;
-        long kx0 = fp_max(0, -ix0), kx1 = fp_min(k, W - ix0);  /* taps inside the row: one run */
-        float *row = cols + p * K;
-        for (long ky = 0; ky < k; ky++) {
-            long iy = oy * stride + ky - pad;
-            float *o = row + ky * k * C;
-            if (iy < 0 || iy >= H || kx1 <= kx0) { memset(o, 0, k * C * sizeof(float)); continue; }
-            if (kx0 > 0) memset(o, 0, kx0 * C * sizeof(float));
-            memcpy(o + kx0 * C, x + (iy * W + ix0 + kx0) * C, (kx1 - kx0) * C * sizeof(float));
-            if (kx1 < k) memset(o + kx1 * C, 0, (k - kx1) * C * sizeof(float));
-        }
+/* Rows [r0, r1) of the (H + 2 pad, W + 2 pad, C) zero-padded copy of an (H, W, C) image. */
+static void fp_pad(const float *x, long C, long H, long W, long pad, float *xp, long r0, long r1) {
+    long Wp = W + 2 * pad;
+    for (long r = r0; r < r1; r++) {
+        float *o = xp + r * Wp * C;
+        long ir = r - pad;
+        if (ir < 0 || ir >= H) { memset(o, 0, Wp * C * sizeof(float)); continue; }
+        memset(o, 0, pad * C * sizeof(float));
+        memcpy(o + pad * C, x + ir * W * C, W * C * sizeof(float));
+        memset(o + (pad + W) * C, 0, pad * C * sizeof(float));
     }
 }
 
@@ -353,15 +359,19 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
         int relu = (int)op[F_RELU];
         long lo, hi;
         switch (op[F_KIND]) {
-        case FP_GEMM:
-            fp_gemm(H * W, F, C, in, C, 1, w, b, dst, F, relu, bar, nt);
+        case FP_GEMM:  /* 1x1 convolution: position p reads its C channels */
+            fp_gemm(H * W, F, W, in, W * C, C, 1, C, 0, w, b, dst, F, relu, bar, nt);
             break;
-        case FP_CONV: {  /* im2col (positions x taps) of the channels-last input, then a GEMM */
-            long k = op[F_K], K = C * k * k, P = Ho * Wo;
-            while (fp_claim(bar, P, 1, nt, &lo, &hi))
-                fp_im2col(in, C, H, W, k, op[F_STRIDE], op[F_PAD], Wo, cols, lo, hi);
-            fp_barrier_wait(bar, nt);
-            fp_gemm(P, F, K, cols, K, 1, w, b, dst, F, relu, bar, nt);
+        case FP_CONV: {  /* k x k convolution as a GEMM reading the zero-padded input in place */
+            long k = op[F_K], s = op[F_STRIDE], pad = op[F_PAD], Wp = W + 2 * pad;
+            const float *xp = in;
+            if (pad > 0) {
+                while (fp_claim(bar, H + 2 * pad, 1, nt, &lo, &hi))
+                    fp_pad(in, C, H, W, pad, cols, lo, hi);
+                fp_barrier_wait(bar, nt);
+                xp = cols;
+            }
+            fp_gemm(Ho * Wo, F, Wo, xp, s * Wp * C, s * C, k, k * C, Wp * C, w, b, dst, F, relu, bar, nt);
             break;
         }
         case FP_VH:

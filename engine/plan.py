@@ -11,8 +11,9 @@ instead runs the whole network in one compiled call (``engine/_infer.h``):
 * dropout is dropped (eval mode), Flatten is free (NCHW is already flat), and each
   ReLU is folded into the op before it;
 * a vertical convolution and the horizontal one after it are one op, channel by channel;
-* convolutions (im2col) and lateral 1x1 convolutions are GEMMs with the weights packed
-  once, here, for the micro-kernel; Linear layers are GEMVs;
+* convolutions and lateral 1x1 convolutions are GEMMs with the weights packed once,
+  here, for the micro-kernel, reading the (zero-padded) input in place - no im2col;
+  Linear layers are GEMVs;
 * the threads are woken once per call: with a batch of at least twice the thread count
   each thread takes whole images, otherwise they share each op of an image.
 
@@ -137,10 +138,10 @@ class Plan:
                 if not nhwc:
                     self._to_nhwc(shape)
                     nhwc = True
-                weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(f, -1)  # im2col order (ky, kx, c)
+                weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(f, -1)  # the order the GEMM reads taps: (ky, kx, c)
                 self._add(CONV, shape, (f, ho, wo), k=layer.k, stride=layer.stride, pad=layer.padding,
                           w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
-                self._cols = max(self._cols, c * layer.k * layer.k * ho * wo)
+                self._cols = max(self._cols, c * (h + 2 * layer.padding) * (w + 2 * layer.padding))  # padded input
                 shape = (f, ho, wo)
                 continue
             if not nhwc:
