@@ -75,7 +75,7 @@ static inline long fp_max(long a, long b) { return a > b ? a : b; }
 static inline const float *fp_ptr(int64_t v) { return (const float *)(intptr_t)v; }
 
 /* ---------------------------------------------------------------- barrier and work sharing
- * Threads take the work of an op in chunks from a shared counter (about four chunks per
+ * Threads take the work of an op in chunks from a shared counter (about eight chunks per
  * thread), so a thread the machine delays simply takes fewer: on a shared machine a
  * static split made every op wait for the slowest thread. The last thread to reach the
  * barrier after an op resets the counter for the next one. */
@@ -110,7 +110,7 @@ static void fp_barrier_wait(fp_barrier *b, int nt) {
 
 /* Claim the next chunk [lo, hi) of n items, in whole units of `unit` items; 0 when none is left. */
 static inline int fp_claim(fp_barrier *b, long n, long unit, int nt, long *lo, long *hi) {
-    long units = (n + unit - 1) / unit, chunk = fp_max(1, units / (4 * nt));
+    long units = (n + unit - 1) / unit, chunk = fp_max(1, units / (8 * nt));
     long u = nt <= 1 ? (b->work += chunk) - chunk : __atomic_fetch_add(&b->work, chunk, __ATOMIC_RELAXED);
     if (u >= units) return 0;
     *lo = u * unit;
