@@ -40,6 +40,9 @@
 #define FP_MR 6
 #endif
 #define FP_NR (2 * FP_VL)
+#if FP_VL >= 8
+#include <immintrin.h>
+#endif
 
 typedef float fp_v __attribute__((vector_size(FP_VL * sizeof(float))));
 typedef int32_t fp_vi __attribute__((vector_size(FP_VL * sizeof(float))));
@@ -64,7 +67,16 @@ static inline fp_v fp_load(const float *p) { fp_v v; memcpy(&v, p, sizeof v); re
 static inline void fp_store(float *p, fp_v v) { memcpy(p, &v, sizeof v); }
 static inline fp_v fp_splat(float s) { fp_v z = {0}; return z + s; }
 static inline fp_v fp_relu(fp_v v) { fp_v z = {0}; return (fp_v)((fp_vi)v & (v > z)); }
-static inline fp_v fp_vmax(fp_v a, fp_v b) { fp_vi m = a > b; return (fp_v)(((fp_vi)a & m) | ((fp_vi)b & ~m)); }
+static inline fp_v fp_vmax(fp_v a, fp_v b) {
+#if FP_VL == 16
+    return (fp_v)_mm512_max_ps((__m512)a, (__m512)b);
+#elif FP_VL == 8
+    return (fp_v)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    fp_vi m = a > b;
+    return (fp_v)(((fp_vi)a & m) | ((fp_vi)b & ~m));
+#endif
+}
 static inline float fp_hsum(fp_v v) {
     float s = 0.f;
     for (int i = 0; i < FP_VL; i++) s += v[i];
