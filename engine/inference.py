@@ -129,7 +129,11 @@ class Model:
         return np.ascontiguousarray(x.reshape(-1, c, h, w), dtype=np.float32)
 
     def predict(self, images, preprocessed=False, batch_size=256):
-        """Class probabilities (N, classes). `images`: uint8 HWC/NHWC, or with preprocessed=True float CHW/NCHW."""
+        """Class probabilities (N, classes). `images`: uint8 HWC/NHWC, or with preprocessed=True float CHW/NCHW.
+
+        batch_size bounds the layer-by-layer path's buffers; the compiled path takes the
+        whole batch in one call (its buffers do not grow with the batch).
+        """
         if preprocessed:
             x = np.asarray(images)
             if x.ndim == 3:
