@@ -499,6 +499,7 @@ def bench_latency(args):
                 times = {runtime: [] for runtime, _ in runners}
                 for _ in range(5):
                     for runtime, run in runners:
+                        time.sleep(0.1)  # let the previous runtime's spinning threads go idle
                         times[runtime] += timeit(lambda: run(x), n, warmup=3 if batch == 1 else 1)
                 rows += [(name, batch, runtime, statistics.median(t)) for runtime, t in times.items()]
             if args.per_layer:
