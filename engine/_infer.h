@@ -2,10 +2,10 @@
  *
  * One call runs a whole batch through every op inside a single OpenMP parallel region:
  *   - batch >= 2 x threads: each thread takes whole images (private buffers, no barriers);
- *   - smaller batches: all threads work on each op of one image together, split over
- *     output tiles, rows or channels, with a spinning barrier between ops. Waking a
- *     sleeping thread costs tens of microseconds on these machines, more than most ops
- *     of a single image, so the threads are woken once per call, not once per op.
+ *   - smaller batches: all threads work on each op of one image together, claiming
+ *     chunks of output tiles, rows or channels (see "work sharing"). Waking a sleeping
+ *     thread costs tens of microseconds on these machines, more than most ops of a
+ *     single image, so the threads are woken once per call, not once per op.
  *
  * Activations between ops are channels-last, (H, W, C) per image: every per-channel op
  * (vertical/horizontal 1D convolution, pooling) is then a loop over whole SIMD vectors
@@ -21,6 +21,7 @@
  * by one thread with a fixed summation order: results do not depend on the thread count.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sched.h>
 #include <time.h>
@@ -86,17 +87,27 @@ static inline long fp_min(long a, long b) { return a < b ? a : b; }
 static inline long fp_max(long a, long b) { return a > b ? a : b; }
 static inline const float *fp_ptr(int64_t v) { return (const float *)(intptr_t)v; }
 
-/* ---------------------------------------------------------------- barrier and work sharing
- * Threads take the work of an op in chunks from a shared counter (about eight chunks per
- * thread), so a thread the machine delays simply takes fewer: on a shared machine a
- * static split made every op wait for the slowest thread. The last thread to reach the
- * barrier after an op resets the counter for the next one. */
+/* ---------------------------------------------------------------- work sharing
+ * The work of a phase (an op, or one of its steps) is cut into units: GEMM tiles, rows,
+ * vectors of channels. Threads claim chunks of units from the phase's counter (about
+ * eight chunks per thread), add what they finished to its `done` count, and go on to the
+ * next phase once every unit of this one is done. A thread waits only for chunks other
+ * threads are working on, never for a thread that has not arrived: when the machine
+ * delays one thread, the others do its share (a barrier would make every op wait for it),
+ * and the late thread, when it comes, skips the phases already finished. Each output
+ * element is still computed by one thread in a fixed order. */
 
 typedef struct {
-    int count, gen;
-    char pad[56];
-    long work;  /* next unit of the current op; on its own cache line */
-} fp_barrier;
+    long next, done;  /* units claimed, units finished */
+    char pad[48];     /* one phase per cache line */
+} fp_phase;
+
+typedef struct {
+    fp_phase *ph;        /* shared phase counters, in order, zeroed before the run */
+    long cur;            /* this thread's current phase */
+    long units, chunk;   /* of the current phase */
+    long pending;        /* units of this thread's last chunk, not yet added to done */
+} fp_sync;
 
 static inline void fp_pause(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -104,30 +115,37 @@ static inline void fp_pause(void) {
 #endif
 }
 
-static void fp_barrier_wait(fp_barrier *b, int nt) {
-    if (nt <= 1) { b->work = 0; return; }
-    int gen = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nt) {
-        __atomic_store_n(&b->work, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&b->gen, gen + 1, __ATOMIC_RELEASE);
-        return;
+/* Claim the next chunk [lo, hi) of n items of the current phase, in whole units of `unit`
+ * items (the previous chunk is reported done first); 0 when none is left. */
+static inline int fp_claim(fp_sync *s, long n, long unit, int nt, long *lo, long *hi) {
+    fp_phase *ph = s->ph + s->cur;
+    if (s->pending) {
+        __atomic_add_fetch(&ph->done, s->pending, __ATOMIC_RELEASE);
+        s->pending = 0;
     }
-    long spins = 0;
-    while (__atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == gen) {
-        fp_pause();
-        if (++spins > 20000) sched_yield();  /* the other thread was descheduled: let it run */
-    }
+    s->units = (n + unit - 1) / unit;
+    s->chunk = fp_max(1, s->units / (8 * nt));
+    long u = __atomic_fetch_add(&ph->next, s->chunk, __ATOMIC_RELAXED);
+    if (u >= s->units) return 0;
+    s->pending = fp_min(s->chunk, s->units - u);
+    *lo = u * unit;
+    *hi = fp_min(n, (u + s->chunk) * unit);
+    return 1;
 }
 
-/* Claim the next chunk [lo, hi) of n items, in whole units of `unit` items; 0 when none is left. */
-static inline int fp_claim(fp_barrier *b, long n, long unit, int nt, long *lo, long *hi) {
-    long units = (n + unit - 1) / unit, chunk = fp_max(1, units / (8 * nt));
-    long u = nt <= 1 ? (b->work += chunk) - chunk : __atomic_fetch_add(&b->work, chunk, __ATOMIC_RELAXED);
-    if (u >= units) return 0;
-    *lo = u * unit;
-    *hi = fp_min(n, (u + chunk) * unit);
-    return 1;
+/* End of the current phase: wait until all its units are done (by whichever threads). */
+static void fp_phase_end(fp_sync *s) {
+    fp_phase *ph = s->ph + s->cur;
+    if (s->pending) {
+        __atomic_add_fetch(&ph->done, s->pending, __ATOMIC_RELEASE);
+        s->pending = 0;
+    }
+    long spins = 0;
+    while (__atomic_load_n(&ph->done, __ATOMIC_ACQUIRE) < s->units) {
+        fp_pause();
+        if (++spins > 20000) sched_yield();  /* the thread with the last chunk was descheduled */
+    }
+    s->cur++;
 }
 
 /* ---------------------------------------------------------------- GEMM
@@ -172,7 +190,7 @@ static inline void fp_tile(long nseg, long seg_len, long seg_stride, const float
  * row A + (p / Wo) * row_stride + (p % Wo) * col_stride. */
 static void fp_gemm(long M, long N, long Wo, const float *A, long row_stride, long col_stride,
                     long nseg, long seg_len, long seg_stride, const float *Bp, const float *bias,
-                    float *C, long ldc, int relu, fp_barrier *bar, int nt) {
+                    float *C, long ldc, int relu, fp_sync *bar, int nt) {
     long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR, t0, t1, K = nseg * seg_len;
     const float *arow[FP_MR];
     while (fp_claim(bar, mp * np_, 1, nt, &t0, &t1))
@@ -360,7 +378,7 @@ static inline double fp_now(void) {
 
 /* times (optional, thread 0 only): seconds spent in each op are added to times[o] */
 static void fp_image(const int64_t *ops, int nops, const float *x, float *out, float *buf0, float *buf1,
-                     float *cols, float *scratch, int tid, int nt, fp_barrier *bar, double *times) {
+                     float *cols, float *scratch, int nt, fp_sync *bar, double *times) {
     const float *in = x;
     double t_prev = times ? fp_now() : 0.0;
     for (int o = 0; o < nops; o++) {
@@ -380,7 +398,7 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
             if (pad > 0) {
                 while (fp_claim(bar, H + 2 * pad, 1, nt, &lo, &hi))
                     fp_pad(in, C, H, W, pad, cols, lo, hi);
-                fp_barrier_wait(bar, nt);
+                fp_phase_end(bar);
                 xp = cols;
             }
             fp_gemm(Ho * Wo, F, Wo, xp, s * Wp * C, s * C, k, k * C, Wp * C, w, b, dst, F, relu, bar, nt);
@@ -408,7 +426,7 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
                     for (long c = 0; c < C; c++) dst[p * C + c] = in[c * H * W + p];
             break;
         case FP_SOFTMAX:  /* over C values, by one thread: exp(v - max) / sum */
-            if (tid == 0) {
+            while (fp_claim(bar, 1, 1, nt, &lo, &hi)) {
                 long n = C * H * W;
                 float m = in[0], sum = 0.f;
                 for (long i = 1; i < n; i++) m = in[i] > m ? in[i] : m;
@@ -422,7 +440,7 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
                     for (long p = 0; p < H * W; p++) dst[c * H * W + p] = in[p * C + c];
             break;
         }
-        fp_barrier_wait(bar, nt);
+        fp_phase_end(bar);
         if (times) {
             double t = fp_now();
             times[o] += t - t_prev;
@@ -438,16 +456,19 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
  * scratch areas of scratch_floats; all sizes multiples of 16 floats, so every buffer
  * starts on a cache line. times: NULL, or per-op seconds (accumulated by thread 0,
  * which waits at every barrier, so they are wall times).
- * Returns the number of threads that ran (OpenMP may give fewer than asked), or -1
- * without running when the input holds NaN or infinity. */
+ * Returns the number of threads that ran (OpenMP may give fewer than asked), or without
+ * running: -1 when the input holds NaN or infinity, -2 when memory for the counters ran out. */
 static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
                   float *arena, long act_floats, long ctx_floats, long scratch_floats, int threads, double *times) {
     int per_image = n >= 2L * threads, team = 1;
-    fp_barrier bar;
-    memset(&bar, 0, sizeof bar);
     float finite = 0.f;  /* stays 0 unless some input is NaN or infinite (then x * 0 is NaN) */
     for (long i = 0; i < n * in_size; i++) finite += x[i] * 0.f;
     if (finite != 0.f) return -1;
+    /* phase counters: at most two phases per op; shared by the threads of a cooperative
+     * run (all its images in a row), one set per thread when threads take whole images */
+    long phases = 2L * nops, sets = per_image ? threads : 1, per_set = per_image ? phases : phases * n;
+    fp_phase *ph = (fp_phase *)calloc((size_t)(sets * per_set), sizeof(fp_phase));
+    if (!ph) return -2;
 #ifdef _OPENMP
     #pragma omp parallel num_threads(threads)
 #endif
@@ -458,22 +479,25 @@ static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_
         int tid = 0, nt = 1;
 #endif
         float *scratch = arena + (long)threads * ctx_floats + (long)tid * scratch_floats;
+        fp_sync sync = {ph + (per_image ? tid * per_set : 0), 0, 0, 0, 0};
         if (tid == 0) team = nt;
         if (per_image) {
             float *ctx = arena + (long)tid * ctx_floats;
-            fp_barrier own;  /* this thread's work counter (no one to wait for) */
-            memset(&own, 0, sizeof own);
 #ifdef _OPENMP
             #pragma omp for schedule(dynamic, 1)
 #endif
-            for (long i = 0; i < n; i++)
+            for (long i = 0; i < n; i++) {
+                memset(sync.ph, 0, per_set * sizeof(fp_phase));  /* this thread's counters, fresh per image */
+                sync.cur = 0;
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, ctx, ctx + act_floats,
-                         ctx + 2 * act_floats, scratch, 0, 1, &own, tid == 0 ? times : NULL);
+                         ctx + 2 * act_floats, scratch, 1, &sync, tid == 0 ? times : NULL);
+            }
         } else {
             for (long i = 0; i < n; i++)
                 fp_image(ops, nops, x + i * in_size, out + i * out_size, arena, arena + act_floats,
-                         arena + 2 * act_floats, scratch, tid, nt, &bar, tid == 0 ? times : NULL);
+                         arena + 2 * act_floats, scratch, nt, &sync, tid == 0 ? times : NULL);
         }
     }
+    free(ph);
     return team;
 }

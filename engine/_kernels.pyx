@@ -716,6 +716,8 @@ def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan 
     with nogil:
         team = fp_run(&ops[0, 0], <int> ops.shape[0], &x[0, 0], x.shape[0], x.shape[1], &out[0, 0], out.shape[1],
                &arena[0], act_floats, ctx_floats, scratch_floats, num_threads, t)
+    if team == -2:
+        raise MemoryError("infer_run: no memory for the work counters")
     if team < 0:
         raise ValueError("input holds NaN or infinite values")
     return team
