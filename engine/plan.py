@@ -8,8 +8,11 @@ input, returns its own buffer and runs its own parallel region. For a single ima
 those fixed costs are most of the time (a 32x32 image is about 50 MFLOP). A plan
 instead runs the whole network in one compiled call (``engine/_infer.h``):
 
-* dropout is dropped (eval mode), Flatten is free (NCHW is already flat), and each
-  ReLU is folded into the op before it;
+* activations are channels-last, (H, W, C), so per-channel ops run on whole SIMD vectors
+  of channels; the first op transposes the NCHW input, and a Linear layer after Flatten
+  gets its weight columns permuted here, so Flatten itself is free;
+* dropout is dropped (eval mode); each ReLU, and optionally the softmax, is folded into
+  the op before it;
 * a vertical convolution and the horizontal one after it are one op, channel by channel;
 * convolutions and lateral 1x1 convolutions are GEMMs with the weights packed once,
   here, for the micro-kernel, reading the (zero-padded) input in place - no im2col;
@@ -272,7 +275,8 @@ def compile_network(net, in_shape=None, softmax=False):
     """Compile `net` (engine layers, float32, on the CPU) for inputs of `in_shape` (C, H, W).
 
     in_shape defaults to ``net.in_shape`` (set by models.paper.build). softmax=True ends
-    the plan with a softmax over the (flat) output. Raises UnsupportedNetwork for a layer
+    the plan with a softmax over the (flat) output. The plan computes in float32 whatever
+    the layers' dtype (it copies the weights as float32). Raises UnsupportedNetwork for a layer
     the compiled path does not handle. Input holding NaN or infinity is refused (ValueError).
     """
     in_shape = in_shape if in_shape is not None else getattr(net, "in_shape", None)
