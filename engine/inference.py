@@ -86,7 +86,7 @@ class Model:
         self.preprocessing = meta["preprocessing"]
         self.zca_mean, self.zca_matrix = zca_mean, zca_matrix
         self._lock = threading.Lock()  # layers reuse their buffers: one forward at a time
-        self.plan = None
+        self.plan, self.why_not_compiled = None, "compiled=False"
         if compiled:
             self.compile()
 

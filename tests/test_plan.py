@@ -204,6 +204,7 @@ def test_unsupported_networks_are_refused_and_models_fall_back(rng):
     meta = dict(classes=["a", "b", "c"], input_shape=[3, 2, 2], preprocessing={})
     model = Model(net, meta)
     assert model.plan is None and "Scale" in model.why_not_compiled
+    assert Model(Sequential(Flatten(), Linear(12, 3)), meta, compiled=False).why_not_compiled == "compiled=False"
     x = rng.standard_normal((2, 3, 2, 2)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x, preprocessed=True),
                                engine.softmax(2 * ref_forward(Sequential(*net.layers[:2]), x)), rtol=1e-5)
