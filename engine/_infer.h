@@ -48,7 +48,8 @@
 typedef float fp_v __attribute__((vector_size(FP_VL * sizeof(float))));
 typedef int32_t fp_vi __attribute__((vector_size(FP_VL * sizeof(float))));
 
-/* op kinds and the columns of one row of the op table (int64) */
+/* op kinds and the columns of one row of the op table (int64); engine/plan.py lists both
+ * in the same order (its kind constants and FIELDS) */
 enum {
     FP_GEMM = 0, FP_CONV = 1, FP_VH = 2, FP_POOL = 3, FP_LINEAR = 4, FP_RELU = 5, FP_TO_NHWC = 6, FP_TO_NCHW = 7,
     FP_SOFTMAX = 8

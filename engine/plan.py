@@ -35,6 +35,7 @@ from .layers import Conv2d, Dropout, Flatten, Horizontal, Lateral, Linear, MaxPo
     Vertical
 
 NR, VL, NFIELDS = _kernels.infer_layout()
+# Op kinds and op-table columns: the same order as the two enums at the top of _infer.h.
 (GEMM, CONV, VH, POOL, LINEAR, RELU, TO_NHWC, TO_NCHW, SOFTMAX) = range(9)
 FIELDS = ("kind relu c_in h_in w_in c_out h_out w_out k stride pad kv vbefore kh hbefore h_mid "
           "w b wv bv wh bh").split()
