@@ -191,10 +191,10 @@ static inline void fp_tile(long nseg, long seg_len, long seg_stride, const float
  * row A + (p / Wo) * row_stride + (p % Wo) * col_stride. */
 static void fp_gemm(long M, long N, long Wo, const float *A, long row_stride, long col_stride,
                     long nseg, long seg_len, long seg_stride, const float *Bp, const float *bias,
-                    float *C, long ldc, int relu, fp_sync *bar, int nt) {
+                    float *C, long ldc, int relu, fp_sync *sync, int nt) {
     long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR, t0, t1, K = nseg * seg_len;
     const float *arow[FP_MR];
-    while (fp_claim(bar, mp * np_, 1, nt, &t0, &t1))
+    while (fp_claim(sync, mp * np_, 1, nt, &t0, &t1))
     for (long t = t0; t < t1; t++) {
         long jp = t / mp, ip = t % mp;  /* filter panel outer: its packed weights stay in L1 */
         long i0 = ip * FP_MR, j0 = jp * FP_NR;
@@ -379,7 +379,7 @@ static inline double fp_now(void) {
 
 /* times (optional, thread 0 only): seconds spent in each op are added to times[o] */
 static void fp_image(const int64_t *ops, int nops, const float *x, float *out, float *buf0, float *buf1,
-                     float *cols, float *scratch, int nt, fp_sync *bar, double *times) {
+                     float *cols, float *scratch, int nt, fp_sync *sync, double *times) {
     const float *in = x;
     double t_prev = times ? fp_now() : 0.0;
     for (int o = 0; o < nops; o++) {
@@ -391,43 +391,43 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
         long lo, hi;
         switch (op[F_KIND]) {
         case FP_GEMM:  /* 1x1 convolution: position p reads its C channels */
-            fp_gemm(H * W, F, W, in, W * C, C, 1, C, 0, w, b, dst, F, relu, bar, nt);
+            fp_gemm(H * W, F, W, in, W * C, C, 1, C, 0, w, b, dst, F, relu, sync, nt);
             break;
         case FP_CONV: {  /* k x k convolution as a GEMM reading the zero-padded input in place */
             long k = op[F_K], s = op[F_STRIDE], pad = op[F_PAD], Wp = W + 2 * pad;
             const float *xp = in;
             if (pad > 0) {
-                while (fp_claim(bar, H + 2 * pad, 1, nt, &lo, &hi))
+                while (fp_claim(sync, H + 2 * pad, 1, nt, &lo, &hi))
                     fp_pad(in, C, H, W, pad, cols, lo, hi);
-                fp_phase_end(bar);
+                fp_phase_end(sync);
                 xp = cols;
             }
-            fp_gemm(Ho * Wo, F, Wo, xp, s * Wp * C, s * C, k, k * C, Wp * C, w, b, dst, F, relu, bar, nt);
+            fp_gemm(Ho * Wo, F, Wo, xp, s * Wp * C, s * C, k, k * C, Wp * C, w, b, dst, F, relu, sync, nt);
             break;
         }
         case FP_VH:
-            while (fp_claim(bar, C, FP_VL, nt, &lo, &hi))
+            while (fp_claim(sync, C, FP_VL, nt, &lo, &hi))
                 fp_vh(op, in, dst, scratch, lo, hi);
             break;
         case FP_POOL:
-            while (fp_claim(bar, Ho, 1, nt, &lo, &hi))
+            while (fp_claim(sync, Ho, 1, nt, &lo, &hi))
                 fp_pool(op, in, dst, lo, hi);
             break;
         case FP_LINEAR:
-            while (fp_claim(bar, F, 1, nt, &lo, &hi))
+            while (fp_claim(sync, F, 1, nt, &lo, &hi))
                 fp_gemv(lo, hi, C * H * W, w, b, in, dst, relu);
             break;
         case FP_RELU:
-            while (fp_claim(bar, C * H * W, FP_VL, nt, &lo, &hi))
+            while (fp_claim(sync, C * H * W, FP_VL, nt, &lo, &hi))
                 for (long i = lo; i < hi; i++) dst[i] = in[i] < 0.f ? 0.f : in[i];
             break;
         case FP_TO_NHWC:  /* (C, H, W) -> (H, W, C), by positions */
-            while (fp_claim(bar, H * W, 1, nt, &lo, &hi))
+            while (fp_claim(sync, H * W, 1, nt, &lo, &hi))
                 for (long p = lo; p < hi; p++)
                     for (long c = 0; c < C; c++) dst[p * C + c] = in[c * H * W + p];
             break;
         case FP_SOFTMAX:  /* over C values, by one thread: exp(v - max) / sum */
-            while (fp_claim(bar, 1, 1, nt, &lo, &hi)) {
+            while (fp_claim(sync, 1, 1, nt, &lo, &hi)) {
                 long n = C * H * W;
                 float m = in[0], sum = 0.f;
                 for (long i = 1; i < n; i++) m = in[i] > m ? in[i] : m;
@@ -436,12 +436,12 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
             }
             break;
         case FP_TO_NCHW:  /* (H, W, C) -> (C, H, W), by channels */
-            while (fp_claim(bar, C, 1, nt, &lo, &hi))
+            while (fp_claim(sync, C, 1, nt, &lo, &hi))
                 for (long c = lo; c < hi; c++)
                     for (long p = 0; p < H * W; p++) dst[c * H * W + p] = in[p * C + c];
             break;
         }
-        fp_phase_end(bar);
+        fp_phase_end(sync);
         if (times) {
             double t = fp_now();
             times[o] += t - t_prev;

@@ -134,23 +134,21 @@ class Plan:
             if len(shape) != 3:
                 raise UnsupportedNetwork(f"{layer!r} after Flatten is not supported by the compiled path")
             c, h, w = shape
+            if not nhwc:  # every op below reads channels-last input
+                self._to_nhwc(shape)
+                nhwc = True
             if isinstance(layer, Conv2d) and not (layer.k == 1 and layer.stride == 1 and layer.padding == 0):
                 _check_channels(layer, c, layer.c_in)
                 _, f, ho, wo = layer.output_shape((1, c, h, w))
                 if ho < 1 or wo < 1:
                     raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
-                if not nhwc:
-                    self._to_nhwc(shape)
-                    nhwc = True
-                weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(f, -1)  # the order the GEMM reads taps: (ky, kx, c)
+                # rows of the packed weights in the order the GEMM reads the taps: (ky, kx, c)
+                weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(f, -1)
                 self._add(CONV, shape, (f, ho, wo), k=layer.k, stride=layer.stride, pad=layer.padding,
                           w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
                 self._cols = max(self._cols, c * (h + 2 * layer.padding) * (w + 2 * layer.padding))  # padded input
                 shape = (f, ho, wo)
                 continue
-            if not nhwc:
-                self._to_nhwc(shape)
-                nhwc = True
             if isinstance(layer, (Vertical, Horizontal)):
                 _check_channels(layer, c, layer.channels)
                 v = layer if isinstance(layer, Vertical) else None
@@ -203,7 +201,6 @@ class Plan:
         for r, row in enumerate(self._rows):
             for name, v in row.items():
                 self.ops[r, COL[name]] = v
-        self.kinds = [row["kind"] for row in self._rows]
         self.act_floats = _round16(self._act)
         self.ctx_floats = 2 * self.act_floats + _round16(self._cols)
         self.scratch_floats = _round16(self._scratch)
