@@ -90,6 +90,14 @@ class Model:
         if compiled:
             self.compile()
 
+    def __deepcopy__(self, memo):
+        """An independent model: its own network, compiled plan (see Plan.__deepcopy__) and lock."""
+        import copy
+        new = object.__new__(type(self))
+        for k, v in self.__dict__.items():
+            setattr(new, k, threading.Lock() if k == "_lock" else copy.deepcopy(v, memo))
+        return new
+
     def compile(self):
         """(Re)compile the network for the CPU's fast path, from its current weights.
 

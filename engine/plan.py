@@ -21,7 +21,9 @@ instead runs the whole network in one compiled call (``engine/_infer.h``):
   each thread takes whole images, otherwise they share each op of an image.
 
 A plan holds copies of the weights taken when it was compiled: compile again after
-changing them. Calls are serialized by a lock (the plan owns its work buffers).
+changing them. Calls are serialized by a lock (the plan owns its work buffers). Its op
+table holds raw pointers into those copies, so ``copy.deepcopy`` (and ``copy.copy``)
+re-point them, and pickling is refused: save the network and compile it again.
 The result equals ``net.eval().forward(x)`` up to float32 rounding (the sums run in
 a different order); tests/test_plan.py checks both against independent references.
 """
@@ -218,6 +220,30 @@ class Plan:
         self._rows.append(dict(kind=kind, relu=0, c_in=c, h_in=h, w_in=w, c_out=f, h_out=ho, w_out=wo, **fields))
         self._act = max(self._act, f * ho * wo)
         self.names.append(self._name)
+
+    def __deepcopy__(self, memo=None):
+        """A copy with its own weights, buffers and lock; the op table's pointers are moved to the copies."""
+        new = object.__new__(type(self))
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_keep", "ops", "_arena", "_lock")})
+        new.names = list(self.names)
+        new._keep, moved = [], {}
+        for a in self._keep:
+            b = aligned_empty(a.size).reshape(a.shape)
+            b[...] = a
+            new._keep.append(b)
+            moved[a.ctypes.data] = b.ctypes.data
+        new.ops = self.ops.copy()
+        for name in ("w", "b", "wv", "bv", "wh", "bh"):
+            col = new.ops[:, COL[name]]
+            col[...] = [moved.get(int(v), 0) if v else 0 for v in col]
+        new._arena, new._lock = aligned_empty(0), threading.Lock()
+        return new
+
+    __copy__ = __deepcopy__  # a shallow copy would share the work buffers without sharing the lock
+
+    def __reduce__(self):
+        raise TypeError("a compiled plan points into its own memory and cannot be pickled; "
+                        "pickle the network (or save a model file) and compile it again")
 
     def _ptr(self, array):
         src = np.asarray(array, dtype=np.float32)

@@ -217,3 +217,27 @@ def test_profile_names_every_op(rng):
     assert names[0] == "(to channels-last)" and "conv1+relu1" in names and names[-1] == "out"
     assert "conv2.stage1.vertical+horizontal" in names and "conv2.stage2.lateral+relu2" in names
     assert len(prof) == len(plan.ops) and all(t >= 0 for _, t in prof)
+
+
+def test_copies_own_their_weights_and_pickling_is_refused(rng):
+    """The op table holds raw pointers: a copy must point into its own arrays, not the original's."""
+    import copy
+    import gc
+    import pickle
+    net = randomize(build("flattened", (3, 32, 32), 10), rng)
+    plan = compile_network(net, softmax=True)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    want = plan(x)
+    twin, shallow = copy.deepcopy(plan), copy.copy(plan)
+    for a in plan._keep:
+        a[...] = np.nan  # the original's weights, overwritten: the copies must not see it
+    del plan
+    gc.collect()
+    np.testing.assert_array_equal(twin(x), want)
+    np.testing.assert_array_equal(shallow(x), want)
+    meta = dict(classes=[str(i) for i in range(10)], input_shape=[3, 32, 32], preprocessing={})
+    model = Model(net, meta)
+    np.testing.assert_array_equal(copy.deepcopy(model).predict(x, preprocessed=True),
+                                  model.predict(x, preprocessed=True))
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(compile_network(net))
