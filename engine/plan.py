@@ -206,6 +206,7 @@ class Plan:
         self.act_floats = _round16(self._act)
         self.ctx_floats = 2 * self.act_floats + _round16(self._cols)
         self.scratch_floats = _round16(self._scratch)
+        del self._rows, self._name, self._act, self._cols, self._scratch  # construction state, now in the table
         self._arena = aligned_empty(0)
         self._lock = threading.Lock()
         self.last_threads = 0  # threads that ran the last call
