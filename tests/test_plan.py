@@ -120,10 +120,10 @@ def test_small_networks_match_reference(name, rng):
     check(make(rng), in_shape, rng)
 
 
-@pytest.mark.parametrize("model,in_shape", [("flattened", (3, 32, 32)), ("baseline", (1, 28, 28)),
-                                            ("flattened", (1, 28, 28))])
-def test_paper_models_match_reference(model, in_shape, rng):
-    check(build(model, in_shape, 10, seed=3), in_shape, rng, batch=2)
+@pytest.mark.parametrize("model,in_shape,first", [("flattened", (3, 32, 32), False), ("baseline", (1, 28, 28), False),
+                                                  ("flattened", (1, 28, 28), False), ("flattened", (3, 32, 32), True)])
+def test_paper_models_match_reference(model, in_shape, first, rng):
+    check(build(model, in_shape, 10, seed=3, flatten_first=first), in_shape, rng, batch=2)
 
 
 def test_same_results_for_every_thread_count_and_batch_split(rng):
