@@ -1,7 +1,7 @@
 /* Fused float32 inference of a compiled network (engine/plan.py builds the op table).
  *
  * One call runs a whole batch through every op inside a single OpenMP parallel region:
- *   - batch >= 2 x threads: each thread takes whole images (private buffers, no barriers);
+ *   - batch >= 2 x threads: each thread takes whole images (private buffers, no waiting);
  *   - smaller batches: all threads work on each op of one image together, claiming
  *     chunks of output tiles, rows or channels (see "work sharing"). Waking a sleeping
  *     thread costs tens of microseconds on these machines, more than most ops of a
@@ -67,8 +67,8 @@ static int fp_nfields(void) { return FP_NFIELDS; }
 
 static inline fp_v fp_load(const float *p) { fp_v v; memcpy(&v, p, sizeof v); return v; }
 static inline void fp_store(float *p, fp_v v) { memcpy(p, &v, sizeof v); }
-static inline fp_v fp_splat(float s) { fp_v z = {0}; return z + s; }
 static inline fp_v fp_relu(fp_v v) { fp_v z = {0}; return (fp_v)((fp_vi)v & (v > z)); }
+static inline float fp_relu1(int relu, float s) { return relu && s < 0.f ? 0.f : s; }  /* ReLU if asked, one value */
 static inline fp_v fp_vmax(fp_v a, fp_v b) {
 #if FP_VL == 16
     return (fp_v)_mm512_max_ps((__m512)a, (__m512)b);
@@ -116,14 +116,19 @@ static inline void fp_pause(void) {
 #endif
 }
 
-/* Claim the next chunk [lo, hi) of n items of the current phase, in whole units of `unit`
- * items (the previous chunk is reported done first); 0 when none is left. */
-static inline int fp_claim(fp_sync *s, long n, long unit, int nt, long *lo, long *hi) {
-    fp_phase *ph = s->ph + s->cur;
+/* Add this thread's last chunk to the phase's done count (release: its outputs are written). */
+static inline void fp_report(fp_sync *s, fp_phase *ph) {
     if (s->pending) {
         __atomic_add_fetch(&ph->done, s->pending, __ATOMIC_RELEASE);
         s->pending = 0;
     }
+}
+
+/* Claim the next chunk [lo, hi) of n items of the current phase, in whole units of `unit`
+ * items (the previous chunk is reported done first); 0 when none is left. */
+static inline int fp_claim(fp_sync *s, long n, long unit, int nt, long *lo, long *hi) {
+    fp_phase *ph = s->ph + s->cur;
+    fp_report(s, ph);
     s->units = (n + unit - 1) / unit;
     s->chunk = fp_max(1, s->units / (8 * nt));
     long u = __atomic_fetch_add(&ph->next, s->chunk, __ATOMIC_RELAXED);
@@ -137,10 +142,7 @@ static inline int fp_claim(fp_sync *s, long n, long unit, int nt, long *lo, long
 /* End of the current phase: wait until all its units are done (by whichever threads). */
 static void fp_phase_end(fp_sync *s) {
     fp_phase *ph = s->ph + s->cur;
-    if (s->pending) {
-        __atomic_add_fetch(&ph->done, s->pending, __ATOMIC_RELEASE);
-        s->pending = 0;
-    }
+    fp_report(s, ph);
     long spins = 0;
     while (__atomic_load_n(&ph->done, __ATOMIC_ACQUIRE) < s->units) {
         fp_pause();
@@ -194,17 +196,18 @@ static void fp_gemm(long M, long N, long Wo, const float *A, long row_stride, lo
                     float *C, long ldc, int relu, fp_sync *sync, int nt) {
     long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR, t0, t1, K = nseg * seg_len;
     const float *arow[FP_MR];
-    while (fp_claim(sync, mp * np_, 1, nt, &t0, &t1))
-    for (long t = t0; t < t1; t++) {
-        long jp = t / mp, ip = t % mp;  /* filter panel outer: its packed weights stay in L1 */
-        long i0 = ip * FP_MR, j0 = jp * FP_NR;
-        int mr = (int)fp_min(FP_MR, M - i0), nr = (int)fp_min(FP_NR, N - j0);
-        for (int i = 0; i < FP_MR; i++) {
-            long p = i0 + (i < mr ? i : 0);
-            arow[i] = A + (p / Wo) * row_stride + (p % Wo) * col_stride;
+    while (fp_claim(sync, mp * np_, 1, nt, &t0, &t1)) {
+        for (long t = t0; t < t1; t++) {
+            long jp = t / mp, ip = t % mp;  /* filter panel outer: its packed weights stay in L1 */
+            long i0 = ip * FP_MR, j0 = jp * FP_NR;
+            int mr = (int)fp_min(FP_MR, M - i0), nr = (int)fp_min(FP_NR, N - j0);
+            for (int i = 0; i < FP_MR; i++) {
+                long p = i0 + (i < mr ? i : 0);
+                arow[i] = A + (p / Wo) * row_stride + (p % Wo) * col_stride;
+            }
+            fp_tile(nseg, seg_len, seg_stride, arow, Bp + jp * K * FP_NR, bias + j0, C + i0 * ldc + j0, ldc, mr,
+                    nr, relu);
         }
-        fp_tile(nseg, seg_len, seg_stride, arow, Bp + jp * K * FP_NR, bias + j0, C + i0 * ldc + j0, ldc, mr, nr,
-                relu);
     }
 }
 
@@ -223,7 +226,7 @@ static void fp_gemv(long m0, long m1, long K, const float *W, const float *b, co
         float s = fp_hsum(a0 + a1);
         for (; k < K; k++) s += w[k] * x[k];
         s += b[m];
-        y[m] = relu && s < 0.f ? 0.f : s;
+        y[m] = fp_relu1(relu, s);
     }
 }
 
@@ -308,15 +311,13 @@ static void fp_vh(const int64_t *op, const float *x, float *y, float *scratch, l
             const float *s = x + ir * W * C + c;
             for (long xx = 0; xx < W; xx++) fp_store(o + xx * FP_VL, fp_load(s + xx * C));
         }
-        if (kv == 5 && kh == 5)
-            fp_vh_plane(pp, tp, y + c, wv + c, fp_load(bv + c), wh + c, fp_load(bh + c), C, W, Hm, Wo, L, x0, x1, hb,
-                        5, 5, relu);
-        else if (kv == 3 && kh == 3)
-            fp_vh_plane(pp, tp, y + c, wv + c, fp_load(bv + c), wh + c, fp_load(bh + c), C, W, Hm, Wo, L, x0, x1, hb,
-                        3, 3, relu);
-        else
-            fp_vh_plane(pp, tp, y + c, wv + c, fp_load(bv + c), wh + c, fp_load(bh + c), C, W, Hm, Wo, L, x0, x1, hb,
-                        kv, kh, relu);
+        /* constant taps for the common filter sizes, so the tap loops unroll */
+#define FP_VH_PLANE(KV, KH) fp_vh_plane(pp, tp, y + c, wv + c, fp_load(bv + c), wh + c, fp_load(bh + c), \
+                                         C, W, Hm, Wo, L, x0, x1, hb, KV, KH, relu)
+        if (kv == 5 && kh == 5) FP_VH_PLANE(5, 5);
+        else if (kv == 3 && kh == 3) FP_VH_PLANE(3, 3);
+        else FP_VH_PLANE(kv, kh);
+#undef FP_VH_PLANE
     }
     for (long c = cv; c < c1; c++) {  /* channels left over after whole vectors: scalar, same sums */
         for (long i = 0; i < Hm; i++) {
@@ -333,7 +334,7 @@ static void fp_vh(const int64_t *op, const float *x, float *y, float *scratch, l
             for (long j = 0; j < Wo; j++) {
                 float acc = bh[c];
                 for (long t = 0; t < kh; t++) acc += wh[t * C + c] * v[j + t];
-                y[(i * Wo + j) * C + c] = relu && acc < 0.f ? 0.f : acc;
+                y[(i * Wo + j) * C + c] = fp_relu1(relu, acc);
             }
         }
     }
@@ -363,7 +364,7 @@ static void fp_pool(const int64_t *op, const float *x, float *y, long r0, long r
                         float v = x[(iy * W + ix) * C + c];
                         m = v > m ? v : m;
                     }
-                o[c] = relu && m < 0.f ? 0.f : m;
+                o[c] = fp_relu1(relu, m);
             }
         }
     }
@@ -419,7 +420,7 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
             break;
         case FP_RELU:
             while (fp_claim(sync, C * H * W, FP_VL, nt, &lo, &hi))
-                for (long i = lo; i < hi; i++) dst[i] = in[i] < 0.f ? 0.f : in[i];
+                for (long i = lo; i < hi; i++) dst[i] = fp_relu1(1, in[i]);
             break;
         case FP_TO_NHWC:  /* (C, H, W) -> (H, W, C), by positions */
             while (fp_claim(sync, H * W, 1, nt, &lo, &hi))
@@ -456,7 +457,7 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
  * activation buffers of act_floats, then the column buffer), then `threads` private
  * scratch areas of scratch_floats; all sizes multiples of 16 floats, so every buffer
  * starts on a cache line. times: NULL, or per-op seconds (accumulated by thread 0,
- * which waits at every barrier, so they are wall times).
+ * which waits at the end of every phase until all its work is done: wall times).
  * Returns the number of threads that ran (OpenMP may give fewer than asked), or without
  * running: -1 when the input holds NaN or infinity, -2 when memory for the counters ran out. */
 static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,

@@ -18,6 +18,7 @@ to float32 rounding.
 
 This module needs numpy and the compiled kernels only (no trainer, tqdm or matplotlib).
 """
+import copy
 import threading
 from pathlib import Path
 
@@ -92,7 +93,6 @@ class Model:
 
     def __deepcopy__(self, memo):
         """An independent model: its own network, compiled plan (see Plan.__deepcopy__) and lock."""
-        import copy
         new = object.__new__(type(self))
         for k, v in self.__dict__.items():
             setattr(new, k, threading.Lock() if k == "_lock" else copy.deepcopy(v, memo))

@@ -42,6 +42,7 @@ NR, VL, NFIELDS = _kernels.infer_layout()
 FIELDS = ("kind relu c_in h_in w_in c_out h_out w_out k stride pad kv vbefore kh hbefore h_mid "
           "w b wv bv wh bh").split()
 COL = {name: i for i, name in enumerate(FIELDS)}
+POINTERS = ("w", "b", "wv", "bv", "wh", "bh")  # columns holding addresses of the plan's own arrays
 FUSES_RELU = (GEMM, CONV, VH, POOL, LINEAR)
 
 
@@ -75,6 +76,14 @@ def aligned_empty(n):
     raw = np.empty(n + 16, np.float32)
     start = (-raw.ctypes.data % 64) // 4
     return raw[start:start + n]
+
+
+def aligned_copy(array):
+    """A float32 copy of `array` in memory starting on a 64-byte boundary."""
+    src = np.asarray(array, dtype=np.float32)
+    out = aligned_empty(src.size).reshape(src.shape)
+    out[...] = src
+    return out
 
 
 def _round16(n):
@@ -227,14 +236,10 @@ class Plan:
         new = object.__new__(type(self))
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_keep", "ops", "_arena", "_lock")})
         new.names = list(self.names)
-        new._keep, moved = [], {}
-        for a in self._keep:
-            b = aligned_empty(a.size).reshape(a.shape)
-            b[...] = a
-            new._keep.append(b)
-            moved[a.ctypes.data] = b.ctypes.data
+        new._keep = [aligned_copy(a) for a in self._keep]
+        moved = {a.ctypes.data: b.ctypes.data for a, b in zip(self._keep, new._keep)}
         new.ops = self.ops.copy()
-        for name in ("w", "b", "wv", "bv", "wh", "bh"):
+        for name in POINTERS:
             col = new.ops[:, COL[name]]
             col[...] = [moved.get(int(v), 0) if v else 0 for v in col]
         new._arena, new._lock = aligned_empty(0), threading.Lock()
@@ -247,9 +252,7 @@ class Plan:
                         "pickle the network (or save a model file) and compile it again")
 
     def _ptr(self, array):
-        src = np.asarray(array, dtype=np.float32)
-        a = aligned_empty(src.size).reshape(src.shape)
-        a[...] = src
+        a = aligned_copy(array)
         self._keep.append(a)
         return a.ctypes.data
 

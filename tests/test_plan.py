@@ -15,23 +15,15 @@ import engine
 from engine import (Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Layer, Linear, MaxPool2d, ReLU,
                     Sequential, Vertical)
 from engine.inference import Model
-from engine.plan import UnsupportedNetwork, compile_network
+from engine.plan import UnsupportedNetwork, _leaves, compile_network
 from models.paper import build
 from reference import conv1d_ref, conv2d_np, conv2d_ref, maxpool_ref
-
-
-def leaves(layer):
-    if isinstance(layer, Sequential):
-        for _, child in layer.children:
-            yield from leaves(child)
-    else:
-        yield layer
 
 
 def ref_forward(net, x):
     """Eval-mode forward of an engine network in float64, from the reference functions only."""
     y = np.asarray(x, np.float64)
-    for layer in leaves(net):
+    for _, layer in _leaves(net):  # the layers in order (the maths below is the reference's own)
         p = {k: np.asarray(v, np.float64) for k, v in layer.params.items()}
         if isinstance(layer, Conv2d):
             y = conv2d_np(y, p["weight"], p["bias"], layer.stride, layer.padding)
