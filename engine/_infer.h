@@ -48,22 +48,10 @@
 typedef float fp_v __attribute__((vector_size(FP_VL * sizeof(float))));
 typedef int32_t fp_vi __attribute__((vector_size(FP_VL * sizeof(float))));
 
-/* op kinds and the columns of one row of the op table (int64); engine/plan.py lists both
- * in the same order (its kind constants and FIELDS) */
-enum {
-    FP_GEMM = 0, FP_CONV = 1, FP_VH = 2, FP_POOL = 3, FP_LINEAR = 4, FP_RELU = 5, FP_TO_NHWC = 6, FP_TO_NCHW = 7,
-    FP_SOFTMAX = 8
-};
-enum {
-    F_KIND, F_RELU, F_CIN, F_HIN, F_WIN, F_COUT, F_HOUT, F_WOUT,
-    F_K, F_STRIDE, F_PAD, F_KV, F_VBEFORE, F_KH, F_HBEFORE, F_HMID,
-    F_W, F_B, F_WV, F_BV, F_WH, F_BH
-};
-#define FP_NFIELDS 24  /* columns per op (two spare) */
+#include "_ops.h"
 
 static int fp_nr(void) { return FP_NR; }
 static int fp_vl(void) { return FP_VL; }
-static int fp_nfields(void) { return FP_NFIELDS; }
 
 static inline fp_v fp_load(const float *p) { fp_v v; memcpy(&v, p, sizeof v); return v; }
 static inline void fp_store(float *p, fp_v v) { memcpy(p, &v, sizeof v); }
@@ -86,7 +74,7 @@ static inline float fp_hsum(fp_v v) {
 }
 static inline long fp_min(long a, long b) { return a < b ? a : b; }
 static inline long fp_max(long a, long b) { return a > b ? a : b; }
-static inline const float *fp_ptr(int64_t v) { return (const float *)(intptr_t)v; }
+
 
 /* ---------------------------------------------------------------- work sharing
  * The work of a phase (an op, or one of its steps) is cut into units: GEMM tiles, rows,
@@ -286,11 +274,11 @@ static inline __attribute__((always_inline)) void fp_vh_plane(
  * and the output is scattered back. Working on the channels-last activation directly
  * would stride by C floats, which for C = 128 or 256 puts every access of a pass in a
  * few cache sets; on the gathered planes every tap is a fixed offset. */
-static void fp_vh(const int64_t *op, const float *x, float *y, float *scratch, long c0, long c1) {
-    long C = op[F_CIN], H = op[F_HIN], W = op[F_WIN], Hm = op[F_HMID], Wo = op[F_WOUT];
-    long kv = op[F_KV], vb = op[F_VBEFORE], kh = op[F_KH], hb = op[F_HBEFORE];
-    const float *wv = fp_ptr(op[F_WV]), *bv = fp_ptr(op[F_BV]), *wh = fp_ptr(op[F_WH]), *bh = fp_ptr(op[F_BH]);
-    int relu = (int)op[F_RELU];
+static void fp_vh(const fl_op *op, const float *x, float *y, float *scratch, long c0, long c1) {
+    long C = op->c_in, H = op->h_in, W = op->w_in, Hm = op->h_mid, Wo = op->w_out;
+    long kv = op->kv, vb = op->vbefore, kh = op->kh, hb = op->hbefore;
+    const float *wv = fl_cptr(op->wv), *bv = fl_cptr(op->bv), *wh = fl_cptr(op->wh), *bh = fl_cptr(op->bh);
+    int relu = (int)op->relu;
     long Hp = Hm + kv - 1, L = Wo + kh - 1;
     long x0 = fp_max(0, -hb), x1 = fp_min(W, L - hb);  /* v columns that land in tp */
     float *pp = scratch, *tp = scratch + Hp * W * FP_VL;
@@ -341,9 +329,9 @@ static void fp_vh(const int64_t *op, const float *x, float *y, float *scratch, l
 }
 
 /* Max-pooling of output rows [r0, r1): windows k x k, stride s, clipped at the border (ceil mode). */
-static void fp_pool(const int64_t *op, const float *x, float *y, long r0, long r1) {
-    long C = op[F_CIN], H = op[F_HIN], W = op[F_WIN], Wo = op[F_WOUT], k = op[F_K], s = op[F_STRIDE];
-    int relu = (int)op[F_RELU];
+static void fp_pool(const fl_op *op, const float *x, float *y, long r0, long r1) {
+    long C = op->c_in, H = op->h_in, W = op->w_in, Wo = op->w_out, k = op->k, s = op->stride;
+    int relu = (int)op->relu;
     long cv = C / FP_VL * FP_VL;
     for (long oy = r0; oy < r1; oy++) {
         long y0 = oy * s, y1 = fp_min(y0 + k, H);
@@ -379,23 +367,23 @@ static inline double fp_now(void) {
 }
 
 /* times (optional, thread 0 only): seconds spent in each op are added to times[o] */
-static void fp_image(const int64_t *ops, int nops, const float *x, float *out, float *buf0, float *buf1,
+static void fp_image(const fl_op *ops, int nops, const float *x, float *out, float *buf0, float *buf1,
                      float *cols, float *scratch, int nt, fp_sync *sync, double *times) {
     const float *in = x;
     double t_prev = times ? fp_now() : 0.0;
     for (int o = 0; o < nops; o++) {
-        const int64_t *op = ops + (long)o * FP_NFIELDS;
+        const fl_op *op = ops + o;
         float *dst = o == nops - 1 ? out : (o % 2 == 0 ? buf0 : buf1);
-        long C = op[F_CIN], H = op[F_HIN], W = op[F_WIN], F = op[F_COUT], Ho = op[F_HOUT], Wo = op[F_WOUT];
-        const float *w = fp_ptr(op[F_W]), *b = fp_ptr(op[F_B]);
-        int relu = (int)op[F_RELU];
+        long C = op->c_in, H = op->h_in, W = op->w_in, F = op->c_out, Ho = op->h_out, Wo = op->w_out;
+        const float *w = fl_cptr(op->w), *b = fl_cptr(op->b);
+        int relu = (int)op->relu;
         long lo, hi;
-        switch (op[F_KIND]) {
-        case FP_GEMM:  /* 1x1 convolution: position p reads its C channels */
+        switch (op->kind) {
+        case FL_GEMM:  /* 1x1 convolution: position p reads its C channels */
             fp_gemm(H * W, F, W, in, W * C, C, 1, C, 0, w, b, dst, F, relu, sync, nt);
             break;
-        case FP_CONV: {  /* k x k convolution as a GEMM reading the zero-padded input in place */
-            long k = op[F_K], s = op[F_STRIDE], pad = op[F_PAD], Wp = W + 2 * pad;
+        case FL_CONV: {  /* k x k convolution as a GEMM reading the zero-padded input in place */
+            long k = op->k, s = op->stride, pad = op->pad, Wp = W + 2 * pad;
             const float *xp = in;
             if (pad > 0) {
                 while (fp_claim(sync, H + 2 * pad, 1, nt, &lo, &hi))
@@ -406,28 +394,28 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
             fp_gemm(Ho * Wo, F, Wo, xp, s * Wp * C, s * C, k, k * C, Wp * C, w, b, dst, F, relu, sync, nt);
             break;
         }
-        case FP_VH:
+        case FL_VH:
             while (fp_claim(sync, C, FP_VL, nt, &lo, &hi))
                 fp_vh(op, in, dst, scratch, lo, hi);
             break;
-        case FP_POOL:
+        case FL_POOL:
             while (fp_claim(sync, Ho, 1, nt, &lo, &hi))
                 fp_pool(op, in, dst, lo, hi);
             break;
-        case FP_LINEAR:
+        case FL_LINEAR:
             while (fp_claim(sync, F, 1, nt, &lo, &hi))
                 fp_gemv(lo, hi, C * H * W, w, b, in, dst, relu);
             break;
-        case FP_RELU:
+        case FL_RELU:
             while (fp_claim(sync, C * H * W, FP_VL, nt, &lo, &hi))
                 for (long i = lo; i < hi; i++) dst[i] = fp_relu1(1, in[i]);
             break;
-        case FP_TO_NHWC:  /* (C, H, W) -> (H, W, C), by positions */
+        case FL_TO_NHWC:  /* (C, H, W) -> (H, W, C), by positions */
             while (fp_claim(sync, H * W, 1, nt, &lo, &hi))
                 for (long p = lo; p < hi; p++)
                     for (long c = 0; c < C; c++) dst[p * C + c] = in[c * H * W + p];
             break;
-        case FP_SOFTMAX:  /* over C values, by one thread: exp(v - max) / sum */
+        case FL_SOFTMAX:  /* over C values, by one thread: exp(v - max) / sum */
             while (fp_claim(sync, 1, 1, nt, &lo, &hi)) {
                 long n = C * H * W;
                 float m = in[0], sum = 0.f;
@@ -436,7 +424,7 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
                 for (long i = 0; i < n; i++) dst[i] /= sum;
             }
             break;
-        case FP_TO_NCHW:  /* (H, W, C) -> (C, H, W), by channels */
+        case FL_TO_NCHW:  /* (H, W, C) -> (C, H, W), by channels */
             while (fp_claim(sync, C, 1, nt, &lo, &hi))
                 for (long c = lo; c < hi; c++)
                     for (long p = 0; p < H * W; p++) dst[c * H * W + p] = in[p * C + c];
@@ -460,7 +448,7 @@ static void fp_image(const int64_t *ops, int nops, const float *x, float *out, f
  * which waits at the end of every phase until all its work is done: wall times).
  * Returns the number of threads that ran (OpenMP may give fewer than asked), or without
  * running: -1 when the input holds NaN or infinity, -2 when memory for the counters ran out. */
-static int fp_run(const int64_t *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
+static int fp_run(const fl_op *ops, int nops, const float *x, long n, long in_size, float *out, long out_size,
                   float *arena, long act_floats, long ctx_floats, long scratch_floats, int threads, double *times) {
     int per_image = n >= 2L * threads, team = 1;
     float finite = 0.f;  /* stays 0 unless some input is NaN or infinite (then x * 0 is NaN) */

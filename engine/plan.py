@@ -33,30 +33,12 @@ import numpy as np
 
 from . import _kernels
 from .backend import get_num_threads
-from .layers import Conv2d, Dropout, Flatten, Horizontal, Lateral, Linear, MaxPool2d, ReLU, Sequential, \
-    Vertical
+from .lowering import COL, CKIND, UnsupportedNetwork, leaves, lower, op_row, op_table
 
-NR, VL, NFIELDS = _kernels.infer_layout()
-# Op kinds and op-table columns: the same order as the two enums at the top of _infer.h.
-(GEMM, CONV, VH, POOL, LINEAR, RELU, TO_NHWC, TO_NCHW, SOFTMAX) = range(9)
-FIELDS = ("kind relu c_in h_in w_in c_out h_out w_out k stride pad kv vbefore kh hbefore h_mid "
-          "w b wv bv wh bh").split()
-COL = {name: i for i, name in enumerate(FIELDS)}
+NR, VL = _kernels.infer_layout()
 POINTERS = ("w", "b", "wv", "bv", "wh", "bh")  # columns holding addresses of the plan's own arrays
-FUSES_RELU = (GEMM, CONV, VH, POOL, LINEAR)
-
-
-class UnsupportedNetwork(ValueError):
-    """The network holds a layer (or a dtype or backend) the compiled path does not handle."""
-
-
-def _leaves(layer, name=""):
-    """(name, layer) of the network's layers in order, Sequential/Flattened containers opened."""
-    if isinstance(layer, Sequential):
-        for cname, child in layer.children:
-            yield from _leaves(child, f"{name}.{cname}" if name else cname)
-    else:
-        yield name, layer
+FUSES_RELU = tuple(CKIND[k] for k in ("GEMM", "CONV", "VH", "POOL", "LINEAR"))
+_leaves = leaves  # the traversal the tests use
 
 
 def _pack(wt):
@@ -68,13 +50,14 @@ def _pack(wt):
     return padded.reshape(k, panels, NR).transpose(1, 0, 2)
 
 
-def aligned_empty(n):
-    """A float32 array of n elements whose data starts on a 64-byte boundary (a cache line).
+def aligned_empty(n, dtype=np.float32):
+    """An array of n elements whose data starts on a 64-byte boundary (a cache line).
 
     Unaligned 64-byte vector loads span two cache lines; on the AVX-512 build that made
     the 1D-convolution op 1.7x slower."""
-    raw = np.empty(n + 16, np.float32)
-    start = (-raw.ctypes.data % 64) // 4
+    dtype = np.dtype(dtype)
+    raw = np.empty(n + 64 // dtype.itemsize, dtype)
+    start = (-raw.ctypes.data % 64) // dtype.itemsize
     return raw[start:start + n]
 
 
@@ -96,122 +79,120 @@ def _padded_bias(bias):
     return out
 
 
+def vh_pairs(ops):
+    """[(first op index, vertical op or None, horizontal op or None)]: each vertical op taken
+    together with a horizontal op right after it on the same channels (one fused VH op)."""
+    out, i = [], 0
+    while i < len(ops):
+        op = ops[i]
+        if op.kind == "vertical" and i + 1 < len(ops) and ops[i + 1].kind == "horizontal" \
+                and ops[i + 1].in_shape == op.out_shape:
+            out.append((i, op, ops[i + 1]))
+            i += 2
+            continue
+        if op.kind in ("vertical", "horizontal"):
+            out.append((i, op if op.kind == "vertical" else None, op if op.kind == "horizontal" else None))
+        i += 1
+    return out
+
+
+def vh_fields(v, hz, c):
+    """Taps, padding and parameter arrays of a fused VH op (an absent half is the identity)."""
+    ident = (1, 0, np.ones((1, c), np.float32), np.zeros(c, np.float32))
+    kv, vb, wv, bv = (v.layer.k, v.layer.before, v.layer.params["weight"].T, v.layer.params["bias"]) \
+        if v is not None else ident
+    kh, hb, wh, bh = (hz.layer.k, hz.layer.before, hz.layer.params["weight"].T, hz.layer.params["bias"]) \
+        if hz is not None else ident
+    return kv, vb, wv, bv, kh, hb, wh, bh
+
+
 class Plan:
     """A compiled network: ``plan(x)`` -> outputs for float32 x (N, C, H, W); see the module docstring."""
 
     def __init__(self, net, in_shape, softmax=False):
         if net.backend != "cpu":
             raise UnsupportedNetwork(f"the compiled path runs on the CPU; the network is on {net.backend}")
-        self.in_shape = tuple(int(v) for v in in_shape)
-        if len(self.in_shape) != 3 or min(self.in_shape) < 1:
-            raise UnsupportedNetwork(f"in_shape must be (C, H, W), got {in_shape}")
+        ops = lower(net, in_shape)
+        self.in_shape = ops[0].in_shape
         self._keep = []      # arrays the op table points into
         self._rows = []
         self.names = []      # per op: the layers it runs
         self._act = self._cols = self._scratch = 1
         shape, nhwc = self.in_shape, False   # activations: the input is NCHW, every op's output channels-last
         flat_from = None                     # (C, H, W) of a flattened channels-last activation
-        named = list(_leaves(net))
-        layers = [layer for _, layer in named]
-        i = 0
-        while i < len(layers):
-            self._name, layer = named[i]
-            i += 1
-            if isinstance(layer, Dropout):
+        fused = {i: (v, hz) for i, v, hz in vh_pairs(ops)}
+        skip = {i + 1 for i, v, hz in vh_pairs(ops) if v is not None and hz is not None}
+        for i, op in enumerate(ops):
+            layer, self._name = op.layer, op.name
+            if i in skip or op.kind == "dropout":
                 continue
-            if isinstance(layer, Flatten):
+            if op.kind == "flatten":
                 if len(shape) == 3:
-                    flat_from, shape = (shape if nhwc else None), (int(np.prod(shape)),)
+                    flat_from, shape = (shape if nhwc else None), op.out_shape
                 continue
-            if isinstance(layer, ReLU):
+            if op.kind == "relu":
                 if self._rows and self._rows[-1]["kind"] in FUSES_RELU:
                     self._rows[-1]["relu"] = 1   # ReLU is idempotent: a second one changes nothing
                     self.names[-1] += f"+{self._name}"
                 else:
-                    self._add(RELU, shape, shape)
+                    self._add("RELU", shape, shape)
                 continue
-            if isinstance(layer, Linear):
-                n_in = int(np.prod(shape))
-                if n_in != layer.n_in:
-                    raise UnsupportedNetwork(f"{layer!r}: gets {n_in} inputs")
+            if op.kind == "linear":
+                n_in = layer.n_in
                 weight = layer.params["weight"]
                 src = flat_from if len(shape) == 1 else (shape if nhwc else None)
                 if src is not None:  # the engine flattens (C, H, W); here the activation is (H, W, C)
                     weight = weight.reshape(layer.n_out, *src).transpose(0, 2, 3, 1).reshape(layer.n_out, n_in)
-                shape, flat_from, nhwc = (layer.n_out,), None, True
-                self._add(LINEAR, (n_in, 1, 1), (layer.n_out, 1, 1), w=self._ptr(weight),
+                shape, flat_from, nhwc = op.out_shape, None, True
+                self._add("LINEAR", (n_in, 1, 1), (layer.n_out, 1, 1), w=self._ptr(weight),
                           b=self._ptr(layer.params["bias"]))
                 continue
-            if len(shape) != 3:
-                raise UnsupportedNetwork(f"{layer!r} after Flatten is not supported by the compiled path")
             c, h, w = shape
             if not nhwc:  # every op below reads channels-last input
                 self._to_nhwc(shape)
                 nhwc = True
-            if isinstance(layer, Conv2d) and not (layer.k == 1 and layer.stride == 1 and layer.padding == 0):
-                _check_channels(layer, c, layer.c_in)
-                _, f, ho, wo = layer.output_shape((1, c, h, w))
-                if ho < 1 or wo < 1:
-                    raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
+            if op.kind == "conv" and not (layer.k == 1 and layer.stride == 1 and layer.padding == 0):
+                f = layer.c_out
                 # rows of the packed weights in the order the GEMM reads the taps: (ky, kx, c)
                 weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(f, -1)
-                self._add(CONV, shape, (f, ho, wo), k=layer.k, stride=layer.stride, pad=layer.padding,
+                self._add("CONV", shape, op.out_shape, k=layer.k, stride=layer.stride, pad=layer.padding,
                           w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
                 self._cols = max(self._cols, c * (h + 2 * layer.padding) * (w + 2 * layer.padding))  # padded input
-                shape = (f, ho, wo)
-                continue
-            if isinstance(layer, (Vertical, Horizontal)):
-                _check_channels(layer, c, layer.channels)
-                v = layer if isinstance(layer, Vertical) else None
-                hz = layer if isinstance(layer, Horizontal) else None
-                if v is not None and i < len(layers) and isinstance(layers[i], Horizontal) \
-                        and layers[i].channels == c:
-                    hz = layers[i]
+            elif op.kind in ("vertical", "horizontal"):
+                v, hz = fused[i]
+                if v is not None and hz is not None:
                     self._name = f"{self._name}+horizontal"
-                    i += 1
-                hm = h + v.before + v.after - v.k + 1 if v is not None else h
-                wo = w + hz.before + hz.after - hz.k + 1 if hz is not None else w
-                if hm < 1 or wo < 1:
-                    raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
-                ident = (1, 0, np.ones((1, c)), np.zeros(c))
-                kv, vb, wv, bv = (v.k, v.before, v.params["weight"].T, v.params["bias"]) if v is not None else ident
-                kh, hb, wh, bh = (hz.k, hz.before, hz.params["weight"].T, hz.params["bias"]) if hz is not None \
-                    else ident
-                self._add(VH, shape, (c, hm, wo), kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm,
+                out = (hz or v).out_shape
+                hm = v.out_shape[1] if v is not None else h
+                kv, vb, wv, bv, kh, hb, wh, bh = vh_fields(v, hz, c)
+                self._add("VH", shape, out, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm,
                           wv=self._ptr(wv), bv=self._ptr(bv), wh=self._ptr(wh), bh=self._ptr(bh))
                 # this thread's planes of one vector of channels (see fp_vh in _infer.h)
-                self._scratch = max(self._scratch, ((hm + kv - 1) * w + hm * (wo + kh - 1)) * VL, wo + kh - 1)
-                shape = (c, hm, wo)
-            elif isinstance(layer, (Lateral, Conv2d)):  # Conv2d here: a 1x1 convolution
-                _check_channels(layer, c, layer.c_in)
-                f = layer.c_out
-                self._add(GEMM, shape, (f, h, w), w=self._ptr(_pack(layer.params["weight"].reshape(f, c).T)),
+                self._scratch = max(self._scratch, ((hm + kv - 1) * w + hm * (out[2] + kh - 1)) * VL, out[2] + kh - 1)
+                shape = out
+                continue
+            elif op.kind in ("lateral", "conv"):  # conv here: a 1x1 convolution
+                f = op.out_shape[0]
+                self._add("GEMM", shape, op.out_shape, w=self._ptr(_pack(layer.params["weight"].reshape(f, c).T)),
                           b=self._ptr(_padded_bias(layer.params["bias"])))
-                shape = (f, h, w)
-            elif isinstance(layer, MaxPool2d):
-                _, _, ho, wo = layer.output_shape((1, c, h, w))
-                if ho < 1 or wo < 1:
-                    raise UnsupportedNetwork(f"{layer!r}: input {shape} too small")
-                self._add(POOL, shape, (c, ho, wo), k=layer.k, stride=layer.stride)
-                shape = (c, ho, wo)
+            elif op.kind == "pool":
+                self._add("POOL", shape, op.out_shape, k=layer.k, stride=layer.stride)
             else:
                 raise UnsupportedNetwork(f"the compiled path has no op for {type(layer).__name__}")
+            shape = op.out_shape
         if not self._rows:
             raise UnsupportedNetwork("the network has no op the compiled path runs (only dropout/flatten)")
         if nhwc and (len(shape) == 3 or flat_from is not None):  # give the caller NCHW order back
             src = shape if len(shape) == 3 else flat_from
             self._name = "(to NCHW)"
-            self._add(TO_NCHW, src, src)
+            self._add("TO_NCHW", src, src)
         if softmax:
             if len(shape) != 1:
                 raise UnsupportedNetwork(f"softmax needs a flat output, the network gives {shape}")
             self._name = "softmax"
-            self._add(SOFTMAX, shape, shape)
+            self._add("SOFTMAX", shape, shape)
         self.out_shape = tuple(shape)
-        self.ops = np.zeros((len(self._rows), NFIELDS), np.int64)
-        for r, row in enumerate(self._rows):
-            for name, v in row.items():
-                self.ops[r, COL[name]] = v
+        self.ops = op_table(self._rows)
         self.act_floats = _round16(self._act)
         self.ctx_floats = 2 * self.act_floats + _round16(self._cols)
         self.scratch_floats = _round16(self._scratch)
@@ -222,13 +203,12 @@ class Plan:
 
     def _to_nhwc(self, shape):
         name, self._name = self._name, "(to channels-last)"
-        self._add(TO_NHWC, shape, shape)
+        self._add("TO_NHWC", shape, shape)
         self._name = name
 
     def _add(self, kind, in_shape, out_shape, **fields):
-        (c, h, w), (f, ho, wo) = (tuple(in_shape) + (1, 1))[:3], (tuple(out_shape) + (1, 1))[:3]
-        self._rows.append(dict(kind=kind, relu=0, c_in=c, h_in=h, w_in=w, c_out=f, h_out=ho, w_out=wo, **fields))
-        self._act = max(self._act, f * ho * wo)
+        self._rows.append(op_row(kind, in_shape, out_shape, **fields))
+        self._act = max(self._act, int(np.prod(out_shape)))
         self.names.append(self._name)
 
     def __deepcopy__(self, memo=None):
@@ -292,11 +272,6 @@ class Plan:
                 self._arena = aligned_empty(threads * (self.ctx_floats + self.scratch_floats))
             self.last_threads = _kernels.infer_run(self.ops, x, out, self._arena, self.act_floats, self.ctx_floats,
                                                    self.scratch_floats, threads, times)
-
-
-def _check_channels(layer, got, expected):
-    if got != expected:
-        raise UnsupportedNetwork(f"{layer!r} expects {expected} channels, gets {got}")
 
 
 def compile_network(net, in_shape=None, softmax=False):
