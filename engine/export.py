@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from .inference import ModelFileError, load
+from .lowering import lower
 
 OPSET = 13
 IR_VERSION = 7
@@ -47,60 +48,55 @@ def to_onnx(model):
     nodes, inits = [], []
     x = "input"
     big = np.iinfo(np.int64).max
-    for name, layer in model.net.children:
-        kind = type(layer).__name__
+    for op in lower(model.net, model.input_shape):  # the shared lowering: one case per op kind
+        name, layer = op.name, op.layer
         p = layer.params
-        if kind == "Conv2d":
+        if op.kind == "conv":
             n, i, x = _conv_nodes(helper, numpy_helper, name, x, p["weight"], p["bias"], [layer.padding] * 4,
                                   stride=layer.stride)
-            nodes += n
-            inits += i
-        elif kind == "Flattened":
-            for sub, child in layer.children:
-                sn = f"{name}.{sub}"
-                w, b = child.params["weight"], child.params["bias"]
-                if sub.endswith("lateral"):
-                    n, i, x = _conv_nodes(helper, numpy_helper, sn, x, w[:, :, None, None], b, [0, 0, 0, 0])
-                else:
-                    c, k = w.shape
-                    before, after = child.before, child.after
-                    pb, pa = max(before, 0), max(after, 0)
-                    crop = None
-                    if before < 0 or after < 0:
-                        cb, ca = max(-before, 0), max(-after, 0)
-                        ends = [big, big]
-                        starts = [0, 0]
-                        axis = 0 if sub.endswith("vertical") else 1
-                        starts[axis], ends[axis] = cb, -ca if ca else big
-                        crop = (starts, ends)
-                    if sub.endswith("vertical"):
-                        n, i, x = _conv_nodes(helper, numpy_helper, sn, x, w.reshape(c, 1, k, 1), b, [pb, 0, pa, 0],
-                                              group=c, crop=crop)
-                    else:
-                        n, i, x = _conv_nodes(helper, numpy_helper, sn, x, w.reshape(c, 1, 1, k), b, [0, pb, 0, pa],
-                                              group=c, crop=crop)
-                nodes += n
-                inits += i
-        elif kind == "MaxPool2d":
-            nodes.append(helper.make_node("MaxPool", [x], [f"{name}.out"], name=name, kernel_shape=[layer.k] * 2,
-                                          strides=[layer.stride] * 2, ceil_mode=int(layer.ceil_mode)))
+        elif op.kind == "lateral":
+            n, i, x = _conv_nodes(helper, numpy_helper, name, x, p["weight"][:, :, None, None], p["bias"],
+                                  [0, 0, 0, 0])
+        elif op.kind in ("vertical", "horizontal"):
+            w, b = p["weight"], p["bias"]
+            c, k = w.shape
+            before, after = layer.before, layer.after
+            pb, pa = max(before, 0), max(after, 0)
+            crop = None
+            if before < 0 or after < 0:
+                cb, ca = max(-before, 0), max(-after, 0)
+                starts, ends = [0, 0], [big, big]
+                axis = 0 if op.kind == "vertical" else 1
+                starts[axis], ends[axis] = cb, -ca if ca else big
+                crop = (starts, ends)
+            if op.kind == "vertical":
+                n, i, x = _conv_nodes(helper, numpy_helper, name, x, w.reshape(c, 1, k, 1), b, [pb, 0, pa, 0],
+                                      group=c, crop=crop)
+            else:
+                n, i, x = _conv_nodes(helper, numpy_helper, name, x, w.reshape(c, 1, 1, k), b, [0, pb, 0, pa],
+                                      group=c, crop=crop)
+        elif op.kind == "pool":
+            n, i = [helper.make_node("MaxPool", [x], [f"{name}.out"], name=name, kernel_shape=[layer.k] * 2,
+                                     strides=[layer.stride] * 2, ceil_mode=int(layer.ceil_mode))], []
             x = f"{name}.out"
-        elif kind == "ReLU":
-            nodes.append(helper.make_node("Relu", [x], [f"{name}.out"], name=name))
+        elif op.kind == "relu":
+            n, i = [helper.make_node("Relu", [x], [f"{name}.out"], name=name)], []
             x = f"{name}.out"
-        elif kind == "Flatten":
-            nodes.append(helper.make_node("Flatten", [x], [f"{name}.out"], name=name, axis=1))
+        elif op.kind == "flatten":
+            n, i = [helper.make_node("Flatten", [x], [f"{name}.out"], name=name, axis=1)], []
             x = f"{name}.out"
-        elif kind == "Linear":
-            inits += [numpy_helper.from_array(p["weight"].astype(np.float32), f"{name}.weight"),
-                      numpy_helper.from_array(p["bias"].astype(np.float32), f"{name}.bias")]
-            nodes.append(helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [f"{name}.out"], name=name,
-                                          transB=1))
+        elif op.kind == "linear":
+            i = [numpy_helper.from_array(p["weight"].astype(np.float32), f"{name}.weight"),
+                 numpy_helper.from_array(p["bias"].astype(np.float32), f"{name}.bias")]
+            n = [helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [f"{name}.out"], name=name,
+                                  transB=1)]
             x = f"{name}.out"
-        elif kind == "Dropout":
+        elif op.kind == "dropout":
             continue
         else:
-            raise ValueError(f"ONNX export: layer {name} of type {kind} is not supported")
+            raise ValueError(f"ONNX export: layer {name} of type {type(layer).__name__} is not supported")
+        nodes += n
+        inits += i
     nodes.append(helper.make_node("Softmax", [x], ["probabilities"], name="softmax", axis=1))
     c, h, w = model.input_shape
     graph = helper.make_graph(
