@@ -18,9 +18,9 @@
     X(kv) X(vbefore) X(kh) X(hbefore) X(h_mid)  /* VH: taps, leading zero padding, rows of v */ \
     X(w) X(b) X(wv) X(bv) X(wh) X(bh)     /* parameters (addresses; layouts per op below) */ \
     X(dw) X(db) X(dwv) X(dbv) X(dwh) X(dbh)  /* training: their gradients */                  \
-    X(out) X(mid) X(aux)                  /* training: output, VH's v, argmax/mask buffers */ \
-    X(thresh) X(seed)                     /* training: dropout keep threshold and seed */     \
-    X(nchw_c) X(nchw_h) X(nchw_w)         /* training: the NCHW shape dropout indexes by */
+    X(out) X(mid) X(aux)                  /* training: output; VH's v or CONV's packed weights; argmax/mask */ \
+    X(thresh) X(seed) X(scale)            /* training: dropout keep threshold, seed, float32 bits of 1/(1-p) */ \
+    X(chunk)                              /* training: CONV images per im2col chunk */
 
 typedef struct {
 #define FL_FIELD_MEMBER(name) int64_t name;

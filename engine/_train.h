@@ -1,0 +1,545 @@
+/* Compiled float32 training step on the CPU (engine/trainstep.py builds the op table
+ * from the shared lowering, engine/lowering.py).
+ *
+ * The whole batch goes through each op in turn, channels-last: an image's activation
+ * is (H, W, C), so a 1x1 (lateral) convolution, a k x k convolution (on im2col columns)
+ * and a Linear layer are each ONE large GEMM over the batch (BLAS sgemm, passed in by
+ * the caller: near the machine's peak, where per-image GEMMs are not), and the
+ * per-channel ops (vertical + horizontal 1D convolutions, fused; pooling; bias, ReLU;
+ * dropout) are loops whose innermost index runs over contiguous channels.
+ *
+ * Forward keeps what backward needs: every op's output (ReLU folded into the op before
+ * it: its output is stored after the ReLU and backward masks the gradient with
+ * out > 0), the vertical convolution's output v of a fused VH op, pooling argmaxes and
+ * dropout masks. Backward runs the ops in reverse on two ping-pong gradient buffers.
+ *
+ * Determinism: every output element, and every weight gradient, is computed with a
+ * fixed summation order whatever the thread count. Loops over images give each image to
+ * one thread; per-image partial sums of the bias and 1D-filter gradients are reduced
+ * over the images in order (in double); GEMM results do not depend on BLAS's thread
+ * count (BLAS splits the output, never the summation). Denormals are flushed to zero
+ * in these kernels (FTZ/DAZ), as float32 training slows down on them.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define FT_FTZ_ON() unsigned ft_csr_ = _mm_getcsr(); _mm_setcsr(ft_csr_ | 0x8040)
+#define FT_FTZ_OFF() _mm_setcsr(ft_csr_)
+#else
+#define FT_FTZ_ON() do {} while (0)
+#define FT_FTZ_OFF() do {} while (0)
+#endif
+#include "_ops.h"
+
+typedef void (*ft_sgemm_t)(char *ta, char *tb, int *m, int *n, int *k, float *alpha, float *a, int *lda, float *b,
+                           int *ldb, float *beta, float *c, int *ldc);
+
+/* What a step needs besides the op table; all buffers are owned by the caller (Python). */
+typedef struct {
+    ft_sgemm_t sgemm;
+    int threads;     /* threads of the per-image loops */
+    int team;        /* out: threads that ran the last parallel loop */
+    float *cols;     /* CONV im2col columns: chunk x Ho*Wo x k*k*C floats at most */
+    float *wbuf;     /* transposed 1D filters (kv + kh) x C, or a CONV's packed weight gradient */
+    float *part;     /* per-image partial gradient sums: n x part_floats */
+    long part_floats;
+    float *scratch;  /* per-thread scratch: threads x scratch_floats */
+    long scratch_floats;
+    float *g0, *g1;  /* gradient ping-pong buffers, n x (largest activation) floats each */
+} ft_ctx;
+
+static inline long ft_size(long c, long h, long w) { return c * h * w; }
+static inline long ft_in_size(const fl_op *op) { return op->c_in * op->h_in * op->w_in; }
+static inline long ft_out_size(const fl_op *op) { return op->c_out * op->h_out * op->w_out; }
+
+static inline int ft_tid(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+static inline int ft_team(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* Row-major C (m x n) = op(A) op(B) + beta C through column-major sgemm (operands swapped). */
+static void ft_gemm(const ft_ctx *c, int ta, int tb, long m, long n, long k, const float *A, long lda,
+                    const float *B, long ldb, float beta, float *C, long ldc) {
+    char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
+    int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)ldb, LDC = (int)ldc;
+    float one = 1.f;
+    c->sgemm(&ctb, &cta, &N, &M, &K, &one, (float *)B, &LDB, (float *)A, &LDA, &beta, C, &LDC);
+}
+
+/* Run BODY for each image i in [0, n) on the context's threads (one image, one thread). */
+#define FT_PER_IMAGE(c, n, BODY)                                                   \
+    do {                                                                           \
+        int ft_team_ = 1;                                                          \
+        _Pragma("omp parallel num_threads((c)->threads)")                          \
+        {                                                                          \
+            FT_FTZ_ON();                                                           \
+            if (ft_tid() == 0) ft_team_ = ft_team();                               \
+            float *scr = (c)->scratch + (long)ft_tid() * (c)->scratch_floats;      \
+            (void)scr;                                                             \
+            _Pragma("omp for schedule(static)")                                    \
+            for (long i = 0; i < (n); i++) { BODY; }                               \
+            FT_FTZ_OFF();                                                          \
+        }                                                                          \
+        (c)->team = ft_team_;                                                      \
+    } while (0)
+
+/* ---------------------------------------------------------------- element-wise pieces */
+
+/* y[p, f] += b[f] for P positions, then ReLU if asked. */
+static void ft_bias_act(float *y, const float *b, long P, long F, int relu) {
+    for (long p = 0; p < P; p++) {
+        float *r = y + p * F;
+        for (long f = 0; f < F; f++) {
+            float v = r[f] + b[f];
+            r[f] = relu && v < 0.f ? 0.f : v;
+        }
+    }
+}
+
+/* dy *= (y > 0): the gradient through a ReLU whose output is y. */
+static void ft_relu_mask(float *dy, const float *y, long len) {
+    for (long j = 0; j < len; j++) dy[j] = y[j] > 0.f ? dy[j] : 0.f;
+}
+
+/* part[f] = sum over P positions of dy[p, f] (one image's bias gradient). */
+static void ft_colsum(const float *dy, long P, long F, float *part) {
+    for (long f = 0; f < F; f++) part[f] = 0.f;
+    for (long p = 0; p < P; p++)
+        for (long f = 0; f < F; f++) part[f] += dy[p * F + f];
+}
+
+/* out[j * ostride] = sum over images i (in order, in double) of part[i * part_floats + off + j], j < len. */
+static void ft_reduce(const ft_ctx *c, long n, long off, long len, float *out, long ostride) {
+    for (long j = 0; j < len; j++) {
+        double s = 0.0;
+        for (long i = 0; i < n; i++) s += c->part[i * c->part_floats + off + j];
+        out[j * ostride] = (float)s;
+    }
+}
+
+/* ---------------------------------------------------------------- layout changes */
+
+static void ft_to_nhwc(const float *x, float *y, long C, long HW) {
+    for (long p = 0; p < HW; p++)
+        for (long ch = 0; ch < C; ch++) y[p * C + ch] = x[ch * HW + p];
+}
+
+static void ft_to_nchw(const float *x, float *y, long C, long HW) {
+    for (long ch = 0; ch < C; ch++)
+        for (long p = 0; p < HW; p++) y[ch * HW + p] = x[p * C + ch];
+}
+
+/* ---------------------------------------------------------------- k x k convolution (im2col) */
+
+/* cols[(oy, ox), (ky, kx, c)] of one channels-last image, zero outside the input. */
+static void ft_im2col(const fl_op *op, const float *x, float *cols) {
+    long C = op->c_in, H = op->h_in, W = op->w_in, Ho = op->h_out, Wo = op->w_out;
+    long k = op->k, s = op->stride, pad = op->pad, KKC = k * k * C;
+    for (long oy = 0; oy < Ho; oy++)
+        for (long ox = 0; ox < Wo; ox++) {
+            float *row = cols + (oy * Wo + ox) * KKC;
+            for (long ky = 0; ky < k; ky++) {
+                long iy = oy * s + ky - pad;
+                for (long kx = 0; kx < k; kx++) {
+                    long ix = ox * s + kx - pad;
+                    float *dst = row + (ky * k + kx) * C;
+                    if (iy < 0 || iy >= H || ix < 0 || ix >= W) memset(dst, 0, C * sizeof(float));
+                    else memcpy(dst, x + (iy * W + ix) * C, C * sizeof(float));
+                }
+            }
+        }
+}
+
+/* The adjoint of ft_im2col: dx (zeroed here) gets each column entry added at its input position. */
+static void ft_col2im(const fl_op *op, const float *cols, float *dx) {
+    long C = op->c_in, H = op->h_in, W = op->w_in, Ho = op->h_out, Wo = op->w_out;
+    long k = op->k, s = op->stride, pad = op->pad, KKC = k * k * C;
+    memset(dx, 0, H * W * C * sizeof(float));
+    for (long oy = 0; oy < Ho; oy++)
+        for (long ox = 0; ox < Wo; ox++) {
+            const float *row = cols + (oy * Wo + ox) * KKC;
+            for (long ky = 0; ky < k; ky++) {
+                long iy = oy * s + ky - pad;
+                if (iy < 0 || iy >= H) continue;
+                for (long kx = 0; kx < k; kx++) {
+                    long ix = ox * s + kx - pad;
+                    if (ix < 0 || ix >= W) continue;
+                    const float *src = row + (ky * k + kx) * C;
+                    float *d = dx + (iy * W + ix) * C;
+                    for (long ch = 0; ch < C; ch++) d[ch] += src[ch];
+                }
+            }
+        }
+}
+
+static void ft_conv_forward(const fl_op *op, const float *x, long n, ft_ctx *c) {
+    long C = op->c_in, F = op->c_out, k = op->k, KKC = k * k * C, P = op->h_out * op->w_out;
+    long in_sz = ft_in_size(op), chunk = op->chunk;
+    const float *w = fl_cptr(op->w), *b = fl_cptr(op->b);
+    float *wp = fl_ptr(op->mid), *y = fl_ptr(op->out);
+    /* master weights (F, C, k, k) -> the GEMM's (F, (ky, kx, c)) */
+    for (long f = 0; f < F; f++)
+        for (long ch = 0; ch < C; ch++)
+            for (long t = 0; t < k * k; t++) wp[f * KKC + t * C + ch] = w[(f * C + ch) * k * k + t];
+    for (long n0 = 0; n0 < n; n0 += chunk) {
+        long m = n - n0 < chunk ? n - n0 : chunk;
+        float *cols = c->cols;
+        FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
+        ft_gemm(c, 0, 1, m * P, F, KKC, cols, KKC, wp, KKC, 0.f, y + n0 * P * F, F);
+    }
+    FT_PER_IMAGE(c, n, ft_bias_act(y + i * P * F, b, P, F, (int)op->relu));
+}
+
+static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *dx, long n, ft_ctx *c) {
+    long C = op->c_in, F = op->c_out, k = op->k, KKC = k * k * C, P = op->h_out * op->w_out;
+    long in_sz = ft_in_size(op), chunk = op->chunk;
+    const float *wp = fl_cptr(op->mid);
+    float *dw = fl_ptr(op->dw), *dwp = c->wbuf;
+    FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, P, F, c->part + i * c->part_floats));
+    ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
+    for (long n0 = 0; n0 < n; n0 += chunk) {
+        long m = n - n0 < chunk ? n - n0 : chunk;
+        float *cols = c->cols;
+        const float *dyc = dy + n0 * P * F;
+        FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
+        ft_gemm(c, 1, 0, F, KKC, m * P, dyc, F, cols, KKC, n0 ? 1.f : 0.f, dwp, KKC);
+        if (dx) {
+            ft_gemm(c, 0, 0, m * P, KKC, F, dyc, F, wp, KKC, 0.f, cols, KKC);  /* columns' gradient */
+            FT_PER_IMAGE(c, m, ft_col2im(op, cols + i * P * KKC, dx + (n0 + i) * in_sz));
+        }
+    }
+    for (long f = 0; f < F; f++)  /* back to the master layout (F, C, k, k) */
+        for (long ch = 0; ch < C; ch++)
+            for (long t = 0; t < k * k; t++) dw[(f * C + ch) * k * k + t] = dwp[f * KKC + t * C + ch];
+}
+
+/* ---------------------------------------------------------------- vertical + horizontal 1D convolutions
+ * v[i, x, c] = bv[c] + sum_t wv[t, c] in[i + t - vb, x, c]   (rows outside the input are zero)
+ * y[i, j, c] = bh[c] + sum_t wh[t, c] v[i, j + t - hb, c]    (columns likewise)
+ * with the filters transposed to (k, C) in c->wbuf: wv first, then wh. */
+
+static void ft_vh_forward_image(const fl_op *op, const float *wvt, const float *wht, const float *x, float *v,
+                                float *y) {
+    long C = op->c_in, H = op->h_in, W = op->w_in, Hm = op->h_mid, Wo = op->w_out;
+    long kv = op->kv, vb = op->vbefore, kh = op->kh, hb = op->hbefore;
+    const float *bv = fl_cptr(op->bv), *bh = fl_cptr(op->bh);
+    int relu = (int)op->relu;
+    for (long i = 0; i < Hm; i++) {
+        float *vr = v + i * W * C;
+        for (long xx = 0; xx < W; xx++)
+            for (long ch = 0; ch < C; ch++) vr[xx * C + ch] = bv[ch];
+        for (long t = 0; t < kv; t++) {
+            long r = i + t - vb;
+            if (r < 0 || r >= H) continue;
+            const float *in = x + r * W * C, *wt = wvt + t * C;
+            for (long xx = 0; xx < W; xx++)
+                for (long ch = 0; ch < C; ch++) vr[xx * C + ch] += wt[ch] * in[xx * C + ch];
+        }
+    }
+    for (long i = 0; i < Hm; i++) {
+        const float *vr = v + i * W * C;
+        float *yr = y + i * Wo * C;
+        for (long j = 0; j < Wo; j++) {
+            float *o = yr + j * C;
+            for (long ch = 0; ch < C; ch++) o[ch] = bh[ch];
+            for (long t = 0; t < kh; t++) {
+                long xx = j + t - hb;
+                if (xx < 0 || xx >= W) continue;
+                const float *s = vr + xx * C, *wt = wht + t * C;
+                for (long ch = 0; ch < C; ch++) o[ch] += wt[ch] * s[ch];
+            }
+            if (relu)
+                for (long ch = 0; ch < C; ch++) o[ch] = o[ch] < 0.f ? 0.f : o[ch];
+        }
+    }
+}
+
+/* One image's backward of a VH op: dx (if not NULL) from dy, and its partial gradient sums
+ * part = [dwv (kv, C), dbv (C), dwh (kh, C), dbh (C)]; dv is scratch (Hm x W x C). */
+static void ft_vh_backward_image(const fl_op *op, const float *wvt, const float *wht, const float *x,
+                                 const float *v, const float *dy, float *dx, float *dv, float *part) {
+    long C = op->c_in, H = op->h_in, W = op->w_in, Hm = op->h_mid, Wo = op->w_out;
+    long kv = op->kv, vb = op->vbefore, kh = op->kh, hb = op->hbefore;
+    float *dwv = part, *dbv = part + kv * C, *dwh = dbv + C, *dbh = dwh + kh * C;
+    memset(part, 0, (kv + kh + 2) * C * sizeof(float));
+    memset(dv, 0, Hm * W * C * sizeof(float));
+    for (long i = 0; i < Hm; i++) {  /* horizontal: dwh, dbh, and dv */
+        const float *vr = v + i * W * C;
+        float *dvr = dv + i * W * C;
+        for (long j = 0; j < Wo; j++) {
+            const float *g = dy + (i * Wo + j) * C;
+            for (long ch = 0; ch < C; ch++) dbh[ch] += g[ch];
+            for (long t = 0; t < kh; t++) {
+                long xx = j + t - hb;
+                if (xx < 0 || xx >= W) continue;
+                const float *s = vr + xx * C, *wt = wht + t * C;
+                float *dwt = dwh + t * C, *d = dvr + xx * C;
+                for (long ch = 0; ch < C; ch++) {
+                    dwt[ch] += g[ch] * s[ch];
+                    d[ch] += wt[ch] * g[ch];
+                }
+            }
+        }
+    }
+    if (dx) memset(dx, 0, H * W * C * sizeof(float));
+    for (long i = 0; i < Hm; i++) {  /* vertical: dwv, dbv, and dx */
+        const float *dvr = dv + i * W * C;
+        for (long xx = 0; xx < W; xx++)
+            for (long ch = 0; ch < C; ch++) dbv[ch] += dvr[xx * C + ch];
+        for (long t = 0; t < kv; t++) {
+            long r = i + t - vb;
+            if (r < 0 || r >= H) continue;
+            const float *in = x + r * W * C, *wt = wvt + t * C;
+            float *dwt = dwv + t * C;
+            float *d = dx ? dx + r * W * C : NULL;
+            for (long xx = 0; xx < W; xx++)
+                for (long ch = 0; ch < C; ch++) dwt[ch] += dvr[xx * C + ch] * in[xx * C + ch];
+            if (d)
+                for (long xx = 0; xx < W; xx++)
+                    for (long ch = 0; ch < C; ch++) d[xx * C + ch] += wt[ch] * dvr[xx * C + ch];
+        }
+    }
+}
+
+/* (C, k) master filters -> (k, C) */
+static void ft_transpose_taps(const float *w, long C, long k, float *wt) {
+    for (long ch = 0; ch < C; ch++)
+        for (long t = 0; t < k; t++) wt[t * C + ch] = w[ch * k + t];
+}
+
+static void ft_vh_forward(const fl_op *op, const float *x, long n, ft_ctx *c) {
+    long C = op->c_in, in_sz = ft_in_size(op), out_sz = ft_out_size(op), v_sz = op->h_mid * op->w_in * C;
+    float *wvt = c->wbuf, *wht = c->wbuf + op->kv * C;
+    ft_transpose_taps(fl_cptr(op->wv), C, op->kv, wvt);
+    ft_transpose_taps(fl_cptr(op->wh), C, op->kh, wht);
+    float *v = fl_ptr(op->mid), *y = fl_ptr(op->out);
+    FT_PER_IMAGE(c, n, ft_vh_forward_image(op, wvt, wht, x + i * in_sz, v + i * v_sz, y + i * out_sz));
+}
+
+static void ft_vh_backward(const fl_op *op, const float *x, const float *dy, float *dx, long n, ft_ctx *c) {
+    long C = op->c_in, kv = op->kv, kh = op->kh;
+    long in_sz = ft_in_size(op), out_sz = ft_out_size(op), v_sz = op->h_mid * op->w_in * C;
+    float *wvt = c->wbuf, *wht = c->wbuf + kv * C;
+    ft_transpose_taps(fl_cptr(op->wv), C, kv, wvt);
+    ft_transpose_taps(fl_cptr(op->wh), C, kh, wht);
+    const float *v = fl_cptr(op->mid);
+    FT_PER_IMAGE(c, n, ft_vh_backward_image(op, wvt, wht, x + i * in_sz, v + i * v_sz, dy + i * out_sz,
+                                            dx ? dx + i * in_sz : NULL, scr, c->part + i * c->part_floats));
+    /* gradients in the master layouts: dwv, dwh (C, k); dbv, dbh (C) */
+    float *dwv = fl_ptr(op->dwv), *dwh = fl_ptr(op->dwh);
+    for (long t = 0; t < kv; t++) ft_reduce(c, n, t * C, C, dwv + t, kv);
+    ft_reduce(c, n, kv * C, C, fl_ptr(op->dbv), 1);
+    for (long t = 0; t < kh; t++) ft_reduce(c, n, (kv + 1 + t) * C, C, dwh + t, kh);
+    ft_reduce(c, n, (kv + 1 + kh) * C, C, fl_ptr(op->dbh), 1);
+}
+
+/* ---------------------------------------------------------------- max-pooling */
+
+/* One image: k x k windows, stride s, clipped at the border; the first maximum in row-major
+ * order wins ties and a NaN is always taken (as the layer path). argmax: the input position
+ * (iy * W + ix) of each output element. */
+static void ft_pool_forward_image(const fl_op *op, const float *x, float *y, int32_t *arg) {
+    long C = op->c_in, H = op->h_in, W = op->w_in, Ho = op->h_out, Wo = op->w_out, k = op->k, s = op->stride;
+    for (long oy = 0; oy < Ho; oy++)
+        for (long ox = 0; ox < Wo; ox++) {
+            long y0 = oy * s, y1 = y0 + k < H ? y0 + k : H, x0 = ox * s, x1 = x0 + k < W ? x0 + k : W;
+            float *o = y + (oy * Wo + ox) * C;
+            int32_t *a = arg + (oy * Wo + ox) * C;
+            const float *first = x + (y0 * W + x0) * C;
+            for (long ch = 0; ch < C; ch++) { o[ch] = first[ch]; a[ch] = (int32_t)(y0 * W + x0); }
+            for (long iy = y0; iy < y1; iy++)
+                for (long ix = x0; ix < x1; ix++) {
+                    if (iy == y0 && ix == x0) continue;
+                    const float *in = x + (iy * W + ix) * C;
+                    int32_t pos = (int32_t)(iy * W + ix);
+                    for (long ch = 0; ch < C; ch++) {
+                        float v = in[ch];
+                        int take = (v > o[ch]) | (v != v);
+                        o[ch] = take ? v : o[ch];
+                        a[ch] = take ? pos : a[ch];
+                    }
+                }
+            if (op->relu)
+                for (long ch = 0; ch < C; ch++) o[ch] = o[ch] < 0.f ? 0.f : o[ch];
+        }
+}
+
+static void ft_pool_backward_image(const fl_op *op, const float *dy, const int32_t *arg, float *dx) {
+    long C = op->c_in, P = op->h_out * op->w_out;
+    memset(dx, 0, ft_in_size(op) * sizeof(float));
+    for (long p = 0; p < P; p++)
+        for (long ch = 0; ch < C; ch++) dx[(long)arg[p * C + ch] * C + ch] += dy[p * C + ch];
+}
+
+/* ---------------------------------------------------------------- dropout */
+
+/* The mask of one image, by the element's index in the NCHW tensor of the layer path (the
+ * same splitmix64 hash of (seed, index) as _kernels.dropout_mask and the CUDA kernel), for
+ * a channels-last (H, W, C) activation (H = W = 1 for a flat one). */
+static void ft_dropout_forward_image(const fl_op *op, long img, const float *x, float *y, uint8_t *mask) {
+    long C = op->c_in, H = op->h_in, W = op->w_in;
+    uint64_t seed = (uint64_t)op->seed, thresh = (uint64_t)op->thresh;
+    float scale;
+    int32_t bits = (int32_t)op->scale;
+    memcpy(&scale, &bits, sizeof scale);
+    for (long p = 0; p < H * W; p++)
+        for (long ch = 0; ch < C; ch++) {
+            uint64_t idx = (uint64_t)((img * C + ch) * H * W + p);
+            uint64_t z = seed + (idx + 1) * 0x9E3779B97F4A7C15ULL;
+            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+            z = z ^ (z >> 31);
+            uint8_t m = (z >> 32) >= thresh;
+            mask[p * C + ch] = m;
+            y[p * C + ch] = m ? x[p * C + ch] * scale : 0.f;
+        }
+}
+
+static void ft_mask_scale(const fl_op *op, const float *dy, const uint8_t *mask, float *dx, long len) {
+    float scale;
+    int32_t bits = (int32_t)op->scale;
+    memcpy(&scale, &bits, sizeof scale);
+    for (long j = 0; j < len; j++) dx[j] = mask[j] ? dy[j] * scale : 0.f;
+}
+
+/* ---------------------------------------------------------------- the step */
+
+/* Forward of n images x (NCHW, in_size floats each) through every op; outputs stay in the
+ * ops' buffers (the last op's is the logits). Returns the thread count of the last loop. */
+static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx *c) {
+    FT_FTZ_ON();
+    for (int o = 0; o < nops; o++) {
+        const fl_op *op = ops + o;
+        const float *in = o ? fl_cptr(ops[o - 1].out) : x;
+        float *y = fl_ptr(op->out);
+        long in_sz = ft_in_size(op), out_sz = ft_out_size(op), P = op->h_out * op->w_out;
+        switch (op->kind) {
+        case FL_TO_NHWC:
+            FT_PER_IMAGE(c, n, ft_to_nhwc(in + i * in_sz, y + i * out_sz, op->c_in, op->h_in * op->w_in));
+            break;
+        case FL_TO_NCHW:
+            FT_PER_IMAGE(c, n, ft_to_nchw(in + i * in_sz, y + i * out_sz, op->c_in, op->h_in * op->w_in));
+            break;
+        case FL_GEMM:
+        case FL_LINEAR:  /* (n P, C) x (F, C)^T, then bias (and ReLU) */
+            ft_gemm(c, 0, 1, n * P, op->c_out, op->c_in, in, op->c_in, fl_cptr(op->w), op->c_in, 0.f, y, op->c_out);
+            FT_PER_IMAGE(c, n, ft_bias_act(y + i * out_sz, fl_cptr(op->b), P, op->c_out, (int)op->relu));
+            break;
+        case FL_CONV:
+            ft_conv_forward(op, in, n, c);
+            break;
+        case FL_VH:
+            ft_vh_forward(op, in, n, c);
+            break;
+        case FL_POOL:
+            FT_PER_IMAGE(c, n, ft_pool_forward_image(op, in + i * in_sz, y + i * out_sz,
+                                                     (int32_t *)fl_ptr(op->aux) + i * out_sz));
+            break;
+        case FL_DROPOUT:
+            FT_PER_IMAGE(c, n, ft_dropout_forward_image(op, i, in + i * in_sz, y + i * out_sz,
+                                                        (uint8_t *)(intptr_t)op->aux + i * out_sz));
+            break;
+        case FL_RELU:
+            FT_PER_IMAGE(c, n, for (long j = 0; j < out_sz; j++) {
+                float v = in[i * out_sz + j];
+                y[i * out_sz + j] = v < 0.f ? 0.f : v;
+            });
+            break;
+        }
+    }
+    FT_FTZ_OFF();
+    return c->team;
+}
+
+/* Backward from dlogits (n x the last op's output) through every op in reverse: parameter
+ * gradients go to the ops' gradient arrays; the input's gradient is not computed. */
+static int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c) {
+    FT_FTZ_ON();
+    float *dy = c->g0, *dx = c->g1;
+    memcpy(dy, dlogits, n * ft_out_size(ops + nops - 1) * sizeof(float));
+    for (int o = nops - 1; o >= 0; o--) {
+        const fl_op *op = ops + o;
+        const float *in = o ? fl_cptr(ops[o - 1].out) : x, *y = fl_cptr(op->out);
+        long in_sz = ft_in_size(op), out_sz = ft_out_size(op), P = op->h_out * op->w_out;
+        float *d = o ? dx : NULL;  /* nobody needs the input's gradient */
+        if (op->relu)
+            FT_PER_IMAGE(c, n, ft_relu_mask(dy + i * out_sz, y + i * out_sz, out_sz));
+        switch (op->kind) {
+        case FL_TO_NHWC:
+            if (d) FT_PER_IMAGE(c, n, ft_to_nchw(dy + i * out_sz, d + i * in_sz, op->c_in, op->h_in * op->w_in));
+            break;
+        case FL_TO_NCHW:
+            if (d) FT_PER_IMAGE(c, n, ft_to_nhwc(dy + i * out_sz, d + i * in_sz, op->c_in, op->h_in * op->w_in));
+            break;
+        case FL_GEMM:
+        case FL_LINEAR: {
+            long C = op->c_in, F = op->c_out;
+            FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, P, F, c->part + i * c->part_floats));
+            ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
+            ft_gemm(c, 1, 0, F, C, n * P, dy, F, in, C, 0.f, fl_ptr(op->dw), C);
+            if (d) ft_gemm(c, 0, 0, n * P, C, F, dy, F, fl_cptr(op->w), C, 0.f, d, C);
+            break;
+        }
+        case FL_CONV:
+            ft_conv_backward(op, in, dy, d, n, c);
+            break;
+        case FL_VH:
+            ft_vh_backward(op, in, dy, d, n, c);
+            break;
+        case FL_POOL:
+            if (d) FT_PER_IMAGE(c, n, ft_pool_backward_image(op, dy + i * out_sz,
+                                                             (const int32_t *)fl_cptr(op->aux) + i * out_sz,
+                                                             d + i * in_sz));
+            break;
+        case FL_DROPOUT:
+            if (d) FT_PER_IMAGE(c, n, ft_mask_scale(op, dy + i * out_sz, (const uint8_t *)(intptr_t)op->aux + i * out_sz,
+                                                    d + i * in_sz, out_sz));
+            break;
+        case FL_RELU:  /* the mask above did it */
+            if (d) memcpy(d, dy, n * out_sz * sizeof(float));
+            break;
+        }
+        float *t = dy; dy = dx; dx = t;
+    }
+    FT_FTZ_OFF();
+    return c->team;
+}
+
+/* SGD with momentum as Torch7's optim.sgd, in place, for each parameter row of `tab`
+ * (w, g, v, size, decay, first): d = g + wd w (rows with decay); v = d on the first step
+ * (first = 1), else momentum v + (1 - dampening) d; w -= lr v. */
+#define FT_SGD_COLS 6
+static void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd,
+                   int threads) {
+    for (int r = 0; r < nparams; r++) {
+        const int64_t *row = tab + FT_SGD_COLS * r;
+        float *w = fl_ptr(row[0]), *v = fl_ptr(row[2]);
+        const float *g = fl_cptr(row[1]);
+        long size = row[3];
+        float decay = row[4] ? wd : 0.f;
+        int first = (int)row[5];
+        #pragma omp parallel for schedule(static) num_threads(threads) if (size > 65536)
+        for (long j = 0; j < size; j++) {
+            float d = decay != 0.f ? g[j] + decay * w[j] : g[j];
+            float vj = first ? d : momentum * v[j] + (1.f - dampening) * d;
+            v[j] = vj;
+            w[j] -= lr * vj;
+        }
+    }
+}

@@ -1,0 +1,308 @@
+"""Training steps for the trainer: layer by layer (any backend, float64 too) or compiled (CPU, float32).
+
+    step = make_step(net, "compiled", batch_size=128)   # or "layers", or "auto"
+    loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity)
+
+``LayerStep`` is the reference: ``net.forward``, the loss, ``net.backward`` and
+``trainer.sgd_momentum``, each layer its own call. ``CompiledStep`` runs the same
+computation as two compiled calls (forward, backward; engine/_train.h) around the
+loss, then one compiled SGD update. It is built from the shared lowering
+(engine/lowering.py): channels-last activations, fused V+H, bias and ReLU folded
+into the op before them, whole-batch BLAS GEMMs for the convolutions, laterals and
+Linear layers, and no Python per layer.
+
+Both steps read and write the same state: ``Layer.params`` are the master weights
+(updated in place), ``Layer.grads`` receive the gradients, ``velocity`` (name ->
+array) the momentum buffers, and dropout draws its masks' seeds from the dropout
+layers' generators in the same order with the same hash. So a checkpoint written
+with one step resumes on the other, and their results agree to float32 rounding
+(the sums run in a different order).
+"""
+import numpy as np
+
+from . import _kernels
+from .backend import dropout_seed, get_num_threads
+from .losses import SoftmaxCrossEntropy
+from .lowering import CKIND, COL, UnsupportedNetwork, lower, op_row, op_table
+from .plan import aligned_empty, vh_pairs
+
+FUSES_RELU = tuple(CKIND[k] for k in ("GEMM", "CONV", "VH", "POOL", "LINEAR"))
+COLUMN_FLOATS = 16 * 2**20  # im2col works on chunks of images with at most this many column floats (64 MiB)
+STEPS = ("auto", "compiled", "layers")
+
+
+def _float_bits(v):
+    return int(np.array([v], np.float32).view(np.int32)[0])
+
+
+class LayerStep:
+    """The layer-by-layer step: every backend and dtype (the reference)."""
+
+    name = "layers"
+
+    def __init__(self, net):
+        self.net = net
+        self.loss_fn = SoftmaxCrossEntropy()
+
+    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
+        """One SGD step on (x, y); returns (loss, logits). The loss is checked by the caller."""
+        from .trainer import sgd_momentum
+        logits = self.net.forward(x)
+        loss = self.loss_fn(logits, y)
+        if not np.isfinite(loss):
+            return loss, logits
+        self.net.backward(self.loss_fn.backward())
+        sgd_momentum(self.net.params, self.net.grads, velocity, lr, momentum, weight_decay, dampening)
+        return loss, logits
+
+
+class CompiledStep:
+    """The compiled step (CPU, float32) for `net` on images of `in_shape` (C, H, W); see the module docstring.
+
+    Buffers are sized for `batch_size` images (a larger batch re-sizes them once).
+    Raises UnsupportedNetwork for a network it cannot run (the reason in the message).
+    """
+
+    name = "compiled"
+
+    def __init__(self, net, in_shape=None, batch_size=128):
+        if net.backend != "cpu":
+            raise UnsupportedNetwork(f"the compiled step runs on the CPU; the network is on {net.backend}")
+        if net.dtype != np.float32:
+            raise UnsupportedNetwork(f"the compiled step is float32; the network is {net.dtype}")
+        in_shape = in_shape if in_shape is not None else getattr(net, "in_shape", None)
+        if in_shape is None:
+            raise UnsupportedNetwork("in_shape is needed (the network does not record one)")
+        self.net = net
+        self.ops = lower(net, in_shape)
+        self.in_shape = self.ops[0].in_shape
+        self.loss_fn = SoftmaxCrossEntropy()
+        self.capacity = 0
+        self.last_threads = 0
+        self._build(max(1, int(batch_size)))
+
+    # construction -----------------------------------------------------------------------
+    def _build(self, cap):
+        """The op table and every buffer, for up to `cap` images."""
+        self.capacity = cap
+        self._keep, self._rows, self.names, self._dropouts = [], [], [], []
+        self._act = int(np.prod(self.in_shape))
+        self._cols = self._wbuf = self._part = self._scratch = 1
+        shape, nhwc = self.in_shape, False
+        fused = {i: (v, hz) for i, v, hz in vh_pairs(self.ops)}
+        skip = {i + 1 for i, v, hz in vh_pairs(self.ops) if v is not None and hz is not None}
+        for i, op in enumerate(self.ops):
+            layer = op.layer
+            if i in skip:
+                continue
+            if op.kind == "flatten":
+                if nhwc and len(shape) == 3:
+                    self._add("TO_NCHW", op.name, shape, shape)
+                    nhwc = False
+                shape = op.out_shape
+                continue
+            if op.kind == "relu":
+                if self._rows and self._rows[-1]["kind"] in FUSES_RELU:
+                    self._rows[-1]["relu"] = 1
+                    self.names[-1] += f"+{op.name}"
+                else:
+                    self._add("RELU", op.name, shape, shape, relu=1)
+                continue
+            if op.kind == "dropout":
+                if layer.p > 0:
+                    c, h, w = self._hwc(shape)
+                    mask = self._buf(cap * c * h * w, np.uint8)
+                    self._dropouts.append((len(self._rows), layer))
+                    self._add("DROPOUT", op.name, (c, h, w), (c, h, w), aux=mask,
+                              thresh=dropout_seed(np.random.default_rng(0), layer.p)[1],
+                              scale=_float_bits(1.0 / (1.0 - layer.p)))
+                continue
+            if op.kind == "linear":
+                if nhwc and len(shape) == 3:
+                    self._add("TO_NCHW", f"{op.name} (input to NCHW)", shape, shape)
+                    nhwc = False
+                self._gemm_row("LINEAR", op, (layer.n_in, 1, 1), (layer.n_out, 1, 1))
+                shape = op.out_shape
+                continue
+            if len(shape) != 3:
+                raise UnsupportedNetwork(f"{op.name}: {type(layer).__name__} after Flatten is not supported")
+            if not nhwc:
+                self._add("TO_NHWC", f"{op.name} (input to channels-last)", shape, shape)
+                nhwc = True
+            if op.kind == "lateral" or (op.kind == "conv" and layer.k == 1 and layer.stride == 1
+                                        and layer.padding == 0):
+                self._gemm_row("GEMM", op, shape, op.out_shape)
+            elif op.kind == "conv":
+                c, h, w = shape
+                f, ho, wo = op.out_shape
+                kkc, p = layer.k * layer.k * c, ho * wo
+                chunk = max(1, min(cap, COLUMN_FLOATS // (p * kkc)))
+                self._cols = max(self._cols, chunk * p * kkc)
+                self._wbuf = max(self._wbuf, f * kkc)
+                self._part = max(self._part, f)
+                self._gemm_row("CONV", op, shape, op.out_shape, k=layer.k, stride=layer.stride, pad=layer.padding,
+                               mid=self._buf(f * kkc), chunk=chunk)
+            elif op.kind in ("vertical", "horizontal"):
+                self._vh_row(op.name, *fused[i], shape)
+                v, hz = fused[i]
+                shape = (hz or v).out_shape
+                continue
+            elif op.kind == "pool":
+                self._add("POOL", op.name, shape, op.out_shape, k=layer.k, stride=layer.stride,
+                          aux=self._buf(cap * int(np.prod(op.out_shape)), np.int32))
+            else:
+                raise UnsupportedNetwork(f"{op.name}: the compiled step has no op for {type(layer).__name__}")
+            shape = op.out_shape
+        if len(shape) != 1:
+            raise UnsupportedNetwork(f"the network's output {shape} is not flat (N, classes): nothing to train on")
+        self.out_shape = shape
+        self.table = op_table(self._rows)
+        self._cols_buf = aligned_empty(self._cols)
+        self._wbuf_buf = aligned_empty(self._wbuf)
+        self._part_buf = np.empty((cap, self._part), np.float32)
+        self._g = [aligned_empty(cap * self._act) for _ in range(2)]
+        self._scratch_buf = np.empty((0, self._scratch), np.float32)
+        del self._rows
+
+    @staticmethod
+    def _hwc(shape):
+        return (tuple(shape) + (1, 1))[:3] if len(shape) == 3 else (shape[0], 1, 1)
+
+    def _buf(self, n, dtype=np.float32):
+        a = aligned_empty(max(1, n), dtype)
+        self._keep.append(a)
+        return a.ctypes.data
+
+    def _ptr(self, array):
+        a = np.asarray(array)
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise UnsupportedNetwork("the compiled step needs float32, C-contiguous parameters")
+        self._keep.append(a)
+        return a.ctypes.data
+
+    def _add(self, kind, name, in_shape, out_shape, **fields):
+        n_out = int(np.prod(out_shape))
+        if "out" not in fields:
+            fields["out"] = self._buf(self.capacity * n_out)
+            self._last_out = self._keep[-1]
+        self._rows.append(op_row(kind, in_shape, out_shape, **fields))
+        self._act = max(self._act, n_out, int(np.prod(in_shape)))
+        self.names.append(name)
+
+    def _gemm_row(self, kind, op, in_shape, out_shape, **fields):
+        layer = op.layer
+        self._part = max(self._part, out_shape[0])
+        self._add(kind, op.name, in_shape, out_shape, w=self._ptr(layer.params["weight"]),
+                  b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
+                  db=self._ptr(layer.grads["bias"]), **fields)
+
+    def _vh_row(self, name, v, hz, shape):
+        c, h, w = shape
+        out = (hz or v).out_shape
+        hm = v.out_shape[1] if v is not None else h
+        ones, zeros = np.ones((c, 1), np.float32), np.zeros(c, np.float32)
+        halves = []
+        for half in (v, hz):
+            if half is None:  # the identity filter; its gradients go to scratch arrays
+                halves += [self._ptr(ones), self._ptr(zeros), self._ptr(np.empty_like(ones)),
+                           self._ptr(np.empty_like(zeros))]
+            else:
+                p, g = half.layer.params, half.layer.grads
+                halves += [self._ptr(p["weight"]), self._ptr(p["bias"]), self._ptr(g["weight"]),
+                           self._ptr(g["bias"])]
+        wv, bv, dwv, dbv, wh, bh, dwh, dbh = halves
+        kv, vb = (v.layer.k, v.layer.before) if v is not None else (1, 0)
+        kh, hb = (hz.layer.k, hz.layer.before) if hz is not None else (1, 0)
+        self._wbuf = max(self._wbuf, (kv + kh) * c)
+        self._part = max(self._part, (kv + kh + 2) * c)
+        self._scratch = max(self._scratch, hm * w * c)
+        if v is not None and hz is not None:
+            name = f"{name}+horizontal"
+        self._add("VH", name, shape, out, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm, wv=wv, bv=bv, wh=wh,
+                  bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh, mid=self._buf(self.capacity * hm * w * c))
+
+    # running ------------------------------------------------------------------------------
+    def _check(self, x):
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"expected floating-point images, got dtype {x.dtype}")
+        if x.ndim != 4 or x.shape[1:] != self.in_shape or len(x) == 0:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.in_shape))}), got {x.shape}")
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
+        if not np.isfinite(x).all():
+            raise ValueError("input holds NaN or infinite values")
+        if len(x) > self.capacity:
+            self._build(len(x))
+        return x
+
+    def _threads(self, num_threads):
+        threads = int(num_threads or get_num_threads())
+        if self._scratch_buf.shape[0] < threads:
+            self._scratch_buf = np.empty((threads, self._scratch), np.float32)
+        return threads
+
+    def forward(self, x, num_threads=None):
+        """Training-mode forward of x (N, C, H, W); returns the logits (N, classes) (a view: copy to keep)."""
+        x = self._check(x)
+        for row, layer in self._dropouts:  # one seed per dropout layer and step, in order, as the layer path
+            self.table[row, COL["seed"]] = dropout_seed(layer.rng, layer.p)[0]  # < 2**63
+        threads = self._threads(num_threads)
+        self._x = x
+        self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
+                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1], threads)
+        n_out = self.out_shape[0]
+        return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
+
+    def backward(self, dlogits, num_threads=None):
+        """Gradients of every parameter (into the layers' grads) from dlogits (N, classes) of the last forward."""
+        dlogits = np.ascontiguousarray(dlogits, dtype=np.float32)
+        if dlogits.shape != (len(self._x), self.out_shape[0]):
+            raise ValueError(f"dlogits of shape {dlogits.shape} do not match the last forward "
+                             f"({len(self._x)}, {self.out_shape[0]})")
+        threads = self._threads(num_threads)
+        self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
+                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1], threads)
+
+    def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
+        """SGD with momentum on every parameter (trainer.sgd_momentum's rule), compiled."""
+        dampening = momentum if dampening is None else dampening
+        params, grads = self.net.params, self.net.grads
+        rows = []
+        for name, w in params.items():
+            v = velocity.get(name)
+            first = v is None
+            if first:
+                v = velocity[name] = np.empty_like(w)
+            rows.append((w.ctypes.data, grads[name].ctypes.data, v.ctypes.data, w.size,
+                         int(bool(weight_decay) and name.endswith("weight")), int(first)))
+        _kernels.sgd_run(np.array(rows, np.int64).reshape(-1, 6), lr, momentum, dampening, weight_decay,
+                         self._threads(num_threads))
+        return velocity
+
+    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
+        """One SGD step on (x, y); returns (loss, logits). The loss is checked by the caller."""
+        logits = self.forward(x)
+        loss = self.loss_fn(logits, y)
+        if not np.isfinite(loss):
+            return loss, logits
+        self.backward(self.loss_fn.backward())
+        self.update(velocity, lr, momentum, weight_decay, dampening)
+        return loss, logits
+
+
+def make_step(net, kind="auto", batch_size=128, in_shape=None):
+    """(step, note): the step `kind` asks for ('auto': compiled where it can run, else layers).
+
+    note is None, or why 'auto' fell back to the layer path. 'compiled' raises
+    UnsupportedNetwork with the reason when the network cannot run compiled."""
+    if kind not in STEPS:
+        raise ValueError(f"unknown step {kind!r} (expected one of {', '.join(STEPS)})")
+    if kind == "layers":
+        return LayerStep(net), None
+    try:
+        return CompiledStep(net, in_shape, batch_size), None
+    except UnsupportedNetwork as e:
+        if kind == "compiled":
+            raise
+        return LayerStep(net), str(e)
+
