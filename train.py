@@ -124,6 +124,12 @@ def parser():
                    help="array backend (default: $FLATNET_BACKEND, else auto: CuPy when it imports and a GPU "
                         "passes a smoke test, else the CPU; the CuPy operations are not implemented yet, so "
                         "today auto always runs on the CPU and cupy says why it cannot)")
+    g.add_argument("--step", choices=["auto", "compiled", "layers"], default="auto",
+                   help="how a training step runs: compiled = one compiled forward and backward call over the "
+                        "whole network (CPU, float32; engine/trainstep.py), layers = layer by layer (any backend; "
+                        "the reference); auto = compiled where it can run, else layers with the reason printed. "
+                        "Both give the same results up to float32 rounding, and a checkpoint of one resumes on "
+                        "the other")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads for the compiled kernels (default: $OMP_NUM_THREADS, else all cores)")
     g.add_argument("--summary", action="store_true",
@@ -199,13 +205,19 @@ def main(argv=None):
     config = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                   dampening=args.dampening,
                   weight_decay=args.weight_decay, lr_drop_epochs=args.lr_drop_epochs,
-                  lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size)
+                  lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size,
+                  step=args.step)
     settings = {key: getattr(args, key) for key in RUN_SETTINGS}
     def plot(t):
         plot_history(t.history, out / "curves.png", f"{args.model} on {args.dataset}")
 
-    trainer = Trainer(model, data, config, out, settings=settings, progress=not args.quiet,
-                      on_epoch=plot if args.plot else None)
+    try:
+        trainer = Trainer(model, data, config, out, settings=settings, progress=not args.quiet,
+                          on_epoch=plot if args.plot else None)
+    except engine.plan.UnsupportedNetwork as e:
+        sys.exit(f"error: --step compiled: {e}")
+    print(f"training step: {trainer.step.name}"
+          f"{f' (the compiled step cannot run this network: {trainer.step_note})' if trainer.step_note else ''}")
     if args.resume:
         trainer.resume(ckpt)
     else:

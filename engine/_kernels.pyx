@@ -762,6 +762,7 @@ cdef extern from "_train.h" nogil:
         long scratch_floats
         float *g0
         float *g1
+        double *times
     int FT_SGD_COLS
     int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx *c)
     int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c)
@@ -776,7 +777,8 @@ def train_run(bint backward,
               float[:, ::1] part,           # (capacity, part_floats) per-image partial sums
               float[:, ::1] scratch,        # (threads, scratch_floats) per-thread scratch
               float[::1] g0, float[::1] g1,
-              int num_threads):
+              int num_threads,
+              double[::1] times=None):      # OUT (optional, 2 n_ops): seconds per op, forward then backward
     """Forward (backward=False) or backward of a compiled training step (engine/_train.h) on n images.
 
     Returns the number of threads of its parallel loops."""
@@ -798,6 +800,11 @@ def train_run(bint backward,
     ctx.scratch_floats = scratch.shape[1]
     ctx.g0 = &g0[0]
     ctx.g1 = &g1[0]
+    ctx.times = NULL
+    if times is not None:
+        if times.shape[0] != 2 * ops.shape[0]:
+            raise ValueError("train_run: times must have two entries per op")
+        ctx.times = &times[0]
     with nogil:
         if backward:
             team = ft_backward(<const fl_op *> &ops[0, 0], <int> ops.shape[0], &x[0, 0], &dlogits[0, 0],

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -52,7 +53,14 @@ typedef struct {
     float *scratch;  /* per-thread scratch: threads x scratch_floats */
     long scratch_floats;
     float *g0, *g1;  /* gradient ping-pong buffers, n x (largest activation) floats each */
+    double *times;   /* NULL, or seconds per op are added: forward to times[o], backward to times[nops + o] */
 } ft_ctx;
+
+static inline double ft_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
 
 static inline long ft_size(long c, long h, long w) { return c * h * w; }
 static inline long ft_in_size(const fl_op *op) { return op->c_in * op->h_in * op->w_in; }
@@ -424,6 +432,7 @@ static void ft_mask_scale(const fl_op *op, const float *dy, const uint8_t *mask,
  * ops' buffers (the last op's is the logits). Returns the thread count of the last loop. */
 static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx *c) {
     FT_FTZ_ON();
+    double t_prev = c->times ? ft_now() : 0.0;
     for (int o = 0; o < nops; o++) {
         const fl_op *op = ops + o;
         const float *in = o ? fl_cptr(ops[o - 1].out) : x;
@@ -462,6 +471,11 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
             });
             break;
         }
+        if (c->times) {
+            double t = ft_now();
+            c->times[o] += t - t_prev;
+            t_prev = t;
+        }
     }
     FT_FTZ_OFF();
     return c->team;
@@ -471,6 +485,7 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
  * gradients go to the ops' gradient arrays; the input's gradient is not computed. */
 static int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c) {
     FT_FTZ_ON();
+    double t_prev = c->times ? ft_now() : 0.0;
     float *dy = c->g0, *dx = c->g1;
     memcpy(dy, dlogits, n * ft_out_size(ops + nops - 1) * sizeof(float));
     for (int o = nops - 1; o >= 0; o--) {
@@ -516,6 +531,11 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
             break;
         }
         float *t = dy; dy = dx; dx = t;
+        if (c->times) {
+            double now = ft_now();
+            c->times[nops + o] += now - t_prev;
+            t_prev = now;
+        }
     }
     FT_FTZ_OFF();
     return c->team;

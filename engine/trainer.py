@@ -18,6 +18,7 @@ import numpy as np
 from . import npzfile
 from .backend import ops_for, to_numpy
 from .losses import SoftmaxCrossEntropy
+from .trainstep import make_step
 
 CHECKPOINT_VERSION = 1
 
@@ -110,8 +111,11 @@ class Trainer:
     The data stays in host memory; each batch is copied to the model's backend (model.to(...)).
 
     config keys: epochs, batch_size, lr, momentum, weight_decay, dampening (None: Torch7's,
-    equal to momentum), lr_drop_epochs, lr_drop_factor, seed, eval_batch_size; `out` is the run folder (checkpoint.npz,
-    log.jsonl). `settings` (JSON-able) is stored in the checkpoint.
+    equal to momentum), lr_drop_epochs, lr_drop_factor, seed, eval_batch_size, step ('auto',
+    'compiled' or 'layers': see engine.trainstep; default 'auto', the compiled step where it
+    runs); `out` is the run folder (checkpoint.npz, log.jsonl). `settings` (JSON-able) is
+    stored in the checkpoint. `trainer.step` is the step in use, `trainer.step_note` why
+    'auto' fell back to the layer path (None if it did not).
     Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and stops:
     `run()` then returns 'interrupted'. The model's dropout Generator, if it has one as
     `model.rng` (models.paper.build sets it), is saved with the checkpoint so a resumed
@@ -131,7 +135,7 @@ class Trainer:
         self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
         self.history = []
         self.stop_requested = False
-        self.loss_fn = SoftmaxCrossEntropy()
+        self.step, self.step_note = make_step(model, self.cfg.get("step", "auto"), self.cfg["batch_size"])
 
     @property
     def checkpoint_path(self):
@@ -214,16 +218,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 idx = self.perm[self.step_in_epoch * bs:(self.step_in_epoch + 1) * bs]
                 xb, yb = ops.asarray(x[idx]), ops.asarray(y[idx])
-                logits = self.model.forward(xb)
-                loss = self.loss_fn(logits, yb)
+                loss, logits = self.step.step(xb, yb, lr, self.cfg["momentum"], self.cfg["weight_decay"],
+                                              self.cfg.get("dampening"), self.velocity)
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} (lr {lr:g}): "
                         f"training stopped. The last good checkpoint is {self.checkpoint_path}; "
                         f"try a smaller --lr or another --init.")
-                self.model.backward(self.loss_fn.backward())
-                sgd_momentum(self.model.params, self.model.grads, self.velocity, lr, self.cfg["momentum"],
-                             self.cfg["weight_decay"], self.cfg.get("dampening"))
                 self.step_in_epoch += 1
                 r["loss"] += loss * len(idx)
                 r["correct"] += int((logits.argmax(axis=1) == yb).sum())

@@ -241,19 +241,22 @@ class CompiledStep:
             self._scratch_buf = np.empty((threads, self._scratch), np.float32)
         return threads
 
-    def forward(self, x, num_threads=None):
-        """Training-mode forward of x (N, C, H, W); returns the logits (N, classes) (a view: copy to keep)."""
+    def forward(self, x, num_threads=None, times=None):
+        """Training-mode forward of x (N, C, H, W); returns the logits (N, classes) (a view: copy to keep).
+
+        times: None, or an array of 2 x n_ops float64 to which seconds per op are added."""
         x = self._check(x)
         for row, layer in self._dropouts:  # one seed per dropout layer and step, in order, as the layer path
             self.table[row, COL["seed"]] = dropout_seed(layer.rng, layer.p)[0]  # < 2**63
         threads = self._threads(num_threads)
         self._x = x
         self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
-                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1], threads)
+                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1], threads,
+                                               times)
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
-    def backward(self, dlogits, num_threads=None):
+    def backward(self, dlogits, num_threads=None, times=None):
         """Gradients of every parameter (into the layers' grads) from dlogits (N, classes) of the last forward."""
         dlogits = np.ascontiguousarray(dlogits, dtype=np.float32)
         if dlogits.shape != (len(self._x), self.out_shape[0]):
@@ -261,7 +264,8 @@ class CompiledStep:
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
         self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
-                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1], threads)
+                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1], threads,
+                                               times)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
         """SGD with momentum on every parameter (trainer.sgd_momentum's rule), compiled."""
@@ -288,6 +292,18 @@ class CompiledStep:
         self.backward(self.loss_fn.backward())
         self.update(velocity, lr, momentum, weight_decay, dampening)
         return loss, logits
+
+
+    def profile(self, x, y, repeat=5, num_threads=None):
+        """[(op name, forward ms, backward ms)]: medians over `repeat` forward/backward runs (no update)."""
+        runs = np.zeros((repeat, 2 * len(self.names)))
+        for r in range(-1, repeat):  # one warm-up run
+            t = runs[r] if r >= 0 else np.zeros(2 * len(self.names))
+            self.loss_fn(self.forward(x, num_threads, t), y)
+            self.backward(self.loss_fn.backward(), num_threads, t)
+        med = 1e3 * np.median(runs, axis=0)
+        n = len(self.names)
+        return [(name, med[i], med[n + i]) for i, name in enumerate(self.names)]
 
 
 def make_step(net, kind="auto", batch_size=128, in_shape=None):
