@@ -53,6 +53,7 @@ typedef struct {
     float *scratch;  /* per-thread scratch: threads x scratch_floats */
     long scratch_floats;
     float *g0, *g1;  /* gradient ping-pong buffers, n x (largest activation) floats each */
+    float *wpart;    /* weight-gradient partial products: blocks of FT_IMGS images x the largest weight */
     double *times;   /* NULL, or seconds per op are added: forward to times[o], backward to times[nops + o] */
 } ft_ctx;
 
@@ -81,13 +82,58 @@ static inline int ft_team(void) {
 #endif
 }
 
-/* Row-major C (m x n) = op(A) op(B) + beta C through column-major sgemm (operands swapped). */
-static void ft_gemm(const ft_ctx *c, int ta, int tb, long m, long n, long k, const float *A, long lda,
-                    const float *B, long ldb, float beta, float *C, long ldc) {
+/* GEMMs go to BLAS's sgemm, single-threaded (the caller limits BLAS to one thread): our
+ * threads take fixed blocks of each GEMM, so that every result is the same whatever the
+ * thread count (BLAS's own threading gives results that depend on its thread count, and
+ * its threads would compete with ours). */
+#define FT_ROWS 256  /* rows of C per block of a forward or input-gradient GEMM */
+#define FT_IMGS 16   /* images per block of a weight-gradient GEMM */
+
+/* Row-major C (m x n) = op(A) op(B) + beta C, one sgemm call (column-major: operands swapped). */
+static void ft_sgemm(const ft_ctx *c, int ta, int tb, long m, long n, long k, const float *A, long lda,
+                     const float *B, long ldb, float beta, float *C, long ldc) {
     char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
     int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)ldb, LDC = (int)ldc;
     float one = 1.f;
     c->sgemm(&ctb, &cta, &N, &M, &K, &one, (float *)B, &LDB, (float *)A, &LDA, &beta, C, &LDC);
+}
+
+/* C (m x n) = A (m x k) op(B), in blocks of FT_ROWS rows shared by the threads. */
+static void ft_gemm_rows(ft_ctx *c, int tb, long m, long n, long k, const float *A, const float *B, long ldb,
+                         float *C) {
+    long blocks = (m + FT_ROWS - 1) / FT_ROWS;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads)
+    for (long b = 0; b < blocks; b++) {
+        FT_FTZ_ON();
+        long r0 = b * FT_ROWS, r1 = r0 + FT_ROWS < m ? r0 + FT_ROWS : m;
+        ft_sgemm(c, 0, tb, r1 - r0, n, k, A + r0 * k, k, B, ldb, 0.f, C + r0 * n, n);
+        FT_FTZ_OFF();
+    }
+}
+
+/* dW (f x cn) (+)= sum over n images of dy_i^T X_i, dy (n P x f), X (n P x cn): a partial
+ * product per block of FT_IMGS images (c->wpart), then the blocks summed in order. */
+static void ft_gemm_wgrad(ft_ctx *c, long n, long P, long f, long cn, const float *dy, const float *X, float *dW,
+                          int accumulate) {
+    long blocks = (n + FT_IMGS - 1) / FT_IMGS, size = f * cn;
+    float *part = c->wpart;
+    #pragma omp parallel num_threads(c->threads)
+    {
+        FT_FTZ_ON();
+        #pragma omp for schedule(dynamic, 1)
+        for (long b = 0; b < blocks; b++) {
+            long i0 = b * FT_IMGS, i1 = i0 + FT_IMGS < n ? i0 + FT_IMGS : n;
+            ft_sgemm(c, 1, 0, f, cn, (i1 - i0) * P, dy + i0 * P * f, f, X + i0 * P * cn, cn, 0.f, part + b * size,
+                     cn);
+        }
+        #pragma omp for schedule(static)
+        for (long j = 0; j < size; j++) {
+            float s = accumulate ? dW[j] : 0.f;
+            for (long b = 0; b < blocks; b++) s += part[b * size + j];
+            dW[j] = s;
+        }
+        FT_FTZ_OFF();
+    }
 }
 
 /* Run BODY for each image i in [0, n) on the context's threads (one image, one thread). */
@@ -209,7 +255,7 @@ static void ft_conv_forward(const fl_op *op, const float *x, long n, ft_ctx *c) 
         long m = n - n0 < chunk ? n - n0 : chunk;
         float *cols = c->cols;
         FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
-        ft_gemm(c, 0, 1, m * P, F, KKC, cols, KKC, wp, KKC, 0.f, y + n0 * P * F, F);
+        ft_gemm_rows(c, 1, m * P, F, KKC, cols, wp, KKC, y + n0 * P * F);
     }
     FT_PER_IMAGE(c, n, ft_bias_act(y + i * P * F, b, P, F, (int)op->relu));
 }
@@ -226,9 +272,9 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
         float *cols = c->cols;
         const float *dyc = dy + n0 * P * F;
         FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
-        ft_gemm(c, 1, 0, F, KKC, m * P, dyc, F, cols, KKC, n0 ? 1.f : 0.f, dwp, KKC);
+        ft_gemm_wgrad(c, m, P, F, KKC, dyc, cols, dwp, n0 > 0);
         if (dx) {
-            ft_gemm(c, 0, 0, m * P, KKC, F, dyc, F, wp, KKC, 0.f, cols, KKC);  /* columns' gradient */
+            ft_gemm_rows(c, 0, m * P, KKC, F, dyc, wp, KKC, cols);  /* columns' gradient */
             FT_PER_IMAGE(c, m, ft_col2im(op, cols + i * P * KKC, dx + (n0 + i) * in_sz));
         }
     }
@@ -447,7 +493,7 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
             break;
         case FL_GEMM:
         case FL_LINEAR:  /* (n P, C) x (F, C)^T, then bias (and ReLU) */
-            ft_gemm(c, 0, 1, n * P, op->c_out, op->c_in, in, op->c_in, fl_cptr(op->w), op->c_in, 0.f, y, op->c_out);
+            ft_gemm_rows(c, 1, n * P, op->c_out, op->c_in, in, fl_cptr(op->w), op->c_in, y);
             FT_PER_IMAGE(c, n, ft_bias_act(y + i * out_sz, fl_cptr(op->b), P, op->c_out, (int)op->relu));
             break;
         case FL_CONV:
@@ -507,8 +553,8 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
             long C = op->c_in, F = op->c_out;
             FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, P, F, c->part + i * c->part_floats));
             ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
-            ft_gemm(c, 1, 0, F, C, n * P, dy, F, in, C, 0.f, fl_ptr(op->dw), C);
-            if (d) ft_gemm(c, 0, 0, n * P, C, F, dy, F, fl_cptr(op->w), C, 0.f, d, C);
+            ft_gemm_wgrad(c, n, P, F, C, dy, in, fl_ptr(op->dw), 0);
+            if (d) ft_gemm_rows(c, 0, n * P, C, F, dy, fl_cptr(op->w), C, d);
             break;
         }
         case FL_CONV:

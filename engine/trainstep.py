@@ -21,7 +21,7 @@ with one step resumes on the other, and their results agree to float32 rounding
 import numpy as np
 
 from . import _kernels
-from .backend import dropout_seed, get_num_threads
+from .backend import dropout_seed, get_num_threads, single_threaded_blas
 from .losses import SoftmaxCrossEntropy
 from .lowering import CKIND, COL, UnsupportedNetwork, lower, op_row, op_table
 from .plan import aligned_empty, vh_pairs
@@ -29,6 +29,11 @@ from .plan import aligned_empty, vh_pairs
 FUSES_RELU = tuple(CKIND[k] for k in ("GEMM", "CONV", "VH", "POOL", "LINEAR"))
 COLUMN_FLOATS = 16 * 2**20  # im2col works on chunks of images with at most this many column floats (64 MiB)
 STEPS = ("auto", "compiled", "layers")
+
+
+def _blocks(n):
+    """Blocks of a weight-gradient GEMM over n images (one partial product each)."""
+    return -(-n // _kernels.train_images_per_block())
 
 
 def _float_bits(v):
@@ -86,9 +91,10 @@ class CompiledStep:
         """The op table and every buffer, for up to `cap` images."""
         self.capacity = cap
         self._keep, self._rows, self.names, self._dropouts = [], [], [], []
+        self._saved = []  # per row: (output array, argmax/mask array or None), for saved()
         self._act = int(np.prod(self.in_shape))
-        self._cols = self._wbuf = self._part = self._scratch = 1
-        shape, nhwc = self.in_shape, False
+        self._cols = self._wbuf = self._part = self._scratch = self._wpart = 1
+        shape, self._nhwc, self._layouts = self.in_shape, False, []
         fused = {i: (v, hz) for i, v, hz in vh_pairs(self.ops)}
         skip = {i + 1 for i, v, hz in vh_pairs(self.ops) if v is not None and hz is not None}
         for i, op in enumerate(self.ops):
@@ -96,9 +102,9 @@ class CompiledStep:
             if i in skip:
                 continue
             if op.kind == "flatten":
-                if nhwc and len(shape) == 3:
+                if self._nhwc and len(shape) == 3:
+                    self._nhwc = False
                     self._add("TO_NCHW", op.name, shape, shape)
-                    nhwc = False
                 shape = op.out_shape
                 continue
             if op.kind == "relu":
@@ -110,6 +116,8 @@ class CompiledStep:
                 continue
             if op.kind == "dropout":
                 if layer.p > 0:
+                    if len(shape) == 3 and not self._nhwc:  # the kernel indexes a channels-last activation
+                        self._to_nhwc(op.name, shape)
                     c, h, w = self._hwc(shape)
                     mask = self._buf(cap * c * h * w, np.uint8)
                     self._dropouts.append((len(self._rows), layer))
@@ -118,17 +126,16 @@ class CompiledStep:
                               scale=_float_bits(1.0 / (1.0 - layer.p)))
                 continue
             if op.kind == "linear":
-                if nhwc and len(shape) == 3:
+                if self._nhwc and len(shape) == 3:
+                    self._nhwc = False
                     self._add("TO_NCHW", f"{op.name} (input to NCHW)", shape, shape)
-                    nhwc = False
                 self._gemm_row("LINEAR", op, (layer.n_in, 1, 1), (layer.n_out, 1, 1))
                 shape = op.out_shape
                 continue
             if len(shape) != 3:
                 raise UnsupportedNetwork(f"{op.name}: {type(layer).__name__} after Flatten is not supported")
-            if not nhwc:
-                self._add("TO_NHWC", f"{op.name} (input to channels-last)", shape, shape)
-                nhwc = True
+            if not self._nhwc:
+                self._to_nhwc(op.name, shape)
             if op.kind == "lateral" or (op.kind == "conv" and layer.k == 1 and layer.stride == 1
                                         and layer.padding == 0):
                 self._gemm_row("GEMM", op, shape, op.out_shape)
@@ -140,6 +147,7 @@ class CompiledStep:
                 self._cols = max(self._cols, chunk * p * kkc)
                 self._wbuf = max(self._wbuf, f * kkc)
                 self._part = max(self._part, f)
+                self._wpart = max(self._wpart, _blocks(chunk) * f * kkc)
                 self._gemm_row("CONV", op, shape, op.out_shape, k=layer.k, stride=layer.stride, pad=layer.padding,
                                mid=self._buf(f * kkc), chunk=chunk)
             elif op.kind in ("vertical", "horizontal"):
@@ -161,8 +169,13 @@ class CompiledStep:
         self._wbuf_buf = aligned_empty(self._wbuf)
         self._part_buf = np.empty((cap, self._part), np.float32)
         self._g = [aligned_empty(cap * self._act) for _ in range(2)]
+        self._wpart_buf = aligned_empty(self._wpart)
         self._scratch_buf = np.empty((0, self._scratch), np.float32)
         del self._rows
+
+    def _to_nhwc(self, name, shape):
+        self._nhwc = True
+        self._add("TO_NHWC", f"{name} (input to channels-last)", shape, shape)
 
     @staticmethod
     def _hwc(shape):
@@ -185,6 +198,10 @@ class CompiledStep:
         if "out" not in fields:
             fields["out"] = self._buf(self.capacity * n_out)
             self._last_out = self._keep[-1]
+        aux = fields.get("aux")
+        c, h, w = (tuple(out_shape) + (1, 1))[:3]
+        self._layouts.append((h, w, c) if self._nhwc and len(out_shape) == 3 else tuple(out_shape))
+        self._saved.append((self._keep[-1], self._keep[-2] if aux else None))  # aux is allocated just before
         self._rows.append(op_row(kind, in_shape, out_shape, **fields))
         self._act = max(self._act, n_out, int(np.prod(in_shape)))
         self.names.append(name)
@@ -192,6 +209,7 @@ class CompiledStep:
     def _gemm_row(self, kind, op, in_shape, out_shape, **fields):
         layer = op.layer
         self._part = max(self._part, out_shape[0])
+        self._wpart = max(self._wpart, _blocks(self.capacity) * layer.params["weight"].size)
         self._add(kind, op.name, in_shape, out_shape, w=self._ptr(layer.params["weight"]),
                   b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
                   db=self._ptr(layer.grads["bias"]), **fields)
@@ -220,6 +238,14 @@ class CompiledStep:
             name = f"{name}+horizontal"
         self._add("VH", name, shape, out, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm, wv=wv, bv=bv, wh=wh,
                   bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh, mid=self._buf(self.capacity * hm * w * c))
+
+    def saved(self, row, n):
+        """What the last forward kept for op `row` on its n images: (output, argmax or mask or None),
+        each (n, H, W, C) for channels-last ops, (n, C, H, W) / (n, F) for the others."""
+        shape = self._layouts[row]
+        size = n * int(np.prod(shape))
+        out, aux = self._saved[row]
+        return out[:size].reshape(n, *shape), None if aux is None else aux[:size].reshape(n, *shape)
 
     # running ------------------------------------------------------------------------------
     def _check(self, x):
@@ -250,9 +276,10 @@ class CompiledStep:
             self.table[row, COL["seed"]] = dropout_seed(layer.rng, layer.p)[0]  # < 2**63
         threads = self._threads(num_threads)
         self._x = x
-        self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
-                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1], threads,
-                                               times)
+        with single_threaded_blas():
+            self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
+                                                   self._part_buf, self._scratch_buf, self._g[0], self._g[1],
+                                                   self._wpart_buf, threads, times)
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
@@ -263,9 +290,10 @@ class CompiledStep:
             raise ValueError(f"dlogits of shape {dlogits.shape} do not match the last forward "
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
-        self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
-                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1], threads,
-                                               times)
+        with single_threaded_blas():
+            self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf,
+                                                   self._wbuf_buf, self._part_buf, self._scratch_buf, self._g[0],
+                                                   self._g[1], self._wpart_buf, threads, times)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
         """SGD with momentum on every parameter (trainer.sgd_momentum's rule), compiled."""

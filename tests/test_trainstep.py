@@ -1,0 +1,259 @@
+"""The compiled training step (engine.trainstep, engine/_train.h) against the layer path and float64 references.
+
+The layer path (LayerStep) is the engine's reference step; it is tested on its own
+against plain-loop and scipy references in test_layers.py / test_kernels.py. Here the
+compiled step must give the same loss, logits, gradients, updated weights and momentum
+buffers on the paper's models and on small networks that hit the kernels' edges, its
+gradients must match float64 finite differences of an independent reference forward
+(test_plan.ref_forward), and its results must not depend on the thread count.
+"""
+import copy
+
+import numpy as np
+import pytest
+
+import engine
+from engine import Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Linear, MaxPool2d, ReLU, Sequential, \
+    Vertical
+from engine.lowering import CKIND, COL, UnsupportedNetwork, leaves
+from engine.trainer import Trainer
+from engine.trainstep import CompiledStep, LayerStep, make_step
+from models.paper import build
+from test_plan import SMALL, ref_forward
+
+
+def assert_close(got, want, what, rtol=2e-4):
+    scale = max(1e-6, float(np.abs(want).max()))
+    err = float(np.abs(np.asarray(got, np.float64) - want).max()) / scale
+    assert err <= rtol, f"{what}: relative error {err:.2e}"
+
+
+def routing_differences(step, twin, n):
+    """How many max-pooling argmaxes and ReLU on/off decisions differ between the last forwards of the
+    compiled step and the layer network `twin`. Where a float32 rounding difference lands on the other
+    side of such a decision the two gradients legitimately differ at that position (a kink)."""
+    kinds = step.table[:, COL["kind"]]
+    pools = [layer for _, layer in leaves(twin) if isinstance(layer, MaxPool2d)]
+    relus = [layer for _, layer in leaves(twin) if isinstance(layer, ReLU)]
+    pool_rows = [i for i in range(len(kinds)) if kinds[i] == CKIND["POOL"]]
+    relu_rows = [i for i in range(len(kinds)) if step.table[i, COL["relu"]]]
+    assert len(pools) == len(pool_rows) and len(relus) == len(relu_rows)
+    differ = 0
+    for row, layer in zip(pool_rows, pools):
+        _, argmax = step.saved(row, n)
+        differ += int(np.sum(argmax.transpose(0, 3, 1, 2) != layer._argmax))
+    for row, layer in zip(relu_rows, relus):
+        out, _ = step.saved(row, n)
+        on = out > 0
+        on = on.transpose(0, 3, 1, 2) if on.ndim == 4 and on.shape[1:] != layer._y.shape[1:] else on
+        differ += int(np.sum(on.reshape(layer._y.shape) != (layer._y > 0)))
+    return differ
+
+
+def run_both(net, in_shape, rng, batch=4, steps=2, lr=0.05, weight_decay=1e-3):
+    """`steps` SGD steps with the compiled and the layer step from the same weights; checks they agree.
+
+    Inputs whose forward passes fall on different sides of a ReLU or pooling decision in the
+    two paths (float32 rounding next to a kink, rare) are drawn again, up to three times."""
+    n_out = net.output_shape((1, *in_shape))[1]
+    for attempt in range(4):
+        mine, twin = copy.deepcopy(net), copy.deepcopy(net)
+        compiled, layers = CompiledStep(mine, in_shape, batch_size=batch), LayerStep(twin)
+        vc, vl = {}, {}
+        clean = True
+        for s in range(steps):
+            x = rng.standard_normal((batch, *in_shape)).astype(np.float32)
+            y = rng.integers(0, n_out, batch)
+            lc, gc = compiled.step(x, y, lr, 0.9, weight_decay, None, vc)
+            ll, gl = layers.step(x, y, lr, 0.9, weight_decay, None, vl)
+            assert lc == pytest.approx(ll, rel=1e-5, abs=1e-6), f"loss of step {s}"
+            assert_close(gc, gl, f"logits of step {s}")
+            if routing_differences(compiled, twin, batch):
+                clean = False
+                break
+        if clean:
+            break
+    assert clean, "every draw fell next to a kink"
+    for name in twin.params:
+        assert_close(mine.grads[name], twin.grads[name], f"gradient {name}")
+        assert_close(mine.params[name], twin.params[name], f"weight {name}", rtol=1e-5)
+        assert_close(vc[name], vl[name], f"velocity {name}")
+    return compiled
+
+
+def with_logits(net, in_shape, rng, classes=3):
+    """`net` followed by Flatten and a Linear layer, so that it ends in logits."""
+    n = int(np.prod(net.output_shape((1, *in_shape))[1:]))
+    return Sequential(net, Flatten(), Linear(n, classes, rng=rng))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_networks_step_like_the_layer_path(name, rng):
+    make, in_shape = SMALL[name]
+    run_both(with_logits(make(rng), in_shape, rng), in_shape, rng)
+
+
+@pytest.mark.parametrize("model,in_shape,kw", [
+    ("flattened", (3, 32, 32), {}), ("baseline", (3, 32, 32), {}), ("flattened", (1, 28, 28), {}),
+    ("baseline", (1, 28, 28), {}), ("flattened", (3, 32, 32), dict(flatten_first=True)),
+    ("flattened", (3, 32, 32), dict(stages=1)), ("flattened", (1, 28, 28), dict(stages=3)),
+])
+def test_paper_models_step_like_the_layer_path(model, in_shape, kw, rng):
+    run_both(build(model, in_shape, 10, seed=5, **kw), in_shape, rng, batch=3)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_awkward_network_and_batch_sizes(batch, rng):
+    """Channels off the vector width, odd sizes, clipped ceil-mode pooling, dropout, 3 threads on 5 images."""
+    net = Sequential(Conv2d(3, 13, 3, stride=2, padding=1, rng=rng), ReLU(), MaxPool2d(3, 2, ceil_mode=True),
+                     Dropout(0.3, rng=rng), Flattened(13, 11, 3, rng=rng), ReLU(), Dropout(0.0), Flatten(),
+                     Linear(11 * 3 * 3, 7, rng=rng), ReLU(), Dropout(0.5, rng=rng), Linear(7, 4, rng=rng))
+    engine.set_num_threads(3)
+    try:
+        run_both(net, (3, 11, 13), rng, batch=batch, steps=3)
+    finally:
+        engine.set_num_threads(None)
+
+
+def reference_loss(net64, x, y):
+    logits = ref_forward(net64, x)
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(y)), y].mean()
+
+
+def test_gradients_match_float64_finite_differences(rng):
+    """Each parameter's gradient along a random direction, against central differences of a float64
+    reference forward that shares no code with the kernels (no dropout: its masks are random)."""
+    net = Sequential(Conv2d(2, 6, 3, padding=1, rng=rng), ReLU(), MaxPool2d(2), Flattened(6, 9, 3, rng=rng), ReLU(),
+                     Vertical(9, 2, "same", rng=rng), Flatten(), Linear(9 * 3 * 3, 5, rng=rng))
+    for name, v in net.params.items():
+        if name.endswith("bias"):
+            v[...] = rng.uniform(-0.3, 0.3, v.shape)
+    x = rng.standard_normal((3, 2, 7, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 3)
+    step = CompiledStep(net, (2, 7, 6), batch_size=3)
+    step.loss_fn(step.forward(x), y)
+    step.backward(step.loss_fn.backward())
+    net64 = copy.deepcopy(net).astype(np.float64)
+    h = 1e-7  # small: a ReLU or pooling kink within h of the point would spoil the difference
+    for name, w in net64.params.items():
+        d = rng.standard_normal(w.shape)
+        w0 = w.copy()
+        w[...] = w0 + h * d
+        up = reference_loss(net64, x, y)
+        w[...] = w0 - h * d
+        down = reference_loss(net64, x, y)
+        w[...] = w0
+        numeric, analytic = (up - down) / (2 * h), float(np.sum(net.grads[name] * d))
+        assert analytic == pytest.approx(numeric, rel=2e-3, abs=1e-5), name
+
+
+def test_bit_identical_for_any_thread_count(rng):
+    """Forward, gradients and update do not depend on the kernels' or BLAS's thread count."""
+    from threadpoolctl import threadpool_limits
+    base = build("flattened", (3, 32, 32), 10, seed=2)
+    x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 6)
+    results = []
+    for threads, blas in ((1, 1), (2, 2), (3, 1), (2, 1)):
+        net = copy.deepcopy(base)
+        step, velocity = CompiledStep(net, batch_size=6), {}
+        with threadpool_limits(blas, user_api="blas"):
+            engine.set_num_threads(threads)
+            try:
+                for _ in range(2):
+                    loss, logits = step.step(x, y, 0.05, 0.9, 1e-4, None, velocity)
+            finally:
+                engine.set_num_threads(None)
+        if engine.openmp_enabled():
+            assert step.last_threads == threads  # the parallel loops really ran on that many threads
+        results.append((loss, logits.copy(), {k: v.copy() for k, v in net.grads.items()},
+                        {k: v.copy() for k, v in net.params.items()}))
+    for loss, logits, grads, params in results[1:]:
+        assert loss == results[0][0]
+        np.testing.assert_array_equal(logits, results[0][1])
+        for name in grads:
+            np.testing.assert_array_equal(grads[name], results[0][2][name], err_msg=name)
+            np.testing.assert_array_equal(params[name], results[0][3][name], err_msg=name)
+
+
+def test_dropout_masks_are_the_layer_paths(rng):
+    """The same generator state draws the same seed and the same mask, element for element (NCHW order)."""
+    net = Sequential(Lateral(4, 6, rng=rng), Dropout(0.5, rng=np.random.default_rng(7)), Flatten(),
+                     Linear(6 * 3 * 2, 2, rng=rng))
+    twin = copy.deepcopy(net)
+    x = rng.standard_normal((5, 4, 3, 2)).astype(np.float32)
+    step = CompiledStep(net, (4, 3, 2), batch_size=5)
+    for _ in range(2):  # two steps: two seeds drawn in turn from the same generator
+        step.forward(x)
+        twin.forward(x)
+        row = [i for i, name in enumerate(step.names) if name == "1"][0]
+        addr = int(step.table[row, COL["aux"]])
+        mask = next(a for a in step._keep if a.ctypes.data == addr)[:5 * 6 * 3 * 2].reshape(5, 3, 2, 6)
+        want = twin.layers[1]._mask
+        assert 0.3 < want.mean() < 0.7
+        np.testing.assert_array_equal(mask.transpose(0, 3, 1, 2), want)
+
+
+def test_make_step_falls_back_with_the_reason(rng):
+    net64 = build("flattened", (1, 28, 28), 10, seed=0).astype(np.float64)
+    step, note = make_step(net64, "auto")
+    assert isinstance(step, LayerStep) and "float32" in note
+    with pytest.raises(UnsupportedNetwork, match="float32"):
+        make_step(net64, "compiled")
+    step, note = make_step(build("baseline", (1, 28, 28), 10), "auto")
+    assert isinstance(step, CompiledStep) and note is None
+    with pytest.raises(UnsupportedNetwork, match="not flat"):
+        CompiledStep(Sequential(Lateral(3, 4, rng=rng)), (3, 4, 4))
+    with pytest.raises(ValueError, match="unknown step"):
+        make_step(net64, "fast")
+
+
+def test_bad_input_is_refused(rng):
+    step = CompiledStep(build("flattened", (1, 28, 28), 10), batch_size=2)
+    with pytest.raises(ValueError, match="NaN"):
+        step.forward(np.full((2, 1, 28, 28), np.nan, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        step.forward(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(TypeError, match="floating"):
+        step.forward(np.zeros((2, 1, 28, 28), np.int32))
+    big = rng.standard_normal((5, 1, 28, 28)).astype(np.float32)  # more than the buffers were built for
+    assert step.forward(big).shape == (5, 10) and step.capacity == 5
+
+
+def _data(n=48, seed=0):
+    r = np.random.default_rng(seed)
+    return dict(train_x=r.standard_normal((n, 1, 28, 28)).astype(np.float32), train_y=r.integers(0, 10, n),
+                test_x=r.standard_normal((16, 1, 28, 28)).astype(np.float32), test_y=r.integers(0, 10, 16))
+
+
+def _trainer(data, out, step):
+    cfg = dict(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[1], seed=1,
+               step=step)
+    return Trainer(build("flattened", (1, 28, 28), 10, seed=1), data, cfg, out, log=lambda m: None, progress=False)
+
+
+def _stop_midway(t):
+    if t.epoch == 0 and t.step_in_epoch == 2:
+        t.stop_requested = True
+
+
+@pytest.mark.parametrize("first,then", [("compiled", "compiled"), ("compiled", "layers"), ("layers", "compiled")])
+def test_interrupted_run_resumes_on_either_step(first, then, tmp_path):
+    """Compiled then compiled: bit-identical to an uninterrupted compiled run. Across the two
+    steps (a checkpoint of one resumed on the other): equal to float32 rounding."""
+    data = _data()
+    straight = _trainer(data, tmp_path / "a", first)
+    assert straight.run() == "done" and straight.step.name == first
+    part = _trainer(data, tmp_path / "b", first)
+    part.on_step = _stop_midway
+    assert part.run() == "interrupted"
+    rest = _trainer(data, tmp_path / "b", then)
+    rest.resume()
+    assert rest.run() == "done" and rest.step.name == then
+    for name, w in straight.model.params.items():
+        if first == then:
+            np.testing.assert_array_equal(w, rest.model.params[name], err_msg=name)
+        else:
+            assert_close(rest.model.params[name], w, name, rtol=1e-4)
