@@ -165,7 +165,7 @@ def _fetch_or_explain(candidates, what, data_dir, download_ok):
                 errors.append(f"{url}: {e}")
     why = ("; ".join(errors)) if errors else "downloads disabled"
     raise DatasetError(
-        f"{what} not found in {data_dir} and could not be downloaded ({why}).\n"
+        f"{what} not found in {data_dir} and could not be downloaded ({why}). "
         f"Put the official files there (or pass --data-dir / set {DATA_ENV}): {what}"
     )
 

@@ -262,7 +262,8 @@ def _model_members(meta, names=None):
 
 
 def _finite(path, name, array, dtype):
-    out = array.astype(dtype)  # checked after the cast: a float64 weight beyond float32's range becomes inf
+    with np.errstate(over="ignore"):  # checked after the cast: a float64 weight beyond float32's range is inf
+        out = array.astype(dtype)
     if not np.isfinite(out).all():
         raise ModelFileError(path, f"array {name} is not finite floating-point data as {np.dtype(dtype)}")
     return out
