@@ -194,6 +194,8 @@ def main(argv=None):
         engine.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     ckpt = out / "checkpoint.npz"
+    if args.resume and not ckpt.is_file():
+        sys.exit(f"error: --resume: no checkpoint at {ckpt}")
     if not args.summary:
         try:  # before any work: a run that cannot save its checkpoints would lose it
             check_writable_folder(out)
@@ -201,8 +203,6 @@ def main(argv=None):
             sys.exit(f"error: --out {out} is not a writable folder ({e.strerror or e})")
 
     if args.resume:
-        if not ckpt.is_file():
-            sys.exit(f"error: --resume: no checkpoint at {ckpt}")
         try:
             _, _, meta, _ = load_checkpoint(ckpt)
         except CheckpointError as e:
