@@ -37,6 +37,16 @@ def positive_int(s):
     return v
 
 
+def non_negative_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return v
+
+
 def non_negative_float(s):
     try:
         v = float(s)
@@ -112,7 +122,7 @@ def parser():
     g.add_argument("--lr-drop-epochs", metavar="E1,E2,...", type=int_list, default=[8],
                    help="comma-separated epochs after which the learning rate is multiplied by --lr-drop-factor")
     g.add_argument("--lr-drop-factor", type=non_negative_float, default=0.1, help="learning-rate drop factor")
-    g.add_argument("--seed", metavar="N", type=int, default=0, help="seed of weights, dropout masks and batch order")
+    g.add_argument("--seed", metavar="N", type=non_negative_int, default=0, help="seed of weights, dropout masks and batch order")
     g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=500, help="batch size for test evaluation")
 
     g = p.add_argument_group("run")
@@ -120,6 +130,8 @@ def parser():
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (settings come from the checkpoint; "
                         "--epochs may be raised)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in --out even if it holds another run's checkpoint and log (they are deleted)")
     g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default=None,
                    help="array backend (default: $FLATNET_BACKEND, else auto: CuPy when it imports and a GPU "
                         "passes a smoke test, else the CPU; the CuPy operations are not implemented yet, so "
@@ -139,11 +151,40 @@ def parser():
     return p
 
 
+def settings_problem(settings):
+    """Why a checkpoint's settings cannot define a run (None if they can): each is checked as its flag would be."""
+    if not isinstance(settings, dict):
+        return "no settings"
+    actions = {a.dest: a for a in parser()._actions}
+    for key in RUN_SETTINGS:
+        if key not in settings:
+            return f"settings lack '{key}'"
+        v, a = settings[key], actions[key]
+        if v is None and a.default is None:
+            continue
+        if a.const is True:  # a store_true flag
+            ok = isinstance(v, bool)
+        else:
+            try:
+                text = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+                ok = (not isinstance(v, (bool, dict)) and (a.type or str)(text) == v
+                      and (not a.choices or v in a.choices))
+            except (argparse.ArgumentTypeError, ValueError, TypeError):
+                ok = False
+        if not ok:
+            return f"setting {key} = {v!r:.50} is not a valid --{key.replace('_', '-')}"
+    return None
+
+
+RUN_FILES = ("checkpoint.npz", "log.jsonl", "model.npz", "curves.png", "settings.json")
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     import engine
     from engine.data import DatasetError, load_dataset
-    from engine.trainer import Trainer, TrainingDiverged, evaluate, load_checkpoint, plot_history
+    from engine.npzfile import check_writable_folder
+    from engine.trainer import CheckpointError, Trainer, TrainingDiverged, evaluate, load_checkpoint, plot_history
     from models.paper import build, format_summary
 
     if args.plot:
@@ -159,14 +200,24 @@ def main(argv=None):
         engine.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     ckpt = out / "checkpoint.npz"
+    if args.resume and not ckpt.is_file():
+        sys.exit(f"error: --resume: no checkpoint at {ckpt}")
+    if not args.summary:
+        try:  # before any work: a run that cannot save its checkpoints would lose it
+            check_writable_folder(out)
+        except OSError as e:
+            sys.exit(f"error: --out {out} is not a writable folder ({e.strerror or e})")
 
     if args.resume:
-        if not ckpt.is_file():
-            sys.exit(f"error: --resume: no checkpoint at {ckpt}")
         try:
             _, _, meta, _ = load_checkpoint(ckpt)
-        except ValueError as e:
+        except CheckpointError as e:
             sys.exit(f"error: {e}")
+        epochs = meta["config"].get("epochs")
+        problem = settings_problem(meta["settings"]) or (
+            None if type(epochs) is int and epochs >= 1 else f"config epochs = {epochs!r:.50}")
+        if problem:
+            sys.exit(f"error: {ckpt}: {problem}")
         for key in RUN_SETTINGS:
             setattr(args, key, meta["settings"][key])
         args.epochs = args.epochs or meta["config"]["epochs"]
@@ -185,8 +236,13 @@ def main(argv=None):
         return 0
     if backend != "cpu":
         model.to(backend)
-    if not args.resume and ckpt.exists():
-        sys.exit(f"error: {ckpt} already exists: pass --resume to continue that run, or choose another --out")
+    if not args.resume:
+        old = [name for name in RUN_FILES if (out / name).exists()]
+        if old and not args.overwrite:
+            sys.exit(f"error: {out / old[0]} already exists (the folder holds another run: {', '.join(old)}): "
+                     f"pass --resume to continue it, --overwrite to start afresh, or choose another --out")
+        for name in old:  # --overwrite: nothing of the old run may be mistaken for this one's
+            (out / name).unlink()
 
     t0 = time.time()
     try:
@@ -218,25 +274,25 @@ def main(argv=None):
         sys.exit(f"error: --step compiled: {e}")
     print(f"training step: {trainer.step.name}"
           f"{f' (the compiled step cannot run this network: {trainer.step_note})' if trainer.step_note else ''}")
-    if args.resume:
-        trainer.resume(ckpt)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(dict(settings, epochs=args.epochs), indent=2))
-
     try:
+        if args.resume:
+            trainer.resume(ckpt)  # checks the checkpoint against this model and data before a step is trained
+        else:
+            (out / "settings.json").write_text(json.dumps(dict(settings, epochs=args.epochs), indent=2))
         status = trainer.run()
-    except TrainingDiverged as e:
+        if status == "interrupted":
+            return 130
+        _, acc = evaluate(model, data["test_x"], data["test_y"], args.eval_batch_size)
+        engine.save_model(out / "model.npz", model, in_shape, data["classes"],
+                          preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
+                          zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
+                          extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc))
+    except (CheckpointError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a folder gone read-only: the last checkpoint written is kept
+        sys.exit(f"error: cannot write in {out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}")
     except KeyboardInterrupt:
         sys.exit("aborted without saving (second Ctrl-C); the last checkpoint is kept")
-    if status == "interrupted":
-        return 130
-    _, acc = evaluate(model, data["test_x"], data["test_y"], args.eval_batch_size)
-    engine.save_model(out / "model.npz", model, in_shape, data["classes"],
-                      preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
-                      zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
-                      extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc))
     print(f"run folder: {out} ({time.time() - t0:.0f}s); model file: {out / 'model.npz'}")
     print(f"test accuracy: {100 * acc:.2f}%")
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 
 import engine
 from engine import Conv2d, Flattened, Lateral, Sequential
+from engine.npzfile import check_writable_file
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -562,6 +563,15 @@ def main(argv=None):
     mod.add_argument("--dataset", choices=["cifar10", "cifar100", "mnist"], default="cifar10")
     sub.add_parser("latency", parents=[common], help="inference latency of both CIFAR-10 models (engine, onnxruntime)")
     args = p.parse_args(argv)
+    for flag in ("json", "plot"):  # checked before the benchmark runs, whose results would be lost
+        path = getattr(args, flag, None)
+        try:
+            if path:
+                check_writable_file(path)
+            if flag == "plot" and path:
+                import matplotlib  # noqa: F401
+        except (OSError, ImportError) as e:
+            p.error(f"--{flag} {path}: {e}")
     if args.what == "layers":
         bench_layers(args)
     elif args.what == "model":

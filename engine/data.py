@@ -30,7 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+from . import npzfile
+
 DATA_ENV = "FLATNET_DATA"
+# Hard limits, checked before anything is read: the official files are well inside them.
+MAX_IDX_ITEMS = 1 << 17            # images or labels in one MNIST file (60,000 and 10,000 officially)
+MAX_BATCH_BYTES = 256 << 20        # one CIFAR pickle (CIFAR-100's training set: 155 MB)
+MAX_ARCHIVE_BYTES = 512 << 20      # a CIFAR tar.gz decompressed (about 180 MB)
+MAX_OTHER_MEMBER_BYTES = 1 << 20   # a member of the tar.gz that is not a batch (the readme), skipped
 CACHE_ENV = "FLATNET_CACHE"
 
 
@@ -158,7 +165,7 @@ def _fetch_or_explain(candidates, what, data_dir, download_ok):
                 errors.append(f"{url}: {e}")
     why = ("; ".join(errors)) if errors else "downloads disabled"
     raise DatasetError(
-        f"{what} not found in {data_dir} and could not be downloaded ({why}).\n"
+        f"{what} not found in {data_dir} and could not be downloaded ({why}). "
         f"Put the official files there (or pass --data-dir / set {DATA_ENV}): {what}"
     )
 
@@ -174,24 +181,51 @@ def _read_cifar_files(spec, data_dir, download_ok):
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise DatasetError(f"{folder}: missing {', '.join(missing)}")
+        for n in names:
+            if (folder / n).stat().st_size > MAX_BATCH_BYTES:
+                raise DatasetError(f"{folder / n}: {(folder / n).stat().st_size} bytes, more than a CIFAR batch "
+                                   f"file can hold ({MAX_BATCH_BYTES})")
         return {n: (folder / n).read_bytes() for n in names}, str(folder)
     archive = data_dir / spec["archive"]
     if not archive.is_file():
         _fetch_or_explain([(spec["url"], archive, spec["md5"])],
                           f"{spec['folder']}/ (or {spec['archive']})", data_dir, download_ok)
     files = {}
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar.getmembers():
-                base = os.path.basename(member.name)
-                if member.isfile() and base in names and os.path.dirname(member.name).endswith(spec["folder"]):
-                    files[base] = tar.extractfile(member).read()
+    try:  # one pass over the stream, every size bounded, then to the end of the gzip stream: its CRC is checked
+        with gzip.open(archive, "rb") as gz:
+            stream = _Bounded(gz, MAX_ARCHIVE_BYTES, archive)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    base = os.path.basename(member.name)
+                    wanted = member.isfile() and base in names and os.path.dirname(member.name).endswith(spec["folder"])
+                    limit = MAX_BATCH_BYTES if wanted else MAX_OTHER_MEMBER_BYTES
+                    if member.size > limit:
+                        raise DatasetError(f"{archive}: member {member.name} of {member.size} bytes, more than "
+                                           f"{limit}")
+                    if wanted:
+                        files[base] = tar.extractfile(member).read()
+            while stream.read(1 << 20):
+                pass
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DatasetError(f"{archive}: truncated or corrupt archive ({e})") from None
+        raise DatasetError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {e})") from None
     missing = [n for n in names if n not in files]
     if missing:
         raise DatasetError(f"{archive}: missing {', '.join(missing)} inside the archive")
     return files, str(archive)
+
+
+class _Bounded:
+    """A reader that raises DatasetError once more than `limit` bytes have come out of `f`."""
+
+    def __init__(self, f, limit, source):
+        self.f, self.limit, self.source, self.done = f, limit, source, 0
+
+    def read(self, n=-1):
+        data = self.f.read(self.limit + 1 - self.done if n is None or n < 0 else n)
+        self.done += len(data)
+        if self.done > self.limit:
+            raise DatasetError(f"{self.source}: decompresses to more than {self.limit} bytes")
+        return data
 
 
 def _cifar_batch(data, source, label_key, n_classes):
@@ -204,6 +238,8 @@ def _cifar_batch(data, source, label_key, n_classes):
         raise DatasetError(f"{source}: 'data' must be uint8 of shape (N, 3072), got {x.dtype} {x.shape}")
     if y.shape != (x.shape[0],):
         raise DatasetError(f"{source}: {x.shape[0]} images but {y.size} labels")
+    if y.dtype.kind not in "iu":
+        raise DatasetError(f"{source}: labels must be integers, got {y.dtype} values")
     if y.size and (y.min() < 0 or y.max() >= n_classes):
         raise DatasetError(f"{source}: labels outside [0, {n_classes})")
     return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
@@ -237,25 +273,34 @@ def load_cifar(data_dir, which="cifar10", label_mode="fine", download_ok=True):
 
 # ----------------------------------------------------------------------------- MNIST
 
-def _read_idx(path):
-    """Parse an IDX file (gzipped or not): magic, dimensions, then uint8 data of exactly that size."""
+def _read_idx(path, item_shape):
+    """An IDX file of uint8 items of `item_shape` (gzipped or not), at most MAX_IDX_ITEMS of them.
+
+    The header is checked before any data is read, the data is read in place (never more
+    than the header announces, a gzip stream to its end, so its CRC is checked).
+    """
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
-        raise DatasetError(f"{path}: truncated or corrupt gzip ({e})") from None
-    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise DatasetError(f"{path}: truncated header")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    count = int(np.prod(dims))
-    body = raw[4 + 4 * ndim:]
-    if len(body) != count:
-        raise DatasetError(f"{path}: header announces {count} bytes of data, file holds {len(body)} (truncated?)")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            f = gzip.GzipFile(fileobj=raw) if gzipped else raw
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
+            dims = f.read(4 * head[3])
+            if len(dims) < 4 * head[3]:
+                raise DatasetError(f"{path}: truncated header")
+            dims = struct.unpack(f">{head[3]}I", dims)
+            if dims[1:] != tuple(item_shape) or not dims:
+                raise DatasetError(f"{path}: expected items of shape {tuple(item_shape)}, the header says {dims}")
+            if dims[0] > MAX_IDX_ITEMS:
+                raise DatasetError(f"{path}: the header announces {dims[0]} items, more than {MAX_IDX_ITEMS}")
+            try:
+                return npzfile.read_exact(f, dims)
+            except (EOFError, ValueError) as e:
+                raise DatasetError(f"{path}: the header announces {dims}: {e} (truncated or corrupt?)") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}: truncated or corrupt gzip ({type(e).__name__}: {e})") from None
 
 
 def _find_mnist_file(data_dir, name, md5, download_ok):
@@ -274,14 +319,12 @@ def load_mnist(data_dir, download_ok=True):
     arrays = {}
     for key, (name, md5) in MNIST_FILES.items():
         path = _find_mnist_file(data_dir, name, md5, download_ok)
-        arrays[key] = (_read_idx(path), path)
+        arrays[key] = (_read_idx(path, (28, 28) if key.endswith("images") else ()), path)
     out = {}
     for split in ("train", "test"):
         (x, xp), (y, yp) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if x.ndim != 3 or x.shape[1:] != (28, 28):
-            raise DatasetError(f"{xp}: expected images of shape (N, 28, 28), got {x.shape}")
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DatasetError(f"{yp}: {y.shape[0] if y.ndim else 0} labels for {x.shape[0]} images in {xp}")
+        if y.shape[0] != x.shape[0]:
+            raise DatasetError(f"{yp}: {y.shape[0]} labels for {x.shape[0]} images in {xp}")
         if y.size and y.max() > 9:
             raise DatasetError(f"{yp}: labels outside [0, 10)")
         out[f"{split}_x"], out[f"{split}_y"] = x[:, None], y.astype(np.int64)
@@ -366,6 +409,9 @@ def load_dataset(name, data_dir=None, cache_dir=None, label_mode="fine", downloa
         raise ValueError(f"unknown dataset {name!r} (expected cifar10, cifar100 or mnist)")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     raw = load_mnist(data_dir, download_ok) if name == "mnist" else load_cifar(data_dir, name, label_mode, download_ok)
+    for split in ("train", "test"):
+        if not len(raw[f"{split}_x"]):
+            raise DatasetError(f"{raw['source']}: the {split} set is empty")
     gcn = dict(scale=1.0, sqrt_bias=10.0, use_std=True)
     zca_bias = None if name == "mnist" else 1.0
     params = dict(name=name, label_mode=label_mode if name == "cifar100" else None, gcn=gcn, zca_filter_bias=zca_bias,

@@ -16,6 +16,7 @@ import numpy as np
 
 from .inference import ModelFileError, load
 from .lowering import lower
+from .npzfile import check_writable_file
 
 OPSET = 13
 IR_VERSION = 7
@@ -116,12 +117,19 @@ def main(argv=None):
     p.add_argument("out", help="ONNX file to write")
     args = p.parse_args(argv)
     try:
+        check_writable_file(args.out)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.out}: {e}") from None
+    try:
         model = load(args.model)
     except (FileNotFoundError, ModelFileError) as e:
         raise SystemExit(f"error: {e}") from None
     proto = to_onnx(model)
     import onnx
-    onnx.save(proto, args.out)
+    try:
+        onnx.save(proto, args.out)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.out}: {e}") from None
     print(f"wrote {args.out}: {len(proto.graph.node)} nodes, input (N, {', '.join(map(str, model.input_shape))}) "
           f"preprocessed, output probabilities over {len(model.classes)} classes")
     return 0

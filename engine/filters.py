@@ -16,6 +16,7 @@ import numpy as np
 
 from .inference import ModelFileError, load
 from .layers import Flattened
+from .npzfile import check_writable_file
 
 
 def reconstruct(layer):
@@ -75,6 +76,14 @@ def main(argv=None):
     p.add_argument("--out", default="filters.png", help="PNG to write")
     p.add_argument("--layer", default=None, help="name of the flattened layer (default: the first one)")
     args = p.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: drawing filters needs matplotlib: pip install matplotlib") from None
+    try:
+        check_writable_file(args.out)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.out}: {e}") from None
     try:
         model = load(args.model)
     except (FileNotFoundError, ModelFileError) as e:

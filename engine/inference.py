@@ -19,6 +19,7 @@ to float32 rounding.
 This module needs numpy and the compiled kernels only (no trainer, tqdm or matplotlib).
 """
 import copy
+import math
 import threading
 from pathlib import Path
 
@@ -36,8 +37,19 @@ LAYER_TYPES = {cls.__name__: cls for cls in (L.Conv2d, L.Lateral, L.Vertical, L.
                                              L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten, L.Linear)}
 
 
-class ModelFileError(ValueError):
+class ModelFileError(npzfile.FileFormatError):
     """A model file is unreadable, truncated, of an unknown version, or disagrees with itself."""
+
+    what = "model file"
+
+
+MAX_LAYERS = 10_000          # entries of an architecture, and parameter arrays in all
+MAX_ACTIVATION = 1 << 25     # elements of one image's input or of any layer's output for one image
+CONFIG_KEYS = {"Conv2d": {"c_in", "c_out", "k", "stride", "padding"}, "Lateral": {"c_in", "c_out"},
+               "Vertical": {"channels", "k", "mode"}, "Horizontal": {"channels", "k", "mode"},
+               "Flattened": {"c_in", "c_out", "k", "stages"}, "MaxPool2d": {"k", "stride", "ceil_mode"},
+               "ReLU": set(), "Dropout": {"p"}, "Flatten": set(), "Linear": {"n_in", "n_out"}}
+GCN_KEYS = {"scale", "sqrt_bias", "use_std", "min_divisor"}
 
 
 def architecture(net):
@@ -51,19 +63,72 @@ def architecture(net):
     return arch
 
 
-def build_architecture(arch):
-    """Rebuild a Sequential from `architecture(...)` output, validating every entry."""
+def _layer_shapes(kind, c):
+    """Parameter shapes of a layer from its configuration, without building it (tests check them against the layers)."""
+    def n(key):
+        return L._positive_int(kind, key, c[key])
+    if kind == "Conv2d":
+        return {"weight": (n("c_out"), n("c_in"), n("k"), n("k")), "bias": (n("c_out"),)}
+    if kind == "Lateral":
+        return {"weight": (n("c_out"), n("c_in")), "bias": (n("c_out"),)}
+    if kind in ("Vertical", "Horizontal"):
+        return {"weight": (n("channels"), n("k")), "bias": (n("channels"),)}
+    if kind == "Linear":
+        return {"weight": (n("n_out"), n("n_in")), "bias": (n("n_out"),)}
+    if kind == "Flattened":
+        stages = n("stages")
+        if stages > MAX_LAYERS // 6:
+            raise ValueError(f"{stages} stages, more than {MAX_LAYERS // 6}")
+        shapes = {}
+        for s in range(stages):
+            ch = n("c_in") if s == 0 else n("c_out")
+            for sub, shape in (("vertical", (ch, n("k"))), ("horizontal", (ch, n("k"))), ("lateral", (n("c_out"), ch))):
+                shapes[f"stage{s + 1}.{sub}.weight"] = shape
+                shapes[f"stage{s + 1}.{sub}.bias"] = shape[:1]
+        return shapes
+    return {}
+
+
+def architecture_shapes(arch):
+    """{parameter name: shape} of an architecture list, validated (types, keys, bounds), before anything is built."""
     if not isinstance(arch, list) or not arch:
-        raise ModelFileError("architecture must be a non-empty list of layers")
-    layers, names = [], []
+        raise ValueError("architecture must be a non-empty list of layers")
+    if len(arch) > MAX_LAYERS:
+        raise ValueError(f"architecture of {len(arch)} layers, more than {MAX_LAYERS}")
+    shapes, names = {}, set()
     for i, entry in enumerate(arch):
         try:
-            cls = LAYER_TYPES[entry["type"]]
-            layers.append(cls(**entry["config"]))
-            names.append(str(entry["name"]))
+            if not isinstance(entry, dict) or set(entry) != {"name", "type", "config"}:
+                raise ValueError("expected a dict with name, type and config")
+            name, kind, config = entry["name"], entry["type"], entry["config"]
+            if not isinstance(name, str) or not name or name in names:
+                raise ValueError(f"layer name {name!r} is empty, not a string or used twice")
+            if kind not in LAYER_TYPES:
+                raise ValueError(f"unknown layer type {kind!r}")
+            if not isinstance(config, dict) or not set(config) <= CONFIG_KEYS[kind]:
+                raise ValueError(f"{kind} takes {sorted(CONFIG_KEYS[kind])}, got {config!r:.200}")
+            names.add(name)
+            for k, shape in _layer_shapes(kind, config).items():
+                if f"{name}.{k}" in shapes:
+                    raise ValueError(f"parameter {name}.{k} collides with another layer's")
+                shapes[f"{name}.{k}"] = shape
         except (KeyError, TypeError, ValueError) as e:
-            raise ModelFileError(f"layer {i} of the architecture is invalid ({type(e).__name__}: {e})") from None
-    return L.Sequential(*layers, names=names, check_finite=True)
+            raise ValueError(f"layer {i} of the architecture is invalid ({type(e).__name__}: {e})") from None
+        if len(shapes) > MAX_LAYERS:
+            raise ValueError(f"more than {MAX_LAYERS} parameter arrays")
+    return shapes
+
+
+def build_architecture(arch):
+    """Rebuild a Sequential from `architecture(...)` output, validating every entry."""
+    architecture_shapes(arch)
+    layers = []
+    for i, entry in enumerate(arch):
+        try:
+            layers.append(LAYER_TYPES[entry["type"]](**entry["config"]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"layer {i} of the architecture is invalid ({type(e).__name__}: {e})") from None
+    return L.Sequential(*layers, names=[entry["name"] for entry in arch], check_finite=True)
 
 
 def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, zca_matrix=None, extra=None):
@@ -165,44 +230,76 @@ class Model:
         return self.predict(images, preprocessed=preprocessed).argmax(axis=1)
 
 
+def _model_members(meta, names=None):
+    """The arrays a model file must hold, from its JSON document, validated first (npzfile.load's `members`)."""
+    if meta.get("format") != FORMAT:
+        raise ValueError("not a flatnet model file")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"model file version {meta.get('version')!r:.50}; this engine reads version {VERSION}")
+    for key in ("architecture", "input_shape", "classes", "preprocessing"):
+        if key not in meta:
+            raise ValueError(f"model file lacks '{key}'")
+    shape = meta["input_shape"]
+    if (not isinstance(shape, list) or len(shape) != 3 or not all(type(v) is int and v >= 1 for v in shape)
+            or math.prod(shape) > MAX_ACTIVATION):
+        raise ValueError(f"input_shape must be (C, H, W), positive integers, at most {MAX_ACTIVATION} elements; "
+                         f"got {shape!r:.100}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"classes must be a non-empty list of names, got {classes!r:.100}")
+    pre = meta["preprocessing"]
+    gcn = pre.get("gcn") if isinstance(pre, dict) else None
+    if (not isinstance(pre, dict) or not set(pre) <= {"gcn"}
+            or gcn and not (isinstance(gcn, dict) and set(gcn) <= GCN_KEYS
+                            and all(type(v) in (int, float, bool) and math.isfinite(v) for v in gcn.values()))):
+        raise ValueError(f"preprocessing must be {{'gcn': {{{', '.join(sorted(GCN_KEYS))}: numbers}}}}, "
+                         f"got {pre!r:.100}")
+    d = math.prod(shape)
+    members = {f"param/{k}": npzfile.Member(s) for k, s in architecture_shapes(meta["architecture"]).items()}
+    members["zca_mean"] = npzfile.Member((d,), required=False)
+    members["zca_matrix"] = npzfile.Member((d, d), required=False)
+    return members
+
+
+def _finite(path, name, array, dtype):
+    with np.errstate(over="ignore"):  # checked after the cast: a float64 weight beyond float32's range is inf
+        out = array.astype(dtype)
+    if not np.isfinite(out).all():
+        raise ModelFileError(path, f"array {name} is not finite floating-point data as {np.dtype(dtype)}")
+    return out
+
+
 def load(path, backend="cpu", compiled=True):
     """Load a model file written by save_model / train.py, validating it; returns a Model.
 
     backend='cupy' runs the network on the GPU (the file is the same whichever backend wrote it).
     compiled=False runs it layer by layer on the CPU too (see engine.plan for the compiled path).
+    Everything in the file is checked before anything is built from it (see npzfile.load);
+    any problem raises ModelFileError naming the file.
     """
     path = Path(path)
-    arrays, meta = npzfile.load(path, "model file", ModelFileError)
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a flatnet model file")
-    if meta.get("version") != VERSION:
-        raise ModelFileError(f"{path}: model file version {meta.get('version')!r}; this engine reads version {VERSION}")
-    for key in ("architecture", "input_shape", "classes", "preprocessing"):
-        if key not in meta:
-            raise ModelFileError(f"{path}: model file lacks '{key}'")
-    net = build_architecture(meta["architecture"])
-    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
-    expected = net.params
-    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or extra:
-        raise ModelFileError(f"{path}: weights do not match the architecture (missing {missing}, unexpected {extra})")
-    for name, target in expected.items():
-        if params[name].shape != target.shape:
-            raise ModelFileError(f"{path}: array {name} has shape {params[name].shape}, the architecture "
-                                 f"needs {target.shape}")
-        if params[name].dtype.kind != "f" or not np.isfinite(params[name]).all():
-            raise ModelFileError(f"{path}: array {name} is not finite floating-point data")
-    net.load_params(params)
+    arrays, meta = npzfile.load(path, "model file", ModelFileError, _model_members)
+    if ("zca_mean" in arrays) != ("zca_matrix" in arrays):
+        raise ModelFileError(path, "holds only one of the ZCA mean and matrix")
     try:
-        out_shape = net.output_shape((1, *meta["input_shape"]))
+        net = build_architecture(meta["architecture"])
+    except ValueError as e:
+        raise ModelFileError(path, str(e)) from None
+    net.load_params({k: _finite(path, k, arrays[f"param/{k}"], v.dtype) for k, v in net.params.items()})
+    shape = (1, *meta["input_shape"])
+    try:
+        for name, layer in net.children:  # bounded sizes first, then the layers' own checks on one blank image
+            shape = layer.output_shape(shape)
+            if min(shape[1:], default=1) < 1 or math.prod(shape) > MAX_ACTIVATION:
+                raise ValueError(f"layer {name} would output {shape[1:]} per image")
+        net.eval().forward(np.zeros((1, *meta["input_shape"]), net.dtype))
     except (TypeError, ValueError) as e:
-        raise ModelFileError(f"{path}: input shape {meta['input_shape']} does not fit the architecture ({e})") from None
-    if out_shape != (1, len(meta["classes"])):
-        raise ModelFileError(f"{path}: the network gives {out_shape[1:]} outputs for {len(meta['classes'])} classes")
-    zca_mean, zca_matrix = arrays.get("zca_mean"), arrays.get("zca_matrix")
-    d = int(np.prod(meta["input_shape"]))
-    if zca_matrix is not None and (zca_matrix.shape != (d, d) or zca_mean is None or zca_mean.shape != (d,)):
-        raise ModelFileError(f"{path}: ZCA arrays do not match the input size {d}")
+        raise ModelFileError(path, f"input shape {meta['input_shape']} does not fit the architecture ({e})") from None
+    if shape != (1, len(meta["classes"])):
+        raise ModelFileError(path, f"the network gives {shape[1:]} outputs for {len(meta['classes'])} classes")
+    zca_mean = zca_matrix = None
+    if "zca_matrix" in arrays:
+        zca_mean, zca_matrix = (_finite(path, k, arrays[k], np.float32) for k in ("zca_mean", "zca_matrix"))
     if backend != "cpu":
         net.to(backend)
     return Model(net, meta, zca_mean, zca_matrix, compiled=compiled)

@@ -446,7 +446,18 @@ class Sequential(Layer):
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential: {layer!r} is not a Layer")
         super().__init__(layers[0].dtype)
-        self.children = list(zip(names or [str(i) for i in range(len(layers))], layers))
+        names = [str(i) for i in range(len(layers))] if names is None else list(names)
+        if len(names) != len(layers) or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"Sequential: needs one non-empty string name per layer, got {names!r}")
+        keys = {}  # parameters are saved under these keys: two layers must never share one
+        if len(set(names)) != len(names):
+            raise ValueError(f"Sequential: layer name {next(n for n in names if names.count(n) > 1)!r} is used twice")
+        for name, layer in zip(names, layers):
+            for k in layer.params:
+                other = keys.setdefault(f"{name}.{k}", name)
+                if other != name:
+                    raise ValueError(f"Sequential: parameter {name}.{k} of layer {name!r} collides with layer {other!r}")
+        self.children = list(zip(names, layers))
         self.check_finite = check_finite
         if len({layer.dtype for layer in layers}) > 1:
             self.astype(np.float64)

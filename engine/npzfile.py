@@ -1,44 +1,196 @@
 """The engine's file format for checkpoints and model files: an .npz of arrays plus a JSON document.
 
 Written with allow_pickle=False through a temporary file, fsync and a rename (an
-interruption never leaves a half-written file); read with allow_pickle=False, so
-loading never executes anything from the file.
+interruption never leaves a half-written file; a failed write removes its temporary
+file). Read without numpy's loader and never with pickles: the format's reader
+(`members`) names every member it accepts with its shape and dtype kind, and each
+member's npy header is read and checked against that, against the zip directory's
+size for it and against a total bound, before any array is allocated. Nothing else in
+the file is read, so a hostile file is refused at the cost of its headers.
 """
 import json
+import math
 import os
+import tempfile
 import zipfile
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
+
+MAX_BYTES = 2 << 30        # all arrays of one file together
+MAX_META_BYTES = 16 << 20  # the JSON document (a string array of 4-byte characters)
+MAX_MEMBERS = 100_000
+
+
+class FileFormatError(ValueError):
+    """A file of the engine is missing, unreadable or inconsistent: `path` and `problem`, one line."""
+
+    what = "file"
+
+    def __init__(self, path, problem):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}")
+
+
+class Member(NamedTuple):
+    """What a format expects of one array: its shape (None: any), dtype kinds, and whether it must be present."""
+    shape: Optional[tuple] = None
+    kinds: str = "f"
+    required: bool = True
 
 
 def save(path, arrays, meta):
     """Write `arrays` (name -> array) and `meta` (JSON-able, stored as the string array 'meta') atomically."""
+    return _write_atomic(path, lambda f: np.savez(f, **arrays, meta=np.array(json.dumps(meta))))
+
+
+def write_text_atomic(path, text):
+    """Replace the text file `path` by `text` atomically (as `save`)."""
+    return _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _write_atomic(path, write):
+    """write(f) into a temporary file beside `path`, fsync, rename; on any failure the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays, meta=np.array(json.dumps(meta)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk, an interrupt: leave nothing behind
+        raise
     return path
 
 
-def load(path, what, error=ValueError):
-    """(arrays without 'meta', meta) from `path`; a missing, truncated or corrupt file raises `error` naming it."""
+def _header(f, name, member, limit):
+    """Read the npy header of member `name` from `f`; (shape, fortran, dtype); refuse what `member` excludes."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"npy version {version}")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f, max_header_size=10000)
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in member.kinds or dtype.itemsize == 0:
+        raise _Refused(f"array {name} has dtype {dtype}; expected {_kinds(member.kinds)}")
+    if member.shape is not None and tuple(shape) != tuple(member.shape):
+        raise _Refused(f"array {name} has shape {tuple(shape)}, expected {tuple(member.shape)}")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > limit:
+        raise _Refused(f"array {name} of shape {tuple(shape)} ({nbytes} bytes) exceeds the limit of {limit} bytes")
+    return shape, fortran, dtype, nbytes
+
+
+def _kinds(kinds):
+    names = dict(f="floating-point", i="integer", u="unsigned integer", b="boolean", U="string")
+    return " or ".join(names[k] for k in kinds)
+
+
+class _Refused(Exception):
+    """A member the format does not accept (a problem stated as is, not as corruption)."""
+
+
+def read_exact(f, shape, dtype=np.uint8, fortran=False):
+    """The rest of stream `f` as an array of `shape`: exactly that many bytes, read in place, then the end.
+
+    EOFError when the stream ends early, ValueError when data follows (a header that lies either way);
+    memory is the array's, whatever the stream holds.
+    """
+    dtype = np.dtype(dtype)
+    out = np.empty(math.prod(shape), dtype=dtype)
+    view, done, nbytes = memoryview(out).cast("B"), 0, out.nbytes
+    while done < nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise EOFError(f"{nbytes - done} of {nbytes} bytes missing")
+        done += n
+    if f.read(1):
+        raise ValueError(f"more data than the {nbytes} bytes its header declares")
+    return out.reshape(shape[::-1]).T if fortran else out.reshape(shape)
+
+
+def load(path, what, error, members, max_bytes=MAX_BYTES):
+    """(arrays without 'meta', meta) from `path`, read safely; any problem raises `error(path, problem)`.
+
+    `members(meta, names)` (the format's reader; `names`: the file's array names) returns
+    {name: Member} of the arrays it accepts, or raises ValueError with the problem. Members not named, missing required members and
+    arrays whose header disagrees (shape, dtype, size in the zip directory, total above
+    `max_bytes`) are refused before any array data is read.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = str(z["meta"]) if "meta" in z.files else None
-            arrays = {k: z[k] for k in z.files if k != "meta"}
-        meta = json.loads(raw) if raw is not None else None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise error(f"{path}: truncated or corrupt {what} ({type(e).__name__}: {e})") from None
-    if raw is None:
-        raise error(f"{path}: not a flatnet {what} (no 'meta')")
-    if not isinstance(meta, dict):
-        raise error(f"{path}: not a flatnet {what}")
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            if len(infos) > MAX_MEMBERS:
+                raise _Refused(f"{len(infos)} members, more than {MAX_MEMBERS}")
+            names = [i.filename[:-4] if i.filename.endswith(".npy") else i.filename for i in infos]
+            if len(set(names)) != len(names):
+                raise _Refused("duplicate members")
+            info = dict(zip(names, infos))
+            if "meta" not in info:
+                raise _Refused(f"not a flatnet {what} (no 'meta')")
+            meta = json.loads(str(_member(z, info["meta"], "meta", Member((), "U"), MAX_META_BYTES)))
+            if not isinstance(meta, dict):
+                raise _Refused(f"not a flatnet {what}")
+            try:
+                spec = members(meta, [n for n in names if n != "meta"])
+            except (ValueError, TypeError, KeyError) as e:
+                raise _Refused(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from None
+            unexpected = sorted(set(names) - set(spec) - {"meta"})
+            missing = sorted(k for k, m in spec.items() if m.required and k not in info)
+            if unexpected or missing:
+                raise _Refused(f"arrays do not match the {what}'s contents (missing {missing[:10]}"
+                               f"{' ...' if len(missing) > 10 else ''}, unexpected {unexpected[:10]}"
+                               f"{' ...' if len(unexpected) > 10 else ''})")
+            headers, total = {}, 0
+            for k in sorted(set(spec) & set(info)):
+                with z.open(info[k]) as f:
+                    shape, fortran, dtype, nbytes = _header(f, k, spec[k], max_bytes - total)
+                    if f.tell() + nbytes != info[k].file_size:
+                        raise ValueError(f"array {k}: header declares {nbytes} bytes of data, the zip "
+                                         f"directory {info[k].file_size - f.tell()}")
+                total += nbytes
+                headers[k] = shape, fortran, dtype, nbytes
+            arrays = {}
+            for k, h in headers.items():  # every header agrees: now the data
+                with z.open(info[k]) as f:
+                    _header(f, k, spec[k], h[3])
+                    arrays[k] = read_exact(f, h[0], h[2], h[1])
+    except _Refused as e:
+        raise error(path, str(e)) from None
+    except Exception as e:  # anything else a corrupt file makes zipfile, numpy's header parser or json raise
+        raise error(path, f"truncated or corrupt {what} ({type(e).__name__}: {e})") from None
     return arrays, meta
+
+
+def _member(z, info, name, member, limit):
+    with z.open(info) as f:
+        shape, fortran, dtype, _ = _header(f, name, member, limit)
+        return read_exact(f, shape, dtype, fortran)
+
+
+def check_writable_folder(folder):
+    """Create `folder` if needed and prove it writable with a probe file; the problem as OSError otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_writable_file(path):
+    """Raise OSError with the reason when `path` cannot be written (its folder missing or read-only, a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"folder {parent} does not exist")
+    check_writable_folder(parent)

@@ -28,7 +28,7 @@ def read_image(path, shape):
             if im.size != (w, h):
                 im = im.resize((w, h), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
-    except OSError as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # Pillow refuses images of over 179M pixels
         raise SystemExit(f"error: cannot read image {path}: {e}") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -47,7 +47,8 @@ def main(argv=None):
     names, preprocessed = [], False
     if len(args.inputs) == 1 and args.inputs[0].endswith(".npy"):
         try:
-            batch = np.load(args.inputs[0], allow_pickle=False)
+            # mapped, not read: a header that claims more than the file holds is refused, not allocated
+            batch = np.array(np.load(args.inputs[0], mmap_mode="r", allow_pickle=False))
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot read {args.inputs[0]}: {e}") from None
         preprocessed = batch.dtype.kind == "f" and batch.ndim == 4 and batch.shape[1:] == model.input_shape

@@ -70,14 +70,81 @@ def save_checkpoint(path, model, velocity, meta, perm=None):
     npzfile.save(path, arrays, dict(meta, version=CHECKPOINT_VERSION))
 
 
-def load_checkpoint(path):
-    """Read a checkpoint without executing anything from it: (params, velocity, meta, perm)."""
-    arrays, meta = npzfile.load(path, "checkpoint")
+class CheckpointError(npzfile.FileFormatError):
+    """A checkpoint is unreadable, truncated, of another version, or does not fit the run resuming it."""
+
+    what = "checkpoint"
+
+
+def _rng_state_problem(state):
+    """Why `state` is not a numpy Generator state this engine wrote (None if it is one)."""
+    try:
+        if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+            return "not a PCG64 generator state"
+        np.random.default_rng().bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _check_meta(meta):
+    """Raise ValueError with the first thing a checkpoint's JSON document lacks or gets wrong."""
+    def count(v):
+        return type(v) is int and v >= 0
     if meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {meta.get('version')} is not {CHECKPOINT_VERSION}")
+        raise ValueError(f"checkpoint version {meta.get('version')!r:.50} is not {CHECKPOINT_VERSION}")
+    missing = [k for k in ("epoch", "step_in_epoch", "running", "history", "data_rng", "model_rng", "settings",
+                           "config") if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint lacks {missing}")
+    if not count(meta["epoch"]) or not count(meta["step_in_epoch"]):
+        raise ValueError(f"epoch and step_in_epoch must be non-negative integers, got {meta['epoch']!r:.50}, "
+                         f"{meta['step_in_epoch']!r:.50}")
+    r = meta["running"]
+    if (not isinstance(r, dict) or set(r) != {"loss", "correct", "seen", "seconds"}
+            or not all(type(r[k]) in (int, float) and math.isfinite(r[k]) for k in r)):
+        raise ValueError(f"running totals must be finite loss, correct, seen and seconds, got {r!r:.100}")
+    h = meta["history"]
+    if not isinstance(h, list) or len(h) != meta["epoch"] or not all(isinstance(e, dict) for e in h):
+        raise ValueError(f"history must hold one record per finished epoch ({meta['epoch']})")
+    for key in ("data_rng", "model_rng"):
+        problem = None if key == "model_rng" and meta[key] is None else _rng_state_problem(meta[key])
+        if problem:
+            raise ValueError(f"{key}: {problem}")
+    if not isinstance(meta["settings"], dict) or not isinstance(meta["config"], dict):
+        raise ValueError("settings and config must be JSON objects")
+
+
+def load_checkpoint(path, shapes=None, n_train=None):
+    """Read and validate a checkpoint without executing anything from it: (params, velocity, meta, perm).
+
+    `shapes` ({name: shape} of the model's parameters) and `n_train` (the training set's size),
+    when given, are what the checkpoint must fit: parameters exactly, momentum buffers a subset
+    with the same shapes, the epoch order a permutation of range(n_train). Every array header
+    is checked before any data is read; any problem raises CheckpointError naming the file.
+    """
+    def members(meta, names):
+        _check_meta(meta)
+        if shapes is None:
+            spec = {n: npzfile.Member() for n in names if n.startswith(("param/", "velocity/"))}
+        else:
+            spec = {f"param/{k}": npzfile.Member(tuple(v)) for k, v in shapes.items()}
+            spec.update({f"velocity/{k}": npzfile.Member(tuple(v), required=False) for k, v in shapes.items()})
+        spec["perm"] = npzfile.Member(None if n_train is None else (n_train,), "iu", required=False)
+        return spec
+
+    arrays, meta = npzfile.load(path, "checkpoint", CheckpointError, members)
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
     velocity = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}
-    return params, velocity, meta, arrays.get("perm")
+    perm = arrays.get("perm")
+    for name, a in list(params.items()) + list(velocity.items()):
+        if not np.isfinite(a).all():
+            raise CheckpointError(path, f"array {name} is not finite")
+    if perm is not None and (perm.ndim != 1 or not np.array_equal(np.sort(perm), np.arange(len(perm)))):
+        raise CheckpointError(path, "the epoch's batch order is not a permutation of the training set")
+    if perm is None and meta["step_in_epoch"]:
+        raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch without its batch order")
+    return params, velocity, meta, perm
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -152,8 +219,20 @@ class Trainer:
     def save(self):
         save_checkpoint(self.checkpoint_path, self.model, self.velocity, self._meta(), self.perm)
 
+    def _write_log(self):
+        """Rewrite log.jsonl from the history (the checkpoint's), atomically: it never disagrees with the checkpoint."""
+        npzfile.write_text_atomic(self.out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+
     def resume(self, path=None):
-        params, velocity, meta, perm = load_checkpoint(path or self.checkpoint_path)
+        """Continue from a checkpoint (this run's by default); CheckpointError when it does not fit this run."""
+        path = path or self.checkpoint_path
+        params, velocity, meta, perm = load_checkpoint(path, {k: v.shape for k, v in self.model.params.items()},
+                                                       len(self.data["train_x"]))
+        steps = math.ceil(len(self.data["train_x"]) / self.cfg["batch_size"])
+        if meta["step_in_epoch"] > steps:
+            raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch of {steps} steps")
+        if meta["model_rng"] is not None and getattr(self.model, "rng", None) is None:
+            raise CheckpointError(path, "holds a dropout generator state, the model has no generator")
         self.model.load_params(params)
         ops = ops_for(self.model.backend)
         self.velocity = {k: ops.asarray(v.astype(self.model.dtype)) for k, v in velocity.items()}
@@ -163,6 +242,7 @@ class Trainer:
         if meta["model_rng"] is not None:
             self.model.rng.bit_generator.state = meta["model_rng"]
         self.perm = perm
+        self._write_log()  # the log follows the checkpoint: records of a crash after it was written are dropped
         return meta
 
     # loop -------------------------------------------------------------------------
@@ -251,10 +331,8 @@ class Trainer:
                       images_per_s=r["seen"] / max(r["seconds"], 1e-9), eval_seconds=time.perf_counter() - t0)
         self.history.append(record)
         self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
         self.save()
+        self._write_log()
         self.log(f"epoch {record['epoch']:3d}  lr {lr:.4g}  train loss {record['train_loss']:.4f} "
                  f"acc {100 * record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
                  f"{record['seconds']:.0f}s ({record['images_per_s']:.0f} img/s)")

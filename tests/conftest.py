@@ -69,3 +69,13 @@ def backend(request):
             yield Backend("cupy", name)
         finally:
             emulated_cupy.uninstall()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `manual` (long fuzzing) run only when asked for: python -m pytest -m manual."""
+    if "manual" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="manual: run with -m manual")
+    for item in items:
+        if "manual" in item.keywords:
+            item.add_marker(skip)

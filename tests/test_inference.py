@@ -94,7 +94,7 @@ def test_bad_model_files_are_refused_with_the_reason(saved, tmp_path):
     with pytest.raises(ModelFileError, match=r"conv3.stage1.lateral.weight has shape \(3, 3\)"):
         engine.load(_rewrite(path, tmp_path / "s.npz",
                              lambda a: a.update({"param/conv3.stage1.lateral.weight": np.zeros((3, 3), np.float32)})))
-    with pytest.raises(ModelFileError, match=r"missing \['out.bias'\]"):
+    with pytest.raises(ModelFileError, match=r"missing \['param/out.bias'\]"):
         engine.load(_rewrite(path, tmp_path / "missing.npz", lambda a: a.pop("param/out.bias")))
     with pytest.raises(ModelFileError, match="layer 0 of the architecture is invalid"):
         engine.load(_rewrite(path, tmp_path / "a.npz",
