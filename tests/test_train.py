@@ -73,7 +73,7 @@ def tiny_mnist(tmp_path):
 
 
 COMMON = ["--model", "flattened", "--dataset", "mnist", "--batch-size", "32", "--quiet", "--seed", "3",
-          "--lr-drop-epochs", "2"]
+          "--lr-drop-epochs", "2", "--no-plot"]
 
 
 def test_train_end_to_end_loss_falls_and_resume_is_exact(tiny_mnist):
@@ -188,9 +188,10 @@ def test_ctrl_c_prints_the_command_that_continues_and_it_alone_does(tiny_mnist):
     work.mkdir()
     env = dict(os.environ, PYTHONUNBUFFERED="1", FLATNET_DATA=str(tiny_mnist / "default-data"),
                FLATNET_CACHE=str(tiny_mnist / "default-cache"))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *COMMON, "--data-dir", "../data", "--cache-dir",
-                             "../cache", "--epochs", "4", "--out", "run"], cwd=work, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = [a for a in COMMON if a != "--no-plot"]  # curves by default (matplotlib is a test dependency)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--data-dir", "../data", "--cache-dir",
+                             "../cache", "--epochs", "3", "--limit-train", "128", "--out", "run"],
+                            cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for line in proc.stdout:
             if line.startswith("epoch   1"):
@@ -205,13 +206,15 @@ def test_ctrl_c_prints_the_command_that_continues_and_it_alone_does(tiny_mnist):
     command = shlex.split(hint[0][len("continue with: "):])
     assert command[0] == "python" and command[2:] == ["--out", "run", "--resume"]
     settings = json.loads((work / "run" / "settings.json").read_text())
-    assert settings["data_dir"] == str(tiny_mnist / "data") and settings["cache_dir"] == str(tiny_mnist / "cache")
+    for key, folder in (("data_dir", "data"), ("cache_dir", "cache")):  # remembered as absolute paths
+        assert Path(settings[key]).is_absolute() and Path(settings[key]).resolve() == (tiny_mnist / folder).resolve()
 
     r = subprocess.run([sys.executable, *command[1:]], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "test accuracy: " in r.stdout and "downloading" not in r.stderr
     log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in log] == [1, 2, 3, 4]
+    assert [h["epoch"] for h in log] == [1, 2, 3]
+    assert (work / "run" / "curves.png").stat().st_size > 1000
     assert not (tiny_mnist / "default-data").exists() and not (tiny_mnist / "default-cache").exists()
 
 
@@ -234,7 +237,7 @@ def test_the_test_set_is_evaluated_once_per_epoch(tiny_mnist, monkeypatch, capsy
     monkeypatch.setattr(engine.trainer, "evaluate", counting_evaluate)
     out = tiny_mnist / "run"
     status = _load_train_script().main([*COMMON, "--data-dir", str(tiny_mnist / "data"), "--cache-dir",
-                                        str(tiny_mnist / "cache"), "--epochs", "2", "--out", str(out), "--no-plot"])
+                                        str(tiny_mnist / "cache"), "--epochs", "2", "--out", str(out)])
     assert status == 0 and len(calls) == 2
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert capsys.readouterr().out.splitlines()[-1] == f"test accuracy: {100 * log[-1]['test_acc']:.2f}%"
