@@ -282,6 +282,7 @@ def plot_history(history, path, title=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -298,6 +299,8 @@ def plot_history(history, path, title=""):
     axes[1].set_ylabel("loss")
     axes[1].legend()
     axes[1].grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one
     fig.suptitle(title)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")

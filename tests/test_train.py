@@ -283,4 +283,5 @@ def test_curves_of_a_single_epoch_show_points(tmp_path, monkeypatch):
     lines = [line for ax in drawn[0].axes for line in ax.get_lines()]
     assert len(lines) == 4 and all(len(line.get_xdata()) == 1 and line.get_marker() not in ("None", "", None)
                                    for line in lines)
+    assert all(float(t).is_integer() for ax in drawn[0].axes for t in ax.get_xticks())  # whole epochs on the axis
     assert (tmp_path / "curves.png").stat().st_size > 1000
