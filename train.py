@@ -11,6 +11,7 @@ log.jsonl (one JSON line per epoch), curves.png (unless --no-plot), and at the e
 "test accuracy: NN.NN%" for the final weights.
 """
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -187,11 +188,7 @@ def main(argv=None):
     args.data_dir = os.path.abspath(args.data_dir or default_data_dir())
     args.cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     args.eval_batch_size = args.eval_batch_size or 500
-    try:
-        import matplotlib  # noqa: F401
-        has_matplotlib = True
-    except ImportError:
-        has_matplotlib = False
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     if args.plot and not has_matplotlib:
         sys.exit("error: --plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     args.plot = has_matplotlib if args.plot is None else args.plot
