@@ -3,15 +3,18 @@
 
     python train.py --model flattened --dataset cifar10 --data-dir ../shared/data
     python train.py --model baseline --dataset cifar10 --summary
-    python train.py --out runs/flat-c10 --resume          # continue an interrupted run
+    python train.py --out runs/flat-c10 --resume          # continue an interrupted run, as it was started
 
 A run folder (--out) receives checkpoint.npz after every epoch (and on Ctrl-C),
-log.jsonl (one JSON line per epoch), with --plot curves.png, and at the end model.npz
+log.jsonl (one JSON line per epoch), curves.png (unless --no-plot), and at the end model.npz
 (the final weights and preprocessing, for engine.load). The run ends by printing
 "test accuracy: NN.NN%" for the final weights.
 """
 import argparse
+import importlib.util
 import json
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,10 @@ RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum"
                 "lr_drop_epochs",
                 "lr_drop_factor", "seed", "limit_train", "limit_test", "pool", "pool_mode", "flatten_first", "stages",
                 "init")
+# Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
+# continues; on --resume, a flag given on the command line replaces the remembered value.
+RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backend", "threads", "plot", "quiet",
+               "step")
 
 
 def positive_int(s):
@@ -84,7 +91,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parser():
     p = argparse.ArgumentParser(
         description="Train the baseline or flattened CNN of Jin et al. (2014) with the flatnet engine.",
-        epilog="Example: python train.py --model flattened --dataset cifar10 --data-dir ../shared/data --plot",
+        epilog="Example (the README's main run): python train.py --model flattened --dataset cifar10 "
+               "--data-dir ../shared/data --dampening 0 --lr 0.03 --lr-drop-epochs 16",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=["baseline", "flattened"], default="flattened",
@@ -96,12 +104,12 @@ def parser():
                    help="folder with the official dataset files (default: $FLATNET_DATA, else ~/.cache/flatnet/data)")
     g.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="folder for preprocessed arrays (default: $FLATNET_CACHE, else ~/.cache/flatnet/preprocessed)")
-    g.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+    g.add_argument("--no-download", action="store_true", default=None, help="never download missing dataset files")
     g.add_argument("--flatten-first", action="store_true", help="flattened model: flatten layer 1 as well")
     g.add_argument("--stages", metavar="N", type=positive_int, default=2, help="V-H-L stages per flattened layer")
     g.add_argument("--init", choices=["auto", "lecun", "glorot"], default="auto",
                    help="weight init; auto = Glorot for flattened layers, LeCun's heuristic elsewhere (the paper)")
-    g.add_argument("--pool", metavar="SIZE,STRIDE", type=pool_spec, default=[3, 2],
+    g.add_argument("--pool", metavar="SIZE,STRIDE", type=pool_spec, default="3,2",
                    help="max-pooling SIZE,STRIDE (3,2 as Srivastava & Salakhutdinov; the paper's text reads 2,3)")
     g.add_argument("--pool-mode", choices=["ceil", "floor"], default="ceil",
                    help="pooled size rounding (ceil as cuda-convnet: 32 -> 16 -> 8 -> 4)")
@@ -119,35 +127,40 @@ def parser():
                         "(0 gives PyTorch's SGD, whose steps are 1/(1-momentum) = 10x larger)")
     g.add_argument("--weight-decay", type=non_negative_float, default=None,
                    help="L2 weight decay on weights (default: 5e-4 baseline, 1e-4 flattened, smaller as the paper)")
-    g.add_argument("--lr-drop-epochs", metavar="E1,E2,...", type=int_list, default=[8],
+    g.add_argument("--lr-drop-epochs", metavar="E1,E2,...", type=int_list, default="8",
                    help="comma-separated epochs after which the learning rate is multiplied by --lr-drop-factor")
     g.add_argument("--lr-drop-factor", type=non_negative_float, default=0.1, help="learning-rate drop factor")
     g.add_argument("--seed", metavar="N", type=non_negative_int, default=0, help="seed of weights, dropout masks and batch order")
-    g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=500, help="batch size for test evaluation")
+    g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=None,
+                   help="batch size for test evaluation (default: 500)")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", default=None, help="run folder (default: runs/MODEL-DATASET)")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint (settings come from the checkpoint; "
-                        "--epochs may be raised)")
+                   help="continue the run in --out from its checkpoint, with the settings and data folders "
+                        "it was started with (--epochs may be raised; --data-dir, --cache-dir, --threads, "
+                        "--backend, --step, --eval-batch-size, --plot and --quiet may be changed)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in --out even if it holds another run's checkpoint and log (they are deleted)")
     g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default=None,
                    help="array backend (default: $FLATNET_BACKEND, else auto: CuPy when it imports and a GPU "
-                        "passes a smoke test, else the CPU; the CuPy operations are not implemented yet, so "
-                        "today auto always runs on the CPU and cupy says why it cannot)")
-    g.add_argument("--step", choices=["auto", "compiled", "layers"], default="auto",
-                   help="how a training step runs: compiled = one compiled forward and backward call over the "
-                        "whole network (CPU, float32; engine/trainstep.py), layers = layer by layer (any backend; "
-                        "the reference); auto = compiled where it can run, else layers with the reason printed. "
-                        "Both give the same results up to float32 rounding, and a checkpoint of one resumes on "
-                        "the other")
+                        "passes a smoke test, else the CPU, saying why; the CuPy backend is tested on a CPU "
+                        "emulation only, see the README)")
+    g.add_argument("--step", choices=["auto", "compiled", "layers"], default=None,
+                   help="how a training step runs: compiled = one compiled forward and one backward call over "
+                        "the whole network (CPU, float32; engine/trainstep.py), layers = layer by layer (any "
+                        "backend; the reference); auto = compiled where it can run, else layers with the reason "
+                        "printed. Both give the same results up to float32 rounding, and a checkpoint of one "
+                        "resumes on the other (default: auto)")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads for the compiled kernels (default: $OMP_NUM_THREADS, else all cores)")
     g.add_argument("--summary", action="store_true",
                    help="print the per-layer table (output shapes, weights, biases) and exit, without data")
-    g.add_argument("--plot", action="store_true", help="draw learning curves to OUT/curves.png after each epoch")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw learning curves to OUT/curves.png after each epoch (default: on when matplotlib "
+                        "is installed)")
+    g.add_argument("--quiet", action="store_true", default=None,
+                   help="no progress bars (a line a minute instead)")
     return p
 
 
@@ -182,22 +195,11 @@ RUN_FILES = ("checkpoint.npz", "log.jsonl", "model.npz", "curves.png", "settings
 def main(argv=None):
     args = parser().parse_args(argv)
     import engine
-    from engine.data import DatasetError, load_dataset
+    from engine.data import DatasetError, default_cache_dir, default_data_dir, load_dataset
     from engine.npzfile import check_writable_folder
-    from engine.trainer import CheckpointError, Trainer, TrainingDiverged, evaluate, load_checkpoint, plot_history
+    from engine.trainer import CheckpointError, Trainer, TrainingDiverged, load_checkpoint, plot_history
     from models.paper import build, format_summary
 
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            sys.exit("error: --plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
-    try:
-        backend, why_not_gpu = engine.backend.select_backend(args.backend)
-    except engine.backend.BackendUnavailable as e:
-        sys.exit(f"error: {e}")
-    if args.threads:
-        engine.set_num_threads(args.threads)
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     ckpt = out / "checkpoint.npz"
     if args.resume and not ckpt.is_file():
@@ -208,6 +210,7 @@ def main(argv=None):
         except OSError as e:
             sys.exit(f"error: --out {out} is not a writable folder ({e.strerror or e})")
 
+    remembered_data = False  # a resumed run never downloads into the data folder its checkpoint names
     if args.resume:
         try:
             _, _, meta, _ = load_checkpoint(ckpt)
@@ -220,9 +223,13 @@ def main(argv=None):
             sys.exit(f"error: {ckpt}: {problem}")
         for key in RUN_SETTINGS:
             setattr(args, key, meta["settings"][key])
+        remembered_data = args.data_dir is None and meta["settings"].get("data_dir") is not None
+        for key in RUN_OPTIONS:  # (older checkpoints lack them: the defaults apply)
+            if getattr(args, key) is None:
+                setattr(args, key, meta["settings"].get(key))
         args.epochs = args.epochs or meta["config"]["epochs"]
         print(f"resuming {ckpt}: {args.model} on {args.dataset}, epoch {meta['epoch'] + 1}, "
-              f"step {meta['step_in_epoch']} (settings from the checkpoint)")
+              f"step {meta['step_in_epoch']} (settings from the checkpoint; data from {args.data_dir})")
     args.epochs = args.epochs or 20
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.model]
@@ -231,9 +238,24 @@ def main(argv=None):
     n_classes = 10 if args.dataset != "cifar100" else (100 if args.label_mode == "fine" else 20)
     model = build(args.model, in_shape, n_classes, pool=tuple(args.pool), pool_ceil=args.pool_mode == "ceil",
                   flatten_first=args.flatten_first, stages=args.stages, init=args.init, seed=args.seed)
-    if args.summary:
+    if args.summary:  # needs neither data nor a device
         print(format_summary(model, f"{args.model} model, input {in_shape}, {n_classes} classes"))
         return 0
+
+    # Remembered by the checkpoint as absolute paths, so that a resumed run finds the same folders.
+    args.data_dir = os.path.abspath(args.data_dir or default_data_dir())
+    args.cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    args.eval_batch_size = args.eval_batch_size or 500
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    if args.plot and not has_matplotlib:
+        sys.exit("error: --plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
+    args.plot = has_matplotlib if args.plot is None else args.plot
+    try:
+        backend, why_not_gpu = engine.backend.select_backend(args.backend)
+    except engine.backend.BackendUnavailable as e:
+        sys.exit(f"error: {e}")
+    if args.threads:
+        engine.set_num_threads(args.threads)
     if backend != "cpu":
         model.to(backend)
     if not args.resume:
@@ -247,7 +269,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         data = load_dataset(args.dataset, args.data_dir, args.cache_dir, label_mode=args.label_mode,
-                            download_ok=not args.no_download)
+                            download_ok=not args.no_download and not (remembered_data and Path(args.data_dir).is_dir()))
     except DatasetError as e:
         sys.exit(f"error: {e}")
     for split, limit in (("train", args.limit_train), ("test", args.limit_test)):
@@ -262,8 +284,8 @@ def main(argv=None):
                   dampening=args.dampening,
                   weight_decay=args.weight_decay, lr_drop_epochs=args.lr_drop_epochs,
                   lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size,
-                  step=args.step)
-    settings = {key: getattr(args, key) for key in RUN_SETTINGS}
+                  step=args.step or "auto")
+    settings = {key: getattr(args, key) for key in RUN_SETTINGS + RUN_OPTIONS}
     def plot(t):
         plot_history(t.history, out / "curves.png", f"{args.model} on {args.dataset}")
 
@@ -281,8 +303,10 @@ def main(argv=None):
             (out / "settings.json").write_text(json.dumps(dict(settings, epochs=args.epochs), indent=2))
         status = trainer.run()
         if status == "interrupted":
+            print(f"continue with: python {shlex.quote(os.path.relpath(__file__))} --out {shlex.quote(str(out))} "
+                  f"--resume")
             return 130
-        _, acc = evaluate(model, data["test_x"], data["test_y"], args.eval_batch_size)
+        acc = trainer.history[-1]["test_acc"]  # the last epoch's evaluation saw these very weights
         engine.save_model(out / "model.npz", model, in_shape, data["classes"],
                           preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
                           zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),

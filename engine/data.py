@@ -24,6 +24,7 @@ import shutil
 import struct
 import tarfile
 import tempfile
+import time
 import urllib.request
 import zlib
 from pathlib import Path
@@ -123,11 +124,16 @@ MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.
 # ----------------------------------------------------------------------------- download
 
 def download(url, dest, md5, progress=True):
-    """Fetch `url` to `dest` through a temporary file, check its MD5, then rename atomically."""
+    """Fetch `url` to `dest` through a temporary file, check its MD5, then rename atomically.
+
+    A failed download leaves nothing behind: neither a partial file nor the folders it created.
+    """
     dest = Path(dest)
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     digest = hashlib.md5()
+    done = False
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
@@ -148,9 +154,16 @@ def download(url, dest, md5, progress=True):
         if digest.hexdigest() != md5:
             raise DatasetError(f"{url}: MD5 {digest.hexdigest()} does not match the published {md5}")
         os.replace(tmp, dest)
+        done = True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not done:
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:  # not empty (another process wrote there) or already gone
+                    break
     return dest
 
 
@@ -430,7 +443,9 @@ def load_dataset(name, data_dir=None, cache_dir=None, label_mode="fine", downloa
             log(f"cache {folder} does not match the data; preprocessing again")
         except (ValueError, OSError) as e:
             log(f"cache {folder} unreadable ({e}); preprocessing again")
-    log(f"preprocessing {name} (contrast normalization{', ZCA whitening' if zca_bias else ''})...")
+    t0 = time.perf_counter()
+    log(f"preprocessing {name} once, {len(raw['train_x']) + len(raw['test_x']):,} images "
+        f"(contrast normalization{', ZCA whitening' if zca_bias else ''}); the result is cached")
     shape = raw["train_x"].shape[1:]
     train = global_contrast_normalize(raw["train_x"], **gcn)
     test = global_contrast_normalize(raw["test_x"], **gcn)
@@ -444,7 +459,8 @@ def load_dataset(name, data_dir=None, cache_dir=None, label_mode="fine", downloa
             folder.mkdir(parents=True, exist_ok=True)
             for a in arrays:
                 _save_atomic_npy(folder / f"{a}.npy", out[a])
-            log(f"cached preprocessed arrays in {folder}")
+            size = sum((folder / f"{a}.npy").stat().st_size for a in arrays)
+            log(f"preprocessed {name} in {time.perf_counter() - t0:.1f}s; wrote {size / 2 ** 20:,.0f} MiB to {folder}")
         except OSError as e:
             log(f"could not cache preprocessed arrays in {folder}: {e}")
             shutil.rmtree(folder, ignore_errors=True)

@@ -95,9 +95,9 @@ def main(argv=None):
         raise SystemExit(f"error: no flattened layer {args.layer or ''} in {args.model}".replace("  ", " "))
     name, layer = flat[0]
     filters = reconstruct(layer)
-    draw(filters, args.out, f"{name}: {filters.shape[0]} filters {filters.shape[2]}x{filters.shape[3]}, "
-                            f"reconstructed from 1D filters, sorted by variance")
-    print(f"wrote {args.out}: {name}, filters of shape {filters.shape[1:]}")
+    n, c_in, kh, kw = filters.shape
+    draw(filters, args.out, f"{name}: {n} filters {kh}x{kw}, reconstructed from 1D filters, sorted by variance")
+    print(f"wrote {args.out}: {name}, {n} filters {kh}x{kw} over {c_in} input channels")
     return 0
 
 

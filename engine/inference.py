@@ -180,8 +180,14 @@ class Model:
             self.why_not_compiled = str(e)
         return self.plan
 
-    def preprocess(self, images):
-        """uint8 (or float 0..255) images, HWC or NHWC (grey: also HW or NHW), -> float32 NCHW as in training."""
+    def preprocess(self, images, float_max=None):
+        """uint8 (or float) images, HWC or NHWC (grey: also HW or NHW), -> float32 NCHW as in training.
+
+        This is the input of `predict(..., preprocessed=True)` and of an exported ONNX model.
+        Float pixels are read as 0..float_max (white = float_max). Without float_max, float
+        images are read as 0..255, and refused when every value lies in 0..1 (the 0..1 convention
+        or a nearly black image? say which with float_max=1.0 or float_max=255.0).
+        """
         from .data import global_contrast_normalize
         x = np.asarray(images)
         c, h, w = self.input_shape
@@ -193,7 +199,15 @@ class Model:
             raise ValueError(f"expected images of shape (N, {h}, {w}, {c}) or ({h}, {w}, {c}), got {np.shape(images)}")
         if x.dtype.kind not in "uif":
             raise TypeError(f"expected uint8 or float pixel values, got dtype {x.dtype}")
+        is_float = x.dtype.kind == "f"
         x = x.transpose(0, 3, 1, 2).reshape(len(x), -1).astype(np.float32)
+        if is_float and float_max is None and x.size and np.abs(x).max() <= 1.0:
+            raise ValueError("float images with every value in 0..1: pass float_max=1.0 if white is 1.0, "
+                             "or float_max=255.0 if they are 0..255 pixels (uint8 images need neither)")
+        if is_float and float_max is not None:
+            if not 0 < float_max < np.inf:
+                raise ValueError(f"float_max must be a positive number (the value of white), got {float_max!r}")
+            x *= 255.0 / float_max
         gcn = self.preprocessing.get("gcn")
         if gcn:
             x = global_contrast_normalize(x, **gcn)
@@ -201,8 +215,10 @@ class Model:
             x = (x - self.zca_mean) @ self.zca_matrix
         return np.ascontiguousarray(x.reshape(-1, c, h, w), dtype=np.float32)
 
-    def predict(self, images, preprocessed=False, batch_size=256):
+    def predict(self, images, preprocessed=False, batch_size=256, float_max=None):
         """Class probabilities (N, classes). `images`: uint8 HWC/NHWC, or with preprocessed=True float CHW/NCHW.
+
+        float_max: for float images, the value of white (see `preprocess`).
 
         batch_size bounds the layer-by-layer path's buffers; the compiled path takes the
         whole batch in one call (its buffers do not grow with the batch).
@@ -215,7 +231,7 @@ class Model:
                 raise ValueError(f"expected preprocessed input of shape (N, {', '.join(map(str, self.input_shape))})"
                                  f", got {np.shape(images)}")
         else:
-            x = self.preprocess(images)
+            x = self.preprocess(images, float_max)
         if self.plan is not None:  # thread-safe itself; the whole batch, softmax included, in one call
             return self.plan(x)
         out = np.empty((len(x), len(self.classes)), dtype=np.float32)
@@ -225,9 +241,9 @@ class Model:
                 out[i:i + batch_size] = to_numpy(softmax(self.net.forward(ops.asarray(x[i:i + batch_size]))))
         return out
 
-    def classify(self, images, preprocessed=False):
+    def classify(self, images, preprocessed=False, float_max=None):
         """Class indices (N,); names are in `model.classes`."""
-        return self.predict(images, preprocessed=preprocessed).argmax(axis=1)
+        return self.predict(images, preprocessed=preprocessed, float_max=float_max).argmax(axis=1)
 
 
 def _model_members(meta, names=None):

@@ -2,8 +2,10 @@
 
     python -m engine.predict MODEL.npz cat.png dog.jpg        # PNG/JPEG files (needs Pillow)
     python -m engine.predict MODEL.npz batch.npy --top 3      # a .npy batch: uint8 NHWC, or float NCHW preprocessed
+    python -m engine.predict MODEL.npz floats.npy --float-max 1   # float NHWC pixels where white is 1.0
 
-Prints the top-k classes with their probabilities for each image.
+Prints the top-k classes with their probabilities for each image. An image file of another
+size or colour mode than the model's input is converted, with a note on stderr saying so.
 """
 import argparse
 import sys
@@ -15,7 +17,10 @@ from .inference import ModelFileError, load
 
 
 def read_image(path, shape):
-    """An image file as uint8 HWC resized to the model's input (C, H, W); Pillow is optional."""
+    """An image file as uint8 HWC of the model's input (C, H, W); Pillow is optional.
+
+    An image of another colour mode or size is converted and resized (bilinear), with a note on stderr.
+    """
     try:
         from PIL import Image
     except ImportError:
@@ -24,10 +29,12 @@ def read_image(path, shape):
     c, h, w = shape
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            mode, size = ("L" if c == 1 else "RGB"), (w, h)
+            changes = [f"{im.mode} converted to {mode}"] if im.mode != mode else []
+            changes += [f"{im.width}x{im.height} resized to {w}x{h}"] if im.size != size else []
+            if changes:
+                print(f"note: {path}: {', '.join(changes)} (the model takes {w}x{h} {mode})", file=sys.stderr)
+            arr = np.asarray(im.convert(mode).resize(size, Image.BILINEAR), dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # Pillow refuses images of over 179M pixels
         raise SystemExit(f"error: cannot read image {path}: {e}") from None
     return arr[..., None] if arr.ndim == 2 else arr
@@ -39,6 +46,8 @@ def main(argv=None):
     p.add_argument("model", help="model file written by train.py (model.npz)")
     p.add_argument("inputs", nargs="+", help="PNG/JPEG files, or one .npy batch")
     p.add_argument("--top", type=int, default=3, help="how many classes to print per image")
+    p.add_argument("--float-max", type=float, default=None,
+                   help="a float NHWC .npy batch: the value of white (1 or 255); needed when every value is in 0..1")
     args = p.parse_args(argv)
     try:
         model = load(args.model)
@@ -57,7 +66,7 @@ def main(argv=None):
         batch = np.stack([read_image(Path(f), model.input_shape) for f in args.inputs])
         names = args.inputs
     try:
-        probs = model.predict(batch, preprocessed=preprocessed)
+        probs = model.predict(batch, preprocessed=preprocessed, float_max=args.float_max)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     k = max(1, min(args.top, len(model.classes)))

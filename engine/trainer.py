@@ -149,24 +149,33 @@ def load_checkpoint(path, shapes=None, n_train=None):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, x, y, batch_size=500):
+def evaluate(model, x, y, batch_size=500, progress=False):
     """(mean loss, accuracy) of `model` in eval mode on (x, y); restores the previous mode.
 
     x and y are host (numpy) arrays; each batch is copied to the model's backend.
+    progress=True shows a progress bar with the rate (images/s).
     """
     ops = ops_for(model.backend)
     was_training = model.training
     model.eval()
     loss_fn = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(x), desc="evaluating", unit="img", leave=False, dynamic_ncols=True)
     try:
         for i in range(0, len(x), batch_size):
             logits = model.forward(ops.asarray(x[i:i + batch_size]))
             yb = ops.asarray(y[i:i + batch_size])
             total_loss += loss_fn(logits, yb) * len(logits)
             correct += int((logits.argmax(axis=1) == yb).sum())
+            if bar:
+                bar.update(len(logits))
     finally:
         model.train(was_training)
+        if bar:
+            bar.close()
     return total_loss / len(x), correct / len(x)
 
 
@@ -263,8 +272,7 @@ class Trainer:
             while self.epoch < self.cfg["epochs"]:
                 if not self._run_epoch():
                     self.save()
-                    self.log(f"saved {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}; "
-                             f"continue with --resume")
+                    self.log(f"saved {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
                     return "interrupted"
             return "done"
         finally:
@@ -289,6 +297,11 @@ class Trainer:
             bar = tqdm(total=steps, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.cfg['epochs']}",
                        unit="batch", leave=False, dynamic_ncols=True)
         r = self.running
+        seen0, seconds0 = r["seen"], r["seconds"]  # rates count this process's steps only (not a resumed run's past)
+
+        def rate():
+            return (r["seen"] - seen0) / max(r["seconds"] - seconds0, 1e-9)
+
         ops = ops_for(self.model.backend)  # batches are copied there; only the loss and the count come back
         last_note = time.perf_counter()
         try:
@@ -313,11 +326,11 @@ class Trainer:
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{r['loss'] / r['seen']:.3f}", acc=f"{r['correct'] / r['seen']:.3f}",
-                                    img_s=f"{r['seen'] / max(r['seconds'], 1e-9):.0f}")
+                                    img_s=f"{rate():.0f}")
                 elif time.perf_counter() - last_note > 60:  # no bar (--quiet, a log file): a line a minute
                     last_note = time.perf_counter()
                     self.log(f"  epoch {self.epoch + 1} step {self.step_in_epoch}/{steps}  loss {r['loss'] / r['seen']:.4f} "
-                             f"acc {100 * r['correct'] / r['seen']:.2f}%  {r['seen'] / max(r['seconds'], 1e-9):.0f} img/s")
+                             f"acc {100 * r['correct'] / r['seen']:.2f}%  {rate():.0f} img/s")
                 if self.on_step:
                     self.on_step(self)
         finally:
@@ -325,17 +338,19 @@ class Trainer:
                 bar.close()
         t0 = time.perf_counter()
         test_loss, test_acc = evaluate(self.model, self.data["test_x"], self.data["test_y"],
-                                       self.cfg.get("eval_batch_size", 500))
+                                       self.cfg.get("eval_batch_size", 500), progress=self.progress)
         record = dict(epoch=self.epoch + 1, lr=lr, train_loss=r["loss"] / r["seen"], train_acc=r["correct"] / r["seen"],
                       test_loss=test_loss, test_acc=test_acc, seconds=r["seconds"],
-                      images_per_s=r["seen"] / max(r["seconds"], 1e-9), eval_seconds=time.perf_counter() - t0)
+                      images_per_s=rate(), eval_seconds=time.perf_counter() - t0)
         self.history.append(record)
         self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
         self.save()
         self._write_log()
         self.log(f"epoch {record['epoch']:3d}  lr {lr:.4g}  train loss {record['train_loss']:.4f} "
                  f"acc {100 * record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
-                 f"{record['seconds']:.0f}s ({record['images_per_s']:.0f} img/s)")
+                 f"{record['seconds']:.0f}s ({record['images_per_s']:.0f} img/s), "
+                 f"evaluation {record['eval_seconds']:.0f}s "
+                 f"({len(self.data['test_x']) / max(record['eval_seconds'], 1e-9):.0f} img/s)")
         if self.on_epoch:
             self.on_epoch(self)
         return True
@@ -346,21 +361,25 @@ def plot_history(history, path, title=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(epochs, [100 * h["train_acc"] for h in history], label="train")
-    axes[0].plot(epochs, [100 * h["test_acc"] for h in history], label="test")
+    style = dict(marker="o", markersize=4)  # a one-epoch run is a single point: a line alone would not show it
+    axes[0].plot(epochs, [100 * h["train_acc"] for h in history], label="train", **style)
+    axes[0].plot(epochs, [100 * h["test_acc"] for h in history], label="test", **style)
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("accuracy (%)")
     axes[0].legend()
     axes[0].grid(alpha=0.3)
-    axes[1].plot(epochs, [h["train_loss"] for h in history], label="train")
-    axes[1].plot(epochs, [h["test_loss"] for h in history], label="test")
+    axes[1].plot(epochs, [h["train_loss"] for h in history], label="train", **style)
+    axes[1].plot(epochs, [h["test_loss"] for h in history], label="test", **style)
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("loss")
     axes[1].legend()
     axes[1].grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one
     fig.suptitle(title)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")

@@ -48,9 +48,18 @@ def backend(request):
     'cupy-emulated' (tests/emulated_cupy.py) runs the CuPy backend's code with its CUDA
     kernels compiled as C++, where the real CuPy is not installed.
     """
+    yield from _backend(request.param)
+
+
+@pytest.fixture(params=["cupy", "cupy-emulated"])
+def device_backend(request):
+    """The backends other than the CPU, for tests that compare one with the CPU."""
+    yield from _backend(request.param)
+
+
+def _backend(name):
     import importlib.util
     import emulated_cupy
-    name = request.param
     if name == "cpu":
         yield Backend("cpu", name)
     elif name == "cupy":

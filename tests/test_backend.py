@@ -40,19 +40,24 @@ def test_train_py_backend_flag(tmp_path):
     import subprocess
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys, runpy; sys.modules['cupy'] = None; sys.argv = ['train.py', '--backend', 'cupy', '--summary'];"
-            f" runpy.run_path({str(root / 'train.py')!r}, run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+
+    def train_py_without_cupy(*args):
+        code = (f"import sys, runpy; sys.modules['cupy'] = None; sys.argv = ['train.py'] + {list(map(str, args))!r};"
+                f" runpy.run_path({str(root / 'train.py')!r}, run_name='__main__')")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+
+    r = train_py_without_cupy("--backend", "cupy", "--data-dir", tmp_path, "--no-download", "--out", tmp_path / "run")
     assert r.returncode == 1 and "--backend cupy: CuPy is not installed" in r.stderr
+    r = train_py_without_cupy("--backend", "cupy", "--summary")  # a summary needs no device
+    assert r.returncode == 0 and "30,912" in r.stdout, r.stderr
 
 
 # ----------------------------------------------------------------------------- every backend (conftest's `backend`)
 
-def test_same_model_same_predictions_on_every_backend(backend):
+def test_same_model_same_predictions_on_every_device_backend(device_backend):
     import numpy as np
+    backend = device_backend
     from models.paper import build
-    if backend.name == "cpu":
-        pytest.skip("compares another backend with the CPU")
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     cpu = build("flattened", (3, 32, 32), 10, seed=0).eval()
     dev = backend.to(build("flattened", (3, 32, 32), 10, seed=0).eval())
@@ -90,22 +95,20 @@ def test_training_on_a_backend_gives_files_the_cpu_reads(backend, tmp_path):
     np.testing.assert_array_equal(again.classify(data["test_x"], preprocessed=True), want.argmax(axis=1))
 
 
-def test_dropout_draws_the_same_masks_on_every_backend(backend):
+def test_dropout_draws_the_same_masks_on_every_device_backend(device_backend):
     import numpy as np
+    backend = device_backend
     from engine import Dropout
-    if backend.name == "cpu":
-        pytest.skip("compares another backend with the CPU")
     x = np.ones((4, 3, 10, 10), np.float32)
     want = Dropout(0.4, rng=11).forward(x).copy()
     got = backend.get(Dropout(0.4, rng=11).forward(backend.put(x)))
     np.testing.assert_array_equal(got, want)
 
 
-def test_layers_refuse_arrays_of_another_backend(backend):
+def test_layers_refuse_arrays_of_another_backend(device_backend):
     import numpy as np
     from engine import Linear, ReLU
-    if backend.name == "cpu":
-        pytest.skip("needs a second backend")
+    backend = device_backend
     layer = backend.to(Linear(3, 2))
     with pytest.raises(TypeError, match=r"input is a cpu array but the layer's parameters are on cupy"):
         layer.forward(np.ones((1, 3), np.float32))

@@ -1,6 +1,8 @@
 """Dataset loaders on tiny files written in the official formats, and the preprocessing."""
 import gzip
 import hashlib
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,7 +109,11 @@ def test_download_checks_md5_and_writes_atomically(tmp_path, rng, monkeypatch):
     monkeypatch.setitem(data.CIFAR10, "md5", "0" * 32)
     with pytest.raises(DatasetError, match="MD5"):
         load_cifar(dest, "cifar10")
-    assert not any(dest.iterdir())  # no partial file left behind
+    assert not dest.exists()  # neither a partial file nor the folder it created is left behind
+    dest.mkdir()
+    with pytest.raises(DatasetError, match="MD5"):
+        load_cifar(dest, "cifar10")
+    assert dest.is_dir() and not any(dest.iterdir())  # a folder that was there stays
     monkeypatch.setitem(data.CIFAR10, "md5", md5)
     d = load_cifar(dest, "cifar10")
     assert (dest / "cifar-10-python.tar.gz").is_file() and d["train_x"].shape[0] == 50
@@ -134,6 +140,11 @@ def test_load_dataset_preprocesses_and_caches(tmp_path, rng):
     a = load_dataset("cifar10", tmp_path / "d", tmp_path / "cache", download_ok=False, log=logs.append)
     b = load_dataset("cifar10", tmp_path / "d", tmp_path / "cache", download_ok=False, log=logs.append)
     assert any("loaded from cache" in m for m in logs)
+    assert logs[0] == "preprocessing cifar10 once, 56 images (contrast normalization, ZCA whitening); the result is cached"
+    done = re.fullmatch(r"preprocessed cifar10 in \d+\.\ds; wrote (\d+) MiB to (.*)", logs[1])
+    assert done, logs  # how long it took and how much it wrote, where
+    written = sum(f.stat().st_size for f in Path(done.group(2)).iterdir())
+    assert int(done.group(1)) == round(written / 2 ** 20) > 0
     np.testing.assert_array_equal(a["train_x"], b["train_x"])
     assert a["train_x"].dtype == np.float32 and a["train_x"].shape == (50, 3, 32, 32)
     np.testing.assert_allclose(a["train_x"].reshape(50, -1).mean(axis=0), 0, atol=1e-4)  # ZCA centres

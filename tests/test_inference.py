@@ -107,6 +107,27 @@ def test_bad_model_files_are_refused_with_the_reason(saved, tmp_path):
     assert zipfile.is_zipfile(path)
 
 
+def test_float_images_are_read_as_told(saved, tmp_path):
+    path, _, raw, _ = saved
+    model = engine.load(path)
+    want = model.predict(raw)
+    np.testing.assert_allclose(model.predict(raw.astype(np.float32)), want, rtol=1e-5, atol=1e-7)  # 0..255 floats
+    with pytest.raises(ValueError, match="every value in 0..1: pass float_max=1.0"):
+        model.predict(raw / 255.0)  # 0..1 floats would otherwise be taken for nearly black 0..255 images
+    np.testing.assert_allclose(model.predict(raw / 255.0, float_max=1.0), want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(model.classify(raw / 255.0, float_max=1.0), want.argmax(1))
+    with pytest.raises(ValueError, match="float_max must be a positive number"):
+        model.predict(raw / 255.0, float_max=0)
+    np.save(tmp_path / "floats.npy", raw[:2] / 255.0)
+    cli = [sys.executable, "-m", "engine.predict", str(path), str(tmp_path / "floats.npy")]
+    r = subprocess.run(cli, capture_output=True, text=True)
+    assert r.returncode == 1 and "float_max" in r.stderr
+    r = subprocess.run(cli + ["--float-max", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [line.split(": ")[1].split()[0] for line in r.stdout.splitlines()] == \
+        [model.classes[i] for i in want[:2].argmax(1)]
+
+
 def test_bad_images_are_refused(saved):
     model = engine.load(saved[0])
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 28, 28, 1\)"):
@@ -140,6 +161,15 @@ def test_predict_cli_on_png_and_npy(saved, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"{tmp_path / 'digit.png'}: {model.classes[best[0]]} ")
+    assert "note" not in r.stderr  # the model's size and colour mode: nothing to say
+    rgb = Image.fromarray(np.repeat(raw[1], 3, axis=2)).resize((40, 30))
+    rgb.save(tmp_path / "colour.png")
+    r = subprocess.run([sys.executable, "-m", "engine.predict", str(path), str(tmp_path / "colour.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"note: {tmp_path / 'colour.png'}: RGB converted to L, 40x30 resized to 28x28 (the model takes 28x28 L)\n"
+    converted = np.asarray(rgb.convert("L").resize((28, 28), Image.BILINEAR))
+    assert r.stdout.startswith(f"{tmp_path / 'colour.png'}: {model.classes[model.classify(converted)[0]]} ")
     r = subprocess.run([sys.executable, "-m", "engine.predict", str(tmp_path / "nope.npz"), str(tmp_path / "digit.png")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "no model file" in r.stderr
@@ -205,10 +235,14 @@ def test_filter_reconstruction_equals_the_composed_rank_one_filters(stages):
     np.testing.assert_array_equal(layer.params["stage1.lateral.bias"], bias_before)  # biases restored
 
 
-def test_filters_cli_draws_a_png(tmp_path):
+def test_filters_cli_draws_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from engine.filters import main as filters_main
     net = build("flattened", (3, 32, 32), 10, seed=1, flatten_first=True)
     path = engine.save_model(tmp_path / "m.npz", net, (3, 32, 32), [str(i) for i in range(10)], {})
     filters_main([str(path), "--out", str(tmp_path / "f.png")])
     assert (tmp_path / "f.png").stat().st_size > 5000
+    # conv1 flattened: 96 filters on the 3 input channels, 2 stages of 5 taps -> 9x9 (as in the image's title)
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'f.png'}: conv1, 96 filters 9x9 over 3 input channels\n"
+    filters_main([str(path), "--out", str(tmp_path / "f2.png"), "--layer", "conv2"])
+    assert "conv2, 128 filters 9x9 over 96 input channels" in capsys.readouterr().out

@@ -136,8 +136,6 @@ def test_table1_weight_counts():
 def test_flattened_output_size_matches_baseline(k, stages, hw, rng):
     x = rng.standard_normal((1, 2, *hw)).astype(np.float32)
     base = Conv2d(2, 3, k, padding=k // 2)
-    if (base.output_shape(x.shape)[2] < 1):
-        pytest.skip("empty output")
     assert Flattened(2, 3, k, stages=stages).forward(x).shape == base.output_shape(x.shape)
 
 

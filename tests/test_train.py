@@ -1,5 +1,9 @@
 """train.py and the trainer end to end on tiny data sets the tests write."""
+import importlib.util
 import json
+import os
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +12,7 @@ import numpy as np
 import pytest
 from formats import write_mnist
 
-from engine.trainer import Trainer, TrainingDiverged, load_checkpoint, lr_at, sgd_momentum
+from engine.trainer import Trainer, TrainingDiverged, evaluate, load_checkpoint, lr_at, plot_history, sgd_momentum
 from models.paper import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +61,9 @@ def test_help_explains_every_flag():
                  "--lr-drop-epochs", "--seed", "--data-dir", "--out", "--backend", "--threads", "--resume",
                  "--summary", "--limit-train", "--plot"):
         assert flag in r.stdout
+    text = " ".join(r.stdout.split())
+    assert "(default: 3,2)" in text and "(default: 8)" in text and "[3, 2]" not in text and "[8]" not in text
+    assert "not implemented" not in text  # the CuPy backend exists
 
 
 @pytest.fixture
@@ -66,7 +73,7 @@ def tiny_mnist(tmp_path):
 
 
 COMMON = ["--model", "flattened", "--dataset", "mnist", "--batch-size", "32", "--quiet", "--seed", "3",
-          "--lr-drop-epochs", "2"]
+          "--lr-drop-epochs", "2", "--no-plot"]
 
 
 def test_train_end_to_end_loss_falls_and_resume_is_exact(tiny_mnist):
@@ -172,3 +179,109 @@ def test_train_py_with_backend_cupy_on_the_emulation(tiny_mnist):
     import engine
     acc = engine.load(out / "model.npz").meta["extra"]["test_accuracy"]
     assert f"{100 * acc:.2f}%" in r.stdout.splitlines()[-1]
+
+
+def test_ctrl_c_prints_the_command_that_continues_and_it_alone_does(tiny_mnist):
+    """The hint after Ctrl-C is a complete command: the checkpoint remembers the data and cache
+    folders (given relative to the first run's folder), and the resumed run downloads nothing."""
+    work = tiny_mnist / "work"
+    work.mkdir()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FLATNET_DATA=str(tiny_mnist / "default-data"),
+               FLATNET_CACHE=str(tiny_mnist / "default-cache"))
+    args = [a for a in COMMON if a != "--no-plot"]  # curves by default (matplotlib is a test dependency)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--data-dir", "../data", "--cache-dir",
+                             "../cache", "--epochs", "3", "--limit-train", "128", "--out", "run"],
+                            cwd=work, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch   1"):
+                proc.send_signal(signal.SIGINT)  # during epoch 2: finish the step, save, stop
+                break
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    hint = [line for line in out.splitlines() if line.startswith("continue with: ")]
+    assert len(hint) == 1, out
+    command = shlex.split(hint[0][len("continue with: "):])
+    assert command[0] == "python" and command[2:] == ["--out", "run", "--resume"]
+    settings = json.loads((work / "run" / "settings.json").read_text())
+    for key, folder in (("data_dir", "data"), ("cache_dir", "cache")):  # remembered as absolute paths
+        assert Path(settings[key]).is_absolute() and Path(settings[key]).resolve() == (tiny_mnist / folder).resolve()
+
+    r = subprocess.run([sys.executable, *command[1:]], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "test accuracy: " in r.stdout and "downloading" not in r.stderr
+    log = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in log] == [1, 2, 3]
+    assert (work / "run" / "curves.png").stat().st_size > 1000
+    assert not (tiny_mnist / "default-data").exists() and not (tiny_mnist / "default-cache").exists()
+
+
+def _load_train_script():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_test_set_is_evaluated_once_per_epoch(tiny_mnist, monkeypatch, capsys):
+    """The final figure is the last epoch's evaluation (same weights), not a second pass over the test set."""
+    import engine.trainer
+    calls = []
+
+    def counting_evaluate(*args, **kwargs):
+        calls.append(1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.trainer, "evaluate", counting_evaluate)
+    out = tiny_mnist / "run"
+    status = _load_train_script().main([*COMMON, "--data-dir", str(tiny_mnist / "data"), "--cache-dir",
+                                        str(tiny_mnist / "cache"), "--epochs", "2", "--out", str(out)])
+    assert status == 0 and len(calls) == 2
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert capsys.readouterr().out.splitlines()[-1] == f"test accuracy: {100 * log[-1]['test_acc']:.2f}%"
+    assert not (out / "curves.png").exists()  # --no-plot
+
+
+def test_evaluation_shows_progress_and_rate(capsys):
+    data = _tiny_data()
+    model = build("flattened", (1, 28, 28), 10, seed=1)
+    quiet = evaluate(model, data["test_x"], data["test_y"], 4)
+    assert capsys.readouterr().err == ""
+    assert evaluate(model, data["test_x"], data["test_y"], 4, progress=True) == quiet
+    err = capsys.readouterr().err
+    assert "evaluating" in err and "img/s" in err
+
+
+def test_rates_after_a_resume_count_only_the_resumed_part(tmp_path):
+    data = _tiny_data()
+    first = _trainer(data, tmp_path, epochs=1)
+    first.on_step = lambda t: setattr(t, "stop_requested", t.step_in_epoch == 2)
+    assert first.run() == "interrupted"
+    again = _trainer(data, tmp_path, epochs=1)
+    again.resume()
+    again.running["seconds"] += 1e6  # as if the interrupted part had crawled
+    assert again.run() == "done"
+    record = again.history[0]
+    assert record["seconds"] > 1e6  # the epoch's total training time includes both parts
+    assert record["images_per_s"] > 1  # the rate: 32 images in this process's seconds, not 64 in 1e6 s
+
+
+def test_curves_of_a_single_epoch_show_points(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    drawn, savefig = [], Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    record = dict(epoch=1, train_acc=0.3, test_acc=0.4, train_loss=2.0, test_loss=1.8)
+    plot_history([record], tmp_path / "curves.png", "one epoch")
+    lines = [line for ax in drawn[0].axes for line in ax.get_lines()]
+    assert len(lines) == 4 and all(len(line.get_xdata()) == 1 and line.get_marker() not in ("None", "", None)
+                                   for line in lines)
+    assert all(float(t).is_integer() for ax in drawn[0].axes for t in ax.get_xticks())  # whole epochs on the axis
+    assert (tmp_path / "curves.png").stat().st_size > 1000
