@@ -17,30 +17,55 @@ from .backend import dropout_seed
 SOURCE_PATH = Path(__file__).with_name("cuda_kernels.cu")
 BLOCK = 256            # threads per block
 MAX_BLOCKS = 1 << 16   # the kernels are grid-stride loops: more elements than threads is fine
+GRAD_SEGMENT = 256     # output elements per thread (whole rows, at least one) in conv1d_grad_partial
 _modules = {}
+_functions = {}
+_REAL = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def _module(dtype):
+    """The compiled kernel module for float32 or float64 (compiled on first use, then cached)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _modules:
+        if dtype not in _REAL:
+            raise TypeError(f"the CUDA kernels take float32 or float64 arrays, not {dtype}")
+        _modules[dtype] = cp.RawModule(code=SOURCE_PATH.read_text(), options=(f"-DFLATNET_REAL={_REAL[dtype]}",))
+    return _modules[dtype]
 
 
 def _function(name, dtype):
-    """The compiled kernel `name` for float32 or float64 (compiling the module on first use)."""
-    dtype = np.dtype(dtype)
-    module = _modules.get(dtype)
-    if module is None:
-        real = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[dtype]
-        module = _modules[dtype] = cp.RawModule(code=SOURCE_PATH.read_text(), options=(f"-DFLATNET_REAL={real}",))
-    return module.get_function(name)
+    """The kernel `name` of the module for `dtype`, looked up once (a lookup builds a new RawKernel)."""
+    key = (name, np.dtype(dtype))
+    f = _functions.get(key)
+    if f is None:
+        f = _functions[key] = _module(dtype).get_function(name)
+    return f
+
+
+def _kernel_arg(name, i, a):
+    """A launch argument as the kernels take it: a C-contiguous device array, an integer as
+    np.int64 (the kernels' 64-bit `long long` / `unsigned long long`), or a numpy float
+    scalar of the element type. Anything else is refused, so no call site can pass a strided
+    view or a 32-bit integer by accident."""
+    if isinstance(a, cp.ndarray):
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}: argument {i} is a strided view {a.shape} {a.strides}; the kernels take "
+                             f"C-contiguous arrays")
+        return a
+    if isinstance(a, (int, np.integer)):  # bool included: the kernels' flags are long long too
+        return np.int64(a)
+    if isinstance(a, np.floating):
+        return a
+    raise TypeError(f"{name}: argument {i} is a {type(a).__name__}; a kernel takes device arrays, integers and "
+                    f"numpy floats of the element type")
 
 
 def _launch(name, dtype, n, *args):
-    """Run kernel `name` over `n` output elements.
-
-    Python ints become np.int64 (the kernels' `long long`); numpy scalars keep their
-    width (np.uint64 for `unsigned long long`, the element type for `real`).
-    """
+    """Run kernel `name` of the `dtype` module over `n` output elements (see _kernel_arg)."""
     if n == 0:
         return
     blocks = min((n + BLOCK - 1) // BLOCK, MAX_BLOCKS)
-    args = tuple(np.int64(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in args)
-    _function(name, dtype)((blocks,), (BLOCK,), args)
+    _function(name, dtype)((blocks,), (BLOCK,), tuple(_kernel_arg(name, i, a) for i, a in enumerate(args)))
 
 
 def _swap(a, trans):
@@ -70,17 +95,21 @@ class CupyOps:
     def conv1d(axis, x, w, b, pad, flip, out):
         N, C, H, W = x.shape
         _launch("conv1d_forward", x.dtype, out.size, x, w, w if b is None else b, out, N, C, H, W, w.shape[1],
-                out.shape[axis], int(axis == 2), pad, int(bool(flip)), int(b is not None))
+                out.shape[axis], axis == 2, pad, bool(flip), b is not None)
         return out
 
     @staticmethod
     def conv1d_grad_params(axis, x, dy, pad, dw, db):
+        """dw, db of conv1d: partial sums per image and per band of output rows (see the kernel), in double."""
         N, C, H, W = x.shape
         K = dw.shape[1]
-        part = cp.empty((N, C, K + 1), dtype=x.dtype)
+        Ho, Wo = dy.shape[2], dy.shape[3]
+        rows = max(1, GRAD_SEGMENT // Wo)
+        S = (Ho + rows - 1) // rows
+        part = cp.empty((N, C, S, K + 1), dtype=cp.float64)
         _launch("conv1d_grad_partial", x.dtype, part.size, x, dy, part, N, C, H, W, K, dy.shape[axis],
-                int(axis == 2), pad)
-        total = part.sum(axis=0)
+                axis == 2, pad, rows, S)
+        total = part.sum(axis=(0, 2))
         dw[...] = total[:, :K]
         db[...] = total[:, K]
 
@@ -158,13 +187,41 @@ class CupyOps:
         generator state both backends draw the same mask.
         """
         seed, threshold = dropout_seed(rng, p)
-        _launch("dropout_mask", np.float32, mask.size, mask, mask.size, np.uint64(seed), np.uint64(threshold))
+        _launch("dropout_mask", np.float32, mask.size, mask, mask.size, seed, threshold)
         return mask
 
     @staticmethod
     def mask_scale(x, mask, scale, out):
         _launch("mask_scale", x.dtype, x.size, x, mask, x.dtype.type(scale), out, x.size)
         return out
+
+
+def smoke_test():
+    """None when the device computes right, else what came out wrong (exceptions propagate).
+
+    Runs what training needs beyond cuBLAS: our kernels from both modules (float32 and
+    float64), and CuPy's own elementwise, reduction and indexing kernels (compiled at run
+    time, so they need the CUDA headers a driver-only machine lacks) through the loss,
+    a broadcast assignment and the finite check.
+    """
+    from .losses import SoftmaxCrossEntropy
+    a = np.arange(-8, 8, dtype=np.float32).reshape(4, 4) / 4
+    labels = np.array([0, 3, 1, 2])
+    for dtype in (np.float32, np.float64):
+        da = cp.asarray(a.astype(dtype))
+        out = CupyOps.relu_forward(da @ da, cp.empty_like(da))
+        if not np.allclose(cp.asnumpy(out), np.maximum(a @ a, 0), rtol=1e-5):
+            return f"a wrong {np.dtype(dtype).name} result from cuBLAS and the ReLU kernel"
+    host, dev = SoftmaxCrossEntropy(), SoftmaxCrossEntropy()
+    want, got = host(a, labels), dev(cp.asarray(a), cp.asarray(labels))
+    if not (np.isclose(got, want, rtol=1e-5) and np.allclose(cp.asnumpy(dev.backward()), host.backward(), atol=1e-6)):
+        return "a wrong softmax cross-entropy (CuPy's elementwise, reduction and indexing kernels)"
+    buf = cp.empty((4, 4), dtype=cp.float32)
+    buf[...] = cp.asarray(a[0])[None, :]
+    if not (bool(cp.isfinite(buf).all()) and np.array_equal(cp.asnumpy(buf), np.broadcast_to(a[0], (4, 4)))):
+        return "a wrong broadcast assignment or finite check"
+    CupyOps.synchronize()
+    return None
 
 
 def _combine(alpha, prod, beta, c):

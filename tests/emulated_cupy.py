@@ -1,7 +1,9 @@
 """A CPU stand-in for CuPy, so flatnet's CuPy backend runs (slowly) where there is no GPU.
 
 Installed as ``sys.modules["cupy"]`` by the ``backend`` fixture (conftest.py) only when the
-real CuPy is not importable. It mimics what matters to the engine's glue code:
+real CuPy is not installed (``real_cupy_installed()``), and for a whole test session with
+FLATNET_TEST_EMULATED_CUPY=1, where `auto` then selects it as it would a GPU. It mimics what
+matters to the engine's glue code:
 
 * ``ndarray`` is a numpy subclass that, like CuPy's arrays, refuses to mix with host
   (numpy) arrays: no implicit conversion (``__array__`` raises), numpy functions called
@@ -20,6 +22,7 @@ launch on a device, speed).
 """
 import ctypes
 import hashlib
+import importlib.machinery
 import shutil
 import subprocess
 import sys
@@ -180,23 +183,47 @@ def make_module():
     mod.ndarray, mod.asarray, mod.asnumpy, mod.ascontiguousarray = ndarray, asarray, asnumpy, ascontiguousarray
     mod.RawModule = RawModule
     mod.__flatnet_emulated__ = True
+    mod.__version__ = "emulated"
     for name in ("float32", "float64", "int32", "int64", "uint8", "bool_"):
         setattr(mod, name, getattr(np, name))
     for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "arange", "matmul", "tensordot",
                  "broadcast_to", "exp", "log", "isfinite", "maximum", "sum", "allclose", "array_equal"):
         setattr(mod, name, _device_function(name))
-    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None)
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None,
+                                    runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0,
+                                    getDeviceProperties=lambda i: {"name": b"emulated (CPU)"})
     mod.cuda = types.SimpleNamespace(runtime=runtime)
     return mod
 
 
+def is_emulated(module):
+    return getattr(module, "__flatnet_emulated__", False)
+
+
+def real_cupy_installed():
+    """True when the real CuPy is imported or importable (whatever sys.modules['cupy'] holds now)."""
+    mod = sys.modules.get("cupy")
+    if mod is not None and not is_emulated(mod):
+        return True
+    return importlib.machinery.PathFinder.find_spec("cupy") is not None
+
+
+_MISSING = object()
+_saved = []  # (cupy, engine.backend_cupy) of sys.modules before each install(), restored by uninstall()
+
+
 def install():
     """Put the stand-in in sys.modules['cupy'] (dropping any engine module bound to a previous one)."""
+    _saved.append(tuple(sys.modules.get(name, _MISSING) for name in ("cupy", "engine.backend_cupy")))
     sys.modules["cupy"] = make_module()
     sys.modules.pop("engine.backend_cupy", None)
 
 
 def uninstall():
-    if getattr(sys.modules.get("cupy"), "__flatnet_emulated__", False):
-        del sys.modules["cupy"]
-    sys.modules.pop("engine.backend_cupy", None)
+    """Undo the last install(): sys.modules['cupy'] and engine.backend_cupy as they were before it."""
+    before = _saved.pop() if _saved else (_MISSING, _MISSING)
+    for name, mod in zip(("cupy", "engine.backend_cupy"), before):
+        if mod is _MISSING:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = mod

@@ -17,7 +17,7 @@ def test_without_cupy_auto_falls_back_and_cupy_says_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
     name, why = select_backend("auto")
     assert name == "cpu" and "not installed" in why
-    with pytest.raises(BackendUnavailable, match=r"not installed.*pip install cupy-cuda12x"):
+    with pytest.raises(BackendUnavailable, match=r"not installed.*pip install 'cupy-cuda12x\[ctk\]'"):
         select_backend("cupy")
     monkeypatch.setenv("FLATNET_BACKEND", "cupy")
     with pytest.raises(BackendUnavailable):
@@ -119,10 +119,8 @@ def test_emulated_cupy_passes_selection_and_is_timed_by_the_benchmark(capsys):
     from engine import bench
     if emulated_cupy.available():
         pytest.skip(emulated_cupy.available())
-    if "cupy" not in sys.modules:
-        import importlib.util
-        if importlib.util.find_spec("cupy") is not None:
-            pytest.skip("the real CuPy is installed")
+    if emulated_cupy.real_cupy_installed():
+        pytest.skip("the real CuPy is installed")
     emulated_cupy.install()
     try:
         assert select_backend("auto") == ("cupy", None)  # the smoke test runs our ReLU kernel
@@ -131,5 +129,56 @@ def test_emulated_cupy_passes_selection_and_is_timed_by_the_benchmark(capsys):
         text = capsys.readouterr().out
         assert "flattened     6 forward   cupy" in text and "flattened     6 forward   cpu" in text
         assert "train step       2 cupy" in text
+    finally:
+        emulated_cupy.uninstall()
+
+
+def _with_emulation():
+    import emulated_cupy
+    if emulated_cupy.available():
+        pytest.skip(emulated_cupy.available())
+    if emulated_cupy.real_cupy_installed():
+        pytest.skip("the real CuPy is installed")
+    return emulated_cupy
+
+
+def test_smoke_test_needs_cupys_own_kernels(monkeypatch):
+    """A driver-only machine: cuBLAS and our kernels work, CuPy's run-time compiled kernels do not."""
+    emulated_cupy = _with_emulation()
+    emulated_cupy.install()
+    try:
+        def no_headers(*args, **kwargs):
+            raise RuntimeError('CompileException: catastrophic error: cannot open source file "cuda_fp16.h"')
+
+        monkeypatch.setattr(sys.modules["cupy"], "exp", no_headers)
+        name, why = select_backend("auto")
+        assert name == "cpu" and "cannot find a CUDA toolkit library or header" in why and "cuda_fp16.h" in why
+        assert "cupy-cuda12x[ctk]" in why and "driver" not in why.split(";")[0]
+        monkeypatch.undo()
+        assert select_backend("auto") == ("cupy", None)
+    finally:
+        emulated_cupy.uninstall()
+
+
+def test_smoke_test_compiles_the_float64_module_and_checks_results(monkeypatch):
+    emulated_cupy = _with_emulation()
+    emulated_cupy.install()
+    try:
+        cupy = sys.modules["cupy"]
+        real_module = cupy.RawModule
+
+        def float_only(code=None, options=()):
+            if "-DFLATNET_REAL=double" in options:
+                raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+            return real_module(code, options)
+
+        monkeypatch.setattr(cupy, "RawModule", float_only)
+        with pytest.raises(BackendUnavailable, match=r"smoke test: the NVIDIA driver is older than this CuPy"):
+            select_backend("cupy")
+        monkeypatch.setattr(cupy, "RawModule", real_module)
+        sys.modules.pop("engine.backend_cupy")  # its compiled-module cache
+        monkeypatch.setattr(cupy, "isfinite", lambda x: cupy.zeros(x.shape, bool))
+        with pytest.raises(BackendUnavailable, match=r"computed a wrong broadcast assignment or finite check"):
+            select_backend("cupy")
     finally:
         emulated_cupy.uninstall()
