@@ -122,8 +122,9 @@ def parser():
                         "--epochs may be raised)")
     g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default=None,
                    help="array backend (default: $FLATNET_BACKEND, else auto: CuPy when it imports and a GPU "
-                        "passes a smoke test, else the CPU; the CuPy operations are not implemented yet, so "
-                        "today auto always runs on the CPU and cupy says why it cannot)")
+                        "passes a smoke test, else the CPU, saying why; cupy refuses to start without a usable "
+                        "GPU and says why). Install CuPy with pip install -e '.[gpu]' (CUDA 12) or "
+                        "'.[gpu-cuda13]'; python -m engine.selftest checks a GPU")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads for the compiled kernels (default: $OMP_NUM_THREADS, else all cores)")
     g.add_argument("--summary", action="store_true",

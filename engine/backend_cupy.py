@@ -1,11 +1,13 @@
 """The CuPy operation set: the same names as backend.CpuOps, on CuPy arrays.
 
 Imported only when a CuPy array reaches a layer or the CuPy backend is selected, so
-importing `engine` never imports CuPy. GEMMs go through cupy.matmul / tensordot
-(cuBLAS); the 1D convolutions, im2col/col2im, pooling, ReLU and dropout are the CUDA
-kernels of cuda_kernels.cu, compiled by CuPy on first use, once per element type, and
-cached. Every kernel writes each output element from one thread (no atomics), so its
-result does not depend on the launch shape.
+importing `engine` never imports CuPy. GEMMs are one cuBLAS strided batched call each
+(a shared weight matrix has stride 0, transposes are cuBLAS's flags), except the weight
+gradients summed over a batch (cupy.tensordot); the 1D convolutions, im2col/col2im,
+pooling, ReLU and dropout are the CUDA kernels of cuda_kernels.cu, compiled by CuPy on
+first use, once per element type, each kernel looked up once and cached. Every kernel
+writes each output element from one thread (no atomics), so its result does not depend
+on the launch shape.
 """
 from pathlib import Path
 
@@ -116,22 +118,21 @@ class CupyOps:
     # GEMM ---------------------------------------------------------------------------
     @staticmethod
     def gemm(trans_a, trans_b, alpha, a, b, beta, c):
-        prod = cp.matmul(_swap(a, trans_a), _swap(b, trans_b))
-        _combine(alpha, prod, beta, c)
+        _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, 1, 0, 0)
         return c
 
     @staticmethod
     def batched_gemm(trans_a, trans_b, alpha, a, b, beta, c, shared_a=False, shared_b=False):
         """As CpuOps.batched_gemm: c[i] = alpha op(a[i]) op(b[i]) + beta c[i]; a single c accumulates the batch."""
-        A, B = _swap(a, trans_a), _swap(b, trans_b)
         batch = max(1 if shared_a else a.shape[0], 1 if shared_b else b.shape[0])
         if c.shape[0] == 1 and batch > 1:  # sum of the products over the batch: one GEMM over (batch, k)
+            A, B = _swap(a, trans_a), _swap(b, trans_b)
             A = cp.broadcast_to(A[:1], (batch,) + A.shape[1:]) if shared_a else A
             B = cp.broadcast_to(B[:1], (batch,) + B.shape[1:]) if shared_b else B
-            prod = cp.tensordot(A, B, axes=([0, 2], [0, 1]))[None]
-        else:
-            prod = cp.matmul(A[:1] if shared_a else A, B[:1] if shared_b else B)
-        _combine(alpha, prod, beta, c)
+            _combine(alpha, cp.tensordot(A, B, axes=([0, 2], [0, 1]))[None], beta, c)
+        else:  # one strided batched GEMM; a shared operand has stride 0 (no pointer arrays, no copies)
+            _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, 0 if shared_a else a[0].size,
+                          0 if shared_b else b[0].size)
         return c
 
     # im2col -------------------------------------------------------------------------
@@ -209,7 +210,8 @@ def smoke_test():
     labels = np.array([0, 3, 1, 2])
     for dtype in (np.float32, np.float64):
         da = cp.asarray(a.astype(dtype))
-        out = CupyOps.relu_forward(da @ da, cp.empty_like(da))
+        prod = CupyOps.gemm(False, False, 1.0, da, da, 0.0, cp.empty_like(da))  # our cuBLAS call
+        out = CupyOps.relu_forward(prod, cp.empty_like(da))
         if not np.allclose(cp.asnumpy(out), np.maximum(a @ a, 0), rtol=1e-5):
             return f"a wrong {np.dtype(dtype).name} result from cuBLAS and the ReLU kernel"
     host, dev = SoftmaxCrossEntropy(), SoftmaxCrossEntropy()
@@ -222,6 +224,36 @@ def smoke_test():
         return "a wrong broadcast assignment or finite check"
     CupyOps.synchronize()
     return None
+
+
+def _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, stride_a, stride_b):
+    """c[i] = alpha op(a[i]) op(b[i]) + beta c[i] for i < batch, in one cuBLAS call ({s,d}gemmStridedBatched).
+
+    a, b and c are C-contiguous; a[i] starts stride_a elements after a[i-1] (0: one matrix for the
+    whole batch), likewise b; op transposes through cuBLAS's flag, not a copy. cuBLAS is
+    column-major, where a row-major matrix reads as its transpose: c = op(a) op(b) is computed
+    as c^T = op(b)^T op(a)^T, so the operands swap places.
+    """
+    for i, x in enumerate((a, b, c)):
+        if not x.flags.c_contiguous or x.dtype != c.dtype:
+            raise ValueError(f"gemm: operand {i} is {x.dtype} {x.shape} {x.strides}; expected C-contiguous {c.dtype}")
+    m, n = c.shape[-2:]
+    (am, k), (bk, bn) = a.shape[-2:][::-1 if trans_a else 1], b.shape[-2:][::-1 if trans_b else 1]
+    if (am, bk, bn) != (m, k, n) or c.size != batch * m * n or any(
+            stride and x.size != batch * stride for x, stride in ((a, stride_a), (b, stride_b))):
+        raise ValueError(f"gemm: shapes {a.shape}{'^T' * trans_a} x {b.shape}{'^T' * trans_b} -> {c.shape} "
+                         f"do not match for a batch of {batch}")
+    if c.size == 0:
+        return
+    if k == 0:
+        c *= beta
+        return
+    gemm = {np.dtype(np.float32): cp.cuda.cublas.sgemmStridedBatched,
+            np.dtype(np.float64): cp.cuda.cublas.dgemmStridedBatched}[c.dtype]
+    alpha, beta = np.array(alpha, c.dtype), np.array(beta, c.dtype)  # host scalars (cuBLAS's default pointer mode)
+    gemm(cp.cuda.get_cublas_handle(), int(trans_b), int(trans_a), n, m, k, alpha.ctypes.data,
+         b.data.ptr, b.shape[-1], stride_b, a.data.ptr, a.shape[-1], stride_a, beta.ctypes.data,
+         c.data.ptr, n, m * n, batch)
 
 
 def _combine(alpha, prod, beta, c):

@@ -182,3 +182,70 @@ def test_smoke_test_compiles_the_float64_module_and_checks_results(monkeypatch):
             select_backend("cupy")
     finally:
         emulated_cupy.uninstall()
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
+    """Batches are checked on the host; the loss and the count stay on the device and are read
+    back once every READ_EVERY steps (a read is a blocking device-to-host copy on a GPU)."""
+    import numpy as np
+    from engine import trainer as tr
+    from models.paper import build
+    emulated_cupy = _with_emulation()
+    emulated_cupy.install()
+    try:
+        rng = np.random.default_rng(2)
+        steps = tr.READ_EVERY + 5
+        data = dict(train_x=rng.standard_normal((2 * steps, 1, 28, 28)).astype(np.float32),
+                    train_y=rng.integers(0, 10, 2 * steps),
+                    test_x=rng.standard_normal((4, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 4))
+        cfg = dict(epochs=1, batch_size=2, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[], seed=0)
+        reads = []
+        t = tr.Trainer(build("flattened", (1, 28, 28), 10, seed=0).to("cupy"), data, cfg, tmp_path, progress=False,
+                       log=lambda *a: None, on_step=lambda t: reads.append(emulated_cupy.reads))
+        start = emulated_cupy.reads
+        assert t.run() == "done"
+        per_step = np.diff([start] + reads)
+        read_steps = [i + 1 for i, n in enumerate(per_step) if n]
+        assert read_steps == [tr.READ_EVERY, steps] and per_step.max() == 2, per_step  # the losses, the counts
+        assert round(t.history[0]["train_acc"] * len(data["train_y"])) == t.running["correct"] > 0
+        # the running loss is the mean of the steps' losses, as the CPU computes it
+        cpu = tr.Trainer(build("flattened", (1, 28, 28), 10, seed=0), data, cfg, tmp_path / "cpu", progress=False,
+                         log=lambda *a: None)
+        cpu.run()
+        assert np.isclose(t.history[0]["train_loss"], cpu.history[0]["train_loss"], rtol=1e-5)
+        assert t.running["seen"] == cpu.running["seen"] == 2 * steps
+        assert t.model.check_finite  # restored after the epoch
+    finally:
+        emulated_cupy.uninstall()
+
+
+def test_host_labels_are_checked_on_the_host(monkeypatch):
+    import numpy as np
+    from engine.losses import SoftmaxCrossEntropy
+    emulated_cupy = _with_emulation()
+    emulated_cupy.install()
+    try:
+        cp = sys.modules["cupy"]
+        logits = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+        labels = np.array([0, 3, 1, 2, 3])
+        loss_fn = SoftmaxCrossEntropy()
+        before = emulated_cupy.reads
+        loss = loss_fn(cp.asarray(logits), labels, as_array=True)
+        assert emulated_cupy.reads == before and isinstance(loss, cp.ndarray) and isinstance(loss_fn.labels, cp.ndarray)
+        assert np.isclose(float(loss), SoftmaxCrossEntropy()(logits, labels))
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got \[0, 4\]"):
+            loss_fn(cp.asarray(logits), np.array([0, 4, 1, 2, 3]))
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got \[-1, 3\]"):
+            loss_fn(cp.asarray(logits), cp.asarray(np.array([0, -1, 1, 2, 3])))  # device labels: checked there
+    finally:
+        emulated_cupy.uninstall()
+
+
+def test_train_py_help_describes_the_backends():
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "train.py"), "--help"], capture_output=True, text=True, cwd=root)
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "not implemented" not in text and "auto always runs on the CPU" not in text
+    assert "engine.selftest" in text and ".[gpu-cuda13]" in text

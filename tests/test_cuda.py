@@ -216,3 +216,28 @@ def test_launch_refuses_strided_views_and_widens_integers(ops):
         assert type(bc._kernel_arg("k", 0, v)) is np.int64 and bc._kernel_arg("k", 0, v) == int(v)
     assert bc._function("relu_forward", np.float32) is bc._function("relu_forward", np.float32)  # looked up once
     assert bc._function("relu_forward", np.float64) is not bc._function("relu_forward", np.float32)
+
+
+def test_gemms_with_shared_and_transposed_operands(ops):
+    """Every form the layers use goes through one strided batched cuBLAS call: a shared operand
+    (stride 0) and transposes (cuBLAS's flags), with alpha and beta, in float32 and float64."""
+    rng = np.random.default_rng(9)
+    cp = ops.xp
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        W, D, c0 = (rng.standard_normal(s).astype(dtype) for s in ((1, 3, 4), (6, 3, 5), (6, 4, 5)))
+        out = cp.asarray(c0)
+        ops.batched_gemm(True, False, 0.5, cp.asarray(W), cp.asarray(D), 1.0, out, shared_a=True)
+        np.testing.assert_allclose(cp.asnumpy(out), 0.5 * W[0].T @ D + c0, rtol=tol, atol=tol)
+        A, B = rng.standard_normal((6, 4, 3)).astype(dtype), rng.standard_normal((1, 5, 3)).astype(dtype)
+        out = cp.asarray(np.full((6, 4, 5), np.nan, dtype))  # beta = 0: the old contents are not read
+        ops.batched_gemm(False, True, 1.0, cp.asarray(A), cp.asarray(B), 0.0, out, shared_b=True)
+        np.testing.assert_allclose(cp.asnumpy(out), A @ B[0].T, rtol=tol, atol=tol)
+        a, b, c = (rng.standard_normal(s).astype(dtype) for s in ((3, 4), (5, 3), (4, 5)))
+        out = cp.asarray(c)
+        ops.gemm(True, True, -1.0, cp.asarray(a), cp.asarray(b), 2.0, out)
+        np.testing.assert_allclose(cp.asnumpy(out), -a.T @ b.T + 2 * c, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=r"gemm: shapes .* do not match"):
+        ops.gemm(False, False, 1.0, cp.asarray(a), cp.asarray(b), 0.0, cp.empty((4, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"gemm: operand 1 .* expected C-contiguous"):
+        strided_b = cp.asarray(np.ascontiguousarray(b.T)).T  # b's shape, not its layout
+        ops.gemm(True, True, 1.0, cp.asarray(a), strided_b, 0.0, cp.empty((4, 5), dtype=np.float32))
