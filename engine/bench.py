@@ -267,7 +267,8 @@ def print_ratios(records):
     for size, backend in sorted({(r["size"], r["backend"]) for r in records if r["backend"] in ("cpu", "cupy")}):
         f, b = med("flattened", size, "forward", backend), med("baseline", size, "forward", backend)
         fb = (med("flattened", size, "backward", backend) or 0) + (f or 0)
-        line = f"#   {size:>3}x{size:<3} {'' if backend == 'cpu' else backend + ' '}baseline/flattened forward {b / f:5.2f}x"
+        label = "" if backend == "cpu" else f"{backend} "
+        line = f"#   {size:>3}x{size:<3} {label}baseline/flattened forward {b / f:5.2f}x"
         tf = [med("flattened", size, "forward", t) for t in ("torch-nchw", "torch-channels-last")]
         tf = [t for t in tf if t]
         if tf and backend == "cpu":

@@ -255,7 +255,7 @@ class Trainer:
                     if not pending:
                         bar.set_postfix(loss=f"{r['loss'] / r['seen']:.3f}", acc=f"{r['correct'] / r['seen']:.3f}",
                                         img_s=f"{r['seen'] / max(r['seconds'], 1e-9):.0f}")
-                elif not pending and time.perf_counter() - last_note > 60:  # no bar (--quiet, a log file): a line a minute
+                elif not pending and time.perf_counter() - last_note > 60:  # no bar (--quiet, a log file): each minute
                     last_note = time.perf_counter()
                     self.log(f"  epoch {self.epoch + 1} step {self.step_in_epoch}/{steps}  loss {r['loss'] / r['seen']:.4f} "
                              f"acc {100 * r['correct'] / r['seen']:.2f}%  {r['seen'] / max(r['seconds'], 1e-9):.0f} img/s")

@@ -76,3 +76,18 @@ def backend(request):
             yield Backend("cupy", name)
         finally:
             emulated_cupy.uninstall()
+
+
+@pytest.fixture
+def emulated():
+    """tests/emulated_cupy.py installed as `cupy` for one test (skipped where the real CuPy is installed)."""
+    why = emulated_cupy.available()
+    if why:
+        pytest.skip(f"cannot emulate CuPy: {why}")
+    if emulated_cupy.real_cupy_installed():
+        pytest.skip("the real CuPy is installed")
+    emulated_cupy.install()
+    try:
+        yield emulated_cupy
+    finally:
+        emulated_cupy.uninstall()

@@ -32,18 +32,10 @@ def test_dry_run_on_the_cpu(capsys):
     assert out.splitlines()[-1].startswith("selftest PASS (dry run) (cpu, CPU,")
 
 
-def test_on_the_emulation_every_step_runs_on_the_device(capsys, tmp_path):
+def test_on_the_emulation_every_step_runs_on_the_device(emulated, capsys, tmp_path):
     """With the emulation as `cupy`: both modules compile, the `cupy` test cases run (none skipped), the
     logits and masks agree with the CPU, and the benchmarks time the device."""
-    if emulated_cupy.available():
-        pytest.skip(emulated_cupy.available())
-    if emulated_cupy.real_cupy_installed():
-        pytest.skip("the real CuPy is installed: run python -m engine.selftest --backend cupy")
-    emulated_cupy.install()
-    try:
-        rc = selftest.main(["--backend", "cupy", "--bench", "tiny", "--json", str(tmp_path / "layers.json")])
-    finally:
-        emulated_cupy.uninstall()
+    rc = selftest.main(["--backend", "cupy", "--bench", "tiny", "--json", str(tmp_path / "layers.json")])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "device 0: emulated (CPU)" in out and "CuPy emulated" in out
@@ -64,7 +56,8 @@ def test_a_failing_step_fails_the_check(monkeypatch, capsys):
     assert selftest.main(["--backend", "cpu", "--bench", "none"]) == 1
     out = capsys.readouterr().out
     assert "# FAIL CPU and device agree: AssertionError: predictions differ" in out
-    assert out.splitlines()[-1].startswith("selftest FAIL (cpu") and out.splitlines()[-1].endswith("CPU and device agree")
+    last = out.splitlines()[-1]
+    assert last.startswith("selftest FAIL (cpu") and last.endswith("CPU and device agree")
 
 
 def test_the_suite_with_the_emulation_as_cupy():
