@@ -144,8 +144,9 @@ def parser():
                    help="start afresh in --out even if it holds another run's checkpoint and log (they are deleted)")
     g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default=None,
                    help="array backend (default: $FLATNET_BACKEND, else auto: CuPy when it imports and a GPU "
-                        "passes a smoke test, else the CPU, saying why; the CuPy backend is tested on a CPU "
-                        "emulation only, see the README)")
+                        "passes a smoke test, else the CPU, saying why; cupy refuses to start without a usable "
+                        "GPU and says why). Install CuPy with pip install -e '.[gpu]' (CUDA 12) or "
+                        "'.[gpu-cuda13]'; python -m engine.selftest checks a GPU")
     g.add_argument("--step", choices=["auto", "compiled", "layers"], default=None,
                    help="how a training step runs: compiled = one compiled forward and one backward call over "
                         "the whole network (CPU, float32; engine/trainstep.py), layers = layer by layer (any "

@@ -207,7 +207,22 @@ class BackendUnavailable(RuntimeError):
 
 
 BACKEND_ENV = "FLATNET_BACKEND"
-_CUPY_WHEEL_HINT = "pip install cupy-cuda12x (CUDA 12) or cupy-cuda13x (CUDA 13), matching your driver"
+_CUPY_WHEEL_HINT = ("pip install 'cupy-cuda12x[ctk]' (CUDA 12) or 'cupy-cuda13x[ctk]' (CUDA 13), matching your "
+                    "driver; in this repository pip install -e '.[gpu]' or -e '.[gpu-cuda13]'")
+
+
+def _diagnose(e):
+    """The likely cause of a failed CuPy call, from its error."""
+    text = f"{type(e).__name__}: {e}"
+    low = text.lower()
+    if "insufficientdriver" in low or "driver version is insufficient" in low:
+        return f"the NVIDIA driver is older than this CuPy's CUDA: update the driver or use the CUDA 12 wheel ({text})"
+    if any(s in low for s in ("nvrtc", "libcu", "libnv", "cuda_fp16", "include", "cannot open", "no such file",
+                              "could not find", "not found")):
+        return (f"CuPy cannot find a CUDA toolkit library or header it needs at run time; install the wheel with "
+                f"its toolkit: {_CUPY_WHEEL_HINT} ({text})")
+    return (f"{text}; if a CUDA library or header is missing, {_CUPY_WHEEL_HINT}; if the driver is older than "
+            f"CuPy's CUDA, update it")
 
 
 def _cupy_problem():
@@ -222,17 +237,12 @@ def _cupy_problem():
         return f"CuPy imports but finds no usable CUDA device or driver ({type(e).__name__}: {e})"
     if n < 1:
         return "CuPy imports but there is no CUDA device"
-    try:  # a small matmul and one of our compiled kernels (ReLU), synchronized
-        from .backend_cupy import CupyOps
-        a = np.arange(-8, 8, dtype=np.float32).reshape(4, 4)
-        da = cupy.asarray(a)
-        out = CupyOps.relu_forward(da @ da, cupy.empty_like(da))
-        CupyOps.synchronize()
-        if not np.allclose(cupy.asnumpy(out), np.maximum(a @ a, 0)):
-            return "the CUDA device computed a wrong result in the smoke test"
+    try:  # our kernels in float32 and float64, cuBLAS, and CuPy's own run-time compiled kernels
+        from .backend_cupy import smoke_test
+        wrong = smoke_test()
     except Exception as e:
-        return f"the CUDA device failed a smoke test (driver too old for this CuPy?) ({type(e).__name__}: {e})"
-    return None
+        return f"the CUDA device failed a smoke test: {_diagnose(e)}"
+    return f"the CUDA device computed {wrong} in the smoke test" if wrong else None
 
 
 def select_backend(name=None):

@@ -1,11 +1,13 @@
 """The CuPy operation set: the same names as backend.CpuOps, on CuPy arrays.
 
 Imported only when a CuPy array reaches a layer or the CuPy backend is selected, so
-importing `engine` never imports CuPy. GEMMs go through cupy.matmul / tensordot
-(cuBLAS); the 1D convolutions, im2col/col2im, pooling, ReLU and dropout are the CUDA
-kernels of cuda_kernels.cu, compiled by CuPy on first use, once per element type, and
-cached. Every kernel writes each output element from one thread (no atomics), so its
-result does not depend on the launch shape.
+importing `engine` never imports CuPy. GEMMs are one cuBLAS strided batched call each
+(a shared weight matrix has stride 0, transposes are cuBLAS's flags), except the weight
+gradients summed over a batch (cupy.tensordot); the 1D convolutions, im2col/col2im,
+pooling, ReLU and dropout are the CUDA kernels of cuda_kernels.cu, compiled by CuPy on
+first use, once per element type, each kernel looked up once and cached. Every kernel
+writes each output element from one thread (no atomics), so its result does not depend
+on the launch shape.
 """
 from pathlib import Path
 
@@ -17,30 +19,55 @@ from .backend import dropout_seed
 SOURCE_PATH = Path(__file__).with_name("cuda_kernels.cu")
 BLOCK = 256            # threads per block
 MAX_BLOCKS = 1 << 16   # the kernels are grid-stride loops: more elements than threads is fine
+GRAD_SEGMENT = 256     # output elements per thread (whole rows, at least one) in conv1d_grad_partial
 _modules = {}
+_functions = {}
+_REAL = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+
+def _module(dtype):
+    """The compiled kernel module for float32 or float64 (compiled on first use, then cached)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _modules:
+        if dtype not in _REAL:
+            raise TypeError(f"the CUDA kernels take float32 or float64 arrays, not {dtype}")
+        _modules[dtype] = cp.RawModule(code=SOURCE_PATH.read_text(), options=(f"-DFLATNET_REAL={_REAL[dtype]}",))
+    return _modules[dtype]
 
 
 def _function(name, dtype):
-    """The compiled kernel `name` for float32 or float64 (compiling the module on first use)."""
-    dtype = np.dtype(dtype)
-    module = _modules.get(dtype)
-    if module is None:
-        real = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[dtype]
-        module = _modules[dtype] = cp.RawModule(code=SOURCE_PATH.read_text(), options=(f"-DFLATNET_REAL={real}",))
-    return module.get_function(name)
+    """The kernel `name` of the module for `dtype`, looked up once (a lookup builds a new RawKernel)."""
+    key = (name, np.dtype(dtype))
+    f = _functions.get(key)
+    if f is None:
+        f = _functions[key] = _module(dtype).get_function(name)
+    return f
+
+
+def _kernel_arg(name, i, a):
+    """A launch argument as the kernels take it: a C-contiguous device array, an integer as
+    np.int64 (the kernels' 64-bit `long long` / `unsigned long long`), or a numpy float
+    scalar of the element type. Anything else is refused, so no call site can pass a strided
+    view or a 32-bit integer by accident."""
+    if isinstance(a, cp.ndarray):
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}: argument {i} is a strided view {a.shape} {a.strides}; the kernels take "
+                             f"C-contiguous arrays")
+        return a
+    if isinstance(a, (int, np.integer)):  # bool included: the kernels' flags are long long too
+        return np.int64(a)
+    if isinstance(a, np.floating):
+        return a
+    raise TypeError(f"{name}: argument {i} is a {type(a).__name__}; a kernel takes device arrays, integers and "
+                    f"numpy floats of the element type")
 
 
 def _launch(name, dtype, n, *args):
-    """Run kernel `name` over `n` output elements.
-
-    Python ints become np.int64 (the kernels' `long long`); numpy scalars keep their
-    width (np.uint64 for `unsigned long long`, the element type for `real`).
-    """
+    """Run kernel `name` of the `dtype` module over `n` output elements (see _kernel_arg)."""
     if n == 0:
         return
     blocks = min((n + BLOCK - 1) // BLOCK, MAX_BLOCKS)
-    args = tuple(np.int64(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in args)
-    _function(name, dtype)((blocks,), (BLOCK,), args)
+    _function(name, dtype)((blocks,), (BLOCK,), tuple(_kernel_arg(name, i, a) for i, a in enumerate(args)))
 
 
 def _swap(a, trans):
@@ -70,39 +97,42 @@ class CupyOps:
     def conv1d(axis, x, w, b, pad, flip, out):
         N, C, H, W = x.shape
         _launch("conv1d_forward", x.dtype, out.size, x, w, w if b is None else b, out, N, C, H, W, w.shape[1],
-                out.shape[axis], int(axis == 2), pad, int(bool(flip)), int(b is not None))
+                out.shape[axis], axis == 2, pad, bool(flip), b is not None)
         return out
 
     @staticmethod
     def conv1d_grad_params(axis, x, dy, pad, dw, db):
+        """dw, db of conv1d: partial sums per image and per band of output rows (see the kernel), in double."""
         N, C, H, W = x.shape
         K = dw.shape[1]
-        part = cp.empty((N, C, K + 1), dtype=x.dtype)
+        Ho, Wo = dy.shape[2], dy.shape[3]
+        rows = max(1, GRAD_SEGMENT // Wo)
+        S = (Ho + rows - 1) // rows
+        part = cp.empty((N, C, S, K + 1), dtype=cp.float64)
         _launch("conv1d_grad_partial", x.dtype, part.size, x, dy, part, N, C, H, W, K, dy.shape[axis],
-                int(axis == 2), pad)
-        total = part.sum(axis=0)
+                axis == 2, pad, rows, S)
+        total = part.sum(axis=(0, 2))
         dw[...] = total[:, :K]
         db[...] = total[:, K]
 
     # GEMM ---------------------------------------------------------------------------
     @staticmethod
     def gemm(trans_a, trans_b, alpha, a, b, beta, c):
-        prod = cp.matmul(_swap(a, trans_a), _swap(b, trans_b))
-        _combine(alpha, prod, beta, c)
+        _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, 1, 0, 0)
         return c
 
     @staticmethod
     def batched_gemm(trans_a, trans_b, alpha, a, b, beta, c, shared_a=False, shared_b=False):
         """As CpuOps.batched_gemm: c[i] = alpha op(a[i]) op(b[i]) + beta c[i]; a single c accumulates the batch."""
-        A, B = _swap(a, trans_a), _swap(b, trans_b)
         batch = max(1 if shared_a else a.shape[0], 1 if shared_b else b.shape[0])
         if c.shape[0] == 1 and batch > 1:  # sum of the products over the batch: one GEMM over (batch, k)
+            A, B = _swap(a, trans_a), _swap(b, trans_b)
             A = cp.broadcast_to(A[:1], (batch,) + A.shape[1:]) if shared_a else A
             B = cp.broadcast_to(B[:1], (batch,) + B.shape[1:]) if shared_b else B
-            prod = cp.tensordot(A, B, axes=([0, 2], [0, 1]))[None]
-        else:
-            prod = cp.matmul(A[:1] if shared_a else A, B[:1] if shared_b else B)
-        _combine(alpha, prod, beta, c)
+            _combine(alpha, cp.tensordot(A, B, axes=([0, 2], [0, 1]))[None], beta, c)
+        else:  # one strided batched GEMM; a shared operand has stride 0 (no pointer arrays, no copies)
+            _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, 0 if shared_a else a[0].size,
+                          0 if shared_b else b[0].size)
         return c
 
     # im2col -------------------------------------------------------------------------
@@ -158,13 +188,72 @@ class CupyOps:
         generator state both backends draw the same mask.
         """
         seed, threshold = dropout_seed(rng, p)
-        _launch("dropout_mask", np.float32, mask.size, mask, mask.size, np.uint64(seed), np.uint64(threshold))
+        _launch("dropout_mask", np.float32, mask.size, mask, mask.size, seed, threshold)
         return mask
 
     @staticmethod
     def mask_scale(x, mask, scale, out):
         _launch("mask_scale", x.dtype, x.size, x, mask, x.dtype.type(scale), out, x.size)
         return out
+
+
+def smoke_test():
+    """None when the device computes right, else what came out wrong (exceptions propagate).
+
+    Runs what training needs beyond cuBLAS: our kernels from both modules (float32 and
+    float64), and CuPy's own elementwise, reduction and indexing kernels (compiled at run
+    time, so they need the CUDA headers a driver-only machine lacks) through the loss,
+    a broadcast assignment and the finite check.
+    """
+    from .losses import SoftmaxCrossEntropy
+    a = np.arange(-8, 8, dtype=np.float32).reshape(4, 4) / 4
+    labels = np.array([0, 3, 1, 2])
+    for dtype in (np.float32, np.float64):
+        da = cp.asarray(a.astype(dtype))
+        prod = CupyOps.gemm(False, False, 1.0, da, da, 0.0, cp.empty_like(da))  # our cuBLAS call
+        out = CupyOps.relu_forward(prod, cp.empty_like(da))
+        if not np.allclose(cp.asnumpy(out), np.maximum(a @ a, 0), rtol=1e-5):
+            return f"a wrong {np.dtype(dtype).name} result from cuBLAS and the ReLU kernel"
+    host, dev = SoftmaxCrossEntropy(), SoftmaxCrossEntropy()
+    want, got = host(a, labels), dev(cp.asarray(a), cp.asarray(labels))
+    if not (np.isclose(got, want, rtol=1e-5) and np.allclose(cp.asnumpy(dev.backward()), host.backward(), atol=1e-6)):
+        return "a wrong softmax cross-entropy (CuPy's elementwise, reduction and indexing kernels)"
+    buf = cp.empty((4, 4), dtype=cp.float32)
+    buf[...] = cp.asarray(a[0])[None, :]
+    if not (bool(cp.isfinite(buf).all()) and np.array_equal(cp.asnumpy(buf), np.broadcast_to(a[0], (4, 4)))):
+        return "a wrong broadcast assignment or finite check"
+    CupyOps.synchronize()
+    return None
+
+
+def _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, stride_a, stride_b):
+    """c[i] = alpha op(a[i]) op(b[i]) + beta c[i] for i < batch, in one cuBLAS call ({s,d}gemmStridedBatched).
+
+    a, b and c are C-contiguous; a[i] starts stride_a elements after a[i-1] (0: one matrix for the
+    whole batch), likewise b; op transposes through cuBLAS's flag, not a copy. cuBLAS is
+    column-major, where a row-major matrix reads as its transpose: c = op(a) op(b) is computed
+    as c^T = op(b)^T op(a)^T, so the operands swap places.
+    """
+    for i, x in enumerate((a, b, c)):
+        if not x.flags.c_contiguous or x.dtype != c.dtype:
+            raise ValueError(f"gemm: operand {i} is {x.dtype} {x.shape} {x.strides}; expected C-contiguous {c.dtype}")
+    m, n = c.shape[-2:]
+    (am, k), (bk, bn) = a.shape[-2:][::-1 if trans_a else 1], b.shape[-2:][::-1 if trans_b else 1]
+    if (am, bk, bn) != (m, k, n) or c.size != batch * m * n or any(
+            stride and x.size != batch * stride for x, stride in ((a, stride_a), (b, stride_b))):
+        raise ValueError(f"gemm: shapes {a.shape}{'^T' * trans_a} x {b.shape}{'^T' * trans_b} -> {c.shape} "
+                         f"do not match for a batch of {batch}")
+    if c.size == 0:
+        return
+    if k == 0:
+        c *= beta
+        return
+    gemm = {np.dtype(np.float32): cp.cuda.cublas.sgemmStridedBatched,
+            np.dtype(np.float64): cp.cuda.cublas.dgemmStridedBatched}[c.dtype]
+    alpha, beta = np.array(alpha, c.dtype), np.array(beta, c.dtype)  # host scalars (cuBLAS's default pointer mode)
+    gemm(cp.cuda.get_cublas_handle(), int(trans_b), int(trans_a), n, m, k, alpha.ctypes.data,
+         b.data.ptr, b.shape[-1], stride_b, a.data.ptr, a.shape[-1], stride_a, beta.ctypes.data,
+         c.data.ptr, n, m * n, batch)
 
 
 def _combine(alpha, prod, beta, c):

@@ -265,13 +265,14 @@ def print_ratios(records):
         return None
 
     print("# ratios (medians of this run)")
-    for size in sorted({r["size"] for r in records}):
-        f, b = med("flattened", size, "forward", "cpu"), med("baseline", size, "forward", "cpu")
-        fb = (med("flattened", size, "backward", "cpu") or 0) + (f or 0)
-        line = f"#   {size:>3}x{size:<3} baseline/flattened forward {b / f:5.2f}x"
+    for size, backend in sorted({(r["size"], r["backend"]) for r in records if r["backend"] in ("cpu", "cupy")}):
+        f, b = med("flattened", size, "forward", backend), med("baseline", size, "forward", backend)
+        fb = (med("flattened", size, "backward", backend) or 0) + (f or 0)
+        label = "" if backend == "cpu" else f"{backend} "
+        line = f"#   {size:>3}x{size:<3} {label}baseline/flattened forward {b / f:5.2f}x"
         tf = [med("flattened", size, "forward", t) for t in ("torch-nchw", "torch-channels-last")]
         tf = [t for t in tf if t]
-        if tf:
+        if tf and backend == "cpu":
             tfb = min(med("flattened", size, "forward", t) + med("flattened", size, "backward", t)
                       for t in ("torch-nchw", "torch-channels-last"))
             tb = min(t for t in (med("baseline", size, "forward", "torch-nchw"),

@@ -8,7 +8,8 @@
 // Every kernel is a grid-stride loop over its output elements: one thread computes one
 // output from its inputs (a gather), so no kernel needs atomics, shared memory or
 // synchronization, and any launch shape gives the same result. Sums run in the order of
-// the CPU kernels; the weight-gradient partial sums accumulate in double.
+// the CPU kernels, except the weight gradients: partial sums over bands of rows, accumulated
+// and stored in double, added up by the caller.
 // Integer arguments are 64-bit (long long); pointers are to C-contiguous arrays.
 
 #ifndef FLATNET_REAL
@@ -52,37 +53,41 @@ KERNEL conv1d_forward(const real* __restrict__ x, const real* __restrict__ w, co
     }
 }
 
-// Partial weight and bias gradients of conv1d_forward, per image: part is (N, C, K+1) with
-//   part[n,c,k] = sum over the plane of dy[n,c,o,q] * x[n,c,o+k-pad,q]  (k < K; along W likewise)
-//   part[n,c,K] = sum of dy[n,c]
-// The caller sums over n (dw = part.sum(0)[:, :K], db = part.sum(0)[:, K]).
-KERNEL conv1d_grad_partial(const real* __restrict__ x, const real* __restrict__ dy, real* __restrict__ part,
+// Partial weight and bias gradients of conv1d_forward, per image and per band of `rows` output
+// rows (so the threads split each plane's reduction, not only the (n, c, k) triples):
+// part is (N, C, S, K+1), in double, with S = ceil(Ho / rows) bands, band s = rows [s*rows, (s+1)*rows):
+//   part[n,c,s,k] = sum over the band of dy[n,c,o,q] * x[n,c,o+k-pad,q]  (k < K; along W likewise)
+//   part[n,c,s,K] = sum of dy[n,c] over the band
+// The caller sums over (n, s) (dw = part.sum((0, 2))[:, :K], db = ...[:, K]): one thread per
+// partial, each in a fixed order, so the result does not depend on the launch shape.
+KERNEL conv1d_grad_partial(const real* __restrict__ x, const real* __restrict__ dy, double* __restrict__ part,
                            long long N, long long C, long long H, long long W, long long K,
-                           long long L_out, long long along_h, long long pad)
+                           long long L_out, long long along_h, long long pad, long long rows, long long S)
 {
     const long long Ho = along_h ? L_out : H, Wo = along_h ? W : L_out;
-    GRID_STRIDE(idx, N * C * (K + 1)) {
-        const long long k = idx % (K + 1), plane = idx / (K + 1);
+    GRID_STRIDE(idx, N * C * S * (K + 1)) {
+        const long long k = idx % (K + 1), s = (idx / (K + 1)) % S, plane = idx / ((K + 1) * S);
+        const long long o0 = s * rows, o1 = LMIN(Ho, o0 + rows);
         const real* xp = x + plane * H * W;
         const real* dp = dy + plane * Ho * Wo;
         double acc = 0.0;
         if (k == K) {
-            for (long long e = 0; e < Ho * Wo; ++e) acc += dp[e];
+            for (long long e = o0 * Wo; e < o1 * Wo; ++e) acc += dp[e];
         } else if (along_h) {
-            for (long long o = LMAX(0LL, pad - k); o < LMIN(Ho, H + pad - k); ++o) {
+            for (long long o = LMAX(o0, pad - k); o < LMIN(o1, H + pad - k); ++o) {
                 const real* xr = xp + (o + k - pad) * W;
                 const real* dr = dp + o * W;
                 for (long long q = 0; q < W; ++q) acc += (double)dr[q] * xr[q];
             }
         } else {
             const long long q0 = LMAX(0LL, pad - k), q1 = LMIN(Wo, W + pad - k);
-            for (long long o = 0; o < Ho; ++o) {
+            for (long long o = o0; o < o1; ++o) {
                 const real* xr = xp + o * W + k - pad;
                 const real* dr = dp + o * Wo;
                 for (long long q = q0; q < q1; ++q) acc += (double)dr[q] * xr[q];
             }
         }
-        part[idx] = (real)acc;
+        part[idx] = acc;
     }
 }
 

@@ -12,10 +12,15 @@ class SoftmaxCrossEntropy:
     lose precision; ``dlogits = backward()`` is (softmax - onehot) / N.
     """
 
-    def forward(self, logits, labels):
+    def forward(self, logits, labels, as_array=False):
+        """The mean loss, a float (read back from a device), or with `as_array` a float64 scalar
+        on the logits' backend (a 0-d array on a device: nothing read back). `labels` may live on the logits'
+        backend or on the host: host labels are checked there and then copied, so a device
+        pays no read for the range check. The labels used stay in `self.labels`."""
         logits = logits if is_array(logits) else np.asarray(logits)
         xp = get_ops(logits).xp
-        labels = xp.asarray(labels)
+        on_host = not is_array(labels) or isinstance(labels, np.ndarray)
+        labels = np.asarray(labels) if on_host else labels
         if logits.dtype.kind != "f" or logits.ndim != 2:
             raise ValueError(f"SoftmaxCrossEntropy: expected float logits of shape (N, K), got "
                              f"{logits.dtype} {logits.shape}")
@@ -28,19 +33,21 @@ class SoftmaxCrossEntropy:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= k:
             raise ValueError(f"SoftmaxCrossEntropy: labels must lie in [0, {k}), got [{lo}, {hi}]")
+        labels = xp.asarray(labels)
         z = logits - logits.max(axis=1, keepdims=True)
         lse = xp.log(xp.exp(z).sum(axis=1, keepdims=True))
         logp = z - lse
         self._p = xp.exp(logp)
-        self._labels = labels
+        self.labels = labels
         self._dtype = logits.dtype
-        return float(-logp[xp.arange(n), labels].astype(np.float64).mean())
+        loss = -logp[xp.arange(n), labels].astype(np.float64).mean()
+        return loss if as_array else float(loss)
 
     def backward(self):
         n = self._p.shape[0]
         xp = get_ops(self._p).xp
         d = self._p.copy()
-        d[xp.arange(n), self._labels] -= 1
+        d[xp.arange(n), self.labels] -= 1
         d /= n
         return d.astype(self._dtype, copy=False)
 

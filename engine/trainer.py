@@ -21,6 +21,7 @@ from .losses import SoftmaxCrossEntropy
 from .trainstep import make_step
 
 CHECKPOINT_VERSION = 1
+READ_EVERY = 20  # steps between reads of the running loss and count from a device (from the CPU: every step)
 
 
 class TrainingDiverged(RuntimeError):
@@ -302,38 +303,60 @@ class Trainer:
         def rate():
             return (r["seen"] - seen0) / max(r["seconds"] - seconds0, 1e-9)
 
-        ops = ops_for(self.model.backend)  # batches are copied there; only the loss and the count come back
+        ops = ops_for(self.model.backend)  # batches are copied there; the losses and counts come back in groups
+        read_every = 1 if ops.name == "cpu" else READ_EVERY
+        pending = []  # (step, batch size, loss, number correct) not read back yet, the last two on the backend
+
+        def read_back():
+            """Add the pending steps to the running sums (one read from a device); stop at a bad loss."""
+            if not pending:
+                return
+            losses, corrects = (ops.asnumpy(ops.xp.stack([ops.xp.asarray(p[i]) for p in pending])) for i in (2, 3))
+            for (step, size, _, _), loss, correct in zip(pending, losses, corrects):
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at epoch {self.epoch + 1}, step {step} (lr {lr:g}): training stopped. "
+                        f"The last good checkpoint is {self.checkpoint_path}; try a smaller --lr or another --init.")
+                r["loss"] += float(loss) * size
+                r["correct"] += int(correct)
+                r["seen"] += size
+            pending.clear()
+
+        check_finite = getattr(self.model, "check_finite", False)
+        self.model.check_finite = False  # each batch is checked on the host, before it is copied
         last_note = time.perf_counter()
         try:
             while self.step_in_epoch < steps:
                 if self.stop_requested:
+                    read_back()
                     return False
                 t0 = time.perf_counter()
                 idx = self.perm[self.step_in_epoch * bs:(self.step_in_epoch + 1) * bs]
-                xb, yb = ops.asarray(x[idx]), ops.asarray(y[idx])
-                loss, logits = self.step.step(xb, yb, lr, self.cfg["momentum"], self.cfg["weight_decay"],
-                                              self.cfg.get("dampening"), self.velocity)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} (lr {lr:g}): "
-                        f"training stopped. The last good checkpoint is {self.checkpoint_path}; "
-                        f"try a smaller --lr or another --init.")
+                xh, yh = x[idx], y[idx]
+                if check_finite and xh.dtype.kind == "f" and not np.isfinite(xh).all():
+                    raise ValueError(f"training images hold NaN or infinite values (epoch {self.epoch + 1}, "
+                                     f"step {self.step_in_epoch + 1})")
+                loss, correct = self.step.loss(ops.asarray(xh), yh)  # the labels are checked on the host too
+                pending.append((self.step_in_epoch + 1, len(idx), loss, correct))
+                if len(pending) >= read_every or self.step_in_epoch + 1 == steps:
+                    read_back()  # on the CPU every step, so a bad loss stops the run before its update
+                self.step.apply(self.velocity, lr, self.cfg["momentum"], self.cfg["weight_decay"],
+                                self.cfg.get("dampening"))
                 self.step_in_epoch += 1
-                r["loss"] += loss * len(idx)
-                r["correct"] += int((logits.argmax(axis=1) == yb).sum())
-                r["seen"] += len(idx)
                 r["seconds"] += time.perf_counter() - t0
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{r['loss'] / r['seen']:.3f}", acc=f"{r['correct'] / r['seen']:.3f}",
-                                    img_s=f"{rate():.0f}")
-                elif time.perf_counter() - last_note > 60:  # no bar (--quiet, a log file): a line a minute
+                    if not pending:
+                        bar.set_postfix(loss=f"{r['loss'] / r['seen']:.3f}", acc=f"{r['correct'] / r['seen']:.3f}",
+                                        img_s=f"{rate():.0f}")
+                elif not pending and time.perf_counter() - last_note > 60:  # no bar (--quiet, a log file): each minute
                     last_note = time.perf_counter()
                     self.log(f"  epoch {self.epoch + 1} step {self.step_in_epoch}/{steps}  loss {r['loss'] / r['seen']:.4f} "
                              f"acc {100 * r['correct'] / r['seen']:.2f}%  {rate():.0f} img/s")
                 if self.on_step:
                     self.on_step(self)
         finally:
+            self.model.check_finite = check_finite
             if bar:
                 bar.close()
         t0 = time.perf_counter()

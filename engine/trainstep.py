@@ -1,7 +1,9 @@
 """Training steps for the trainer: layer by layer (any backend, float64 too) or compiled (CPU, float32).
 
-    step = make_step(net, "compiled", batch_size=128)   # or "layers", or "auto"
-    loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity)
+    step = make_step(net, "compiled", batch_size=128)[0]   # or "layers", or "auto"
+    loss, correct = step.loss(x, y)                 # forward and loss of a batch
+    step.apply(velocity, lr, momentum, weight_decay, dampening)   # backward and SGD update
+    loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity)   # both, for tests
 
 ``LayerStep`` is the reference: ``net.forward``, the loss, ``net.backward`` and
 ``trainer.sgd_momentum``, each layer its own call. ``CompiledStep`` runs the same
@@ -49,16 +51,25 @@ class LayerStep:
         self.net = net
         self.loss_fn = SoftmaxCrossEntropy()
 
-    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
-        """One SGD step on (x, y); returns (loss, logits). The loss is checked by the caller."""
+    def loss(self, x, y):
+        """(mean loss, number correct) of images x (on the network's backend) with labels y (host or
+        backend), both left on the backend as scalars: a device is not read here."""
+        self.logits = self.net.forward(x)
+        loss = self.loss_fn(self.logits, y, as_array=True)  # host labels are checked on the host
+        return loss, (self.logits.argmax(axis=1) == self.loss_fn.labels).sum()
+
+    def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
+        """Backward from the last loss, then the SGD update (trainer.sgd_momentum's rule)."""
         from .trainer import sgd_momentum
-        logits = self.net.forward(x)
-        loss = self.loss_fn(logits, y)
-        if not np.isfinite(loss):
-            return loss, logits
         self.net.backward(self.loss_fn.backward())
         sgd_momentum(self.net.params, self.net.grads, velocity, lr, momentum, weight_decay, dampening)
-        return loss, logits
+
+    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
+        """loss() then, if the loss is finite, apply(); returns (loss as a float, logits)."""
+        loss = float(self.loss(x, y)[0])
+        if np.isfinite(loss):
+            self.apply(velocity, lr, momentum, weight_decay, dampening)
+        return loss, self.logits
 
 
 class CompiledStep:
@@ -311,15 +322,23 @@ class CompiledStep:
                          self._threads(num_threads))
         return velocity
 
-    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
-        """One SGD step on (x, y); returns (loss, logits). The loss is checked by the caller."""
-        logits = self.forward(x)
-        loss = self.loss_fn(logits, y)
-        if not np.isfinite(loss):
-            return loss, logits
+    def loss(self, x, y):
+        """(mean loss, number correct) of images x with labels y (host arrays), training-mode forward."""
+        self.logits = self.forward(x)
+        loss = self.loss_fn(self.logits, y)
+        return loss, int((self.logits.argmax(axis=1) == self.loss_fn.labels).sum())
+
+    def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
+        """Backward from the last loss, then the compiled SGD update."""
         self.backward(self.loss_fn.backward())
         self.update(velocity, lr, momentum, weight_decay, dampening)
-        return loss, logits
+
+    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
+        """loss() then, if the loss is finite, apply(); returns (loss, logits)."""
+        loss = self.loss(x, y)[0]
+        if np.isfinite(loss):
+            self.apply(velocity, lr, momentum, weight_decay, dampening)
+        return loss, self.logits
 
 
     def profile(self, x, y, repeat=5, num_threads=None):

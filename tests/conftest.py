@@ -7,6 +7,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import engine  # noqa: E402
+import emulated_cupy  # noqa: E402
+
+# FLATNET_TEST_EMULATED_CUPY=1: the emulation is `cupy` for the whole session, so `auto` selects
+# it and every test runs as it would on a machine where CuPy works (tests/test_emulated_gpu.py).
+EMULATED_SESSION = os.environ.get("FLATNET_TEST_EMULATED_CUPY") == "1"
+if EMULATED_SESSION:
+    emulated_cupy.install()
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
 
@@ -58,7 +65,6 @@ def device_backend(request):
 
 
 def _backend(name):
-    import importlib.util
     import emulated_cupy
     if name == "cpu":
         yield Backend("cpu", name)
@@ -68,8 +74,10 @@ def _backend(name):
             pytest.skip(f"no usable GPU: {problem}")
         yield Backend("cupy", name)
     else:
-        if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is not None:
+        if emulated_cupy.real_cupy_installed():
             pytest.skip("the real CuPy is installed: its cases run instead of the emulation")
+        if EMULATED_SESSION:
+            pytest.skip("the emulation is `cupy` for this session: the `cupy` cases run on it")
         why = emulated_cupy.available()
         if why:
             pytest.skip(f"cannot emulate CuPy: {why}")
@@ -88,3 +96,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "manual" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def emulated():
+    """tests/emulated_cupy.py installed as `cupy` for one test (skipped where the real CuPy is installed)."""
+    why = emulated_cupy.available()
+    if why:
+        pytest.skip(f"cannot emulate CuPy: {why}")
+    if emulated_cupy.real_cupy_installed():
+        pytest.skip("the real CuPy is installed")
+    emulated_cupy.install()
+    try:
+        yield emulated_cupy
+    finally:
+        emulated_cupy.uninstall()

@@ -1,7 +1,9 @@
 """A CPU stand-in for CuPy, so flatnet's CuPy backend runs (slowly) where there is no GPU.
 
 Installed as ``sys.modules["cupy"]`` by the ``backend`` fixture (conftest.py) only when the
-real CuPy is not importable. It mimics what matters to the engine's glue code:
+real CuPy is not installed (``real_cupy_installed()``), and for a whole test session with
+FLATNET_TEST_EMULATED_CUPY=1, where `auto` then selects it as it would a GPU. It mimics what
+matters to the engine's glue code:
 
 * ``ndarray`` is a numpy subclass that, like CuPy's arrays, refuses to mix with host
   (numpy) arrays: no implicit conversion (``__array__`` raises), numpy functions called
@@ -10,6 +12,8 @@ real CuPy is not importable. It mimics what matters to the engine's glue code:
   and calls its kernels through ctypes. Kernel arguments must be device arrays
   (C-contiguous) or numpy scalars of an explicit width, as with CuPy's RawKernel; a host
   array or a bare Python number is refused.
+* ``cupy.cuda.cublas.{s,d}gemmStridedBatched`` take device addresses and compute on them as
+  cuBLAS documents it (column-major, leading dimensions, strides, host alpha and beta).
 * Everything else (``cupy.matmul``, ``cupy.exp``, ...) is numpy's function on the
   unwrapped arrays, its results wrapped back.
 
@@ -20,6 +24,7 @@ launch on a device, speed).
 """
 import ctypes
 import hashlib
+import importlib.machinery
 import shutil
 import subprocess
 import sys
@@ -33,6 +38,7 @@ HEADER = Path(__file__).with_name("cuda_emulation.h")
 _libs = {}
 _build_dir = None
 launch_shape = None  # (blocks, threads) to run a kernel as that many emulated threads; None: one thread
+reads = 0  # device-to-host reads so far (asnumpy, .get(), float(), int(), bool(), .item())
 
 
 class ndarray(np.ndarray):
@@ -56,11 +62,35 @@ class ndarray(np.ndarray):
     def __setitem__(self, key, value):
         super().__setitem__(key, _device_operand(value, "setitem"))
 
+    @property
+    def data(self):  # CuPy's MemoryPointer: .ptr is the device address
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
     def get(self):
+        global reads
+        reads += 1
         return np.array(self.view(np.ndarray))
+
+    # a Python number from a device array is a blocking read on a GPU: counted too
+    def __float__(self):
+        return float(self.get())
+
+    def __int__(self):
+        return int(self.get())
+
+    def __bool__(self):
+        return bool(self.get())
+
+    def __index__(self):
+        return self.get().__index__()
+
+    def item(self, *args):
+        return self.get().item(*args)
 
 
 def _device_operand(a, what):
+    if isinstance(a, (list, tuple)) and any(isinstance(v, np.ndarray) for v in a):  # cupy.stack([...]) and the like
+        return type(a)(_device_operand(v, what) for v in a)
     if isinstance(a, ndarray):
         return a.view(np.ndarray)
     if isinstance(a, np.ndarray) and a.ndim > 0:
@@ -168,6 +198,34 @@ class RawModule:
         return _Kernel(self.lib, name)
 
 
+# ----------------------------------------------------------------------------- cuBLAS
+
+def _gemm_strided_batched(ctype):
+    """cublas{S,D}gemmStridedBatched as cuBLAS documents it: column-major matrices at device
+    addresses, C_i = alpha op(A_i) op(B_i) + beta C_i with X_i at X + i * strideX elements
+    (op: 0 = N, 1 = T); alpha and beta are host addresses (the default pointer mode)."""
+    size = ctypes.sizeof(ctype)
+
+    def matrix(ptr, ld, rows, cols):  # column-major rows x cols, leading dimension ld
+        flat = np.ctypeslib.as_array((ctype * (ld * (cols - 1) + rows)).from_address(ptr))
+        return np.lib.stride_tricks.as_strided(flat, (rows, cols), (size, ld * size))
+
+    def gemm(handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC,
+             batchCount):
+        a_rows, b_rows = (m if transa == 0 else k), (k if transb == 0 else n)
+        if min(m, n, k, batchCount) < 0 or transa not in (0, 1) or transb not in (0, 1) or \
+                lda < max(1, a_rows) or ldb < max(1, b_rows) or ldc < max(1, m):
+            raise RuntimeError("CUBLAS_STATUS_INVALID_VALUE")
+        al, be = ctype.from_address(alpha).value, ctype.from_address(beta).value
+        for i in range(batchCount):
+            a = matrix(A + i * strideA * size, lda, a_rows, k if transa == 0 else m)
+            b = matrix(B + i * strideB * size, ldb, b_rows, n if transb == 0 else k)
+            c = matrix(C + i * strideC * size, ldc, m, n)
+            prod = al * ((a if transa == 0 else a.T) @ (b if transb == 0 else b.T))
+            c[...] = prod if be == 0 else prod + be * c  # beta = 0: C is not read
+    return gemm
+
+
 # ----------------------------------------------------------------------------- the module
 
 def available():
@@ -180,23 +238,49 @@ def make_module():
     mod.ndarray, mod.asarray, mod.asnumpy, mod.ascontiguousarray = ndarray, asarray, asnumpy, ascontiguousarray
     mod.RawModule = RawModule
     mod.__flatnet_emulated__ = True
+    mod.__version__ = "emulated"
     for name in ("float32", "float64", "int32", "int64", "uint8", "bool_"):
         setattr(mod, name, getattr(np, name))
     for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "arange", "matmul", "tensordot",
-                 "broadcast_to", "exp", "log", "isfinite", "maximum", "sum", "allclose", "array_equal"):
+                 "broadcast_to", "stack", "exp", "log", "isfinite", "maximum", "sum", "allclose", "array_equal"):
         setattr(mod, name, _device_function(name))
-    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None)
-    mod.cuda = types.SimpleNamespace(runtime=runtime)
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None,
+                                    runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0,
+                                    getDeviceProperties=lambda i: {"name": b"emulated (CPU)"})
+    cublas = types.SimpleNamespace(sgemmStridedBatched=_gemm_strided_batched(ctypes.c_float),
+                                   dgemmStridedBatched=_gemm_strided_batched(ctypes.c_double))
+    mod.cuda = types.SimpleNamespace(runtime=runtime, cublas=cublas, get_cublas_handle=lambda: 1)
     return mod
+
+
+def is_emulated(module):
+    return getattr(module, "__flatnet_emulated__", False)
+
+
+def real_cupy_installed():
+    """True when the real CuPy is imported or importable (whatever sys.modules['cupy'] holds now)."""
+    mod = sys.modules.get("cupy")
+    if mod is not None and not is_emulated(mod):
+        return True
+    return importlib.machinery.PathFinder.find_spec("cupy") is not None
+
+
+_MISSING = object()
+_saved = []  # (cupy, engine.backend_cupy) of sys.modules before each install(), restored by uninstall()
 
 
 def install():
     """Put the stand-in in sys.modules['cupy'] (dropping any engine module bound to a previous one)."""
+    _saved.append(tuple(sys.modules.get(name, _MISSING) for name in ("cupy", "engine.backend_cupy")))
     sys.modules["cupy"] = make_module()
     sys.modules.pop("engine.backend_cupy", None)
 
 
 def uninstall():
-    if getattr(sys.modules.get("cupy"), "__flatnet_emulated__", False):
-        del sys.modules["cupy"]
-    sys.modules.pop("engine.backend_cupy", None)
+    """Undo the last install(): sys.modules['cupy'] and engine.backend_cupy as they were before it."""
+    before = _saved.pop() if _saved else (_MISSING, _MISSING)
+    for name, mod in zip(("cupy", "engine.backend_cupy"), before):
+        if mod is _MISSING:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = mod

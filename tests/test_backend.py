@@ -17,7 +17,7 @@ def test_without_cupy_auto_falls_back_and_cupy_says_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
     name, why = select_backend("auto")
     assert name == "cpu" and "not installed" in why
-    with pytest.raises(BackendUnavailable, match=r"not installed.*pip install cupy-cuda12x"):
+    with pytest.raises(BackendUnavailable, match=r"not installed.*pip install 'cupy-cuda12x\[ctk\]'"):
         select_backend("cupy")
     monkeypatch.setenv("FLATNET_BACKEND", "cupy")
     with pytest.raises(BackendUnavailable):
@@ -117,22 +117,114 @@ def test_layers_refuse_arrays_of_another_backend(device_backend):
     assert relu.forward(np.ones((2, 2), np.float32)).sum() == 4
 
 
-def test_emulated_cupy_passes_selection_and_is_timed_by_the_benchmark(capsys):
-    import emulated_cupy
+def test_emulated_cupy_passes_selection_and_is_timed_by_the_benchmark(emulated, capsys):
     from engine import bench
-    if emulated_cupy.available():
-        pytest.skip(emulated_cupy.available())
-    if "cupy" not in sys.modules:
-        import importlib.util
-        if importlib.util.find_spec("cupy") is not None:
-            pytest.skip("the real CuPy is installed")
+    assert select_backend("auto") == ("cupy", None)  # the smoke test runs our kernels and CuPy's
+    bench.main(["layers", "--sizes", "6", "--batch", "2", "--channels", "3", "--repeat", "1"])
+    bench.main(["model", "--dataset", "mnist", "--batch", "2", "--repeat", "1", "--backend", "cupy"])
+    text = capsys.readouterr().out
+    assert "flattened     6 forward   cupy" in text and "flattened     6 forward   cpu" in text
+    assert "train step       2 cupy" in text
+
+
+def test_smoke_test_needs_cupys_own_kernels(emulated, monkeypatch):
+    """A driver-only machine: cuBLAS and our kernels work, CuPy's run-time compiled kernels do not."""
+    def no_headers(*args, **kwargs):
+        raise RuntimeError('CompileException: catastrophic error: cannot open source file "cuda_fp16.h"')
+
+    monkeypatch.setattr(sys.modules["cupy"], "exp", no_headers)
+    name, why = select_backend("auto")
+    assert name == "cpu" and "cannot find a CUDA toolkit library or header" in why and "cuda_fp16.h" in why
+    assert "cupy-cuda12x[ctk]" in why and "driver" not in why.split(";")[0]
+    monkeypatch.undo()
+    assert select_backend("auto") == ("cupy", None)
+
+
+def test_smoke_test_compiles_the_float64_module_and_checks_results(emulated, monkeypatch):
+    cupy = sys.modules["cupy"]
+    real_module = cupy.RawModule
+
+    def float_only(code=None, options=()):
+        if "-DFLATNET_REAL=double" in options:
+            raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+        return real_module(code, options)
+
+    monkeypatch.setattr(cupy, "RawModule", float_only)
+    with pytest.raises(BackendUnavailable, match=r"smoke test: the NVIDIA driver is older than this CuPy"):
+        select_backend("cupy")
+    monkeypatch.setattr(cupy, "RawModule", real_module)
+    sys.modules.pop("engine.backend_cupy")  # its compiled-module cache
+    monkeypatch.setattr(cupy, "isfinite", lambda x: cupy.zeros(x.shape, bool))
+    with pytest.raises(BackendUnavailable, match=r"computed a wrong broadcast assignment or finite check"):
+        select_backend("cupy")
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(emulated, tmp_path):
+    """Batches are checked on the host; the loss and the count stay on the device and are read
+    back once every READ_EVERY steps (a read is a blocking device-to-host copy on a GPU)."""
+    import numpy as np
+    from engine import trainer as tr
+    from models.paper import build
+    rng = np.random.default_rng(2)
+    steps = tr.READ_EVERY + 5
+    data = dict(train_x=rng.standard_normal((2 * steps, 1, 28, 28)).astype(np.float32),
+                train_y=rng.integers(0, 10, 2 * steps),
+                test_x=rng.standard_normal((4, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 4))
+    cfg = dict(epochs=1, batch_size=2, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[], seed=0)
+    reads = []
+    t = tr.Trainer(build("flattened", (1, 28, 28), 10, seed=0).to("cupy"), data, cfg, tmp_path, progress=False,
+                   log=lambda *a: None, on_step=lambda t: reads.append(emulated.reads))
+    start = emulated.reads
+    assert t.run() == "done"
+    per_step = np.diff([start] + reads)
+    read_steps = [i + 1 for i, n in enumerate(per_step) if n]
+    assert read_steps == [tr.READ_EVERY, steps] and per_step.max() == 2, per_step  # the losses, the counts
+    assert round(t.history[0]["train_acc"] * len(data["train_y"])) == t.running["correct"] > 0
+    # the running loss is the mean of the steps' losses, as the CPU computes it
+    cpu = tr.Trainer(build("flattened", (1, 28, 28), 10, seed=0), data, cfg, tmp_path / "cpu", progress=False,
+                     log=lambda *a: None)
+    cpu.run()
+    assert np.isclose(t.history[0]["train_loss"], cpu.history[0]["train_loss"], rtol=1e-5)
+    assert t.running["seen"] == cpu.running["seen"] == 2 * steps
+    assert t.model.check_finite  # restored after the epoch
+
+
+def test_host_labels_are_checked_on_the_host(emulated):
+    import numpy as np
+    from engine.losses import SoftmaxCrossEntropy
+    cp = sys.modules["cupy"]
+    logits = np.random.default_rng(3).standard_normal((5, 4)).astype(np.float32)
+    labels = np.array([0, 3, 1, 2, 3])
+    loss_fn = SoftmaxCrossEntropy()
+    before = emulated.reads
+    loss = loss_fn(cp.asarray(logits), labels, as_array=True)
+    assert emulated.reads == before and isinstance(loss, cp.ndarray) and isinstance(loss_fn.labels, cp.ndarray)
+    assert np.isclose(float(loss), SoftmaxCrossEntropy()(logits, labels))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got \[0, 4\]"):
+        loss_fn(cp.asarray(logits), np.array([0, 4, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got \[-1, 3\]"):
+        loss_fn(cp.asarray(logits), cp.asarray(np.array([0, -1, 1, 2, 3])))  # device labels: checked there
+
+
+def test_train_py_help_describes_the_backends():
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "train.py"), "--help"], capture_output=True, text=True, cwd=root)
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "not implemented" not in text and "auto always runs on the CPU" not in text
+    assert "engine.selftest" in text and ".[gpu-cuda13]" in text
+
+
+def test_the_emulation_puts_back_the_cupy_it_replaced(monkeypatch):
+    import emulated_cupy
+    real = types.ModuleType("cupy")  # stands for an imported real CuPy
+    monkeypatch.setitem(sys.modules, "cupy", real)
+    assert emulated_cupy.real_cupy_installed()  # seen even once imported (not only through the path)
     emulated_cupy.install()
-    try:
-        assert select_backend("auto") == ("cupy", None)  # the smoke test runs our ReLU kernel
-        bench.main(["layers", "--sizes", "6", "--batch", "2", "--channels", "3", "--repeat", "1"])
-        bench.main(["model", "--dataset", "mnist", "--batch", "2", "--repeat", "1", "--backend", "cupy"])
-        text = capsys.readouterr().out
-        assert "flattened     6 forward   cupy" in text and "flattened     6 forward   cpu" in text
-        assert "train step       2 cupy" in text
-    finally:
-        emulated_cupy.uninstall()
+    emulated_cupy.install()  # nested, as a fixture inside an emulated session
+    assert emulated_cupy.is_emulated(sys.modules["cupy"])
+    emulated_cupy.uninstall()
+    assert emulated_cupy.is_emulated(sys.modules["cupy"])
+    emulated_cupy.uninstall()
+    assert sys.modules["cupy"] is real

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from engine import bench
+from engine.backend import select_backend
 
 
 def test_bench_layers_json_and_plot(tmp_path, capsys):
@@ -12,8 +13,10 @@ def test_bench_layers_json_and_plot(tmp_path, capsys):
     bench.main(["layers", "--sizes", "8", "--batch", "2", "--channels", "4", "--repeat", "1", "--json", str(out),
                 "--plot", str(tmp_path / "b.png"), "--memory"])
     records = json.loads(out.read_text())
+    # the default --backend all: the CPU, and CuPy where it passes the smoke test (a GPU, or the emulation as cupy)
+    backends = {"cpu", "cupy"} if select_backend("auto")[0] == "cupy" else {"cpu"}
     assert {(r["layer"], r["pass"], r["backend"]) for r in records} == {
-        (layer, p, "cpu") for layer in ("baseline", "flattened") for p in ("forward", "backward")}
+        (layer, p, b) for layer in ("baseline", "flattened") for p in ("forward", "backward") for b in backends}
     for r in records:
         assert set(r) == {"layer", "size", "batch", "pass", "backend", "median_ms", "min_ms", "max_ms", "gflops"}
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["size"] == 8 and r["batch"] == 2
@@ -46,6 +49,6 @@ def test_bench_latency_runs(capsys):
 def test_bench_backend_cupy_without_cupy_says_why(monkeypatch, capsys):
     import sys
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
-    with pytest.raises(SystemExit, match=r"--backend cupy: CuPy is not installed.*pip install cupy-cuda12x"):
+    with pytest.raises(SystemExit, match=r"--backend cupy: CuPy is not installed.*pip install 'cupy-cuda12x\[ctk\]'"):
         bench.main(["layers", "--backend", "cupy", "--sizes", "8", "--batch", "2", "--channels", "4"])
     assert "median_ms" not in capsys.readouterr().out  # refused before timing anything

@@ -1,14 +1,16 @@
-"""The CUDA kernels of the CuPy backend, without a GPU.
+"""The CUDA kernels of the CuPy backend, on a GPU where CuPy works, and without one.
 
 * nvcc compiles engine/cuda_kernels.cu to PTX for float and double (syntax and types), and
   every kernel the CuPy backend launches is in it.
-* The same source, compiled as C++ (tests/emulated_cupy.py), is run through CupyOps with the
-  work spread over several emulated blocks and threads, and checked against the independent
-  references of tests/reference.py.
+* Every kernel runs through CupyOps and is checked against the independent references of
+  tests/reference.py and against the CPU kernels: on the real device (`cupy` cases, with
+  small grids so the grid-stride loops wrap), and on the CPU with the same source compiled as
+  C++ (tests/emulated_cupy.py, `cupy-emulated` cases) as several emulated blocks and threads.
 """
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +42,25 @@ def test_kernel_source_compiles_to_ptx(real, tmp_path):
     assert len(launched_kernels()) >= 10
 
 
-@pytest.fixture
-def ops():
-    """CupyOps on the emulation, each kernel run as 3 blocks of 5 threads (so the grid-stride indexing is exercised)."""
+@pytest.fixture(params=["cupy", "cupy-emulated"])
+def ops(request, monkeypatch):
+    """CupyOps on the real CuPy where a GPU is usable, else on the emulation.
+
+    Either way each launch is smaller than its work, so the grid-stride loops wrap: on a GPU
+    3 blocks of 32 threads; emulated, 3 blocks of 5 threads.
+    """
+    if request.param == "cupy":
+        from engine.backend import _cupy_problem
+        problem = _cupy_problem()
+        if problem:
+            pytest.skip(f"no usable GPU: {problem}")
+        import engine.backend_cupy as bc
+        monkeypatch.setattr(bc, "BLOCK", 32)
+        monkeypatch.setattr(bc, "MAX_BLOCKS", 3)
+        yield bc.CupyOps
+        return
+    if emulated_cupy.real_cupy_installed() or emulated_cupy.is_emulated(sys.modules.get("cupy")):
+        pytest.skip("CuPy (real, or emulated for this session) is installed: the `cupy` cases run instead")
     why = emulated_cupy.available()
     if why:
         pytest.skip(f"cannot emulate CuPy: {why}")
@@ -59,7 +77,7 @@ def ops():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("axis", [2, 3])
 @pytest.mark.parametrize("k,before,after", [(3, 2, 2), (4, 1, 2), (3, 0, 0), (5, -1, 1)])
-def test_conv1d_kernels_against_scipy(ops, dtype, axis, k, before, after):
+def test_conv1d_kernels_against_scipy(ops, monkeypatch, dtype, axis, k, before, after):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 3, 6, 7)).astype(dtype)
     w = rng.standard_normal((3, k)).astype(dtype)
@@ -76,12 +94,15 @@ def test_conv1d_kernels_against_scipy(ops, dtype, axis, k, before, after):
     np.testing.assert_allclose(cp.asnumpy(y0), conv1d_ref(x, w[:, ::-1], None, axis, before, after), **tol)
     # weight and bias gradients: dw[c, j] = <dy[:, c], correlation of x[:, c] with the unit filter e_j>
     dy = rng.standard_normal(want.shape).astype(dtype)
-    dw, db = cp.empty((3, k), dtype=dtype), cp.empty(3, dtype=dtype)
-    ops.conv1d_grad_params(axis, cp.asarray(x), cp.asarray(dy), before, dw, db)
     want_dw = np.array([[(dy[:, c] * conv1d_ref(x, np.eye(k)[[j] * 3], None, axis, before, after)[:, c]).sum()
                          for j in range(k)] for c in range(3)])
-    np.testing.assert_allclose(cp.asnumpy(dw), want_dw, **tol)
-    np.testing.assert_allclose(cp.asnumpy(db), dy.sum(axis=(0, 2, 3)), **tol)
+    import engine.backend_cupy as bc
+    for segment in (1, 10, 256):  # bands of one row, of one or two rows, the whole plane
+        monkeypatch.setattr(bc, "GRAD_SEGMENT", segment)
+        dw, db = cp.empty((3, k), dtype=dtype), cp.empty(3, dtype=dtype)
+        ops.conv1d_grad_params(axis, cp.asarray(x), cp.asarray(dy), before, dw, db)
+        np.testing.assert_allclose(cp.asnumpy(dw), want_dw, **tol)
+        np.testing.assert_allclose(cp.asnumpy(db), dy.sum(axis=(0, 2, 3)), **tol)
 
 
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 2), (2, 3, 0)])
@@ -160,3 +181,63 @@ def test_gemms(ops):
     acc = cp.empty((1, 4, 3), dtype=np.float64)
     ops.batched_gemm(False, True, 1.0, cp.asarray(dy), cp.asarray(cols), 0.0, acc)
     np.testing.assert_allclose(cp.asnumpy(acc)[0], sum(dy[i] @ cols[i].T for i in range(6)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [2, 3])
+def test_weight_gradient_bands_against_the_cpu_kernels(ops, monkeypatch, axis):
+    """conv1d_grad_params split over bands of rows and images equals the CPU kernel (an independent implementation)."""
+    import engine.backend_cupy as bc
+    from engine.backend import CpuOps
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 4, 9, 11))
+    k, pad = 5, 4  # full mode: 13 output rows or columns
+    out_shape = list(x.shape)
+    out_shape[axis] += 2 * pad - k + 1
+    dy = rng.standard_normal(out_shape)
+    want_dw, want_db = np.empty((4, k)), np.empty(4)
+    CpuOps.conv1d_grad_params(axis, x, dy, pad, want_dw, want_db)
+    cp = ops.xp
+    monkeypatch.setattr(bc, "GRAD_SEGMENT", 20)  # 1 or 2 rows a band: 7 to 9 bands a plane
+    dw, db = cp.empty((4, k)), cp.empty(4)
+    ops.conv1d_grad_params(axis, cp.asarray(x), cp.asarray(dy), pad, dw, db)
+    np.testing.assert_allclose(cp.asnumpy(dw), want_dw, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cp.asnumpy(db), want_db, rtol=1e-12, atol=1e-12)
+
+
+def test_launch_refuses_strided_views_and_widens_integers(ops):
+    import engine.backend_cupy as bc
+    cp = ops.xp
+    x = cp.asarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    with pytest.raises(ValueError, match=r"relu_forward: argument 0 is a strided view"):
+        ops.relu_forward(x[:, ::2], cp.empty((3, 2), dtype=np.float32))
+    with pytest.raises(TypeError, match=r"argument 2 is a float"):
+        bc._launch("mask_scale", np.float32, 4, x, x, 2.0, x, 4)
+    for v in (7, np.int32(7), np.uint8(7), True):
+        assert type(bc._kernel_arg("k", 0, v)) is np.int64 and bc._kernel_arg("k", 0, v) == int(v)
+    assert bc._function("relu_forward", np.float32) is bc._function("relu_forward", np.float32)  # looked up once
+    assert bc._function("relu_forward", np.float64) is not bc._function("relu_forward", np.float32)
+
+
+def test_gemms_with_shared_and_transposed_operands(ops):
+    """Every form the layers use goes through one strided batched cuBLAS call: a shared operand
+    (stride 0) and transposes (cuBLAS's flags), with alpha and beta, in float32 and float64."""
+    rng = np.random.default_rng(9)
+    cp = ops.xp
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        W, D, c0 = (rng.standard_normal(s).astype(dtype) for s in ((1, 3, 4), (6, 3, 5), (6, 4, 5)))
+        out = cp.asarray(c0)
+        ops.batched_gemm(True, False, 0.5, cp.asarray(W), cp.asarray(D), 1.0, out, shared_a=True)
+        np.testing.assert_allclose(cp.asnumpy(out), 0.5 * W[0].T @ D + c0, rtol=tol, atol=tol)
+        A, B = rng.standard_normal((6, 4, 3)).astype(dtype), rng.standard_normal((1, 5, 3)).astype(dtype)
+        out = cp.asarray(np.full((6, 4, 5), np.nan, dtype))  # beta = 0: the old contents are not read
+        ops.batched_gemm(False, True, 1.0, cp.asarray(A), cp.asarray(B), 0.0, out, shared_b=True)
+        np.testing.assert_allclose(cp.asnumpy(out), A @ B[0].T, rtol=tol, atol=tol)
+        a, b, c = (rng.standard_normal(s).astype(dtype) for s in ((3, 4), (5, 3), (4, 5)))
+        out = cp.asarray(c)
+        ops.gemm(True, True, -1.0, cp.asarray(a), cp.asarray(b), 2.0, out)
+        np.testing.assert_allclose(cp.asnumpy(out), -a.T @ b.T + 2 * c, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=r"gemm: shapes .* do not match"):
+        ops.gemm(False, False, 1.0, cp.asarray(a), cp.asarray(b), 0.0, cp.empty((4, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"gemm: operand 1 .* expected C-contiguous"):
+        strided_b = cp.asarray(np.ascontiguousarray(b.T)).T  # b's shape, not its layout
+        ops.gemm(True, True, 1.0, cp.asarray(a), strided_b, 0.0, cp.empty((4, 5), dtype=np.float32))
