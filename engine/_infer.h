@@ -20,6 +20,8 @@
  * AVX-512, AVX2, SSE or NEON, whatever -march gives. Every output element is computed
  * by one thread with a fixed summation order: results do not depend on the thread count.
  */
+#ifndef FLATNET_INFER_H
+#define FLATNET_INFER_H
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -491,3 +493,4 @@ static int fp_run(const fl_op *ops, int nops, const float *x, long n, long in_si
     free(ph);
     return team;
 }
+#endif

@@ -766,6 +766,8 @@ cdef extern from "_train.h" nogil:
         float *wpart
     int FT_SGD_COLS
     int FT_IMGS
+    int FT_KC
+    int FP_NR
     int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx *c)
     int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c)
     void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd, int threads)
@@ -821,6 +823,11 @@ def train_run(bint backward,
 def train_images_per_block():
     """Images per block of a weight-gradient GEMM: one partial product each, summed in order."""
     return FT_IMGS
+
+
+def train_wgrad_scratch():
+    """Floats of per-thread scratch the weight-gradient kernel needs."""
+    return FT_KC * FP_NR
 
 
 def sgd_run(const int64_t[:, ::1] table, double lr, double momentum, double dampening, double weight_decay,

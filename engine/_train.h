@@ -37,6 +37,7 @@
 #define FT_FTZ_OFF() do {} while (0)
 #endif
 #include "_ops.h"
+#include "_infer.h"  /* the SIMD vector type and loads of the inference kernels */
 
 typedef void (*ft_sgemm_t)(char *ta, char *tb, int *m, int *n, int *k, float *alpha, float *a, int *lda, float *b,
                            int *ldb, float *beta, float *c, int *ldc);
@@ -111,20 +112,92 @@ static void ft_gemm_rows(ft_ctx *c, int tb, long m, long n, long k, const float 
     }
 }
 
-/* dW (f x cn) (+)= sum over n images of dy_i^T X_i, dy (n P x f), X (n P x cn): a partial
- * product per block of FT_IMGS images (c->wpart), then the blocks summed in order. */
+/* A weight gradient's tile: W[f0.., j0..] (+)= sum over rows k of A[k, f] B[k, j], for up to FP_MR
+ * rows f (A's columns) and FP_NR columns j, with A (K x lda) and B (K x ldb) row-major: each row
+ * k gives FP_MR scalars of A (contiguous) times two vectors of B. mr, nr: the tile's real size
+ * (rows past mr repeat the last one, columns past nr are read from B but not stored). */
+static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb, long K, float *W, long ldw,
+                              int mr, int nr, int accumulate) {
+    fp_v acc[FP_MR][2];
+    for (int i = 0; i < FP_MR; i++) {
+        if (accumulate && i < mr) {
+            for (int j = 0; j < FP_NR; j++) {
+                float v = j < nr ? W[i * ldw + j] : 0.f;
+                if (j < FP_VL) acc[i][0][j] = v; else acc[i][1][j - FP_VL] = v;
+            }
+        } else {
+            acc[i][0] = (fp_v){0};
+            acc[i][1] = (fp_v){0};
+        }
+    }
+    int last = mr - 1;
+    for (long k = 0; k < K; k++) {
+        const float *a = A + k * lda, *b = B + k * ldb;
+        fp_v b0 = fp_load(b), b1 = fp_load(b + FP_VL);
+        for (int i = 0; i < FP_MR; i++) {
+            float ai = a[i < mr ? i : last];
+            acc[i][0] += ai * b0;
+            acc[i][1] += ai * b1;
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) W[i * ldw + j] = j < FP_VL ? acc[i][0][j] : acc[i][1][j - FP_VL];
+}
+
+#define FT_KC 256  /* rows of A and B per pass over the tiles: a panel of B stays in L1, A in L2 */
+
+/* W (f x cn) (+)= A^T B over K rows, A (K x f), B (K x cn) row-major; one thread. A tile's sum
+ * runs over k in order, FT_KC rows at a time. bt: FT_KC x FP_NR floats of scratch (the last,
+ * partial panel of B is copied there, zero-padded, so no load reads past a row of B). */
+static void ft_wgrad(long K, long f, long cn, const float *A, const float *B, float *W, int accumulate, float *bt) {
+    for (long k0 = 0; k0 < K; k0 += FT_KC) {
+        long kc = K - k0 < FT_KC ? K - k0 : FT_KC;
+        int acc = accumulate || k0 > 0;
+        for (long j0 = 0; j0 < cn; j0 += FP_NR) {
+            int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR);
+            const float *b = B + k0 * cn + j0;
+            long ldb = cn;
+            if (nr < FP_NR) {
+                for (long k = 0; k < kc; k++)
+                    for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+                b = bt;
+                ldb = FP_NR;
+            }
+            for (long f0 = 0; f0 < f; f0 += FP_MR) {
+                int mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
+                ft_wg_tile(A + k0 * f + f0, f, b, ldb, kc, W + f0 * cn + j0, cn, mr, nr, acc);
+            }
+        }
+    }
+}
+
+/* dW (f x cn) (+)= sum over n images of dy_i^T X_i, dy (n P x f), X (n P x cn).
+ * Many rows (convolutions, laterals): a partial product per block of FT_IMGS images
+ * (c->wpart, computed by ft_wgrad), then the blocks summed in order. Few rows (Linear
+ * layers: one row per image): BLAS on fixed blocks of 64 rows of dW, over all images. */
 static void ft_gemm_wgrad(ft_ctx *c, long n, long P, long f, long cn, const float *dy, const float *X, float *dW,
                           int accumulate) {
+    if (n * P <= 4096) {
+        long blocks = (f + 63) / 64;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads)
+        for (long b = 0; b < blocks; b++) {
+            FT_FTZ_ON();
+            long r0 = b * 64, r1 = r0 + 64 < f ? r0 + 64 : f;
+            ft_sgemm(c, 1, 0, r1 - r0, cn, n * P, dy + r0, f, X, cn, accumulate ? 1.f : 0.f, dW + r0 * cn, cn);
+            FT_FTZ_OFF();
+        }
+        return;
+    }
     long blocks = (n + FT_IMGS - 1) / FT_IMGS, size = f * cn;
     float *part = c->wpart;
     #pragma omp parallel num_threads(c->threads)
     {
         FT_FTZ_ON();
+        float *bt = c->scratch + (long)ft_tid() * c->scratch_floats;  /* FT_KC x FP_NR floats */
         #pragma omp for schedule(dynamic, 1)
         for (long b = 0; b < blocks; b++) {
             long i0 = b * FT_IMGS, i1 = i0 + FT_IMGS < n ? i0 + FT_IMGS : n;
-            ft_sgemm(c, 1, 0, f, cn, (i1 - i0) * P, dy + i0 * P * f, f, X + i0 * P * cn, cn, 0.f, part + b * size,
-                     cn);
+            ft_wgrad((i1 - i0) * P, f, cn, dy + i0 * P * f, X + i0 * P * cn, part + b * size, 0, bt);
         }
         #pragma omp for schedule(static)
         for (long j = 0; j < size; j++) {

@@ -181,6 +181,7 @@ class CompiledStep:
         self._part_buf = np.empty((cap, self._part), np.float32)
         self._g = [aligned_empty(cap * self._act) for _ in range(2)]
         self._wpart_buf = aligned_empty(self._wpart)
+        self._scratch = max(self._scratch, _kernels.train_wgrad_scratch())
         self._scratch_buf = np.empty((0, self._scratch), np.float32)
         del self._rows
 
