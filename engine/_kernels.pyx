@@ -763,13 +763,12 @@ cdef extern from "_train.h" nogil:
         float *g0
         float *g1
         double *times
-        float *wpart
     int FT_SGD_COLS
-    int FT_IMGS
     int FT_KC
     int FP_NR
     int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx *c)
     int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c)
+    double ft_peak(int threads, long iters, int repeat)
     void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd, int threads)
 
 
@@ -781,7 +780,6 @@ def train_run(bint backward,
               float[:, ::1] part,           # (capacity, part_floats) per-image partial sums
               float[:, ::1] scratch,        # (threads, scratch_floats) per-thread scratch
               float[::1] g0, float[::1] g1,
-              float[::1] wpart,             # weight-gradient partial products (see train_images_per_block)
               int num_threads,
               double[::1] times=None):      # OUT (optional, 2 n_ops): seconds per op, forward then backward
     """Forward (backward=False) or backward of a compiled training step (engine/_train.h) on n images.
@@ -805,7 +803,6 @@ def train_run(bint backward,
     ctx.scratch_floats = scratch.shape[1]
     ctx.g0 = &g0[0]
     ctx.g1 = &g1[0]
-    ctx.wpart = &wpart[0]
     ctx.times = NULL
     if times is not None:
         if times.shape[0] != 2 * ops.shape[0]:
@@ -820,9 +817,12 @@ def train_run(bint backward,
     return team
 
 
-def train_images_per_block():
-    """Images per block of a weight-gradient GEMM: one partial product each, summed in order."""
-    return FT_IMGS
+def fma_peak(int num_threads, long iters=20000000, int repeat=3):
+    """Measured float32 peak in GFLOP/s on num_threads threads (fused multiply-adds on SIMD vectors)."""
+    cdef double gf
+    with nogil:
+        gf = ft_peak(num_threads, iters, repeat)
+    return gf
 
 
 def train_wgrad_scratch():

@@ -54,7 +54,6 @@ typedef struct {
     float *scratch;  /* per-thread scratch: threads x scratch_floats */
     long scratch_floats;
     float *g0, *g1;  /* gradient ping-pong buffers, n x (largest activation) floats each */
-    float *wpart;    /* weight-gradient partial products: blocks of FT_IMGS images x the largest weight */
     double *times;   /* NULL, or seconds per op are added: forward to times[o], backward to times[nops + o] */
 } ft_ctx;
 
@@ -83,12 +82,13 @@ static inline int ft_team(void) {
 #endif
 }
 
-/* GEMMs go to BLAS's sgemm, single-threaded (the caller limits BLAS to one thread): our
- * threads take fixed blocks of each GEMM, so that every result is the same whatever the
- * thread count (BLAS's own threading gives results that depend on its thread count, and
- * its threads would compete with ours). */
+/* The forward and input-gradient GEMMs go to BLAS's sgemm, single-threaded (the caller
+ * limits BLAS to one thread): our threads take fixed blocks of rows, so that every result is
+ * the same whatever the thread count (BLAS's own threading gives results that depend on its
+ * thread count, and its threads would compete with ours). Weight gradients, whose GEMMs
+ * have a small output and a long sum (BLAS ran them at a third of its usual rate here),
+ * go to ft_gemm_wgrad below. */
 #define FT_ROWS 256  /* rows of C per block of a forward or input-gradient GEMM */
-#define FT_IMGS 16   /* images per block of a weight-gradient GEMM */
 
 /* Row-major C (m x n) = op(A) op(B) + beta C, one sgemm call (column-major: operands swapped). */
 static void ft_sgemm(const ft_ctx *c, int ta, int tb, long m, long n, long k, const float *A, long lda,
@@ -130,14 +130,25 @@ static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb
             acc[i][1] = (fp_v){0};
         }
     }
-    int last = mr - 1;
-    for (long k = 0; k < K; k++) {
-        const float *a = A + k * lda, *b = B + k * ldb;
-        fp_v b0 = fp_load(b), b1 = fp_load(b + FP_VL);
-        for (int i = 0; i < FP_MR; i++) {
-            float ai = a[i < mr ? i : last];
-            acc[i][0] += ai * b0;
-            acc[i][1] += ai * b1;
+    if (mr == FP_MR) {  /* full tiles: the FP_MR scalars of a row of A are a[0 .. FP_MR - 1] */
+        for (long k = 0; k < K; k++) {
+            const float *a = A + k * lda, *b = B + k * ldb;
+            fp_v b0 = fp_load(b), b1 = fp_load(b + FP_VL);
+            for (int i = 0; i < FP_MR; i++) {
+                acc[i][0] += a[i] * b0;
+                acc[i][1] += a[i] * b1;
+            }
+        }
+    } else {
+        int last = mr - 1;
+        for (long k = 0; k < K; k++) {
+            const float *a = A + k * lda, *b = B + k * ldb;
+            fp_v b0 = fp_load(b), b1 = fp_load(b + FP_VL);
+            for (int i = 0; i < FP_MR; i++) {
+                float ai = a[i < mr ? i : last];
+                acc[i][0] += ai * b0;
+                acc[i][1] += ai * b1;
+            }
         }
     }
     for (int i = 0; i < mr; i++)
@@ -146,64 +157,34 @@ static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb
 
 #define FT_KC 256  /* rows of A and B per pass over the tiles: a panel of B stays in L1, A in L2 */
 
-/* W (f x cn) (+)= A^T B over K rows, A (K x f), B (K x cn) row-major; one thread. A tile's sum
- * runs over k in order, FT_KC rows at a time. bt: FT_KC x FP_NR floats of scratch (the last,
- * partial panel of B is copied there, zero-padded, so no load reads past a row of B). */
-static void ft_wgrad(long K, long f, long cn, const float *A, const float *B, float *W, int accumulate, float *bt) {
-    for (long k0 = 0; k0 < K; k0 += FT_KC) {
-        long kc = K - k0 < FT_KC ? K - k0 : FT_KC;
-        int acc = accumulate || k0 > 0;
-        for (long j0 = 0; j0 < cn; j0 += FP_NR) {
-            int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR);
-            const float *b = B + k0 * cn + j0;
-            long ldb = cn;
-            if (nr < FP_NR) {
-                for (long k = 0; k < kc; k++)
-                    for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
-                b = bt;
-                ldb = FP_NR;
-            }
-            for (long f0 = 0; f0 < f; f0 += FP_MR) {
-                int mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
-                ft_wg_tile(A + k0 * f + f0, f, b, ldb, kc, W + f0 * cn + j0, cn, mr, nr, acc);
-            }
-        }
-    }
-}
-
-/* dW (f x cn) (+)= sum over n images of dy_i^T X_i, dy (n P x f), X (n P x cn).
- * Many rows (convolutions, laterals): a partial product per block of FT_IMGS images
- * (c->wpart, computed by ft_wgrad), then the blocks summed in order. Few rows (Linear
- * layers: one row per image): BLAS on fixed blocks of 64 rows of dW, over all images. */
-static void ft_gemm_wgrad(ft_ctx *c, long n, long P, long f, long cn, const float *dy, const float *X, float *dW,
+/* W (f x cn) (+)= A^T B over K rows, A (K x f) and B (K x cn) row-major (a weight gradient:
+ * A the output gradient, B the op's input or im2col columns). The tiles of W are shared by
+ * the threads in a fixed static split, the same in every pass of FT_KC rows, so each tile
+ * is summed over k in order by one thread: the result does not depend on the thread count.
+ * Each panel of B is copied to the thread's scratch (FT_KC x FP_NR floats, zero-padded past
+ * cn): its rows are then contiguous (a strided panel maps to a few cache sets) and no load
+ * reads past the end of a row of B. */
+static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, const float *B, float *W,
                           int accumulate) {
-    if (n * P <= 4096) {
-        long blocks = (f + 63) / 64;
-        #pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads)
-        for (long b = 0; b < blocks; b++) {
-            FT_FTZ_ON();
-            long r0 = b * 64, r1 = r0 + 64 < f ? r0 + 64 : f;
-            ft_sgemm(c, 1, 0, r1 - r0, cn, n * P, dy + r0, f, X, cn, accumulate ? 1.f : 0.f, dW + r0 * cn, cn);
-            FT_FTZ_OFF();
-        }
-        return;
-    }
-    long blocks = (n + FT_IMGS - 1) / FT_IMGS, size = f * cn;
-    float *part = c->wpart;
+    long fpanels = (f + FP_MR - 1) / FP_MR, tiles = fpanels * ((cn + FP_NR - 1) / FP_NR);
     #pragma omp parallel num_threads(c->threads)
     {
         FT_FTZ_ON();
-        float *bt = c->scratch + (long)ft_tid() * c->scratch_floats;  /* FT_KC x FP_NR floats */
-        #pragma omp for schedule(dynamic, 1)
-        for (long b = 0; b < blocks; b++) {
-            long i0 = b * FT_IMGS, i1 = i0 + FT_IMGS < n ? i0 + FT_IMGS : n;
-            ft_wgrad((i1 - i0) * P, f, cn, dy + i0 * P * f, X + i0 * P * cn, part + b * size, 0, bt);
-        }
-        #pragma omp for schedule(static)
-        for (long j = 0; j < size; j++) {
-            float s = accumulate ? dW[j] : 0.f;
-            for (long b = 0; b < blocks; b++) s += part[b * size + j];
-            dW[j] = s;
+        float *bt = c->scratch + (long)ft_tid() * c->scratch_floats;
+        for (long k0 = 0; k0 < K; k0 += FT_KC) {
+            long kc = K - k0 < FT_KC ? K - k0 : FT_KC, copied = -1;
+            #pragma omp for schedule(static) nowait
+            for (long t = 0; t < tiles; t++) {  /* filter panel inner: a panel of B serves several tiles */
+                long j0 = t / fpanels * FP_NR, f0 = t % fpanels * FP_MR;
+                int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR), mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
+                if (copied != j0) {  /* this panel of B, contiguous (and zero-padded past cn) */
+                    const float *b = B + k0 * cn + j0;
+                    for (long k = 0; k < kc; k++)
+                        for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+                    copied = j0;
+                }
+                ft_wg_tile(A + k0 * f + f0, f, bt, FP_NR, kc, W + f0 * cn + j0, cn, mr, nr, accumulate || k0 > 0);
+            }
         }
         FT_FTZ_OFF();
     }
@@ -345,7 +326,7 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
         float *cols = c->cols;
         const float *dyc = dy + n0 * P * F;
         FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
-        ft_gemm_wgrad(c, m, P, F, KKC, dyc, cols, dwp, n0 > 0);
+        ft_gemm_wgrad(c, m * P, F, KKC, dyc, cols, dwp, n0 > 0);
         if (dx) {
             ft_gemm_rows(c, 0, m * P, KKC, F, dyc, wp, KKC, cols);  /* columns' gradient */
             FT_PER_IMAGE(c, m, ft_col2im(op, cols + i * P * KKC, dx + (n0 + i) * in_sz));
@@ -626,7 +607,7 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
             long C = op->c_in, F = op->c_out;
             FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, P, F, c->part + i * c->part_floats));
             ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
-            ft_gemm_wgrad(c, n, P, F, C, dy, in, fl_ptr(op->dw), 0);
+            ft_gemm_wgrad(c, n * P, F, C, dy, in, fl_ptr(op->dw), 0);
             if (d) ft_gemm_rows(c, 0, n * P, C, F, dy, fl_cptr(op->w), C, d);
             break;
         }
@@ -681,4 +662,28 @@ static void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, fl
             w[j] -= lr * vj;
         }
     }
+}
+
+/* The machine's float32 peak on `threads` threads, in GFLOP/s: each thread runs chains of
+ * independent fused multiply-adds on whole SIMD vectors (enough chains to cover the FMA
+ * latency), `iters` rounds of them; the best of `repeat` runs. The benchmark quotes its
+ * achieved rates as fractions of this figure. */
+static double ft_peak(int threads, long iters, int repeat) {
+    double best = 0.0;
+    for (int r = 0; r < repeat; r++) {
+        double t0 = ft_now();
+        float sink = 0.f;
+        #pragma omp parallel num_threads(threads) reduction(+ : sink)
+        {
+            fp_v a[12], m, s;
+            for (int j = 0; j < FP_VL; j++) { m[j] = 1.0f + 1e-7f * j; s[j] = 1e-8f; }
+            for (int i = 0; i < 12; i++) a[i] = s * (float)(i + 1);
+            for (long it = 0; it < iters; it++)
+                for (int i = 0; i < 12; i++) a[i] = a[i] * m + s;
+            for (int i = 0; i < 12; i++) sink += a[i][0];
+        }
+        double t = ft_now() - t0, gf = (double)threads * iters * 12 * FP_VL * 2 / t / 1e9;
+        if (gf > best && sink == sink) best = gf;
+    }
+    return best;
 }

@@ -236,6 +236,8 @@ def bench_layers(args):
                     print_record(records[-1])
     for layer in layers.values():
         layer.to("cpu")
+    if "cpu" in backends:
+        bench_compiled_layers(args, layers, records)
     if "torch" in args.compare:
         bench_torch_layers(args, records)
     print_ratios(records)
@@ -254,6 +256,28 @@ def bench_layers(args):
         plot_layers(out, args.plot)
         print(f"# wrote {args.plot}")
     return out
+
+
+def bench_compiled_layers(args, layers, records):
+    """Each layer as the compiled training step runs it inside a network: the per-op medians of its ops
+    (channels-last in and out: the layout changes at the network's ends are not counted), forward and
+    backward (input and weight gradients)."""
+    from engine import Flatten, Linear
+    from engine.trainstep import CompiledStep
+    rng = np.random.default_rng(1)
+    for size in args.sizes:
+        x = rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32)
+        y = np.zeros(args.batch, np.int64)
+        for name, layer in layers.items():
+            n_out = int(np.prod(layer.output_shape(x.shape)[1:]))
+            step = CompiledStep(Sequential(layer, Flatten(), Linear(n_out, 1)), x.shape[1:], args.batch)
+            mine = [(f, b) for op, f, b in step.profile(x, y, args.repeat) if op.startswith("0") and "(input" not in op]
+            flops = layer_flops(layer, x.shape)
+            for pas, ms, fl in (("forward", sum(f for f, _ in mine), flops),
+                                ("backward", sum(b for _, b in mine), 2 * flops)):
+                records.append(dict(layer=name, size=size, batch=args.batch, pass_=pas, backend="cpu compiled",
+                                    median_ms=ms, min_ms=ms, max_ms=ms, gflops=fl / ms / 1e6))
+                print_record(records[-1])
 
 
 def print_ratios(records):
@@ -382,6 +406,12 @@ def bench_model(args):
             sgd_momentum(net.params, net.grads, velocity, 0.01, 0.9, 1e-4)
 
         rows.append(("train step", args.batch, backend, timeit(step, args.repeat, warmup=2, sync=ops.synchronize)))
+        if backend == "cpu":  # the compiled step train.py uses on the CPU (engine/trainstep.py)
+            from engine.trainstep import CompiledStep
+            compiled = CompiledStep(net, shape, args.batch)
+            rows.append(("train step", args.batch, "cpu compiled",
+                         timeit(lambda: compiled.step(x, y, 0.01, 0.9, 1e-4, None, velocity), args.repeat,
+                                warmup=2)))
         net.eval()
         rows.append(("inference", args.batch, backend,
                      timeit(lambda: net.forward(x), args.repeat, warmup=2, sync=ops.synchronize)))
@@ -395,6 +425,7 @@ def bench_model(args):
         if args.per_layer and backend == "cpu":
             net.train()
             print_per_layer(per_layer_times(net, x, args.repeat), f"{args.model} layers (training mode)")
+            print_step_profile(compiled, x, y, args)
     print(f"# {args.model} on {args.dataset} inputs {shape}")
     print(f"{'what':<12} {'batch':>5} {'backend':<20} {'median_ms':>9} {'images/s':>10}")
     for what, b, backend, t in rows:
@@ -402,6 +433,24 @@ def bench_model(args):
     if "torch" in args.compare:
         bench_torch_model(args, shape, n_classes)
     print(f"# peak resident memory of this process: {peak_rss_mib():.0f} MiB")
+
+
+def print_step_profile(step, x, y, args):
+    """The compiled training step's per-op medians with the GFLOP/s each achieves, against the
+    float32 peak measured here on the same threads (engine._kernels.fma_peak)."""
+    peak = engine._kernels.fma_peak(args.threads)
+    prof, flops = step.profile(x, y, args.repeat), step.flops(len(x))
+    print(f"# compiled training step, per op (median ms of {args.repeat}; GFLOP/s of the GEMM and 1D ops; "
+          f"measured peak {peak:.1f} GFLOP/s on {args.threads} thread(s))")
+    print(f"#   {'op':<44} {'fwd_ms':>8} {'GFLOP/s':>8} {'bwd_ms':>8} {'GFLOP/s':>8}")
+    tf = tb = ff = fb = 0.0
+    for (name, f_ms, b_ms), (f_fl, b_fl) in zip(prof, flops):
+        rate = [f"{fl / ms / 1e6:8.1f}" if fl else f"{'':>8}" for fl, ms in ((f_fl, f_ms), (b_fl, b_ms))]
+        print(f"#   {name:<44} {f_ms:8.1f} {rate[0]} {b_ms:8.1f} {rate[1]}")
+        tf, tb, ff, fb = tf + f_ms, tb + b_ms, ff + f_fl, fb + b_fl
+    total = (ff + fb) / (tf + tb) / 1e6
+    print(f"#   {'total':<44} {tf:8.1f} {ff / tf / 1e6:8.1f} {tb:8.1f} {fb / tb / 1e6:8.1f}   "
+          f"(forward + backward {total:.1f} GFLOP/s = {100 * total / peak:.0f}% of the peak)")
 
 
 def bench_torch_model(args, shape, n_classes):

@@ -33,11 +33,6 @@ COLUMN_FLOATS = 16 * 2**20  # im2col works on chunks of images with at most this
 STEPS = ("auto", "compiled", "layers")
 
 
-def _blocks(n):
-    """Blocks of a weight-gradient GEMM over n images (one partial product each)."""
-    return -(-n // _kernels.train_images_per_block())
-
-
 def _float_bits(v):
     return int(np.array([v], np.float32).view(np.int32)[0])
 
@@ -104,7 +99,7 @@ class CompiledStep:
         self._keep, self._rows, self.names, self._dropouts = [], [], [], []
         self._saved = []  # per row: (output array, argmax/mask array or None), for saved()
         self._act = int(np.prod(self.in_shape))
-        self._cols = self._wbuf = self._part = self._scratch = self._wpart = 1
+        self._cols = self._wbuf = self._part = self._scratch = 1
         shape, self._nhwc, self._layouts = self.in_shape, False, []
         fused = {i: (v, hz) for i, v, hz in vh_pairs(self.ops)}
         skip = {i + 1 for i, v, hz in vh_pairs(self.ops) if v is not None and hz is not None}
@@ -158,7 +153,6 @@ class CompiledStep:
                 self._cols = max(self._cols, chunk * p * kkc)
                 self._wbuf = max(self._wbuf, f * kkc)
                 self._part = max(self._part, f)
-                self._wpart = max(self._wpart, _blocks(chunk) * f * kkc)
                 self._gemm_row("CONV", op, shape, op.out_shape, k=layer.k, stride=layer.stride, pad=layer.padding,
                                mid=self._buf(f * kkc), chunk=chunk)
             elif op.kind in ("vertical", "horizontal"):
@@ -180,7 +174,6 @@ class CompiledStep:
         self._wbuf_buf = aligned_empty(self._wbuf)
         self._part_buf = np.empty((cap, self._part), np.float32)
         self._g = [aligned_empty(cap * self._act) for _ in range(2)]
-        self._wpart_buf = aligned_empty(self._wpart)
         self._scratch = max(self._scratch, _kernels.train_wgrad_scratch())
         self._scratch_buf = np.empty((0, self._scratch), np.float32)
         del self._rows
@@ -221,7 +214,6 @@ class CompiledStep:
     def _gemm_row(self, kind, op, in_shape, out_shape, **fields):
         layer = op.layer
         self._part = max(self._part, out_shape[0])
-        self._wpart = max(self._wpart, _blocks(self.capacity) * layer.params["weight"].size)
         self._add(kind, op.name, in_shape, out_shape, w=self._ptr(layer.params["weight"]),
                   b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
                   db=self._ptr(layer.grads["bias"]), **fields)
@@ -291,7 +283,7 @@ class CompiledStep:
         with single_threaded_blas():
             self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
                                                    self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                                   self._wpart_buf, threads, times)
+                                                   threads, times)
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
@@ -305,7 +297,7 @@ class CompiledStep:
         with single_threaded_blas():
             self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf,
                                                    self._wbuf_buf, self._part_buf, self._scratch_buf, self._g[0],
-                                                   self._g[1], self._wpart_buf, threads, times)
+                                                   self._g[1], threads, times)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
         """SGD with momentum on every parameter (trainer.sgd_momentum's rule), compiled."""
@@ -341,6 +333,25 @@ class CompiledStep:
             self.apply(velocity, lr, momentum, weight_decay, dampening)
         return loss, self.logits
 
+
+    def flops(self, n):
+        """[(forward, backward) floating-point operations] of each op for n images (2 per multiply-add;
+        the 1D and GEMM ops only, the rest counted as 0). The first op computes no input gradient."""
+        out = []
+        for i, row in enumerate(self.table):
+            r = {name: int(row[col]) for name, col in COL.items()}
+            p = r["h_out"] * r["w_out"]
+            kind = next(k for k, v in CKIND.items() if v == r["kind"])
+            if kind in ("GEMM", "LINEAR", "CONV"):
+                taps = r["k"] * r["k"] if kind == "CONV" else 1
+                f = 2 * n * p * r["c_in"] * taps * r["c_out"]
+                out.append((f, 2 * f if i else f))
+            elif kind == "VH":
+                f = 2 * n * r["c_in"] * (r["h_mid"] * r["w_in"] * r["kv"] + p * r["kh"])
+                out.append((f, 2 * f if i else f))
+            else:
+                out.append((0, 0))
+        return out
 
     def profile(self, x, y, repeat=5, num_threads=None):
         """[(op name, forward ms, backward ms)]: medians over `repeat` forward/backward runs (no update)."""
