@@ -2,7 +2,8 @@
 
     step = make_step(net, "compiled", batch_size=128)[0]   # or "layers", or "auto"
     loss, correct = step.loss(x, y)                 # forward and loss of a batch
-    step.apply(velocity, lr, momentum, weight_decay, dampening)   # backward and SGD update
+    step.apply(velocity, lr, momentum, weight_decay, dampening)   # backward() then update(): gradients
+                                                                  # into the layers' grads, then SGD
     loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity)   # both, for tests
 
 ``LayerStep`` is the reference: ``net.forward``, the loss, ``net.backward`` and
@@ -53,11 +54,19 @@ class LayerStep:
         loss = self.loss_fn(self.logits, y, as_array=True)  # host labels are checked on the host
         return loss, (self.logits.argmax(axis=1) == self.loss_fn.labels).sum()
 
-    def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
-        """Backward from the last loss, then the SGD update (trainer.sgd_momentum's rule)."""
-        from .trainer import sgd_momentum
+    def backward(self):
+        """Gradients of the last loss into the layers' grads."""
         self.net.backward(self.loss_fn.backward())
+
+    def update(self, velocity, lr, momentum, weight_decay, dampening=None):
+        """The SGD update from the layers' grads (trainer.sgd_momentum's rule)."""
+        from .trainer import sgd_momentum
         sgd_momentum(self.net.params, self.net.grads, velocity, lr, momentum, weight_decay, dampening)
+
+    def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
+        """backward() then update()."""
+        self.backward()
+        self.update(velocity, lr, momentum, weight_decay, dampening)
 
     def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
         """loss() then, if the loss is finite, apply(); returns (loss as a float, logits)."""
@@ -287,9 +296,10 @@ class CompiledStep:
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
-    def backward(self, dlogits, num_threads=None, times=None):
-        """Gradients of every parameter (into the layers' grads) from dlogits (N, classes) of the last forward."""
-        dlogits = np.ascontiguousarray(dlogits, dtype=np.float32)
+    def backward(self, dlogits=None, num_threads=None, times=None):
+        """Gradients of every parameter (into the layers' grads) from dlogits (N, classes) of the last
+        forward (default: the gradient of the last loss())."""
+        dlogits = np.ascontiguousarray(self.loss_fn.backward() if dlogits is None else dlogits, dtype=np.float32)
         if dlogits.shape != (len(self._x), self.out_shape[0]):
             raise ValueError(f"dlogits of shape {dlogits.shape} do not match the last forward "
                              f"({len(self._x)}, {self.out_shape[0]})")
@@ -322,8 +332,8 @@ class CompiledStep:
         return loss, int((self.logits.argmax(axis=1) == self.loss_fn.labels).sum())
 
     def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
-        """Backward from the last loss, then the compiled SGD update."""
-        self.backward(self.loss_fn.backward())
+        """backward() then update()."""
+        self.backward()
         self.update(velocity, lr, momentum, weight_decay, dampening)
 
     def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
