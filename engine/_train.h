@@ -158,9 +158,10 @@ static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb
 #define FT_KC 256  /* rows of A and B per pass over the tiles: a panel of B stays in L1, A in L2 */
 
 /* W (f x cn) (+)= A^T B over K rows, A (K x f) and B (K x cn) row-major (a weight gradient:
- * A the output gradient, B the op's input or im2col columns). The tiles of W are shared by
- * the threads in a fixed static split, the same in every pass of FT_KC rows, so each tile
- * is summed over k in order by one thread: the result does not depend on the thread count.
+ * A the output gradient, B the op's input or im2col columns). In each pass of FT_KC rows the
+ * threads claim tiles of W; a tile's pass is done by one thread, and the passes follow each
+ * other (a barrier), so every tile is summed over k in order: the result does not depend on
+ * the thread count, or on which thread took which tile.
  * Each panel of B is copied to the thread's scratch (FT_KC x FP_NR floats, zero-padded past
  * cn): its rows are then contiguous (a strided panel maps to a few cache sets) and no load
  * reads past the end of a row of B. */
@@ -173,7 +174,7 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
         float *bt = c->scratch + (long)ft_tid() * c->scratch_floats;
         for (long k0 = 0; k0 < K; k0 += FT_KC) {
             long kc = K - k0 < FT_KC ? K - k0 : FT_KC, copied = -1;
-            #pragma omp for schedule(static) nowait
+            #pragma omp for schedule(dynamic, 4)
             for (long t = 0; t < tiles; t++) {  /* filter panel inner: a panel of B serves several tiles */
                 long j0 = t / fpanels * FP_NR, f0 = t % fpanels * FP_MR;
                 int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR), mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
@@ -190,7 +191,8 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
     }
 }
 
-/* Run BODY for each image i in [0, n) on the context's threads (one image, one thread). */
+/* Run BODY for each image i in [0, n) on the context's threads (one image, one thread; images
+ * are claimed one at a time, so a thread the machine delays holds up no one). */
 #define FT_PER_IMAGE(c, n, BODY)                                                   \
     do {                                                                           \
         int ft_team_ = 1;                                                          \
@@ -200,7 +202,7 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
             if (ft_tid() == 0) ft_team_ = ft_team();                               \
             float *scr = (c)->scratch + (long)ft_tid() * (c)->scratch_floats;      \
             (void)scr;                                                             \
-            _Pragma("omp for schedule(static)")                                    \
+            _Pragma("omp for schedule(dynamic, 1)")                                \
             for (long i = 0; i < (n); i++) { BODY; }                               \
             FT_FTZ_OFF();                                                          \
         }                                                                          \
