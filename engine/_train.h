@@ -49,6 +49,9 @@ typedef struct {
     int team;        /* out: threads that ran the last parallel loop */
     float *cols;     /* CONV im2col columns: chunk x Ho*Wo x k*k*C floats at most */
     float *wbuf;     /* transposed 1D filters (kv + kh) x C, or a CONV's packed weight gradient */
+    float *wpack;    /* a GEMM's weights packed for fp_tile (ft_pack) */
+    float *bpad;     /* a bias padded to whole panels; then as many zeros (the input gradients' "bias") */
+    long bpad_floats;
     float *part;     /* per-image partial gradient sums: n x part_floats */
     long part_floats;
     float *scratch;  /* per-thread scratch: threads x scratch_floats */
@@ -112,6 +115,53 @@ static void ft_gemm_rows(ft_ctx *c, int tb, long m, long n, long k, const float 
     }
 }
 
+/* Bp = a (K x N) matrix B in panels of FP_NR columns, Bp[p][k][j] = B(k, p FP_NR + j), zero past
+ * N (the layout fp_tile reads): trans = 1 packs B = W^T of W (N x K), trans = 0 B = W (K x N). */
+static void ft_pack(ft_ctx *c, const float *W, int trans, long K, long N, float *bp) {
+    long panels = (N + FP_NR - 1) / FP_NR;
+    #pragma omp parallel for schedule(static) num_threads(c->threads)
+    for (long p = 0; p < panels; p++)
+        for (long k = 0; k < K; k++)
+            for (long j = 0; j < FP_NR; j++) {
+                long col = p * FP_NR + j;
+                bp[(p * K + k) * FP_NR + j] = col < N ? (trans ? W[col * K + k] : W[k * N + col]) : 0.f;
+            }
+}
+
+#define FT_RB 8  /* tiles of FP_MR rows per row block: a block of A is reused by every panel of B */
+
+/* C (M x N) = A (M x K) B + bias (+ ReLU), A and C row-major, B packed by ft_pack, bias padded
+ * to whole panels: the inference path's register-blocked micro-kernel (fp_tile), on tiles of
+ * FP_MR rows x FP_NR columns claimed by the threads, row block by row block. Each element is
+ * one tile's sum over k in order: the result does not depend on the thread count. */
+static void ft_gemm_packed(ft_ctx *c, long M, long N, long K, const float *A, const float *bp, const float *bias,
+                           float *C, int relu) {
+    long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR;
+    long per_block = np_ * FT_RB, tiles = (mp + FT_RB - 1) / FT_RB * per_block;
+    #pragma omp parallel num_threads(c->threads)
+    {
+        FT_FTZ_ON();
+        const float *arow[FP_MR];
+        #pragma omp for schedule(dynamic, FT_RB)
+        for (long t = 0; t < tiles; t++) {
+            long rem = t % per_block, jp = rem / FT_RB, ip = t / per_block * FT_RB + rem % FT_RB;
+            if (ip >= mp) continue;
+            long i0 = ip * FP_MR, j0 = jp * FP_NR;
+            int mr = (int)(M - i0 < FP_MR ? M - i0 : FP_MR), nr = (int)(N - j0 < FP_NR ? N - j0 : FP_NR);
+            for (int i = 0; i < FP_MR; i++) arow[i] = A + (i0 + (i < mr ? i : 0)) * K;
+            fp_tile(1, K, 0, arow, bp + jp * K * FP_NR, bias + j0, C + i0 * N + j0, N, mr, nr, relu);
+        }
+        FT_FTZ_OFF();
+    }
+}
+
+/* bias padded to whole panels of FP_NR (zeros past n) */
+static const float *ft_pad_bias(const float *b, long n, float *out) {
+    long np_ = (n + FP_NR - 1) / FP_NR * FP_NR;
+    for (long j = 0; j < np_; j++) out[j] = j < n ? b[j] : 0.f;
+    return out;
+}
+
 /* A weight gradient's tile: W[f0.., j0..] (+)= sum over rows k of A[k, f] B[k, j], for up to FP_MR
  * rows f (A's columns) and FP_NR columns j, with A (K x lda) and B (K x ldb) row-major: each row
  * k gives FP_MR scalars of A (contiguous) times two vectors of B. mr, nr: the tile's real size
@@ -162,9 +212,8 @@ static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb
  * threads claim tiles of W; a tile's pass is done by one thread, and the passes follow each
  * other (a barrier), so every tile is summed over k in order: the result does not depend on
  * the thread count, or on which thread took which tile.
- * Each panel of B is copied to the thread's scratch (FT_KC x FP_NR floats, zero-padded past
- * cn): its rows are then contiguous (a strided panel maps to a few cache sets) and no load
- * reads past the end of a row of B. */
+ * The last, partial panel of B is copied, zero-padded, to the thread's scratch (FT_KC x FP_NR
+ * floats), so that no load reads past the end of a row of B. */
 static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, const float *B, float *W,
                           int accumulate) {
     long fpanels = (f + FP_MR - 1) / FP_MR, tiles = fpanels * ((cn + FP_NR - 1) / FP_NR);
@@ -178,13 +227,17 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
             for (long t = 0; t < tiles; t++) {  /* filter panel inner: a panel of B serves several tiles */
                 long j0 = t / fpanels * FP_NR, f0 = t % fpanels * FP_MR;
                 int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR), mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
-                if (copied != j0) {  /* this panel of B, contiguous (and zero-padded past cn) */
-                    const float *b = B + k0 * cn + j0;
-                    for (long k = 0; k < kc; k++)
-                        for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+                const float *b = B + k0 * cn + j0;
+                long ldb = cn;
+                if (nr < FP_NR) {  /* the last panel: copied, zero-padded */
+                    if (copied != j0)
+                        for (long k = 0; k < kc; k++)
+                            for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
                     copied = j0;
+                    b = bt;
+                    ldb = FP_NR;
                 }
-                ft_wg_tile(A + k0 * f + f0, f, bt, FP_NR, kc, W + f0 * cn + j0, cn, mr, nr, accumulate || k0 > 0);
+                ft_wg_tile(A + k0 * f + f0, f, b, ldb, kc, W + f0 * cn + j0, cn, mr, nr, accumulate || k0 > 0);
             }
         }
         FT_FTZ_OFF();
@@ -307,13 +360,14 @@ static void ft_conv_forward(const fl_op *op, const float *x, long n, ft_ctx *c) 
     for (long f = 0; f < F; f++)
         for (long ch = 0; ch < C; ch++)
             for (long t = 0; t < k * k; t++) wp[f * KKC + t * C + ch] = w[(f * C + ch) * k * k + t];
+    ft_pack(c, wp, 1, KKC, F, c->wpack);
+    const float *bias = ft_pad_bias(b, F, c->bpad);
     for (long n0 = 0; n0 < n; n0 += chunk) {
         long m = n - n0 < chunk ? n - n0 : chunk;
-        float *cols = c->cols;
+        float *cols = op->aux ? fl_ptr(op->aux) : c->cols;  /* the op's own columns: kept for backward */
         FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
-        ft_gemm_rows(c, 1, m * P, F, KKC, cols, wp, KKC, y + n0 * P * F);
+        ft_gemm_packed(c, m * P, F, KKC, cols, c->wpack, bias, y + n0 * P * F, (int)op->relu);
     }
-    FT_PER_IMAGE(c, n, ft_bias_act(y + i * P * F, b, P, F, (int)op->relu));
 }
 
 static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *dx, long n, ft_ctx *c) {
@@ -323,14 +377,16 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
     float *dw = fl_ptr(op->dw), *dwp = c->wbuf;
     FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, P, F, c->part + i * c->part_floats));
     ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
+    if (dx) ft_pack(c, wp, 0, F, KKC, c->wpack);
     for (long n0 = 0; n0 < n; n0 += chunk) {
         long m = n - n0 < chunk ? n - n0 : chunk;
-        float *cols = c->cols;
+        float *cols = op->aux ? fl_ptr(op->aux) : c->cols;
         const float *dyc = dy + n0 * P * F;
-        FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
+        if (!op->aux)  /* the forward's columns were overwritten: again */
+            FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
         ft_gemm_wgrad(c, m * P, F, KKC, dyc, cols, dwp, n0 > 0);
         if (dx) {
-            ft_gemm_rows(c, 0, m * P, KKC, F, dyc, wp, KKC, cols);  /* columns' gradient */
+            ft_gemm_packed(c, m * P, KKC, F, dyc, c->wpack, c->bpad + c->bpad_floats / 2, cols, 0);  /* columns' gradient */
             FT_PER_IMAGE(c, m, ft_col2im(op, cols + i * P * KKC, dx + (n0 + i) * in_sz));
         }
     }
@@ -549,8 +605,9 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
             break;
         case FL_GEMM:
         case FL_LINEAR:  /* (n P, C) x (F, C)^T, then bias (and ReLU) */
-            ft_gemm_rows(c, 1, n * P, op->c_out, op->c_in, in, fl_cptr(op->w), op->c_in, y);
-            FT_PER_IMAGE(c, n, ft_bias_act(y + i * out_sz, fl_cptr(op->b), P, op->c_out, (int)op->relu));
+            ft_pack(c, fl_cptr(op->w), 1, op->c_in, op->c_out, c->wpack);
+            ft_gemm_packed(c, n * P, op->c_out, op->c_in, in, c->wpack, ft_pad_bias(fl_cptr(op->b), op->c_out, c->bpad),
+                           y, (int)op->relu);
             break;
         case FL_CONV:
             ft_conv_forward(op, in, n, c);
@@ -610,7 +667,10 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
             FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, P, F, c->part + i * c->part_floats));
             ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
             ft_gemm_wgrad(c, n * P, F, C, dy, in, fl_ptr(op->dw), 0);
-            if (d) ft_gemm_rows(c, 0, n * P, C, F, dy, fl_cptr(op->w), C, d);
+            if (d) {
+                ft_pack(c, fl_cptr(op->w), 0, F, C, c->wpack);
+                ft_gemm_packed(c, n * P, C, F, dy, c->wpack, c->bpad + c->bpad_floats / 2, d, 0);
+            }
             break;
         }
         case FL_CONV:

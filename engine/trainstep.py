@@ -31,7 +31,14 @@ from .plan import aligned_empty, vh_pairs
 
 FUSES_RELU = tuple(CKIND[k] for k in ("GEMM", "CONV", "VH", "POOL", "LINEAR"))
 COLUMN_FLOATS = 16 * 2**20  # im2col works on chunks of images with at most this many column floats (64 MiB)
+OWN_COLUMN_FLOATS = 12 * 2**20  # a convolution whose columns for the whole batch fit keeps them for backward
 STEPS = ("auto", "compiled", "layers")
+
+
+def _panels(n):
+    """n rounded up to whole panels of the GEMM micro-kernel's filters."""
+    nr = _kernels.infer_layout()[0]
+    return -(-n // nr) * nr
 
 
 def _float_bits(v):
@@ -108,7 +115,7 @@ class CompiledStep:
         self._keep, self._rows, self.names, self._dropouts = [], [], [], []
         self._saved = []  # per row: (output array, argmax/mask array or None), for saved()
         self._act = int(np.prod(self.in_shape))
-        self._cols = self._wbuf = self._part = self._scratch = 1
+        self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = 1
         shape, self._nhwc, self._layouts = self.in_shape, False, []
         fused = {i: (v, hz) for i, v, hz in vh_pairs(self.ops)}
         skip = {i + 1 for i, v, hz in vh_pairs(self.ops) if v is not None and hz is not None}
@@ -159,11 +166,15 @@ class CompiledStep:
                 f, ho, wo = op.out_shape
                 kkc, p = layer.k * layer.k * c, ho * wo
                 chunk = max(1, min(cap, COLUMN_FLOATS // (p * kkc)))
-                self._cols = max(self._cols, chunk * p * kkc)
+                own = {}
+                if chunk == cap and cap * p * kkc <= OWN_COLUMN_FLOATS:  # kept from forward to backward
+                    own = dict(aux=self._buf(cap * p * kkc))
+                else:
+                    self._cols = max(self._cols, chunk * p * kkc)
                 self._wbuf = max(self._wbuf, f * kkc)
                 self._part = max(self._part, f)
                 self._gemm_row("CONV", op, shape, op.out_shape, k=layer.k, stride=layer.stride, pad=layer.padding,
-                               mid=self._buf(f * kkc), chunk=chunk)
+                               mid=self._buf(f * kkc), chunk=chunk, **own)
             elif op.kind in ("vertical", "horizontal"):
                 self._vh_row(op.name, *fused[i], shape)
                 v, hz = fused[i]
@@ -181,6 +192,8 @@ class CompiledStep:
         self.table = op_table(self._rows)
         self._cols_buf = aligned_empty(self._cols)
         self._wbuf_buf = aligned_empty(self._wbuf)
+        self._wpack_buf = aligned_empty(self._wpack)
+        self._bpad_buf = np.zeros(2 * self._bpad, np.float32)
         self._part_buf = np.empty((cap, self._part), np.float32)
         self._g = [aligned_empty(cap * self._act) for _ in range(2)]
         self._scratch = max(self._scratch, _kernels.train_wgrad_scratch())
@@ -215,7 +228,8 @@ class CompiledStep:
         aux = fields.get("aux")
         c, h, w = (tuple(out_shape) + (1, 1))[:3]
         self._layouts.append((h, w, c) if self._nhwc and len(out_shape) == 3 else tuple(out_shape))
-        self._saved.append((self._keep[-1], self._keep[-2] if aux else None))  # aux is allocated just before
+        kept = aux if kind in ("POOL", "DROPOUT") else None  # argmax / mask
+        self._saved.append((self._keep[-1], next((a for a in self._keep if kept and a.ctypes.data == kept), None)))
         self._rows.append(op_row(kind, in_shape, out_shape, **fields))
         self._act = max(self._act, n_out, int(np.prod(in_shape)))
         self.names.append(name)
@@ -223,6 +237,9 @@ class CompiledStep:
     def _gemm_row(self, kind, op, in_shape, out_shape, **fields):
         layer = op.layer
         self._part = max(self._part, out_shape[0])
+        f, k = layer.params["weight"].shape[0], layer.params["weight"].size // layer.params["weight"].shape[0]
+        self._wpack = max(self._wpack, _panels(f) * k, _panels(k) * f)  # forward: W^T packed; backward: W
+        self._bpad = max(self._bpad, _panels(f), _panels(k))
         self._add(kind, op.name, in_shape, out_shape, w=self._ptr(layer.params["weight"]),
                   b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
                   db=self._ptr(layer.grads["bias"]), **fields)
@@ -292,7 +309,7 @@ class CompiledStep:
         with single_threaded_blas():
             self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
                                                    self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                                   threads, times)
+                                                   self._wpack_buf, self._bpad_buf, threads, times)
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
@@ -307,7 +324,7 @@ class CompiledStep:
         with single_threaded_blas():
             self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf,
                                                    self._wbuf_buf, self._part_buf, self._scratch_buf, self._g[0],
-                                                   self._g[1], threads, times)
+                                                   self._g[1], self._wpack_buf, self._bpad_buf, threads, times)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
         """SGD with momentum on every parameter (trainer.sgd_momentum's rule), compiled."""
