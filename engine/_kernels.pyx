@@ -748,10 +748,7 @@ def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan 
 # ----------------------------------------------------------------------------- compiled training step
 
 cdef extern from "_train.h" nogil:
-    ctypedef void (*ft_sgemm_t)(char *, char *, int *, int *, int *, float *, float *, int *, float *, int *,
-                                float *, float *, int *)
     ctypedef struct ft_ctx:
-        ft_sgemm_t sgemm
         int threads
         int team
         float *cols
@@ -797,7 +794,6 @@ def train_run(bint backward,
         raise ValueError("train_run: work space too small for this batch or thread count")
     if backward and dlogits.shape[0] != x.shape[0]:
         raise ValueError("train_run: dlogits must hold one row per image")
-    ctx.sgemm = sgemm
     ctx.threads = num_threads
     ctx.team = 1
     ctx.cols = &cols[0]

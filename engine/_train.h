@@ -3,10 +3,10 @@
  *
  * The whole batch goes through each op in turn, channels-last: an image's activation
  * is (H, W, C), so a 1x1 (lateral) convolution, a k x k convolution (on im2col columns)
- * and a Linear layer are each ONE large GEMM over the batch (BLAS sgemm, passed in by
- * the caller: near the machine's peak, where per-image GEMMs are not), and the
- * per-channel ops (vertical + horizontal 1D convolutions, fused; pooling; bias, ReLU;
- * dropout) are loops whose innermost index runs over contiguous channels.
+ * and a Linear layer are each ONE large GEMM over the batch (register-blocked
+ * micro-kernels, see "GEMMs" below), and the per-channel ops (vertical + horizontal 1D
+ * convolutions, fused; pooling; dropout) are loops whose innermost index runs over
+ * contiguous channels; bias and ReLU are applied inside the GEMM tiles.
  *
  * Forward keeps what backward needs: every op's output (ReLU folded into the op before
  * it: its output is stored after the ReLU and backward masks the gradient with
@@ -16,8 +16,7 @@
  * Determinism: every output element, and every weight gradient, is computed with a
  * fixed summation order whatever the thread count. Loops over images give each image to
  * one thread; per-image partial sums of the bias and 1D-filter gradients are reduced
- * over the images in order (in double); GEMM results do not depend on BLAS's thread
- * count (BLAS splits the output, never the summation). Denormals are flushed to zero
+ * over the images in order (in double); GEMM tiles sum over k in order. Denormals are flushed to zero
  * in these kernels (FTZ/DAZ), as float32 training slows down on them.
  */
 #include <stdint.h>
@@ -39,12 +38,8 @@
 #include "_ops.h"
 #include "_infer.h"  /* the SIMD vector type and loads of the inference kernels */
 
-typedef void (*ft_sgemm_t)(char *ta, char *tb, int *m, int *n, int *k, float *alpha, float *a, int *lda, float *b,
-                           int *ldb, float *beta, float *c, int *ldc);
-
 /* What a step needs besides the op table; all buffers are owned by the caller (Python). */
 typedef struct {
-    ft_sgemm_t sgemm;
     int threads;     /* threads of the per-image loops */
     int team;        /* out: threads that ran the last parallel loop */
     float *cols;     /* CONV im2col columns: chunk x Ho*Wo x k*k*C floats at most */
@@ -85,35 +80,13 @@ static inline int ft_team(void) {
 #endif
 }
 
-/* The forward and input-gradient GEMMs go to BLAS's sgemm, single-threaded (the caller
- * limits BLAS to one thread): our threads take fixed blocks of rows, so that every result is
- * the same whatever the thread count (BLAS's own threading gives results that depend on its
- * thread count, and its threads would compete with ours). Weight gradients, whose GEMMs
- * have a small output and a long sum (BLAS ran them at a third of its usual rate here),
- * go to ft_gemm_wgrad below. */
-#define FT_ROWS 256  /* rows of C per block of a forward or input-gradient GEMM */
-
-/* Row-major C (m x n) = op(A) op(B) + beta C, one sgemm call (column-major: operands swapped). */
-static void ft_sgemm(const ft_ctx *c, int ta, int tb, long m, long n, long k, const float *A, long lda,
-                     const float *B, long ldb, float beta, float *C, long ldc) {
-    char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-    int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)ldb, LDC = (int)ldc;
-    float one = 1.f;
-    c->sgemm(&ctb, &cta, &N, &M, &K, &one, (float *)B, &LDB, (float *)A, &LDA, &beta, C, &LDC);
-}
-
-/* C (m x n) = A (m x k) op(B), in blocks of FT_ROWS rows shared by the threads. */
-static void ft_gemm_rows(ft_ctx *c, int tb, long m, long n, long k, const float *A, const float *B, long ldb,
-                         float *C) {
-    long blocks = (m + FT_ROWS - 1) / FT_ROWS;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads)
-    for (long b = 0; b < blocks; b++) {
-        FT_FTZ_ON();
-        long r0 = b * FT_ROWS, r1 = r0 + FT_ROWS < m ? r0 + FT_ROWS : m;
-        ft_sgemm(c, 0, tb, r1 - r0, n, k, A + r0 * k, k, B, ldb, 0.f, C + r0 * n, n);
-        FT_FTZ_OFF();
-    }
-}
+/* GEMMs: the forward and input-gradient products run the inference path's micro-kernel
+ * (fp_tile, _infer.h) on weights packed once per step (ft_pack, ft_gemm_packed); weight
+ * gradients, whose products have a small output and a long sum, their own kernel
+ * (ft_wg_tile, ft_gemm_wgrad). Both share fixed tiles between the threads, so every result
+ * is the same whatever the thread count. (BLAS was tried first: its results depend on its
+ * own thread count, its threads compete with ours, and here it ran the weight gradients'
+ * shapes at 12 GFLOP/s per core, a third of the peak.) */
 
 /* Bp = a (K x N) matrix B in panels of FP_NR columns, Bp[p][k][j] = B(k, p FP_NR + j), zero past
  * N (the layout fp_tile reads): trans = 1 packs B = W^T of W (N x K), trans = 0 B = W (K x N). */

@@ -11,8 +11,8 @@
 computation as two compiled calls (forward, backward; engine/_train.h) around the
 loss, then one compiled SGD update. It is built from the shared lowering
 (engine/lowering.py): channels-last activations, fused V+H, bias and ReLU folded
-into the op before them, whole-batch BLAS GEMMs for the convolutions, laterals and
-Linear layers, and no Python per layer.
+into the op before them, whole-batch GEMMs on register-blocked micro-kernels for the
+convolutions, laterals and Linear layers, and no Python per layer.
 
 Both steps read and write the same state: ``Layer.params`` are the master weights
 (updated in place), ``Layer.grads`` receive the gradients, ``velocity`` (name ->
@@ -24,7 +24,7 @@ with one step resumes on the other, and their results agree to float32 rounding
 import numpy as np
 
 from . import _kernels
-from .backend import dropout_seed, get_num_threads, single_threaded_blas
+from .backend import dropout_seed, get_num_threads
 from .losses import SoftmaxCrossEntropy
 from .lowering import CKIND, COL, UnsupportedNetwork, lower, op_row, op_table
 from .plan import aligned_empty, vh_pairs
@@ -306,10 +306,9 @@ class CompiledStep:
             self.table[row, COL["seed"]] = dropout_seed(layer.rng, layer.p)[0]  # < 2**63
         threads = self._threads(num_threads)
         self._x = x
-        with single_threaded_blas():
-            self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
-                                                   self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                                   self._wpack_buf, self._bpad_buf, threads, times)
+        self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
+                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1],
+                                               self._wpack_buf, self._bpad_buf, threads, times)
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
@@ -321,10 +320,9 @@ class CompiledStep:
             raise ValueError(f"dlogits of shape {dlogits.shape} do not match the last forward "
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
-        with single_threaded_blas():
-            self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf,
-                                                   self._wbuf_buf, self._part_buf, self._scratch_buf, self._g[0],
-                                                   self._g[1], self._wpack_buf, self._bpad_buf, threads, times)
+        self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
+                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1],
+                                               self._wpack_buf, self._bpad_buf, threads, times)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
         """SGD with momentum on every parameter (trainer.sgd_momentum's rule), compiled."""
