@@ -613,18 +613,23 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
     return c->team;
 }
 
-/* Backward from dlogits (n x the last op's output) through every op in reverse: parameter
- * gradients go to the ops' gradient arrays; the input's gradient is not computed. */
+/* Backward from dlogits (n x the last op's output) through the ops in reverse: parameter
+ * gradients go to the ops' gradient arrays. Nothing needs the gradient of the input: the
+ * first op with parameters computes none, and the ops before it are not run. */
 static int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c) {
     FT_FTZ_ON();
     double t_prev = c->times ? ft_now() : 0.0;
     float *dy = c->g0, *dx = c->g1;
     memcpy(dy, dlogits, n * ft_out_size(ops + nops - 1) * sizeof(float));
-    for (int o = nops - 1; o >= 0; o--) {
+    int first = 0;  /* the first op with parameters: nothing below it needs a gradient */
+    while (first < nops - 1 && ops[first].kind != FL_GEMM && ops[first].kind != FL_CONV && ops[first].kind != FL_VH
+           && ops[first].kind != FL_LINEAR)
+        first++;
+    for (int o = nops - 1; o >= first; o--) {
         const fl_op *op = ops + o;
         const float *in = o ? fl_cptr(ops[o - 1].out) : x, *y = fl_cptr(op->out);
         long in_sz = ft_in_size(op), out_sz = ft_out_size(op), P = op->h_out * op->w_out;
-        float *d = o ? dx : NULL;  /* nobody needs the input's gradient */
+        float *d = o > first ? dx : NULL;
         if (op->relu)
             FT_PER_IMAGE(c, n, ft_relu_mask(dy + i * out_sz, y + i * out_sz, out_sz));
         switch (op->kind) {

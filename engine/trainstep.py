@@ -361,21 +361,23 @@ class CompiledStep:
 
     def flops(self, n):
         """[(forward, backward) floating-point operations] of each op for n images (2 per multiply-add;
-        the 1D and GEMM ops only, the rest counted as 0). The first op computes no input gradient."""
-        out = []
-        for i, row in enumerate(self.table):
+        the 1D and GEMM ops only, the rest counted as 0). The first op with parameters computes no
+        input gradient."""
+        out, first = [], True
+        for row in self.table:
             r = {name: int(row[col]) for name, col in COL.items()}
             p = r["h_out"] * r["w_out"]
             kind = next(k for k, v in CKIND.items() if v == r["kind"])
             if kind in ("GEMM", "LINEAR", "CONV"):
                 taps = r["k"] * r["k"] if kind == "CONV" else 1
                 f = 2 * n * p * r["c_in"] * taps * r["c_out"]
-                out.append((f, 2 * f if i else f))
             elif kind == "VH":
                 f = 2 * n * r["c_in"] * (r["h_mid"] * r["w_in"] * r["kv"] + p * r["kh"])
-                out.append((f, 2 * f if i else f))
             else:
                 out.append((0, 0))
+                continue
+            out.append((f, f if first else 2 * f))
+            first = False
         return out
 
     def profile(self, x, y, repeat=5, num_threads=None):
