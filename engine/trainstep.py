@@ -26,10 +26,9 @@ import numpy as np
 from . import _kernels
 from .backend import dropout_seed, get_num_threads
 from .losses import SoftmaxCrossEntropy
-from .lowering import CKIND, COL, UnsupportedNetwork, lower, op_row, op_table
-from .plan import aligned_empty, vh_pairs
+from .lowering import CKIND, COL, UnsupportedNetwork, fuse, lower, op_row, op_table
+from .plan import aligned_empty
 
-FUSES_RELU = tuple(CKIND[k] for k in ("GEMM", "CONV", "VH", "POOL", "LINEAR"))
 COLUMN_FLOATS = 16 * 2**20  # im2col works on chunks of images with at most this many column floats (64 MiB)
 OWN_COLUMN_FLOATS = 12 * 2**20  # a convolution whose columns for the whole batch fit keeps them for backward
 STEPS = ("auto", "compiled", "layers")
@@ -101,7 +100,7 @@ class CompiledStep:
         if in_shape is None:
             raise UnsupportedNetwork("in_shape is needed (the network does not record one)")
         self.net = net
-        self.ops = lower(net, in_shape)
+        self.ops = fuse(lower(net, in_shape))
         self.in_shape = self.ops[0].in_shape
         self.loss_fn = SoftmaxCrossEntropy()
         self.capacity = 0
@@ -117,12 +116,8 @@ class CompiledStep:
         self._act = int(np.prod(self.in_shape))
         self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = 1
         shape, self._nhwc, self._layouts = self.in_shape, False, []
-        fused = {i: (v, hz) for i, v, hz in vh_pairs(self.ops)}
-        skip = {i + 1 for i, v, hz in vh_pairs(self.ops) if v is not None and hz is not None}
-        for i, op in enumerate(self.ops):
-            layer = op.layer
-            if i in skip:
-                continue
+        for op in self.ops:
+            layer, relu = op.layer, int(op.relu)
             if op.kind == "flatten":
                 if self._nhwc and len(shape) == 3:
                     self._nhwc = False
@@ -130,11 +125,7 @@ class CompiledStep:
                 shape = op.out_shape
                 continue
             if op.kind == "relu":
-                if self._rows and self._rows[-1]["kind"] in FUSES_RELU:
-                    self._rows[-1]["relu"] = 1
-                    self.names[-1] += f"+{op.name}"
-                else:
-                    self._add("RELU", op.name, shape, shape, relu=1)
+                self._add("RELU", op.name, shape, shape, relu=1)
                 continue
             if op.kind == "dropout":
                 if layer.p > 0:
@@ -151,16 +142,16 @@ class CompiledStep:
                 if self._nhwc and len(shape) == 3:
                     self._nhwc = False
                     self._add("TO_NCHW", f"{op.name} (input to NCHW)", shape, shape)
-                self._gemm_row("LINEAR", op, (layer.n_in, 1, 1), (layer.n_out, 1, 1))
+                self._gemm_row("LINEAR", op, (layer.n_in, 1, 1), (layer.n_out, 1, 1), relu=relu)
                 shape = op.out_shape
                 continue
             if len(shape) != 3:
-                raise UnsupportedNetwork(f"{op.name}: {type(layer).__name__} after Flatten is not supported")
+                raise UnsupportedNetwork(f"{op.name}: {op.kind} after Flatten is not supported")
             if not self._nhwc:
                 self._to_nhwc(op.name, shape)
             if op.kind == "lateral" or (op.kind == "conv" and layer.k == 1 and layer.stride == 1
                                         and layer.padding == 0):
-                self._gemm_row("GEMM", op, shape, op.out_shape)
+                self._gemm_row("GEMM", op, shape, op.out_shape, relu=relu)
             elif op.kind == "conv":
                 c, h, w = shape
                 f, ho, wo = op.out_shape
@@ -173,15 +164,12 @@ class CompiledStep:
                     self._cols = max(self._cols, chunk * p * kkc)
                 self._wbuf = max(self._wbuf, f * kkc)
                 self._part = max(self._part, f)
-                self._gemm_row("CONV", op, shape, op.out_shape, k=layer.k, stride=layer.stride, pad=layer.padding,
-                               mid=self._buf(f * kkc), chunk=chunk, **own)
-            elif op.kind in ("vertical", "horizontal"):
-                self._vh_row(op.name, *fused[i], shape)
-                v, hz = fused[i]
-                shape = (hz or v).out_shape
-                continue
+                self._gemm_row("CONV", op, shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride,
+                               pad=layer.padding, mid=self._buf(f * kkc), chunk=chunk, **own)
+            elif op.kind == "vh":
+                self._vh_row(op, shape)
             elif op.kind == "pool":
-                self._add("POOL", op.name, shape, op.out_shape, k=layer.k, stride=layer.stride,
+                self._add("POOL", op.name, shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride,
                           aux=self._buf(cap * int(np.prod(op.out_shape)), np.int32))
             else:
                 raise UnsupportedNetwork(f"{op.name}: the compiled step has no op for {type(layer).__name__}")
@@ -244,9 +232,9 @@ class CompiledStep:
                   b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
                   db=self._ptr(layer.grads["bias"]), **fields)
 
-    def _vh_row(self, name, v, hz, shape):
+    def _vh_row(self, op, shape):
         c, h, w = shape
-        out = (hz or v).out_shape
+        v, hz = op.parts
         hm = v.out_shape[1] if v is not None else h
         ones, zeros = np.ones((c, 1), np.float32), np.zeros(c, np.float32)
         halves = []
@@ -264,10 +252,9 @@ class CompiledStep:
         self._wbuf = max(self._wbuf, (kv + kh) * c)
         self._part = max(self._part, (kv + kh + 2) * c)
         self._scratch = max(self._scratch, hm * w * c)
-        if v is not None and hz is not None:
-            name = f"{name}+horizontal"
-        self._add("VH", name, shape, out, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm, wv=wv, bv=bv, wh=wh,
-                  bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh, mid=self._buf(self.capacity * hm * w * c))
+        self._add("VH", op.name, shape, op.out_shape, relu=int(op.relu), kv=kv, vbefore=vb, kh=kh, hbefore=hb,
+                  h_mid=hm, wv=wv, bv=bv, wh=wh, bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh,
+                  mid=self._buf(self.capacity * hm * w * c))
 
     def saved(self, row, n):
         """What the last forward kept for op `row` on its n images: (output, argmax or mask or None),
