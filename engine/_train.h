@@ -16,8 +16,8 @@
  * Determinism: every output element, and every weight gradient, is computed with a
  * fixed summation order whatever the thread count. Loops over images give each image to
  * one thread; per-image partial sums of the bias and 1D-filter gradients are reduced
- * over the images in order (in double); GEMM tiles sum over k in order. Denormals are flushed to zero
- * in these kernels (FTZ/DAZ), as float32 training slows down on them.
+ * over the images in order (in double); GEMM tiles sum over k in order. Denormals are
+ * flushed to zero in these kernels (FTZ/DAZ), as float32 training slows down on them.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -61,7 +61,6 @@ static inline double ft_now(void) {
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
-static inline long ft_size(long c, long h, long w) { return c * h * w; }
 static inline long ft_in_size(const fl_op *op) { return op->c_in * op->h_in * op->w_in; }
 static inline long ft_out_size(const fl_op *op) { return op->c_out * op->h_out * op->w_out; }
 
@@ -236,17 +235,6 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
     } while (0)
 
 /* ---------------------------------------------------------------- element-wise pieces */
-
-/* y[p, f] += b[f] for P positions, then ReLU if asked. */
-static void ft_bias_act(float *y, const float *b, long P, long F, int relu) {
-    for (long p = 0; p < P; p++) {
-        float *r = y + p * F;
-        for (long f = 0; f < F; f++) {
-            float v = r[f] + b[f];
-            r[f] = relu && v < 0.f ? 0.f : v;
-        }
-    }
-}
 
 /* dy *= (y > 0): the gradient through a ReLU whose output is y. */
 static void ft_relu_mask(float *dy, const float *y, long len) {
