@@ -241,11 +241,16 @@ static void ft_relu_mask(float *dy, const float *y, long len) {
     for (long j = 0; j < len; j++) dy[j] = y[j] > 0.f ? dy[j] : 0.f;
 }
 
-/* part[f] = sum over P positions of dy[p, f] (one image's bias gradient). */
-static void ft_colsum(const float *dy, long P, long F, float *part) {
+/* part[f] = sum over P positions of dy[p, f] (one image's bias gradient); with relu, dy is first
+ * masked with y > 0 in place (the gradient through the op's ReLU), in the same pass. */
+static void ft_colsum(float *dy, const float *y, int relu, long P, long F, float *part) {
     for (long f = 0; f < F; f++) part[f] = 0.f;
-    for (long p = 0; p < P; p++)
-        for (long f = 0; f < F; f++) part[f] += dy[p * F + f];
+    for (long p = 0; p < P; p++) {
+        float *g = dy + p * F;
+        if (relu)
+            for (long f = 0; f < F; f++) g[f] = y[p * F + f] > 0.f ? g[f] : 0.f;
+        for (long f = 0; f < F; f++) part[f] += g[f];
+    }
 }
 
 /* out[j * ostride] = sum over images i (in order, in double) of part[i * part_floats + off + j], j < len. */
@@ -336,7 +341,8 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
     long in_sz = ft_in_size(op), chunk = op->chunk;
     const float *wp = fl_cptr(op->mid);
     float *dw = fl_ptr(op->dw), *dwp = c->wbuf;
-    FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, P, F, c->part + i * c->part_floats));
+    const float *y = fl_cptr(op->out);
+    FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, y + i * P * F, (int)op->relu, P, F, c->part + i * c->part_floats));
     ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
     if (dx) ft_pack(c, wp, 0, F, KKC, c->wpack);
     for (long n0 = 0; n0 < n; n0 += chunk) {
@@ -618,7 +624,8 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
         const float *in = o ? fl_cptr(ops[o - 1].out) : x, *y = fl_cptr(op->out);
         long in_sz = ft_in_size(op), out_sz = ft_out_size(op), P = op->h_out * op->w_out;
         float *d = o > first ? dx : NULL;
-        if (op->relu)
+        int gemm = op->kind == FL_GEMM || op->kind == FL_LINEAR || op->kind == FL_CONV;  /* they mask it themselves */
+        if (op->relu && !gemm)
             FT_PER_IMAGE(c, n, ft_relu_mask(dy + i * out_sz, y + i * out_sz, out_sz));
         switch (op->kind) {
         case FL_TO_NHWC:
@@ -630,7 +637,8 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
         case FL_GEMM:
         case FL_LINEAR: {
             long C = op->c_in, F = op->c_out;
-            FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, P, F, c->part + i * c->part_floats));
+            FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, y + i * out_sz, (int)op->relu, P, F,
+                                         c->part + i * c->part_floats));
             ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
             ft_gemm_wgrad(c, n * P, F, C, dy, in, fl_ptr(op->dw), 0);
             if (d) {
