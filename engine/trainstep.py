@@ -121,7 +121,7 @@ class CompiledStep:
             if op.kind == "flatten":
                 if self._nhwc and len(shape) == 3:
                     self._nhwc = False
-                    self._add("TO_NCHW", op.name, shape, shape)
+                    self._add("TO_NCHW", "(to NCHW)", shape, shape)
                 shape = op.out_shape
                 continue
             if op.kind == "relu":
@@ -141,7 +141,7 @@ class CompiledStep:
             if op.kind == "linear":
                 if self._nhwc and len(shape) == 3:
                     self._nhwc = False
-                    self._add("TO_NCHW", f"{op.name} (input to NCHW)", shape, shape)
+                    self._add("TO_NCHW", "(to NCHW)", shape, shape)
                 self._gemm_row("LINEAR", op, (layer.n_in, 1, 1), (layer.n_out, 1, 1), relu=relu)
                 shape = op.out_shape
                 continue
@@ -190,7 +190,7 @@ class CompiledStep:
 
     def _to_nhwc(self, name, shape):
         self._nhwc = True
-        self._add("TO_NHWC", f"{name} (input to channels-last)", shape, shape)
+        self._add("TO_NHWC", "(to channels-last)", shape, shape)
 
     @staticmethod
     def _hwc(shape):
