@@ -153,12 +153,21 @@ def load_checkpoint(path, shapes=None, n_train=None):
 def evaluate(model, x, y, batch_size=500, progress=False):
     """(mean loss, accuracy) of `model` in eval mode on (x, y); restores the previous mode.
 
-    x and y are host (numpy) arrays; each batch is copied to the model's backend.
-    progress=True shows a progress bar with the rate (images/s).
+    x and y are host (numpy) arrays; each batch is copied to the model's backend. On the CPU in
+    float32 the network runs compiled for inference (engine.plan: a snapshot of the current
+    weights, the same outputs up to float32 rounding, several times faster, no layer buffers);
+    otherwise layer by layer. progress=True shows a progress bar with the rate (images/s).
     """
+    from .plan import UnsupportedNetwork, compile_network
     ops = ops_for(model.backend)
     was_training = model.training
     model.eval()
+    forward = model.forward
+    if model.backend == "cpu" and model.dtype == np.float32 and getattr(model, "in_shape", None):
+        try:
+            forward = compile_network(model)
+        except UnsupportedNetwork:
+            pass
     loss_fn = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
     bar = None
@@ -167,7 +176,7 @@ def evaluate(model, x, y, batch_size=500, progress=False):
         bar = tqdm(total=len(x), desc="evaluating", unit="img", leave=False, dynamic_ncols=True)
     try:
         for i in range(0, len(x), batch_size):
-            logits = model.forward(ops.asarray(x[i:i + batch_size]))
+            logits = forward(ops.asarray(x[i:i + batch_size]))
             yb = ops.asarray(y[i:i + batch_size])
             total_loss += loss_fn(logits, yb) * len(logits)
             correct += int((logits.argmax(axis=1) == yb).sum())

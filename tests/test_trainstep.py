@@ -256,3 +256,23 @@ def test_interrupted_run_resumes_on_either_step(first, then, tmp_path):
             np.testing.assert_array_equal(w, rest.model.params[name], err_msg=name)
         else:
             assert_close(rest.model.params[name], w, name, rtol=1e-4)
+
+
+def test_evaluation_runs_compiled_and_agrees_with_the_layer_path(rng):
+    """evaluate() runs the compiled inference plan on a float32 CPU network; the float64 copy runs layer
+    by layer: the same accuracy, the loss to float32 rounding, and the network's mode is restored."""
+    from engine.trainer import evaluate
+    net = build("flattened", (1, 28, 28), 10, seed=4)
+    x = rng.standard_normal((37, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 37)
+    calls = []
+    import engine.plan as plan
+    real = plan.Plan.__call__
+    plan.Plan.__call__ = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    try:
+        loss32, acc32 = evaluate(net, x, y, batch_size=16)
+    finally:
+        plan.Plan.__call__ = real
+    assert len(calls) == 3 and net.training  # three batches through the plan; training mode restored
+    loss64, acc64 = evaluate(copy.deepcopy(net).astype(np.float64), x.astype(np.float64), y, batch_size=16)
+    assert acc32 == acc64 and loss32 == pytest.approx(loss64, rel=1e-5)
