@@ -23,7 +23,9 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
   that batch; a rank with an empty shard contributes zeros), writes its share of the loss
   and its count of correct answers after the gradients, then one in-place
   ``Allreduce(IN_PLACE, buffer, SUM)`` gives every rank the gradient of the global batch's
-  mean loss, the global loss and count, and whether any rank was asked to stop (Ctrl-C).
+  mean loss, the global loss and count, and whether any rank was asked to stop (SIGINT, or
+  SIGUSR1, which mpirun forwards to every rank: they all stop after the same step, save
+  a checkpoint and end as an interrupted run does).
   Every rank then applies the same SGD update. A NaN loss on any rank makes the summed
   loss NaN on all of them, and they stop together (TrainingDiverged).
 - What agrees with one process: the weights after k steps equal single-process training
@@ -54,6 +56,7 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
 import collections
 import hashlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -286,8 +289,16 @@ class Distributed:
             rng.bit_generator.state = np.random.default_rng([int(config["seed"]), self.rank]).bit_generator.state
 
     def wrap(self, step, stop_requested):
-        """The trainer's step, distributed; stop_requested() is this rank's Ctrl-C flag."""
-        return DistributedStep(self, step, stop_requested)
+        """The trainer's step, distributed; stop_requested() is this rank's Ctrl-C flag.
+
+        SIGUSR1 (which mpirun forwards to every rank; Ctrl-C makes it kill them) asks for a stop as Ctrl-C does
+        without MPI: the ranks agree at the next step's reduction, save a checkpoint and stop."""
+        wrapped = DistributedStep(self, step, stop_requested)
+        try:
+            signal.signal(signal.SIGUSR1, wrapped.on_signal)
+        except (ValueError, AttributeError):  # not the main thread, or no SIGUSR1 here
+            pass
+        return wrapped
 
     # checkpoints ------------------------------------------------------------------------
     def checkpoint_meta(self, model, velocity, meta):
@@ -357,6 +368,12 @@ class DistributedStep:
         self.dist, self.inner, self._stop_requested = dist, step, stop_requested
         self.name = step.name
         self._share = 1.0
+        self.signalled = False
+
+    def on_signal(self, signum, frame):
+        self.signalled = True
+        if self.dist.is_root:
+            print("\nSIGUSR1: finishing this step, saving a checkpoint, then stopping", flush=True)
 
     def shard(self, idx):
         lo, hi = shard_bounds(len(idx), self.dist.rank, self.dist.size)
@@ -375,7 +392,7 @@ class DistributedStep:
         else:  # an epoch's last batch with fewer images than ranks
             grads[...] = 0
             tail[0] = tail[1] = 0
-        tail[2] = 1.0 if self._stop_requested() else 0.0
+        tail[2] = 1.0 if self.signalled or self._stop_requested() else 0.0
         d.comm.Allreduce(d.MPI.IN_PLACE, d.buf, op=d.MPI.SUM)
         d.stop_agreed = bool(tail[2] > 0)
         return float(tail[0]), int(round(float(tail[1])))

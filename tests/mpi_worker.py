@@ -1,6 +1,7 @@
 """One rank of a data-parallel job for tests/test_distributed.py: a Trainer on tiny in-memory data.
 
     mpirun -np 2 python tests/mpi_worker.py OUT [--epochs N] [--no-dropout] [--resume] [--fail raise|kill|nan]
+                                                [--signal-at EPOCH,STEP]
     python tests/mpi_worker.py OUT --plain ...       # the same run in one process, without MPI
 
 Every rank writes into OUT/rank<r> (so a test sees which ranks wrote anything); with --plain,
@@ -49,6 +50,8 @@ def main(args, dist):
                      step=args.step, dist=dist)
 
     def fail(t):
+        if rank == 0 and args.signal_at and [t.epoch, t.step_in_epoch] == args.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)  # this rank only: the others learn it at the next reduction
         if rank == 1 and t.epoch == 1 and t.step_in_epoch == 2:
             if args.fail == "raise":
                 raise RuntimeError("rank 1 fails on purpose")
@@ -71,6 +74,8 @@ if __name__ == "__main__":
     p.add_argument("--step", default="auto")
     p.add_argument("--fail", choices=["raise", "kill", "nan"], default=None)
     p.add_argument("--plain", action="store_true", help="one process, no MPI")
+    p.add_argument("--signal-at", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="EPOCH,STEP (0-based epoch): rank 0 sends itself SIGUSR1 after that step")
     a = p.parse_args()
     if a.plain:
         sys.exit(main(a, None))

@@ -190,7 +190,8 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(mpi, tmp_path):
 
 def test_one_rank_equals_a_plain_run_exactly_and_resume_with_two_ranks_is_exact(mpi, tmp_path):
     """Dropout on. 1 rank under mpirun = no MPI, bit for bit. Then 2 ranks: 2 epochs straight equal
-    1 epoch + resume (every rank's dropout generator is in the checkpoint)."""
+    2 epochs stopped by a SIGUSR1 to rank 0 alone in epoch 2, then resumed (the ranks agree on the
+    step to stop after; every rank's dropout generator is in the checkpoint)."""
     assert worker(tmp_path / "mpi1", "--epochs", "1", np_=1).returncode == 0
     assert plain_worker(tmp_path / "plain", "--epochs", "1").returncode == 0
     a, b = ckpt(tmp_path / "mpi1"), ckpt(tmp_path / "plain")
@@ -200,10 +201,13 @@ def test_one_rank_equals_a_plain_run_exactly_and_resume_with_two_ranks_is_exact(
 
     r = worker(tmp_path / "straight", "--epochs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = worker(tmp_path / "resumed", "--epochs", "1")
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = worker(tmp_path / "resumed", "--epochs", "2", "--signal-at", "1,2")
+    assert r.returncode == 0 and "rank 0 of 2: interrupted" in r.stdout and "SIGUSR1: finishing" in r.stdout, \
+        r.stdout + r.stderr
+    meta = ckpt(tmp_path / "resumed")[2]
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 3)  # rank 1 stopped after the same step as rank 0
     r = worker(tmp_path / "resumed", "--epochs", "2", "--resume")
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0 and "rank 0 of 2: done" in r.stdout, r.stdout + r.stderr
     (ps, _, ms, _), (pr, _, mr, _) = ckpt(tmp_path / "straight"), ckpt(tmp_path / "resumed")
     assert len(ms["ranks"]["model_rng"]) == 1 and ms["ranks"]["model_rng"] == mr["ranks"]["model_rng"]
     assert ms["ranks"]["model_rng"][0] != ms["model_rng"]  # rank 1 draws its own masks
