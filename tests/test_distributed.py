@@ -306,3 +306,13 @@ def test_ranks_refuse_different_or_missing_data(mpi, mnist, case):
     else:
         assert "rank 1 of 2" in r.stderr and "error:" in r.stderr and "mnist" in r.stderr, r.stderr
     assert not (mnist / "run" / "checkpoint.npz").exists() and "epoch   1" not in r.stdout
+
+
+def test_bench_distributed_runs(mpi):
+    """`python -m engine.bench distributed` under mpirun, on tiny sizes (no timing asserted)."""
+    r = _mpirun(["-np", "2", sys.executable, "-m", "engine.bench", "distributed", "--dataset", "mnist", "--batch", "4",
+                 "--repeat", "1", "--threads", "1"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "allreduce of the gradients:" in r.stdout and "MiB in" in r.stdout
+    assert "2 rank(s) x 1 thread(s)" in r.stdout and "1 rank x 2 thread(s)" in r.stdout
+    assert r.stdout.count("# environment") == 1  # rank 0 alone reports
