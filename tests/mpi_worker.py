@@ -31,7 +31,7 @@ def tiny_data(n=64, seed=0):
                 test_x=rng.standard_normal((32, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 32))
 
 
-def make_trainer(out, epochs, dropout=True, lr=0.05, step="auto", dist=None):
+def make_trainer(out, epochs, dropout=True, lr=0.05, step="auto", dist=None, n_train=64):
     model = build("flattened", (1, 28, 28), 10, seed=1)
     if not dropout:
         for _, layer in leaves(model):
@@ -39,7 +39,7 @@ def make_trainer(out, epochs, dropout=True, lr=0.05, step="auto", dist=None):
                 layer.p = 0.0
     cfg = dict(epochs=epochs, batch_size=BATCH, lr=lr, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[1], seed=1,
                step=step)
-    return Trainer(model, tiny_data(), cfg, out, log=print, progress=False, dist=dist)
+    return Trainer(model, tiny_data(n_train), cfg, out, log=print, progress=False, dist=dist)
 
 
 def main(args, dist):
@@ -47,7 +47,7 @@ def main(args, dist):
     out = Path(args.out) / f"rank{rank}"
     out.mkdir(parents=True, exist_ok=True)
     t = make_trainer(out, args.epochs, dropout=not args.no_dropout, lr=1e12 if args.fail == "nan" else 0.05,
-                     step=args.step, dist=dist)
+                     step=args.step, dist=dist, n_train=args.n_train)
 
     def fail(t):
         if rank == 0 and args.signal_at and [t.epoch, t.step_in_epoch] == args.signal_at:
@@ -69,6 +69,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--n-train", type=int, default=64, help="training images (batches of 16)")
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--step", default="auto")
