@@ -55,6 +55,7 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
 """
 import collections
 import hashlib
+import importlib
 import os
 import signal
 import sys
@@ -136,7 +137,7 @@ def flatten_grads(model, tail=TAIL):
 def init():
     """The Distributed of this process (MPI_COMM_WORLD); DistributedError when mpi4py is missing."""
     try:
-        from mpi4py import MPI  # noqa: F401
+        importlib.import_module("mpi4py.MPI")  # initializes MPI
     except ImportError as e:
         where = launcher()
         raise DistributedError(

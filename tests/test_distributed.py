@@ -11,6 +11,7 @@ summation-order tolerance (each rank sums its shard's gradients, the shards' sum
 added). With dropout on, the ranks draw their own masks, so only the test accuracy after a few
 epochs agrees, within the noise of 64 test images. A 1-rank MPI run equals a plain run exactly.
 """
+import importlib
 import json
 import os
 import shutil
@@ -126,7 +127,7 @@ def _mpi_problem():
     if shutil.which("mpirun") is None:
         return "mpirun is not on the PATH (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)"
     try:
-        import mpi4py  # noqa: F401 (the package only: MPI starts with mpi4py.MPI, in the jobs)
+        importlib.import_module("mpi4py")  # the package only: MPI starts with mpi4py.MPI, in the jobs
     except ImportError as e:
         return f"mpi4py is not installed (pip install '.[mpi]'): {e}"
     r = _mpirun(["-np", "2", sys.executable, "-c",
