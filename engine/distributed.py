@@ -42,6 +42,8 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
   (seed, r, epoch, step_in_epoch). So a resume with the same number of ranks continues
   exactly, and one with another number is well defined: same weights, momentum, epoch
   order and position; the batches are split over the new ranks.
+- Evaluation: each rank evaluates its contiguous share of the test set, one Allreduce adds
+  the shares' loss sums and counts of correct answers.
 - I/O: only rank 0 reads and writes the run folder (checkpoint, log, model file) and prints;
   a resumed checkpoint is read by rank 0 and broadcast. At each checkpoint the weights and
   momentum buffers are broadcast from rank 0 (they are identical; this keeps any drift out).
@@ -288,6 +290,18 @@ class Distributed:
         rng = getattr(model, "rng", None)
         if rng is not None and self.rank > 0:
             rng.bit_generator.state = np.random.default_rng([int(config["seed"]), self.rank]).bit_generator.state
+
+    def evaluate(self, model, x, y, batch_size=500, progress=False):
+        """trainer.evaluate over the ranks: each evaluates its contiguous share of (x, y), then one Allreduce
+        of (loss sum, number correct): the whole set's (mean loss, accuracy) on every rank."""
+        from .trainer import evaluate
+        lo, hi = shard_bounds(len(x), self.rank, self.size)
+        sums = np.zeros(2)
+        if hi > lo:
+            loss, acc = evaluate(model, x[lo:hi], y[lo:hi], batch_size, progress)
+            sums[:] = loss * (hi - lo), round(acc * (hi - lo))
+        self.comm.Allreduce(self.MPI.IN_PLACE, sums, op=self.MPI.SUM)
+        return float(sums[0]) / len(x), int(sums[1]) / len(x)
 
     def wrap(self, step, stop_requested):
         """The trainer's step, distributed; stop_requested() is this rank's Ctrl-C flag.

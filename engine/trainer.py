@@ -387,8 +387,9 @@ class Trainer:
             if bar:
                 bar.close()
         t0 = time.perf_counter()
-        test_loss, test_acc = evaluate(self.model, self.data["test_x"], self.data["test_y"],
-                                       self.cfg.get("eval_batch_size", 500), progress=self.progress)
+        test_loss, test_acc = (evaluate if self.dist is None else self.dist.evaluate)(  # distributed: a share each
+            self.model, self.data["test_x"], self.data["test_y"], self.cfg.get("eval_batch_size", 500),
+            progress=self.progress)
         record = dict(epoch=self.epoch + 1, lr=lr, train_loss=r["loss"] / r["seen"], train_acc=r["correct"] / r["seen"],
                       test_loss=test_loss, test_acc=test_acc, seconds=r["seconds"],
                       images_per_s=rate(), eval_seconds=time.perf_counter() - t0)
