@@ -33,7 +33,8 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
   over its own images, the shards' sums are then added; one process sums the whole batch
   in one order), as long as the dropout masks agree: with dropout on, each rank draws its
   own masks (below), so the equality is tested with dropout off (p = 0). With N = 1, a
-  distributed run equals a plain run exactly, dropout included.
+  distributed run equals a plain run exactly, dropout included (weights, momentum and
+  generators; the test loss, summed in shares, to rounding).
 - Dropout: rank 0 keeps the model's generator (``model.rng``) as a single process would;
   rank r >= 1 re-seeds it from (seed, r) at the start. A checkpoint holds rank 0's state
   as ``model_rng`` (as without MPI) and the others' under ``ranks`` = {count, model_rng: [state of
