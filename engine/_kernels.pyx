@@ -748,10 +748,7 @@ def infer_run(const int64_t[:, ::1] ops,    # IN  op table built by engine.plan 
 # ----------------------------------------------------------------------------- compiled training step
 
 cdef extern from "_train.h" nogil:
-    ctypedef void (*ft_sgemm_t)(char *, char *, int *, int *, int *, float *, float *, int *, float *, int *,
-                                float *, float *, int *)
     ctypedef struct ft_ctx:
-        ft_sgemm_t sgemm
         int threads
         int team
         float *cols
@@ -762,6 +759,9 @@ cdef extern from "_train.h" nogil:
         long scratch_floats
         float *g0
         float *g1
+        float *wpack
+        float *bpad
+        long bpad_floats
         double *times
     int FT_SGD_COLS
     int FT_KC
@@ -780,6 +780,8 @@ def train_run(bint backward,
               float[:, ::1] part,           # (capacity, part_floats) per-image partial sums
               float[:, ::1] scratch,        # (threads, scratch_floats) per-thread scratch
               float[::1] g0, float[::1] g1,
+              float[::1] wpack,             # a GEMM's packed weights
+              float[::1] bpad,              # a padded bias, then as many zeros
               int num_threads,
               double[::1] times=None):      # OUT (optional, 2 n_ops): seconds per op, forward then backward
     """Forward (backward=False) or backward of a compiled training step (engine/_train.h) on n images.
@@ -792,7 +794,6 @@ def train_run(bint backward,
         raise ValueError("train_run: work space too small for this batch or thread count")
     if backward and dlogits.shape[0] != x.shape[0]:
         raise ValueError("train_run: dlogits must hold one row per image")
-    ctx.sgemm = sgemm
     ctx.threads = num_threads
     ctx.team = 1
     ctx.cols = &cols[0]
@@ -803,6 +804,9 @@ def train_run(bint backward,
     ctx.scratch_floats = scratch.shape[1]
     ctx.g0 = &g0[0]
     ctx.g1 = &g1[0]
+    ctx.wpack = &wpack[0]
+    ctx.bpad = &bpad[0]
+    ctx.bpad_floats = bpad.shape[0]
     ctx.times = NULL
     if times is not None:
         if times.shape[0] != 2 * ops.shape[0]:

@@ -3,10 +3,10 @@
  *
  * The whole batch goes through each op in turn, channels-last: an image's activation
  * is (H, W, C), so a 1x1 (lateral) convolution, a k x k convolution (on im2col columns)
- * and a Linear layer are each ONE large GEMM over the batch (BLAS sgemm, passed in by
- * the caller: near the machine's peak, where per-image GEMMs are not), and the
- * per-channel ops (vertical + horizontal 1D convolutions, fused; pooling; bias, ReLU;
- * dropout) are loops whose innermost index runs over contiguous channels.
+ * and a Linear layer are each ONE large GEMM over the batch (register-blocked
+ * micro-kernels, see "GEMMs" below), and the per-channel ops (vertical + horizontal 1D
+ * convolutions, fused; pooling; dropout) are loops whose innermost index runs over
+ * contiguous channels; bias and ReLU are applied inside the GEMM tiles.
  *
  * Forward keeps what backward needs: every op's output (ReLU folded into the op before
  * it: its output is stored after the ReLU and backward masks the gradient with
@@ -16,9 +16,8 @@
  * Determinism: every output element, and every weight gradient, is computed with a
  * fixed summation order whatever the thread count. Loops over images give each image to
  * one thread; per-image partial sums of the bias and 1D-filter gradients are reduced
- * over the images in order (in double); GEMM results do not depend on BLAS's thread
- * count (BLAS splits the output, never the summation). Denormals are flushed to zero
- * in these kernels (FTZ/DAZ), as float32 training slows down on them.
+ * over the images in order (in double); GEMM tiles sum over k in order. Denormals are
+ * flushed to zero in these kernels (FTZ/DAZ), as float32 training slows down on them.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -39,16 +38,15 @@
 #include "_ops.h"
 #include "_infer.h"  /* the SIMD vector type and loads of the inference kernels */
 
-typedef void (*ft_sgemm_t)(char *ta, char *tb, int *m, int *n, int *k, float *alpha, float *a, int *lda, float *b,
-                           int *ldb, float *beta, float *c, int *ldc);
-
 /* What a step needs besides the op table; all buffers are owned by the caller (Python). */
 typedef struct {
-    ft_sgemm_t sgemm;
     int threads;     /* threads of the per-image loops */
     int team;        /* out: threads that ran the last parallel loop */
     float *cols;     /* CONV im2col columns: chunk x Ho*Wo x k*k*C floats at most */
     float *wbuf;     /* transposed 1D filters (kv + kh) x C, or a CONV's packed weight gradient */
+    float *wpack;    /* a GEMM's weights packed for fp_tile (ft_pack) */
+    float *bpad;     /* a bias padded to whole panels; then as many zeros (the input gradients' "bias") */
+    long bpad_floats;
     float *part;     /* per-image partial gradient sums: n x part_floats */
     long part_floats;
     float *scratch;  /* per-thread scratch: threads x scratch_floats */
@@ -63,7 +61,6 @@ static inline double ft_now(void) {
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
-static inline long ft_size(long c, long h, long w) { return c * h * w; }
 static inline long ft_in_size(const fl_op *op) { return op->c_in * op->h_in * op->w_in; }
 static inline long ft_out_size(const fl_op *op) { return op->c_out * op->h_out * op->w_out; }
 
@@ -82,34 +79,59 @@ static inline int ft_team(void) {
 #endif
 }
 
-/* The forward and input-gradient GEMMs go to BLAS's sgemm, single-threaded (the caller
- * limits BLAS to one thread): our threads take fixed blocks of rows, so that every result is
- * the same whatever the thread count (BLAS's own threading gives results that depend on its
- * thread count, and its threads would compete with ours). Weight gradients, whose GEMMs
- * have a small output and a long sum (BLAS ran them at a third of its usual rate here),
- * go to ft_gemm_wgrad below. */
-#define FT_ROWS 256  /* rows of C per block of a forward or input-gradient GEMM */
+/* GEMMs: the forward and input-gradient products run the inference path's micro-kernel
+ * (fp_tile, _infer.h) on weights packed once per step (ft_pack, ft_gemm_packed); weight
+ * gradients, whose products have a small output and a long sum, their own kernel
+ * (ft_wg_tile, ft_gemm_wgrad). Both share fixed tiles between the threads, so every result
+ * is the same whatever the thread count. (BLAS was tried first: its results depend on its
+ * own thread count, its threads compete with ours, and here it ran the weight gradients'
+ * shapes at 12 GFLOP/s per core, a third of the peak.) */
 
-/* Row-major C (m x n) = op(A) op(B) + beta C, one sgemm call (column-major: operands swapped). */
-static void ft_sgemm(const ft_ctx *c, int ta, int tb, long m, long n, long k, const float *A, long lda,
-                     const float *B, long ldb, float beta, float *C, long ldc) {
-    char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-    int M = (int)m, N = (int)n, K = (int)k, LDA = (int)lda, LDB = (int)ldb, LDC = (int)ldc;
-    float one = 1.f;
-    c->sgemm(&ctb, &cta, &N, &M, &K, &one, (float *)B, &LDB, (float *)A, &LDA, &beta, C, &LDC);
+/* Bp = a (K x N) matrix B in panels of FP_NR columns, Bp[p][k][j] = B(k, p FP_NR + j), zero past
+ * N (the layout fp_tile reads): trans = 1 packs B = W^T of W (N x K), trans = 0 B = W (K x N). */
+static void ft_pack(ft_ctx *c, const float *W, int trans, long K, long N, float *bp) {
+    long panels = (N + FP_NR - 1) / FP_NR;
+    #pragma omp parallel for schedule(static) num_threads(c->threads)
+    for (long p = 0; p < panels; p++)
+        for (long k = 0; k < K; k++)
+            for (long j = 0; j < FP_NR; j++) {
+                long col = p * FP_NR + j;
+                bp[(p * K + k) * FP_NR + j] = col < N ? (trans ? W[col * K + k] : W[k * N + col]) : 0.f;
+            }
 }
 
-/* C (m x n) = A (m x k) op(B), in blocks of FT_ROWS rows shared by the threads. */
-static void ft_gemm_rows(ft_ctx *c, int tb, long m, long n, long k, const float *A, const float *B, long ldb,
-                         float *C) {
-    long blocks = (m + FT_ROWS - 1) / FT_ROWS;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(c->threads)
-    for (long b = 0; b < blocks; b++) {
+#define FT_RB 8  /* tiles of FP_MR rows per row block: a block of A is reused by every panel of B */
+
+/* C (M x N) = A (M x K) B + bias (+ ReLU), A and C row-major, B packed by ft_pack, bias padded
+ * to whole panels: the inference path's register-blocked micro-kernel (fp_tile), on tiles of
+ * FP_MR rows x FP_NR columns claimed by the threads, row block by row block. Each element is
+ * one tile's sum over k in order: the result does not depend on the thread count. */
+static void ft_gemm_packed(ft_ctx *c, long M, long N, long K, const float *A, const float *bp, const float *bias,
+                           float *C, int relu) {
+    long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR;
+    long per_block = np_ * FT_RB, tiles = (mp + FT_RB - 1) / FT_RB * per_block;
+    #pragma omp parallel num_threads(c->threads)
+    {
         FT_FTZ_ON();
-        long r0 = b * FT_ROWS, r1 = r0 + FT_ROWS < m ? r0 + FT_ROWS : m;
-        ft_sgemm(c, 0, tb, r1 - r0, n, k, A + r0 * k, k, B, ldb, 0.f, C + r0 * n, n);
+        const float *arow[FP_MR];
+        #pragma omp for schedule(dynamic, FT_RB)
+        for (long t = 0; t < tiles; t++) {
+            long rem = t % per_block, jp = rem / FT_RB, ip = t / per_block * FT_RB + rem % FT_RB;
+            if (ip >= mp) continue;
+            long i0 = ip * FP_MR, j0 = jp * FP_NR;
+            int mr = (int)(M - i0 < FP_MR ? M - i0 : FP_MR), nr = (int)(N - j0 < FP_NR ? N - j0 : FP_NR);
+            for (int i = 0; i < FP_MR; i++) arow[i] = A + (i0 + (i < mr ? i : 0)) * K;
+            fp_tile(1, K, 0, arow, bp + jp * K * FP_NR, bias + j0, C + i0 * N + j0, N, mr, nr, relu);
+        }
         FT_FTZ_OFF();
     }
+}
+
+/* bias padded to whole panels of FP_NR (zeros past n) */
+static const float *ft_pad_bias(const float *b, long n, float *out) {
+    long np_ = (n + FP_NR - 1) / FP_NR * FP_NR;
+    for (long j = 0; j < np_; j++) out[j] = j < n ? b[j] : 0.f;
+    return out;
 }
 
 /* A weight gradient's tile: W[f0.., j0..] (+)= sum over rows k of A[k, f] B[k, j], for up to FP_MR
@@ -158,12 +180,12 @@ static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb
 #define FT_KC 256  /* rows of A and B per pass over the tiles: a panel of B stays in L1, A in L2 */
 
 /* W (f x cn) (+)= A^T B over K rows, A (K x f) and B (K x cn) row-major (a weight gradient:
- * A the output gradient, B the op's input or im2col columns). The tiles of W are shared by
- * the threads in a fixed static split, the same in every pass of FT_KC rows, so each tile
- * is summed over k in order by one thread: the result does not depend on the thread count.
- * Each panel of B is copied to the thread's scratch (FT_KC x FP_NR floats, zero-padded past
- * cn): its rows are then contiguous (a strided panel maps to a few cache sets) and no load
- * reads past the end of a row of B. */
+ * A the output gradient, B the op's input or im2col columns). In each pass of FT_KC rows the
+ * threads claim tiles of W; a tile's pass is done by one thread, and the passes follow each
+ * other (a barrier), so every tile is summed over k in order: the result does not depend on
+ * the thread count, or on which thread took which tile.
+ * The last, partial panel of B is copied, zero-padded, to the thread's scratch (FT_KC x FP_NR
+ * floats), so that no load reads past the end of a row of B. */
 static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, const float *B, float *W,
                           int accumulate) {
     long fpanels = (f + FP_MR - 1) / FP_MR, tiles = fpanels * ((cn + FP_NR - 1) / FP_NR);
@@ -173,24 +195,29 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
         float *bt = c->scratch + (long)ft_tid() * c->scratch_floats;
         for (long k0 = 0; k0 < K; k0 += FT_KC) {
             long kc = K - k0 < FT_KC ? K - k0 : FT_KC, copied = -1;
-            #pragma omp for schedule(static) nowait
+            #pragma omp for schedule(dynamic, 4)
             for (long t = 0; t < tiles; t++) {  /* filter panel inner: a panel of B serves several tiles */
                 long j0 = t / fpanels * FP_NR, f0 = t % fpanels * FP_MR;
                 int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR), mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
-                if (copied != j0) {  /* this panel of B, contiguous (and zero-padded past cn) */
-                    const float *b = B + k0 * cn + j0;
-                    for (long k = 0; k < kc; k++)
-                        for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+                const float *b = B + k0 * cn + j0;
+                long ldb = cn;
+                if (nr < FP_NR) {  /* the last panel: copied, zero-padded */
+                    if (copied != j0)
+                        for (long k = 0; k < kc; k++)
+                            for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
                     copied = j0;
+                    b = bt;
+                    ldb = FP_NR;
                 }
-                ft_wg_tile(A + k0 * f + f0, f, bt, FP_NR, kc, W + f0 * cn + j0, cn, mr, nr, accumulate || k0 > 0);
+                ft_wg_tile(A + k0 * f + f0, f, b, ldb, kc, W + f0 * cn + j0, cn, mr, nr, accumulate || k0 > 0);
             }
         }
         FT_FTZ_OFF();
     }
 }
 
-/* Run BODY for each image i in [0, n) on the context's threads (one image, one thread). */
+/* Run BODY for each image i in [0, n) on the context's threads (one image, one thread; images
+ * are claimed one at a time, so a thread the machine delays holds up no one). */
 #define FT_PER_IMAGE(c, n, BODY)                                                   \
     do {                                                                           \
         int ft_team_ = 1;                                                          \
@@ -200,7 +227,7 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
             if (ft_tid() == 0) ft_team_ = ft_team();                               \
             float *scr = (c)->scratch + (long)ft_tid() * (c)->scratch_floats;      \
             (void)scr;                                                             \
-            _Pragma("omp for schedule(static)")                                    \
+            _Pragma("omp for schedule(dynamic, 1)")                                \
             for (long i = 0; i < (n); i++) { BODY; }                               \
             FT_FTZ_OFF();                                                          \
         }                                                                          \
@@ -209,27 +236,21 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
 
 /* ---------------------------------------------------------------- element-wise pieces */
 
-/* y[p, f] += b[f] for P positions, then ReLU if asked. */
-static void ft_bias_act(float *y, const float *b, long P, long F, int relu) {
-    for (long p = 0; p < P; p++) {
-        float *r = y + p * F;
-        for (long f = 0; f < F; f++) {
-            float v = r[f] + b[f];
-            r[f] = relu && v < 0.f ? 0.f : v;
-        }
-    }
-}
-
 /* dy *= (y > 0): the gradient through a ReLU whose output is y. */
 static void ft_relu_mask(float *dy, const float *y, long len) {
     for (long j = 0; j < len; j++) dy[j] = y[j] > 0.f ? dy[j] : 0.f;
 }
 
-/* part[f] = sum over P positions of dy[p, f] (one image's bias gradient). */
-static void ft_colsum(const float *dy, long P, long F, float *part) {
+/* part[f] = sum over P positions of dy[p, f] (one image's bias gradient); with relu, dy is first
+ * masked with y > 0 in place (the gradient through the op's ReLU), in the same pass. */
+static void ft_colsum(float *dy, const float *y, int relu, long P, long F, float *part) {
     for (long f = 0; f < F; f++) part[f] = 0.f;
-    for (long p = 0; p < P; p++)
-        for (long f = 0; f < F; f++) part[f] += dy[p * F + f];
+    for (long p = 0; p < P; p++) {
+        float *g = dy + p * F;
+        if (relu)
+            for (long f = 0; f < F; f++) g[f] = y[p * F + f] > 0.f ? g[f] : 0.f;
+        for (long f = 0; f < F; f++) part[f] += g[f];
+    }
 }
 
 /* out[j * ostride] = sum over images i (in order, in double) of part[i * part_floats + off + j], j < len. */
@@ -305,13 +326,14 @@ static void ft_conv_forward(const fl_op *op, const float *x, long n, ft_ctx *c) 
     for (long f = 0; f < F; f++)
         for (long ch = 0; ch < C; ch++)
             for (long t = 0; t < k * k; t++) wp[f * KKC + t * C + ch] = w[(f * C + ch) * k * k + t];
+    ft_pack(c, wp, 1, KKC, F, c->wpack);
+    const float *bias = ft_pad_bias(b, F, c->bpad);
     for (long n0 = 0; n0 < n; n0 += chunk) {
         long m = n - n0 < chunk ? n - n0 : chunk;
-        float *cols = c->cols;
+        float *cols = op->aux ? fl_ptr(op->aux) : c->cols;  /* the op's own columns: kept for backward */
         FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
-        ft_gemm_rows(c, 1, m * P, F, KKC, cols, wp, KKC, y + n0 * P * F);
+        ft_gemm_packed(c, m * P, F, KKC, cols, c->wpack, bias, y + n0 * P * F, (int)op->relu);
     }
-    FT_PER_IMAGE(c, n, ft_bias_act(y + i * P * F, b, P, F, (int)op->relu));
 }
 
 static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *dx, long n, ft_ctx *c) {
@@ -319,16 +341,19 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
     long in_sz = ft_in_size(op), chunk = op->chunk;
     const float *wp = fl_cptr(op->mid);
     float *dw = fl_ptr(op->dw), *dwp = c->wbuf;
-    FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, P, F, c->part + i * c->part_floats));
+    const float *y = fl_cptr(op->out);
+    FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, y + i * P * F, (int)op->relu, P, F, c->part + i * c->part_floats));
     ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
+    if (dx) ft_pack(c, wp, 0, F, KKC, c->wpack);
     for (long n0 = 0; n0 < n; n0 += chunk) {
         long m = n - n0 < chunk ? n - n0 : chunk;
-        float *cols = c->cols;
+        float *cols = op->aux ? fl_ptr(op->aux) : c->cols;
         const float *dyc = dy + n0 * P * F;
-        FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
+        if (!op->aux)  /* the forward's columns were overwritten: again */
+            FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
         ft_gemm_wgrad(c, m * P, F, KKC, dyc, cols, dwp, n0 > 0);
         if (dx) {
-            ft_gemm_rows(c, 0, m * P, KKC, F, dyc, wp, KKC, cols);  /* columns' gradient */
+            ft_gemm_packed(c, m * P, KKC, F, dyc, c->wpack, c->bpad + c->bpad_floats / 2, cols, 0);  /* columns' gradient */
             FT_PER_IMAGE(c, m, ft_col2im(op, cols + i * P * KKC, dx + (n0 + i) * in_sz));
         }
     }
@@ -547,8 +572,9 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
             break;
         case FL_GEMM:
         case FL_LINEAR:  /* (n P, C) x (F, C)^T, then bias (and ReLU) */
-            ft_gemm_rows(c, 1, n * P, op->c_out, op->c_in, in, fl_cptr(op->w), op->c_in, y);
-            FT_PER_IMAGE(c, n, ft_bias_act(y + i * out_sz, fl_cptr(op->b), P, op->c_out, (int)op->relu));
+            ft_pack(c, fl_cptr(op->w), 1, op->c_in, op->c_out, c->wpack);
+            ft_gemm_packed(c, n * P, op->c_out, op->c_in, in, c->wpack, ft_pad_bias(fl_cptr(op->b), op->c_out, c->bpad),
+                           y, (int)op->relu);
             break;
         case FL_CONV:
             ft_conv_forward(op, in, n, c);
@@ -581,19 +607,25 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
     return c->team;
 }
 
-/* Backward from dlogits (n x the last op's output) through every op in reverse: parameter
- * gradients go to the ops' gradient arrays; the input's gradient is not computed. */
+/* Backward from dlogits (n x the last op's output) through the ops in reverse: parameter
+ * gradients go to the ops' gradient arrays. Nothing needs the gradient of the input: the
+ * first op with parameters computes none, and the ops before it are not run. */
 static int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c) {
     FT_FTZ_ON();
     double t_prev = c->times ? ft_now() : 0.0;
     float *dy = c->g0, *dx = c->g1;
     memcpy(dy, dlogits, n * ft_out_size(ops + nops - 1) * sizeof(float));
-    for (int o = nops - 1; o >= 0; o--) {
+    int first = 0;  /* the first op with parameters: nothing below it needs a gradient */
+    while (first < nops - 1 && ops[first].kind != FL_GEMM && ops[first].kind != FL_CONV && ops[first].kind != FL_VH
+           && ops[first].kind != FL_LINEAR)
+        first++;
+    for (int o = nops - 1; o >= first; o--) {
         const fl_op *op = ops + o;
         const float *in = o ? fl_cptr(ops[o - 1].out) : x, *y = fl_cptr(op->out);
         long in_sz = ft_in_size(op), out_sz = ft_out_size(op), P = op->h_out * op->w_out;
-        float *d = o ? dx : NULL;  /* nobody needs the input's gradient */
-        if (op->relu)
+        float *d = o > first ? dx : NULL;
+        int gemm = op->kind == FL_GEMM || op->kind == FL_LINEAR || op->kind == FL_CONV;  /* they mask it themselves */
+        if (op->relu && !gemm)
             FT_PER_IMAGE(c, n, ft_relu_mask(dy + i * out_sz, y + i * out_sz, out_sz));
         switch (op->kind) {
         case FL_TO_NHWC:
@@ -605,10 +637,14 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
         case FL_GEMM:
         case FL_LINEAR: {
             long C = op->c_in, F = op->c_out;
-            FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, P, F, c->part + i * c->part_floats));
+            FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, y + i * out_sz, (int)op->relu, P, F,
+                                         c->part + i * c->part_floats));
             ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
             ft_gemm_wgrad(c, n * P, F, C, dy, in, fl_ptr(op->dw), 0);
-            if (d) ft_gemm_rows(c, 0, n * P, C, F, dy, fl_cptr(op->w), C, d);
+            if (d) {
+                ft_pack(c, fl_cptr(op->w), 0, F, C, c->wpack);
+                ft_gemm_packed(c, n * P, C, F, dy, c->wpack, c->bpad + c->bpad_floats / 2, d, 0);
+            }
             break;
         }
         case FL_CONV:

@@ -51,52 +51,6 @@ def _threads(n_elements):
     return 1 if n_elements < SERIAL_BELOW else get_num_threads()
 
 
-_blas_control = []
-
-
-def _scipy_blas_threads():
-    """(get, set) of the thread count of the BLAS that scipy.linalg.cython_blas calls, or None when it
-    is not an OpenBLAS found here (a BLAS other than scipy's wheel's: its threads are left alone)."""
-    if not _blas_control:
-        import ctypes
-        import glob
-        import scipy
-        found = None
-        libs = glob.glob(os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs", "*openblas*"))
-        for path in libs:
-            try:
-                lib = ctypes.CDLL(path)  # already loaded by scipy: the same library
-            except OSError:
-                continue
-            for prefix in ("scipy_openblas", "openblas"):
-                get, put = getattr(lib, f"{prefix}_get_num_threads", None), getattr(lib, f"{prefix}_set_num_threads", None)
-                if get is not None and put is not None:
-                    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
-                    found = (get, put)
-                    break
-            if found:
-                break
-        _blas_control.append(found)
-    return _blas_control[0]
-
-
-class single_threaded_blas:
-    """Context: scipy's BLAS runs on one thread inside (our own OpenMP threads split the work)."""
-
-    def __enter__(self):
-        control = _scipy_blas_threads()
-        self._restore = None
-        if control is not None:
-            self._restore = control[0]()
-            if self._restore != 1:
-                control[1](1)
-        return self
-
-    def __exit__(self, *exc):
-        if self._restore not in (None, 1):
-            _scipy_blas_threads()[1](self._restore)
-
-
 def kernels_path():
     """File of the compiled kernel module actually imported (CI checks it is a built extension)."""
     return os.path.abspath(_kernels.__file__)

@@ -13,6 +13,7 @@ ratios are only meaningful between rows of the same run. The header states threa
 BLAS library and kernel, and allocator settings, because they change the numbers.
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -272,7 +273,7 @@ def bench_compiled_layers(args, layers, records):
         for name, layer in layers.items():
             n_out = int(np.prod(layer.output_shape(x.shape)[1:]))
             step = CompiledStep(Sequential(layer, Flatten(), Linear(n_out, 1)), x.shape[1:], args.batch)
-            mine = [(f, b) for op, f, b in step.profile(x, y, args.repeat) if op.startswith("0") and "(input" not in op]
+            mine = [(f, b) for op, f, b in step.profile(x, y, args.repeat) if op.startswith("0")]
             flops = layer_flops(layer, x.shape)
             for pas, ms, fl in (("forward", sum(f for f, _ in mine), flops),
                                 ("backward", sum(b for _, b in mine), 2 * flops)):
@@ -384,15 +385,21 @@ def peak_rss_mib():
 # ----------------------------------------------------------------------------- whole model
 
 def bench_model(args):
+    """Training steps and inference of a whole paper model: the engine's layer and compiled paths and, with
+    --compare torch, PyTorch (NCHW and channels-last). All cases take turns in --rounds rounds of --repeat
+    timed runs, so that a noisy minute hits every case; each row is the median over all its rounds, and
+    the ratios are given per round (their spread shows the noise)."""
     from engine.losses import SoftmaxCrossEntropy
     from engine.trainer import sgd_momentum
+    from engine.trainstep import CompiledStep
     from models.paper import build
     backends = backends_to_time(args.backend)
     engine.set_num_threads(args.threads)
     print_environment(environment(args.threads))
     shape = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}[args.dataset]
     n_classes = {"cifar10": 10, "cifar100": 100, "mnist": 10}[args.dataset]
-    rows = []
+    cases = []  # (what, batch, label, fn, runs per round, sync)
+    compiled = None
     for backend in backends:
         ops = engine.backend.ops_for(backend)
         net = build(args.model, shape, n_classes).to(backend)
@@ -400,39 +407,54 @@ def bench_model(args):
         x = ops.asarray(rng.standard_normal((args.batch, *shape)).astype(np.float32))
         y = ops.asarray(rng.integers(0, n_classes, args.batch))
         loss_fn, velocity = SoftmaxCrossEntropy(), {}
+        evalnet = build(args.model, shape, n_classes).to(backend).eval()
 
-        def step():
+        def step(net=net, x=x, y=y, loss_fn=loss_fn, velocity=velocity):
             loss_fn(net.forward(x), y)
             net.backward(loss_fn.backward())
             sgd_momentum(net.params, net.grads, velocity, 0.01, 0.9, 1e-4)
 
-        rows.append(("train step", args.batch, backend, timeit(step, args.repeat, warmup=2, sync=ops.synchronize)))
+        cases.append(("train step", args.batch, backend, step, args.repeat, ops.synchronize))
         if backend == "cpu":  # the compiled step train.py uses on the CPU (engine/trainstep.py)
-            from engine.trainstep import CompiledStep
             compiled = CompiledStep(net, shape, args.batch)
-            rows.append(("train step", args.batch, "cpu compiled",
-                         timeit(lambda: compiled.step(x, y, 0.01, 0.9, 1e-4, None, velocity), args.repeat,
-                                warmup=2)))
-        net.eval()
-        rows.append(("inference", args.batch, backend,
-                     timeit(lambda: net.forward(x), args.repeat, warmup=2, sync=ops.synchronize)))
-        rows.append(("inference", 1, backend,
-                     timeit(lambda: net.forward(x[:1]), max(args.repeat, 20), warmup=3, sync=ops.synchronize)))
+            cases.append(("train step", args.batch, "cpu compiled",
+                          lambda c=compiled, x=x, y=y, v=velocity: c.step(x, y, 0.01, 0.9, 1e-4, None, v),
+                          args.repeat, None))
+        cases.append(("inference", args.batch, backend, lambda n=evalnet, x=x: n.forward(x), args.repeat,
+                      ops.synchronize))
+        cases.append(("inference", 1, backend, lambda n=evalnet, x=x: n.forward(x[:1]), max(args.repeat, 20),
+                      ops.synchronize))
         if backend == "cpu":  # the compiled path engine.load(...).predict uses (engine/plan.py)
             from engine.plan import compile_network
-            plan = compile_network(net)
-            rows.append(("inference", args.batch, "cpu compiled", timeit(lambda: plan(x), args.repeat, warmup=2)))
-            rows.append(("inference", 1, "cpu compiled", timeit(lambda: plan(x[:1]), max(args.repeat, 20), warmup=3)))
+            plan = compile_network(evalnet)
+            cases.append(("inference", args.batch, "cpu compiled", lambda x=x: plan(x), args.repeat, None))
+            cases.append(("inference", 1, "cpu compiled", lambda x=x: plan(x[:1]), max(args.repeat, 20), None))
         if args.per_layer and backend == "cpu":
-            net.train()
             print_per_layer(per_layer_times(net, x, args.repeat), f"{args.model} layers (training mode)")
             print_step_profile(compiled, x, y, args)
-    print(f"# {args.model} on {args.dataset} inputs {shape}")
-    print(f"{'what':<12} {'batch':>5} {'backend':<20} {'median_ms':>9} {'images/s':>10}")
-    for what, b, backend, t in rows:
-        print(f"{what:<12} {b:>5} {backend:<20} {1e3 * statistics.median(t):>9.2f} {b / statistics.median(t):>10.0f}")
     if "torch" in args.compare:
-        bench_torch_model(args, shape, n_classes)
+        cases += torch_model_cases(args, shape, n_classes)
+    times = {i: [] for i in range(len(cases))}
+    rounds = []
+    for r in range(args.rounds):
+        this = {}
+        for i, (what, b, label, fn, runs, sync) in enumerate(cases):
+            t = timeit(fn, runs, warmup=2 if r == 0 else 1, sync=sync)
+            times[i] += t
+            this[(what, b, label)] = statistics.median(t)
+        rounds.append(this)
+    print(f"# {args.model} on {args.dataset} inputs {shape}: medians over {args.rounds} rounds of {args.repeat} runs")
+    print(f"{'what':<12} {'batch':>5} {'backend':<20} {'median_ms':>9} {'images/s':>10}")
+    for i, (what, b, label, *_) in enumerate(cases):
+        t = statistics.median(times[i])
+        print(f"{what:<12} {b:>5} {label:<20} {1e3 * t:>9.2f} {b / t:>10.0f}")
+    for what, b in (("train step", args.batch), ("inference", args.batch), ("inference", 1)):
+        labels = [lab for (w, bb, lab) in rounds[0] if (w, bb) == (what, b)]
+        theirs = [lab for lab in labels if lab.startswith("torch")]
+        if "cpu compiled" in labels and theirs:
+            ratios = [min(rd[(what, b, t)] for t in theirs) / rd[(what, b, "cpu compiled")] for rd in rounds]
+            print(f"# {what}, batch {b}: torch's best / engine compiled = {statistics.median(ratios):.2f}x "
+                  f"(rounds: {', '.join(f'{v:.2f}' for v in ratios)})")
     print(f"# peak resident memory of this process: {peak_rss_mib():.0f} MiB")
 
 
@@ -454,12 +476,13 @@ def print_step_profile(step, x, y, args):
           f"(forward + backward {total:.1f} GFLOP/s = {100 * total / peak:.0f}% of the peak)")
 
 
-def bench_torch_model(args, shape, n_classes):
+def torch_model_cases(args, shape, n_classes):
+    """The same model in torch.nn (NCHW and channels-last): timing cases for bench_model."""
     try:
         import torch
     except ImportError:
         print("# --compare torch: PyTorch is not installed; skipped")
-        return
+        return []
     torch.set_num_threads(args.threads)
     nn = torch.nn
     from models.paper import build
@@ -487,26 +510,28 @@ def bench_torch_model(args, shape, n_classes):
             mods.append(nn.Flatten())
         elif kind == "Linear":
             mods.append(nn.Linear(layer.n_in, layer.n_out))
+    cases = []
     for fmt, mf in (("torch-nchw", torch.contiguous_format), ("torch-channels-last", torch.channels_last)):
         net = nn.Sequential(*mods).to(memory_format=mf)
+        evalnet = copy.deepcopy(net).eval()
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         x = torch.randn(args.batch, *shape).to(memory_format=mf)
         y = torch.randint(0, n_classes, (args.batch,))
 
-        def step():
+        def step(net=net, opt=opt, x=x, y=y):
             opt.zero_grad()
             nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
 
+        def infer(n, net=evalnet, x=x):
+            with torch.no_grad():
+                net(x[:n])
+
         net.train()
-        rows = [("train step", args.batch, timeit(step, args.repeat, warmup=2))]
-        net.eval()
-        with torch.no_grad():
-            rows.append(("inference", args.batch, timeit(lambda: net(x), args.repeat, warmup=2)))
-            rows.append(("inference", 1, timeit(lambda: net(x[:1]), max(args.repeat, 20), warmup=3)))
-        for what, b, t in rows:
-            print(f"{what:<12} {b:>5} {fmt:<20} {1e3 * statistics.median(t):>9.2f} "
-                  f"{b / statistics.median(t):>10.0f}")
+        cases += [("train step", args.batch, fmt, step, args.repeat, None),
+                  ("inference", args.batch, fmt, lambda f=infer: f(args.batch), args.repeat, None),
+                  ("inference", 1, fmt, lambda f=infer: f(1), max(args.repeat, 20), None)]
+    return cases
 
 
 # ----------------------------------------------------------------------------- inference latency
@@ -656,6 +681,8 @@ def main(argv=None):
     common.add_argument("--threads", type=positive_int, default=engine.get_num_threads(),
                         help="threads for the kernels (and torch.set_num_threads with --compare torch)")
     common.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (after warm-up)")
+    common.add_argument("--rounds", type=positive_int, default=3,
+                        help="model: rounds in which every case takes its turn (rows are medians over all)")
     common.add_argument("--batch", type=positive_int, default=128, help="batch size")
     common.add_argument("--per-layer", action="store_true",
                         help="also print each layer's (or the flattened layer's sub-layers') forward/backward time")

@@ -1,12 +1,15 @@
 """One description of a network's operations, shared by every executor.
 
-    ops = lower(net, in_shape)     # [Op(kind, name, layer, in_shape, out_shape), ...]
+    ops = lower(net, in_shape)     # [Op(kind, name, layer, in_shape, out_shape), ...], one per layer
+    ops = fuse(ops)                # the same with V+H pairs as one "vh" op and ReLUs folded
 
 ``lower`` is the one place that maps each layer type to an operation kind and works
-out the per-image shapes. The executors are built from its list, each in one place:
-the compiled inference plan (engine/plan.py), the compiled training step
-(engine/trainstep.py) and the ONNX export (engine/export.py). A new layer type needs
-one line in ``KIND_OF`` here and one case per executor that supports it.
+out the per-image shapes; ``fuse`` the one place that decides what the compiled
+executors fuse. The executors are built from these lists, each in one place: the
+compiled inference plan (engine/plan.py) and the compiled training step
+(engine/trainstep.py) from ``fuse(lower(...))``, the ONNX export (engine/export.py)
+from ``lower(...)``. A new layer type needs one line in ``KIND_OF`` here and one case
+per executor that supports it.
 
 The compiled executors pass their ops to C as rows of an int64 table whose columns are
 the fields of the C struct ``fl_op`` (engine/_ops.h). ``op_table(rows)`` builds that
@@ -37,12 +40,19 @@ class UnsupportedNetwork(ValueError):
 class Op:
     """One operation: `layer` applied to per-image input of `in_shape`, giving `out_shape`.
 
-    Shapes leave out the batch: (C, H, W) for images, (n,) after Flatten."""
+    Shapes leave out the batch: (C, H, W) for images, (n,) after Flatten. After ``fuse``:
+    `relu` says a ReLU is applied to the output, and a "vh" op (layer None) runs its
+    `parts`, (vertical op or None, horizontal op or None), one after the other."""
     kind: str
     name: str
     layer: object
     in_shape: tuple
     out_shape: tuple
+    relu: bool = False
+    parts: tuple = ()
+
+
+FUSES_RELU = ("conv", "lateral", "vh", "pool", "linear")  # ops that apply a ReLU to their output themselves
 
 
 def leaves(layer, name=""):
@@ -88,6 +98,30 @@ def lower(net, in_shape):
     if not ops:
         raise UnsupportedNetwork("the network has no layers")
     return ops
+
+
+def fuse(ops):
+    """The ops for the compiled executors: each vertical op with a horizontal op right after it
+    on the same channels, or a lone vertical or horizontal op, becomes one "vh" op (the vertical
+    convolution's output never leaves the op's scratch), and each ReLU right after an op that can
+    apply it is folded into that op."""
+    out, i = [], 0
+    while i < len(ops):
+        op = ops[i]
+        if op.kind in ("vertical", "horizontal"):
+            v, hz = (op, None) if op.kind == "vertical" else (None, op)
+            if v is not None and i + 1 < len(ops) and ops[i + 1].kind == "horizontal" \
+                    and ops[i + 1].in_shape == op.out_shape:
+                hz = ops[i + 1]
+                i += 1
+            name = f"{op.name}+horizontal" if v is not None and hz is not None else op.name
+            out.append(Op("vh", name, None, op.in_shape, (hz or v).out_shape, parts=(v, hz)))
+        elif op.kind == "relu" and out and out[-1].kind in FUSES_RELU:
+            out[-1] = Op(**dict(out[-1].__dict__, relu=True, name=f"{out[-1].name}+{op.name}"))
+        else:
+            out.append(op)
+        i += 1
+    return out
 
 
 def op_row(kind, in_shape, out_shape, **fields):

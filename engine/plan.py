@@ -33,11 +33,10 @@ import numpy as np
 
 from . import _kernels
 from .backend import get_num_threads
-from .lowering import COL, CKIND, UnsupportedNetwork, leaves, lower, op_row, op_table
+from .lowering import COL, UnsupportedNetwork, fuse, leaves, lower, op_row, op_table
 
 NR, VL = _kernels.infer_layout()
 POINTERS = ("w", "b", "wv", "bv", "wh", "bh")  # columns holding addresses of the plan's own arrays
-FUSES_RELU = tuple(CKIND[k] for k in ("GEMM", "CONV", "VH", "POOL", "LINEAR"))
 _leaves = leaves  # the traversal the tests use
 
 
@@ -79,23 +78,6 @@ def _padded_bias(bias):
     return out
 
 
-def vh_pairs(ops):
-    """[(first op index, vertical op or None, horizontal op or None)]: each vertical op taken
-    together with a horizontal op right after it on the same channels (one fused VH op)."""
-    out, i = [], 0
-    while i < len(ops):
-        op = ops[i]
-        if op.kind == "vertical" and i + 1 < len(ops) and ops[i + 1].kind == "horizontal" \
-                and ops[i + 1].in_shape == op.out_shape:
-            out.append((i, op, ops[i + 1]))
-            i += 2
-            continue
-        if op.kind in ("vertical", "horizontal"):
-            out.append((i, op if op.kind == "vertical" else None, op if op.kind == "horizontal" else None))
-        i += 1
-    return out
-
-
 def vh_fields(v, hz, c):
     """Taps, padding and parameter arrays of a fused VH op (an absent half is the identity)."""
     ident = (1, 0, np.ones((1, c), np.float32), np.zeros(c, np.float32))
@@ -112,7 +94,7 @@ class Plan:
     def __init__(self, net, in_shape, softmax=False):
         if net.backend != "cpu":
             raise UnsupportedNetwork(f"the compiled path runs on the CPU; the network is on {net.backend}")
-        ops = lower(net, in_shape)
+        ops = fuse(lower(net, in_shape))
         self.in_shape = ops[0].in_shape
         self._keep = []      # arrays the op table points into
         self._rows = []
@@ -120,22 +102,16 @@ class Plan:
         self._act = self._cols = self._scratch = 1
         shape, nhwc = self.in_shape, False   # activations: the input is NCHW, every op's output channels-last
         flat_from = None                     # (C, H, W) of a flattened channels-last activation
-        fused = {i: (v, hz) for i, v, hz in vh_pairs(ops)}
-        skip = {i + 1 for i, v, hz in vh_pairs(ops) if v is not None and hz is not None}
-        for i, op in enumerate(ops):
-            layer, self._name = op.layer, op.name
-            if i in skip or op.kind == "dropout":
+        for op in ops:
+            layer, self._name, relu = op.layer, op.name, int(op.relu)
+            if op.kind == "dropout":  # inference: the identity
                 continue
             if op.kind == "flatten":
                 if len(shape) == 3:
                     flat_from, shape = (shape if nhwc else None), op.out_shape
                 continue
             if op.kind == "relu":
-                if self._rows and self._rows[-1]["kind"] in FUSES_RELU:
-                    self._rows[-1]["relu"] = 1   # ReLU is idempotent: a second one changes nothing
-                    self.names[-1] += f"+{self._name}"
-                else:
-                    self._add("RELU", shape, shape)
+                self._add("RELU", shape, shape)
                 continue
             if op.kind == "linear":
                 n_in = layer.n_in
@@ -144,7 +120,7 @@ class Plan:
                 if src is not None:  # the engine flattens (C, H, W); here the activation is (H, W, C)
                     weight = weight.reshape(layer.n_out, *src).transpose(0, 2, 3, 1).reshape(layer.n_out, n_in)
                 shape, flat_from, nhwc = op.out_shape, None, True
-                self._add("LINEAR", (n_in, 1, 1), (layer.n_out, 1, 1), w=self._ptr(weight),
+                self._add("LINEAR", (n_in, 1, 1), (layer.n_out, 1, 1), relu=relu, w=self._ptr(weight),
                           b=self._ptr(layer.params["bias"]))
                 continue
             c, h, w = shape
@@ -155,28 +131,25 @@ class Plan:
                 f = layer.c_out
                 # rows of the packed weights in the order the GEMM reads the taps: (ky, kx, c)
                 weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(f, -1)
-                self._add("CONV", shape, op.out_shape, k=layer.k, stride=layer.stride, pad=layer.padding,
+                self._add("CONV", shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride, pad=layer.padding,
                           w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
                 self._cols = max(self._cols, c * (h + 2 * layer.padding) * (w + 2 * layer.padding))  # padded input
-            elif op.kind in ("vertical", "horizontal"):
-                v, hz = fused[i]
-                if v is not None and hz is not None:
-                    self._name = f"{self._name}+horizontal"
-                out = (hz or v).out_shape
+            elif op.kind == "vh":
+                v, hz = op.parts
                 hm = v.out_shape[1] if v is not None else h
                 kv, vb, wv, bv, kh, hb, wh, bh = vh_fields(v, hz, c)
-                self._add("VH", shape, out, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm,
+                self._add("VH", shape, op.out_shape, relu=relu, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm,
                           wv=self._ptr(wv), bv=self._ptr(bv), wh=self._ptr(wh), bh=self._ptr(bh))
                 # this thread's planes of one vector of channels (see fp_vh in _infer.h)
-                self._scratch = max(self._scratch, ((hm + kv - 1) * w + hm * (out[2] + kh - 1)) * VL, out[2] + kh - 1)
-                shape = out
-                continue
+                wo = op.out_shape[2]
+                self._scratch = max(self._scratch, ((hm + kv - 1) * w + hm * (wo + kh - 1)) * VL, wo + kh - 1)
             elif op.kind in ("lateral", "conv"):  # conv here: a 1x1 convolution
                 f = op.out_shape[0]
-                self._add("GEMM", shape, op.out_shape, w=self._ptr(_pack(layer.params["weight"].reshape(f, c).T)),
+                self._add("GEMM", shape, op.out_shape, relu=relu,
+                          w=self._ptr(_pack(layer.params["weight"].reshape(f, c).T)),
                           b=self._ptr(_padded_bias(layer.params["bias"])))
             elif op.kind == "pool":
-                self._add("POOL", shape, op.out_shape, k=layer.k, stride=layer.stride)
+                self._add("POOL", shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride)
             else:
                 raise UnsupportedNetwork(f"the compiled path has no op for {type(layer).__name__}")
             shape = op.out_shape

@@ -11,8 +11,8 @@
 computation as two compiled calls (forward, backward; engine/_train.h) around the
 loss, then one compiled SGD update. It is built from the shared lowering
 (engine/lowering.py): channels-last activations, fused V+H, bias and ReLU folded
-into the op before them, whole-batch BLAS GEMMs for the convolutions, laterals and
-Linear layers, and no Python per layer.
+into the op before them, whole-batch GEMMs on register-blocked micro-kernels for the
+convolutions, laterals and Linear layers, and no Python per layer.
 
 Both steps read and write the same state: ``Layer.params`` are the master weights
 (updated in place), ``Layer.grads`` receive the gradients, ``velocity`` (name ->
@@ -24,14 +24,20 @@ with one step resumes on the other, and their results agree to float32 rounding
 import numpy as np
 
 from . import _kernels
-from .backend import dropout_seed, get_num_threads, single_threaded_blas
+from .backend import dropout_seed, get_num_threads
 from .losses import SoftmaxCrossEntropy
-from .lowering import CKIND, COL, UnsupportedNetwork, lower, op_row, op_table
-from .plan import aligned_empty, vh_pairs
+from .lowering import CKIND, COL, UnsupportedNetwork, fuse, lower, op_row, op_table
+from .plan import aligned_empty
 
-FUSES_RELU = tuple(CKIND[k] for k in ("GEMM", "CONV", "VH", "POOL", "LINEAR"))
 COLUMN_FLOATS = 16 * 2**20  # im2col works on chunks of images with at most this many column floats (64 MiB)
+OWN_COLUMN_FLOATS = 12 * 2**20  # a convolution whose columns for the whole batch fit keeps them for backward
 STEPS = ("auto", "compiled", "layers")
+
+
+def _panels(n):
+    """n rounded up to whole panels of the GEMM micro-kernel's filters."""
+    nr = _kernels.infer_layout()[0]
+    return -(-n // nr) * nr
 
 
 def _float_bits(v):
@@ -94,7 +100,7 @@ class CompiledStep:
         if in_shape is None:
             raise UnsupportedNetwork("in_shape is needed (the network does not record one)")
         self.net = net
-        self.ops = lower(net, in_shape)
+        self.ops = fuse(lower(net, in_shape))
         self.in_shape = self.ops[0].in_shape
         self.loss_fn = SoftmaxCrossEntropy()
         self.capacity = 0
@@ -108,26 +114,18 @@ class CompiledStep:
         self._keep, self._rows, self.names, self._dropouts = [], [], [], []
         self._saved = []  # per row: (output array, argmax/mask array or None), for saved()
         self._act = int(np.prod(self.in_shape))
-        self._cols = self._wbuf = self._part = self._scratch = 1
+        self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = 1
         shape, self._nhwc, self._layouts = self.in_shape, False, []
-        fused = {i: (v, hz) for i, v, hz in vh_pairs(self.ops)}
-        skip = {i + 1 for i, v, hz in vh_pairs(self.ops) if v is not None and hz is not None}
-        for i, op in enumerate(self.ops):
-            layer = op.layer
-            if i in skip:
-                continue
+        for op in self.ops:
+            layer, relu = op.layer, int(op.relu)
             if op.kind == "flatten":
                 if self._nhwc and len(shape) == 3:
                     self._nhwc = False
-                    self._add("TO_NCHW", op.name, shape, shape)
+                    self._add("TO_NCHW", "(to NCHW)", shape, shape)
                 shape = op.out_shape
                 continue
             if op.kind == "relu":
-                if self._rows and self._rows[-1]["kind"] in FUSES_RELU:
-                    self._rows[-1]["relu"] = 1
-                    self.names[-1] += f"+{op.name}"
-                else:
-                    self._add("RELU", op.name, shape, shape, relu=1)
+                self._add("RELU", op.name, shape, shape, relu=1)
                 continue
             if op.kind == "dropout":
                 if layer.p > 0:
@@ -143,34 +141,35 @@ class CompiledStep:
             if op.kind == "linear":
                 if self._nhwc and len(shape) == 3:
                     self._nhwc = False
-                    self._add("TO_NCHW", f"{op.name} (input to NCHW)", shape, shape)
-                self._gemm_row("LINEAR", op, (layer.n_in, 1, 1), (layer.n_out, 1, 1))
+                    self._add("TO_NCHW", "(to NCHW)", shape, shape)
+                self._gemm_row("LINEAR", op, (layer.n_in, 1, 1), (layer.n_out, 1, 1), relu=relu)
                 shape = op.out_shape
                 continue
             if len(shape) != 3:
-                raise UnsupportedNetwork(f"{op.name}: {type(layer).__name__} after Flatten is not supported")
+                raise UnsupportedNetwork(f"{op.name}: {op.kind} after Flatten is not supported")
             if not self._nhwc:
                 self._to_nhwc(op.name, shape)
             if op.kind == "lateral" or (op.kind == "conv" and layer.k == 1 and layer.stride == 1
                                         and layer.padding == 0):
-                self._gemm_row("GEMM", op, shape, op.out_shape)
+                self._gemm_row("GEMM", op, shape, op.out_shape, relu=relu)
             elif op.kind == "conv":
                 c, h, w = shape
                 f, ho, wo = op.out_shape
                 kkc, p = layer.k * layer.k * c, ho * wo
                 chunk = max(1, min(cap, COLUMN_FLOATS // (p * kkc)))
-                self._cols = max(self._cols, chunk * p * kkc)
+                own = {}
+                if chunk == cap and cap * p * kkc <= OWN_COLUMN_FLOATS:  # kept from forward to backward
+                    own = dict(aux=self._buf(cap * p * kkc))
+                else:
+                    self._cols = max(self._cols, chunk * p * kkc)
                 self._wbuf = max(self._wbuf, f * kkc)
                 self._part = max(self._part, f)
-                self._gemm_row("CONV", op, shape, op.out_shape, k=layer.k, stride=layer.stride, pad=layer.padding,
-                               mid=self._buf(f * kkc), chunk=chunk)
-            elif op.kind in ("vertical", "horizontal"):
-                self._vh_row(op.name, *fused[i], shape)
-                v, hz = fused[i]
-                shape = (hz or v).out_shape
-                continue
+                self._gemm_row("CONV", op, shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride,
+                               pad=layer.padding, mid=self._buf(f * kkc), chunk=chunk, **own)
+            elif op.kind == "vh":
+                self._vh_row(op, shape)
             elif op.kind == "pool":
-                self._add("POOL", op.name, shape, op.out_shape, k=layer.k, stride=layer.stride,
+                self._add("POOL", op.name, shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride,
                           aux=self._buf(cap * int(np.prod(op.out_shape)), np.int32))
             else:
                 raise UnsupportedNetwork(f"{op.name}: the compiled step has no op for {type(layer).__name__}")
@@ -181,6 +180,8 @@ class CompiledStep:
         self.table = op_table(self._rows)
         self._cols_buf = aligned_empty(self._cols)
         self._wbuf_buf = aligned_empty(self._wbuf)
+        self._wpack_buf = aligned_empty(self._wpack)
+        self._bpad_buf = np.zeros(2 * self._bpad, np.float32)
         self._part_buf = np.empty((cap, self._part), np.float32)
         self._g = [aligned_empty(cap * self._act) for _ in range(2)]
         self._scratch = max(self._scratch, _kernels.train_wgrad_scratch())
@@ -189,7 +190,7 @@ class CompiledStep:
 
     def _to_nhwc(self, name, shape):
         self._nhwc = True
-        self._add("TO_NHWC", f"{name} (input to channels-last)", shape, shape)
+        self._add("TO_NHWC", "(to channels-last)", shape, shape)
 
     @staticmethod
     def _hwc(shape):
@@ -215,7 +216,8 @@ class CompiledStep:
         aux = fields.get("aux")
         c, h, w = (tuple(out_shape) + (1, 1))[:3]
         self._layouts.append((h, w, c) if self._nhwc and len(out_shape) == 3 else tuple(out_shape))
-        self._saved.append((self._keep[-1], self._keep[-2] if aux else None))  # aux is allocated just before
+        kept = aux if kind in ("POOL", "DROPOUT") else None  # argmax / mask
+        self._saved.append((self._keep[-1], next((a for a in self._keep if kept and a.ctypes.data == kept), None)))
         self._rows.append(op_row(kind, in_shape, out_shape, **fields))
         self._act = max(self._act, n_out, int(np.prod(in_shape)))
         self.names.append(name)
@@ -223,13 +225,16 @@ class CompiledStep:
     def _gemm_row(self, kind, op, in_shape, out_shape, **fields):
         layer = op.layer
         self._part = max(self._part, out_shape[0])
+        f, k = layer.params["weight"].shape[0], layer.params["weight"].size // layer.params["weight"].shape[0]
+        self._wpack = max(self._wpack, _panels(f) * k, _panels(k) * f)  # forward: W^T packed; backward: W
+        self._bpad = max(self._bpad, _panels(f), _panels(k))
         self._add(kind, op.name, in_shape, out_shape, w=self._ptr(layer.params["weight"]),
                   b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
                   db=self._ptr(layer.grads["bias"]), **fields)
 
-    def _vh_row(self, name, v, hz, shape):
+    def _vh_row(self, op, shape):
         c, h, w = shape
-        out = (hz or v).out_shape
+        v, hz = op.parts
         hm = v.out_shape[1] if v is not None else h
         ones, zeros = np.ones((c, 1), np.float32), np.zeros(c, np.float32)
         halves = []
@@ -247,10 +252,9 @@ class CompiledStep:
         self._wbuf = max(self._wbuf, (kv + kh) * c)
         self._part = max(self._part, (kv + kh + 2) * c)
         self._scratch = max(self._scratch, hm * w * c)
-        if v is not None and hz is not None:
-            name = f"{name}+horizontal"
-        self._add("VH", name, shape, out, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm, wv=wv, bv=bv, wh=wh,
-                  bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh, mid=self._buf(self.capacity * hm * w * c))
+        self._add("VH", op.name, shape, op.out_shape, relu=int(op.relu), kv=kv, vbefore=vb, kh=kh, hbefore=hb,
+                  h_mid=hm, wv=wv, bv=bv, wh=wh, bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh,
+                  mid=self._buf(self.capacity * hm * w * c))
 
     def saved(self, row, n):
         """What the last forward kept for op `row` on its n images: (output, argmax or mask or None),
@@ -289,10 +293,9 @@ class CompiledStep:
             self.table[row, COL["seed"]] = dropout_seed(layer.rng, layer.p)[0]  # < 2**63
         threads = self._threads(num_threads)
         self._x = x
-        with single_threaded_blas():
-            self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
-                                                   self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                                   threads, times)
+        self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
+                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1],
+                                               self._wpack_buf, self._bpad_buf, threads, times)
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
@@ -304,10 +307,9 @@ class CompiledStep:
             raise ValueError(f"dlogits of shape {dlogits.shape} do not match the last forward "
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
-        with single_threaded_blas():
-            self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf,
-                                                   self._wbuf_buf, self._part_buf, self._scratch_buf, self._g[0],
-                                                   self._g[1], threads, times)
+        self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
+                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1],
+                                               self._wpack_buf, self._bpad_buf, threads, times)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
         """SGD with momentum on every parameter (trainer.sgd_momentum's rule), compiled."""
@@ -346,21 +348,23 @@ class CompiledStep:
 
     def flops(self, n):
         """[(forward, backward) floating-point operations] of each op for n images (2 per multiply-add;
-        the 1D and GEMM ops only, the rest counted as 0). The first op computes no input gradient."""
-        out = []
-        for i, row in enumerate(self.table):
+        the 1D and GEMM ops only, the rest counted as 0). The first op with parameters computes no
+        input gradient."""
+        out, first = [], True
+        for row in self.table:
             r = {name: int(row[col]) for name, col in COL.items()}
             p = r["h_out"] * r["w_out"]
             kind = next(k for k, v in CKIND.items() if v == r["kind"])
             if kind in ("GEMM", "LINEAR", "CONV"):
                 taps = r["k"] * r["k"] if kind == "CONV" else 1
                 f = 2 * n * p * r["c_in"] * taps * r["c_out"]
-                out.append((f, 2 * f if i else f))
             elif kind == "VH":
                 f = 2 * n * r["c_in"] * (r["h_mid"] * r["w_in"] * r["kv"] + p * r["kh"])
-                out.append((f, 2 * f if i else f))
             else:
                 out.append((0, 0))
+                continue
+            out.append((f, f if first else 2 * f))
+            first = False
         return out
 
     def profile(self, x, y, repeat=5, num_threads=None):

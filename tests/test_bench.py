@@ -14,7 +14,7 @@ def test_bench_layers_json_and_plot(tmp_path, capsys):
                 "--plot", str(tmp_path / "b.png"), "--memory"])
     records = json.loads(out.read_text())
     # the default --backend all: the CPU, and CuPy where it passes the smoke test (a GPU, or the emulation as cupy)
-    backends = {"cpu", "cupy"} if select_backend("auto")[0] == "cupy" else {"cpu"}
+    backends = {"cpu", "cpu compiled", "cupy"} if select_backend("auto")[0] == "cupy" else {"cpu", "cpu compiled"}
     assert {(r["layer"], r["pass"], r["backend"]) for r in records} == {
         (layer, p, b) for layer in ("baseline", "flattened") for p in ("forward", "backward") for b in backends}
     for r in records:
@@ -30,6 +30,9 @@ def test_bench_model_runs(capsys):
     text = capsys.readouterr().out
     assert "train step" in text and "inference" in text and "peak resident memory" in text
     assert "conv2" in text and "fc1" in text  # the per-layer breakdown
+    rows = [line.split() for line in text.splitlines() if line.startswith("train step")]
+    assert ["cpu", "compiled"] in [r[3:5] for r in rows]  # the compiled training step beside the layer step
+    assert "compiled training step, per op" in text and "of the peak" in text  # its profile against the peak
 
 
 def test_flops_of_the_flattened_layer():

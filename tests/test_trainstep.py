@@ -150,24 +150,23 @@ def test_gradients_match_float64_finite_differences(rng):
 
 
 def test_bit_identical_for_any_thread_count(rng):
-    """Forward, gradients and update do not depend on the kernels' or BLAS's thread count."""
-    from threadpoolctl import threadpool_limits
+    """Forward, gradients and update do not depend on the thread count, and the loops really ran on
+    that many threads."""
     base = build("flattened", (3, 32, 32), 10, seed=2)
     x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, 6)
     results = []
-    for threads, blas in ((1, 1), (2, 2), (3, 1), (2, 1)):
+    for threads in (1, 2, 3):
         net = copy.deepcopy(base)
         step, velocity = CompiledStep(net, batch_size=6), {}
-        with threadpool_limits(blas, user_api="blas"):
-            engine.set_num_threads(threads)
-            try:
-                for _ in range(2):
-                    loss, logits = step.step(x, y, 0.05, 0.9, 1e-4, None, velocity)
-            finally:
-                engine.set_num_threads(None)
+        engine.set_num_threads(threads)
+        try:
+            for _ in range(2):
+                loss, logits = step.step(x, y, 0.05, 0.9, 1e-4, None, velocity)
+        finally:
+            engine.set_num_threads(None)
         if engine.openmp_enabled():
-            assert step.last_threads == threads  # the parallel loops really ran on that many threads
+            assert step.last_threads == threads
         results.append((loss, logits.copy(), {k: v.copy() for k, v in net.grads.items()},
                         {k: v.copy() for k, v in net.params.items()}))
     for loss, logits, grads, params in results[1:]:
