@@ -4,6 +4,7 @@
     python train.py --model flattened --dataset cifar10 --data-dir ../shared/data
     python train.py --model baseline --dataset cifar10 --summary
     python train.py --out runs/flat-c10 --resume          # continue an interrupted run, as it was started
+    mpirun -np 2 --bind-to none python train.py ...       # data-parallel over MPI ranks (engine/distributed.py)
 
 A run folder (--out) receives checkpoint.npz after every epoch (and on Ctrl-C),
 log.jsonl (one JSON line per epoch), curves.png (unless --no-plot), and at the end model.npz
@@ -154,7 +155,12 @@ def parser():
                         "printed. Both give the same results up to float32 rounding, and a checkpoint of one "
                         "resumes on the other (default: auto)")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
-                   help="threads for the compiled kernels (default: $OMP_NUM_THREADS, else all cores)")
+                   help="threads for the compiled kernels, per rank when distributed (default: $OMP_NUM_THREADS, "
+                        "else all cores, divided by the ranks on a host when distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="train data-parallel over the ranks of an MPI job (mpi4py: pip install '.[mpi]'), each "
+                        "rank taking an equal share of every batch; on automatically under mpirun/mpiexec/srun. "
+                        "Example: mpirun -np 2 --bind-to none python train.py ...")
     g.add_argument("--summary", action="store_true",
                    help="print the per-layer table (output shapes, weights, biases) and exit, without data")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
@@ -195,7 +201,22 @@ RUN_FILES = ("checkpoint.npz", "log.jsonl", "model.npz", "curves.png", "settings
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    from engine import distributed  # (imports mpi4py only in init())
+    if not (args.distributed or distributed.launcher()):
+        return run(args)
+    try:
+        dist = distributed.init()
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
+    if not dist.is_root:  # only rank 0 prints; the others' failures go to stderr
+        sys.stdout = open(os.devnull, "w")
+    return dist.guard(run, args, dist)
+
+
+def run(args, dist=None):
+    """The run of main(); `dist` (engine.distributed.Distributed): one rank of a data-parallel job."""
     import engine
+    from engine.distributed import DistributedError
     from engine.data import DatasetError, default_cache_dir, default_data_dir, load_dataset
     from engine.npzfile import check_writable_folder
     from engine.trainer import CheckpointError, Trainer, TrainingDiverged, load_checkpoint, plot_history
@@ -203,9 +224,10 @@ def main(argv=None):
 
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     ckpt = out / "checkpoint.npz"
-    if args.resume and not ckpt.is_file():
+    is_root = dist is None or dist.is_root  # distributed: rank 0 alone reads and writes the run folder
+    if args.resume and is_root and not ckpt.is_file():
         sys.exit(f"error: --resume: no checkpoint at {ckpt}")
-    if not args.summary:
+    if not args.summary and is_root:
         try:  # before any work: a run that cannot save its checkpoints would lose it
             check_writable_folder(out)
         except OSError as e:
@@ -213,10 +235,14 @@ def main(argv=None):
 
     remembered_data = False  # a resumed run never downloads into the data folder its checkpoint names
     if args.resume:
-        try:
-            _, _, meta, _ = load_checkpoint(ckpt)
-        except CheckpointError as e:
-            sys.exit(f"error: {e}")
+        meta = None
+        if is_root:
+            try:
+                _, _, meta, _ = load_checkpoint(ckpt)
+            except CheckpointError as e:
+                sys.exit(f"error: {e}")
+        if dist is not None:
+            meta = dist.bcast(meta)
         epochs = meta["config"].get("epochs")
         problem = settings_problem(meta["settings"]) or (
             None if type(epochs) is int and epochs >= 1 else f"config epochs = {epochs!r:.50}")
@@ -255,11 +281,12 @@ def main(argv=None):
         backend, why_not_gpu = engine.backend.select_backend(args.backend)
     except engine.backend.BackendUnavailable as e:
         sys.exit(f"error: {e}")
-    if args.threads:
-        engine.set_num_threads(args.threads)
+    threads = args.threads or (dist.default_threads() if dist is not None else None)
+    if threads:
+        engine.set_num_threads(threads)
     if backend != "cpu":
         model.to(backend)
-    if not args.resume:
+    if not args.resume and is_root:
         old = [name for name in RUN_FILES if (out / name).exists()]
         if old and not args.overwrite:
             sys.exit(f"error: {out / old[0]} already exists (the folder holds another run: {', '.join(old)}): "
@@ -268,11 +295,14 @@ def main(argv=None):
             (out / name).unlink()
 
     t0 = time.time()
-    try:
-        data = load_dataset(args.dataset, args.data_dir, args.cache_dir, label_mode=args.label_mode,
-                            download_ok=not args.no_download and not (remembered_data and Path(args.data_dir).is_dir()))
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
+    def load():
+        try:
+            return load_dataset(args.dataset, args.data_dir, args.cache_dir, label_mode=args.label_mode,
+                                download_ok=not args.no_download and not (remembered_data
+                                                                          and Path(args.data_dir).is_dir()))
+        except DatasetError as e:
+            sys.exit(f"error: {e}")
+    data = load() if dist is None else dist.in_turn(load)  # one rank after another fills a shared cache
     for split, limit in (("train", args.limit_train), ("test", args.limit_test)):
         if limit:
             data[f"{split}_x"], data[f"{split}_y"] = data[f"{split}_x"][:limit], data[f"{split}_y"][:limit]
@@ -280,6 +310,9 @@ def main(argv=None):
           f"from {data['source']} ({time.time() - t0:.1f}s); backend {backend}"
           f"{f' (GPU not used: {why_not_gpu})' if why_not_gpu else ''}; "
           f"kernels on {engine.get_num_threads()} thread(s), OpenMP {'on' if engine.openmp_enabled() else 'off'}")
+    if dist is not None:
+        line, warnings = dist.startup(engine.get_num_threads())
+        print("\n".join([line, *warnings]))
 
     config = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                   dampening=args.dampening,
@@ -292,26 +325,30 @@ def main(argv=None):
 
     try:
         trainer = Trainer(model, data, config, out, settings=settings, progress=not args.quiet,
-                          on_epoch=plot if args.plot else None)
+                          on_epoch=plot if args.plot and is_root else None, dist=dist)
     except engine.plan.UnsupportedNetwork as e:
         sys.exit(f"error: --step compiled: {e}")
+    except DistributedError as e:
+        sys.exit(f"error: {e}")
     print(f"training step: {trainer.step.name}"
           f"{f' (the compiled step cannot run this network: {trainer.step_note})' if trainer.step_note else ''}")
     try:
         if args.resume:
             trainer.resume(ckpt)  # checks the checkpoint against this model and data before a step is trained
-        else:
+        elif is_root:
             (out / "settings.json").write_text(json.dumps(dict(settings, epochs=args.epochs), indent=2))
         status = trainer.run()
         if status == "interrupted":
-            print(f"continue with: python {shlex.quote(os.path.relpath(__file__))} --out {shlex.quote(str(out))} "
-                  f"--resume")
+            launch = f"mpirun -np {dist.size} " if dist is not None else ""  # (or any number of ranks, or none)
+            print(f"continue with: {launch}python {shlex.quote(os.path.relpath(__file__))} "
+                  f"--out {shlex.quote(str(out))} --resume")
             return 130
         acc = trainer.history[-1]["test_acc"]  # the last epoch's evaluation saw these very weights
-        engine.save_model(out / "model.npz", model, in_shape, data["classes"],
-                          preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
-                          zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
-                          extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc))
+        if is_root:
+            engine.save_model(out / "model.npz", model, in_shape, data["classes"],
+                              preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
+                              zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
+                              extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc))
     except (CheckpointError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a folder gone read-only: the last checkpoint written is kept

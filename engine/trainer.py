@@ -207,10 +207,13 @@ class Trainer:
     `model.rng` (models.paper.build sets it), is saved with the checkpoint so a resumed
     run draws the same masks. `on_step(trainer)` is called after each step,
     `on_epoch(trainer)` after each epoch's evaluation and checkpoint.
+    `dist` (an engine.distributed.Distributed, all ranks constructing their Trainer together)
+    trains data-parallel over MPI ranks: see engine/distributed.py. Only its rank 0 logs,
+    shows progress and writes the run folder.
     """
 
     def __init__(self, model, data, config, out, settings=None, log=print, progress=True, on_step=None,
-                 on_epoch=None):
+                 on_epoch=None, dist=None):
         self.model, self.data, self.cfg, self.out = model, data, dict(config), Path(out)
         model.input_grad = False  # nothing uses the gradient of the images: skip it
         self.settings = settings or {}
@@ -221,7 +224,15 @@ class Trainer:
         self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
         self.history = []
         self.stop_requested = False
-        self.step, self.step_note = make_step(model, self.cfg.get("step", "auto"), self.cfg["batch_size"])
+        self.dist = dist
+        if dist is not None:  # same data, rank 0's weights, one gradient buffer (before the step takes its pointers)
+            dist.setup(model, data, self.cfg)
+            if not dist.is_root:
+                self.log, self.progress = (lambda message: None), False
+        self.step, self.step_note = make_step(model, self.cfg.get("step", "auto"),
+                                              -(-self.cfg["batch_size"] // (dist.size if dist else 1)))
+        if dist is not None:
+            self.step = dist.wrap(self.step, lambda: self.stop_requested)
 
     @property
     def checkpoint_path(self):
@@ -236,17 +247,30 @@ class Trainer:
                     settings=self.settings, config=self.cfg)
 
     def save(self):
-        save_checkpoint(self.checkpoint_path, self.model, self.velocity, self._meta(), self.perm)
+        meta = self._meta()
+        if self.dist is not None:  # collective; rank 0 alone writes
+            meta = self.dist.checkpoint_meta(self.model, self.velocity, meta)
+            if meta is None:
+                return
+        save_checkpoint(self.checkpoint_path, self.model, self.velocity, meta, self.perm)
+
+    def _stopping(self):
+        """Stop now? This process's Ctrl-C; distributed, any rank's, as agreed at the last step's reduction."""
+        return self.stop_requested if self.dist is None else self.dist.stop_agreed
 
     def _write_log(self):
         """Rewrite log.jsonl from the history (the checkpoint's), atomically: it never disagrees with the checkpoint."""
+        if self.dist is not None and not self.dist.is_root:
+            return
         npzfile.write_text_atomic(self.out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
 
     def resume(self, path=None):
         """Continue from a checkpoint (this run's by default); CheckpointError when it does not fit this run."""
         path = path or self.checkpoint_path
-        params, velocity, meta, perm = load_checkpoint(path, {k: v.shape for k, v in self.model.params.items()},
-                                                       len(self.data["train_x"]))
+        def load():
+            return load_checkpoint(path, {k: v.shape for k, v in self.model.params.items()}, len(self.data["train_x"]))
+        # distributed: rank 0 reads the checkpoint, every rank gets it
+        params, velocity, meta, perm = load() if self.dist is None else self.dist.share_checkpoint(load)
         steps = math.ceil(len(self.data["train_x"]) / self.cfg["batch_size"])
         if meta["step_in_epoch"] > steps:
             raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch of {steps} steps")
@@ -260,6 +284,8 @@ class Trainer:
         self.data_rng.bit_generator.state = meta["data_rng"]
         if meta["model_rng"] is not None:
             self.model.rng.bit_generator.state = meta["model_rng"]
+        if self.dist is not None:  # ranks > 0: their own dropout streams
+            self.dist.restore_rng(self.model, meta, self.cfg["seed"])
         self.perm = perm
         self._write_log()  # the log follows the checkpoint: records of a crash after it was written are dropped
         return meta
@@ -293,7 +319,7 @@ class Trainer:
         x, y = self.data["train_x"], self.data["train_y"]
         bs, n = self.cfg["batch_size"], len(x)
         steps = math.ceil(n / bs)
-        if self.stop_requested:
+        if self._stopping():
             return False
         if self.perm is None:  # a new epoch (a resumed one keeps its saved order)
             self.perm = self.data_rng.permutation(n)
@@ -336,12 +362,13 @@ class Trainer:
         last_note = time.perf_counter()
         try:
             while self.step_in_epoch < steps:
-                if self.stop_requested:
+                if self._stopping():
                     read_back()
                     return False
                 t0 = time.perf_counter()
                 idx = self.perm[self.step_in_epoch * bs:(self.step_in_epoch + 1) * bs]
-                xh, yh = x[idx], y[idx]
+                mine = idx if self.dist is None else self.step.shard(idx)  # distributed: this rank's shard
+                xh, yh = x[mine], y[mine]
                 if check_finite and xh.dtype.kind == "f" and not np.isfinite(xh).all():
                     raise ValueError(f"training images hold NaN or infinite values (epoch {self.epoch + 1}, "
                                      f"step {self.step_in_epoch + 1})")
@@ -369,8 +396,9 @@ class Trainer:
             if bar:
                 bar.close()
         t0 = time.perf_counter()
-        test_loss, test_acc = evaluate(self.model, self.data["test_x"], self.data["test_y"],
-                                       self.cfg.get("eval_batch_size", 500), progress=self.progress)
+        test_loss, test_acc = (evaluate if self.dist is None else self.dist.evaluate)(  # distributed: a share each
+            self.model, self.data["test_x"], self.data["test_y"], self.cfg.get("eval_batch_size", 500),
+            progress=self.progress)
         record = dict(epoch=self.epoch + 1, lr=lr, train_loss=r["loss"] / r["seen"], train_acc=r["correct"] / r["seen"],
                       test_loss=test_loss, test_acc=test_acc, seconds=r["seconds"],
                       images_per_s=rate(), eval_seconds=time.perf_counter() - t0)

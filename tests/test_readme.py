@@ -48,6 +48,10 @@ def train_py_commands():
                 words = shlex.split(part, comments=True)
                 if words[:2] == ["python", "train.py"]:
                     commands.append(words[2:])
+                elif words[:1] == ["mpirun"] and "train.py" in words:  # mpirun [its options] python train.py ...
+                    i = words.index("train.py")
+                    assert words[i - 1] == "python", part
+                    commands.append(words[i + 1:])
     return commands
 
 
