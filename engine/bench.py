@@ -263,8 +263,9 @@ def bench_layers(args):
 def bench_compiled_layers(args, layers, records):
     """Each layer as the compiled training step runs it inside a network: the per-op medians of its ops
     (channels-last in and out: the layout changes at the network's ends are not counted), forward and
-    backward (input and weight gradients)."""
-    from engine import Flatten, Linear
+    backward (input and weight gradients: a 1-tap vertical filter before the layer makes it compute
+    its input's gradient, which the step skips for a network's first layer)."""
+    from engine import Flatten, Linear, Vertical
     from engine.trainstep import CompiledStep
     rng = np.random.default_rng(1)
     for size in args.sizes:
@@ -272,8 +273,9 @@ def bench_compiled_layers(args, layers, records):
         y = np.zeros(args.batch, np.int64)
         for name, layer in layers.items():
             n_out = int(np.prod(layer.output_shape(x.shape)[1:]))
-            step = CompiledStep(Sequential(layer, Flatten(), Linear(n_out, 1)), x.shape[1:], args.batch)
-            mine = [(f, b) for op, f, b in step.profile(x, y, args.repeat) if op.startswith("0")]
+            net = Sequential(Vertical(args.channels, 1, "valid"), layer, Flatten(), Linear(n_out, 1))
+            step = CompiledStep(net, x.shape[1:], args.batch)
+            mine = [(f, b) for op, f, b in step.profile(x, y, args.repeat) if op.startswith("1")]
             flops = layer_flops(layer, x.shape)
             for pas, ms, fl in (("forward", sum(f for f, _ in mine), flops),
                                 ("backward", sum(b for _, b in mine), 2 * flops)):
