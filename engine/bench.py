@@ -460,6 +460,35 @@ def bench_model(args):
     print(f"# peak resident memory of this process: {peak_rss_mib():.0f} MiB")
 
 
+def bench_threads(args):
+    """The flattened CIFAR-10 model's compiled training step and compiled inference (batch --batch and
+    1), each on 1 thread and on --threads, in --rounds alternating rounds (medians over the rounds)."""
+    from engine.plan import compile_network
+    from engine.trainstep import CompiledStep
+    from models.paper import build
+    print_environment(environment(args.threads))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch)
+    step, velocity = CompiledStep(build("flattened"), batch_size=args.batch), {}
+    plan = compile_network(build("flattened").eval())
+    cases = [("compiled train step", lambda: step.step(x, y, 0.01, 0.9, 1e-4, None, velocity), args.repeat),
+             (f"inference batch {args.batch}", lambda: plan(x), args.repeat),
+             ("inference batch 1", lambda: plan(x[:1]), max(args.repeat, 20))]
+    res = {}
+    for _ in range(args.rounds):
+        for threads in (1, args.threads):
+            engine.set_num_threads(threads)
+            for name, fn, runs in cases:
+                res.setdefault((name, threads), []).append(statistics.median(timeit(fn, runs)))
+    engine.set_num_threads(args.threads)
+    print(f"{'what':<22} {'1 thread ms':>12} {f'{args.threads} threads ms':>14} {'ratio':>6}  (rounds)")
+    for name, _, _ in cases:
+        one, many = statistics.median(res[(name, 1)]), statistics.median(res[(name, args.threads)])
+        rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(res[(name, 1)], res[(name, args.threads)]))
+        print(f"{name:<22} {1e3 * one:>12.2f} {1e3 * many:>14.2f} {many / one:>6.2f}  ({rounds})")
+
+
 def print_step_profile(step, x, y, args):
     """The compiled training step's per-op medians with the GFLOP/s each achieves, against the
     float32 peak measured here on the same threads (engine._kernels.fma_peak)."""
@@ -706,6 +735,9 @@ def main(argv=None):
     mod.add_argument("--model", choices=["baseline", "flattened"], default="flattened")
     mod.add_argument("--dataset", choices=["cifar10", "cifar100", "mnist"], default="cifar10")
     sub.add_parser("latency", parents=[common], help="inference latency of both CIFAR-10 models (engine, onnxruntime)")
+    sub.add_parser("threads", parents=[common],
+                   help="the compiled paths (training step, inference at batch --batch and 1) on one thread and on "
+                        "--threads, in alternating rounds: run it beside a competing load to see how they degrade")
     dis = sub.add_parser("distributed", parents=[common],
                          help="under mpirun -np N: one Allreduce of the gradients, and training images/s of N ranks "
                               "x --threads against 1 rank x N*threads")
@@ -727,6 +759,8 @@ def main(argv=None):
         bench_model(args)
     elif args.what == "distributed":
         return bench_distributed(args)
+    elif args.what == "threads":
+        bench_threads(args)
     else:
         bench_latency(args)
     return 0

@@ -55,3 +55,9 @@ def test_bench_backend_cupy_without_cupy_says_why(monkeypatch, capsys):
     with pytest.raises(SystemExit, match=r"--backend cupy: CuPy is not installed.*pip install 'cupy-cuda12x\[ctk\]'"):
         bench.main(["layers", "--backend", "cupy", "--sizes", "8", "--batch", "2", "--channels", "4"])
     assert "median_ms" not in capsys.readouterr().out  # refused before timing anything
+
+
+def test_bench_threads_runs(capsys):
+    bench.main(["threads", "--batch", "2", "--repeat", "1", "--rounds", "1", "--threads", "2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("compiled", "inference"))]
+    assert len(rows) == 3 and all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows)
