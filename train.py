@@ -35,24 +35,21 @@ RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backe
                "step")
 
 
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _int_at_least(lowest, what):
+    """An argparse type: an integer >= lowest, else the error 'expected a {what} integer'."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {s!r}") from None
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {s!r}")
+        return v
+    return parse
 
 
-def non_negative_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    return v
+positive_int = _int_at_least(1, "positive")
+non_negative_int = _int_at_least(0, "non-negative")
 
 
 def non_negative_float(s):
