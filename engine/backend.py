@@ -153,7 +153,12 @@ def dropout_seed(rng, p):
     """(seed, threshold) of one dropout mask: a seed drawn from the layer's numpy Generator
     (so a checkpoint's generator state fixes every later mask, on every backend) and
     p * 2^32 (the kernels keep an element when 32 hash bits are >= it)."""
-    return int(rng.integers(0, 2**63)), min(int(round(p * 2.0**32)), 2**32)
+    return int(rng.integers(0, 2**63)), dropout_threshold(p)
+
+
+def dropout_threshold(p):
+    """p * 2^32: the kernels keep an element when 32 bits of its hash are >= it."""
+    return min(int(round(p * 2.0**32)), 2**32)
 
 
 class BackendUnavailable(RuntimeError):

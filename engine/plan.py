@@ -33,11 +33,10 @@ import numpy as np
 
 from . import _kernels
 from .backend import get_num_threads
-from .lowering import COL, UnsupportedNetwork, fuse, leaves, lower, op_row, op_table
+from .lowering import COL, UnsupportedNetwork, fuse, lower, op_row, op_table
 
 NR, VL = _kernels.infer_layout()
 POINTERS = ("w", "b", "wv", "bv", "wh", "bh")  # columns holding addresses of the plan's own arrays
-_leaves = leaves  # the traversal the tests use
 
 
 def _pack(wt):

@@ -24,7 +24,7 @@ with one step resumes on the other, and their results agree to float32 rounding
 import numpy as np
 
 from . import _kernels
-from .backend import dropout_seed, get_num_threads
+from .backend import dropout_seed, dropout_threshold, get_num_threads
 from .losses import SoftmaxCrossEntropy
 from .lowering import CKIND, COL, UnsupportedNetwork, fuse, lower, op_row, op_table
 from .plan import aligned_empty
@@ -135,7 +135,7 @@ class CompiledStep:
                     mask = self._buf(cap * c * h * w, np.uint8)
                     self._dropouts.append((len(self._rows), layer))
                     self._add("DROPOUT", op.name, (c, h, w), (c, h, w), aux=mask,
-                              thresh=dropout_seed(np.random.default_rng(0), layer.p)[1],
+                              thresh=dropout_threshold(layer.p),
                               scale=_float_bits(1.0 / (1.0 - layer.p)))
                 continue
             if op.kind == "linear":
@@ -272,7 +272,8 @@ class CompiledStep:
         if x.ndim != 4 or x.shape[1:] != self.in_shape or len(x) == 0:
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.in_shape))}), got {x.shape}")
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
-        if not np.isfinite(x).all():
+        # the network's own switch, as in the layer path (the trainer checks each batch on the host itself)
+        if getattr(self.net, "check_finite", True) and not np.isfinite(x).all():
             raise ValueError("input holds NaN or infinite values")
         if len(x) > self.capacity:
             self._build(len(x))

@@ -15,7 +15,8 @@ import engine
 from engine import (Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Layer, Linear, MaxPool2d, ReLU,
                     Sequential, Vertical)
 from engine.inference import Model
-from engine.plan import UnsupportedNetwork, _leaves, compile_network
+from engine.lowering import leaves as _leaves
+from engine.plan import UnsupportedNetwork, compile_network
 from models.paper import build
 from reference import conv1d_ref, conv2d_np, conv2d_ref, maxpool_ref
 
