@@ -153,7 +153,7 @@ def parser():
                         "resumes on the other (default: auto)")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads for the compiled kernels, per rank when distributed (default: $OMP_NUM_THREADS, "
-                        "else all cores, divided by the ranks on a host when distributed)")
+                        "else all cores less those other processes keep busy, divided by the ranks on a host when distributed)")
     g.add_argument("--distributed", action="store_true",
                    help="train data-parallel over the ranks of an MPI job (mpi4py: pip install '.[mpi]'), each "
                         "rank taking an equal share of every batch; on automatically under mpirun/mpiexec/srun. "

@@ -462,7 +462,8 @@ def bench_model(args):
 
 def bench_threads(args):
     """The flattened CIFAR-10 model's compiled training step and compiled inference (batch --batch and
-    1), each on 1 thread and on --threads, in --rounds alternating rounds (medians over the rounds)."""
+    1), each on 1 thread, on --threads and on the default count (which gives way to other processes,
+    engine.backend.run_threads), in --rounds alternating rounds (medians over the rounds)."""
     from engine.plan import compile_network
     from engine.trainstep import CompiledStep
     from models.paper import build
@@ -475,18 +476,25 @@ def bench_threads(args):
     cases = [("compiled train step", lambda: step.step(x, y, 0.01, 0.9, 1e-4, None, velocity), args.repeat),
              (f"inference batch {args.batch}", lambda: plan(x), args.repeat),
              ("inference batch 1", lambda: plan(x[:1]), max(args.repeat, 20))]
-    res = {}
+    counts = (1, args.threads, None)  # None: the default, as a user who sets nothing gets it
+    res, used = {}, {}
     for _ in range(args.rounds):
-        for threads in (1, args.threads):
+        for threads in counts:
             engine.set_num_threads(threads)
             for name, fn, runs in cases:
                 res.setdefault((name, threads), []).append(statistics.median(timeit(fn, runs)))
+                obj = step if "step" in name else plan
+                used.setdefault((name, threads), []).append(obj.last_threads)
     engine.set_num_threads(args.threads)
-    print(f"{'what':<22} {'1 thread ms':>12} {f'{args.threads} threads ms':>14} {'ratio':>6}  (rounds)")
+    if engine.backend.threads_chosen():
+        print("# OMP_NUM_THREADS is set: the default column is that count, not the adaptive default")
+    print(f"{'what':<22} {'1 thread ms':>12} {f'{args.threads} threads ms':>14} {'default ms':>11} "
+          f"{f'{args.threads}/1':>6} {'default/1':>10}  (default/1 per round; threads the default used)")
     for name, _, _ in cases:
-        one, many = statistics.median(res[(name, 1)]), statistics.median(res[(name, args.threads)])
-        rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(res[(name, 1)], res[(name, args.threads)]))
-        print(f"{name:<22} {1e3 * one:>12.2f} {1e3 * many:>14.2f} {many / one:>6.2f}  ({rounds})")
+        one, many, auto = (statistics.median(res[(name, t)]) for t in counts)
+        rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(res[(name, 1)], res[(name, None)]))
+        print(f"{name:<22} {1e3 * one:>12.2f} {1e3 * many:>14.2f} {1e3 * auto:>11.2f} {many / one:>6.2f} "
+              f"{auto / one:>10.2f}  ({rounds}; {sorted(set(used[(name, None)]))})")
 
 
 def print_step_profile(step, x, y, args):

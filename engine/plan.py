@@ -32,7 +32,7 @@ import threading
 import numpy as np
 
 from . import _kernels
-from .backend import get_num_threads
+from .backend import get_num_threads, run_threads
 from .lowering import COL, UnsupportedNetwork, fuse, lower, op_row, op_table
 
 NR, VL = _kernels.infer_layout()
@@ -238,7 +238,11 @@ class Plan:
         return np.ascontiguousarray(x, dtype=np.float32).reshape(len(x), -1)
 
     def _run(self, x, out, num_threads, times=None):
-        threads = int(num_threads or get_num_threads())
+        if num_threads:
+            threads = int(num_threads)
+        else:  # whole images per thread never wait for each other; smaller batches share each op
+            threads = get_num_threads()
+            threads = threads if len(x) >= 2 * threads else run_threads()
         with self._lock:
             if self._arena.size < threads * (self.ctx_floats + self.scratch_floats):
                 self._arena = aligned_empty(threads * (self.ctx_floats + self.scratch_floats))

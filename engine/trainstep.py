@@ -24,7 +24,7 @@ with one step resumes on the other, and their results agree to float32 rounding
 import numpy as np
 
 from . import _kernels
-from .backend import dropout_seed, dropout_threshold, get_num_threads
+from .backend import dropout_seed, dropout_threshold, run_threads
 from .losses import SoftmaxCrossEntropy
 from .lowering import CKIND, COL, UnsupportedNetwork, fuse, lower, op_row, op_table
 from .plan import aligned_empty
@@ -280,7 +280,7 @@ class CompiledStep:
         return x
 
     def _threads(self, num_threads):
-        threads = int(num_threads or get_num_threads())
+        threads = int(num_threads) if num_threads else run_threads()
         if self._scratch_buf.shape[0] < threads:
             self._scratch_buf = np.empty((threads, self._scratch), np.float32)
         return threads

@@ -1,4 +1,5 @@
 """Backend selection: the CPU always works; CuPy is used only when it imports and a device passes a smoke test."""
+import os
 import sys
 import types
 
@@ -117,7 +118,7 @@ def test_layers_refuse_arrays_of_another_backend(device_backend):
     assert relu.forward(np.ones((2, 2), np.float32)).sum() == 4
 
 
-def test_emulated_cupy_passes_selection_and_is_timed_by_the_benchmark(emulated, capsys):
+def test_emulated_cupy_passes_selection_and_is_timed_by_the_benchmark(emulated, capsys, threads):
     from engine import bench
     assert select_backend("auto") == ("cupy", None)  # the smoke test runs our kernels and CuPy's
     bench.main(["layers", "--sizes", "6", "--batch", "2", "--channels", "3", "--repeat", "1"])
@@ -228,3 +229,123 @@ def test_the_emulation_puts_back_the_cupy_it_replaced(monkeypatch):
     assert emulated_cupy.is_emulated(sys.modules["cupy"])
     emulated_cupy.uninstall()
     assert sys.modules["cupy"] is real
+
+
+# ---- the default thread count gives way to other processes (issue 16, item 7) ----
+
+def _share(readings, cores=2):
+    from engine.backend import CpuShare
+    import itertools
+    it = itertools.chain(readings, itertools.repeat(readings[-1]))  # then time stands still
+    now = [None]
+
+    def clock():
+        now[0] = next(it)
+        return now[0][0]
+    return CpuShare(window=0.25, read=lambda: now[0][1:], clock=clock, cores=cores)
+
+
+def test_cpu_share_counts_what_others_use():
+    # (seconds, machine busy core-seconds, this process's core-seconds)
+    share = _share([(0.0, 0.0, 0.0), (1.0, 2.0, 1.0), (1.1, 2.2, 1.1), (2.0, 2.1 + 2.0, 1.1 + 2.0)])
+    assert share.update() == 0.0                   # first reading: nothing to compare yet
+    assert share.update() == pytest.approx(1.0)     # 2 cores busy, 1 of them ours: one core is others'
+    assert share.update() == pytest.approx(1.0)     # under a window: the last estimate stands
+    assert share.update() == pytest.approx(0.0)     # all the busy time since was ours
+
+
+def test_cpu_share_thread_choice():
+    busy_other = _share([(0.0, 0.0, 0.0), (1.0, 1.9, 1.0)])   # another process on 0.9 of a core
+    busy_other.update()
+    assert busy_other.threads(2) == 1
+    quiet = _share([(0.0, 0.0, 0.0), (1.0, 2.0, 1.95)])       # our two threads had both cores
+    quiet.update()
+    assert quiet.threads(2) == 2
+    stolen = _share([(0.0, 0.0, 0.0), (1.0, 0.6, 0.4)], cores=8)  # others take 0.2: 7.8 free, capped
+    stolen.update()
+    assert stolen.threads(4) == 4 and stolen.threads(8) == 8
+
+
+def test_cpu_share_without_proc_stat_assumes_the_machine_is_ours():
+    def read():
+        raise OSError("no /proc")
+    from engine.backend import CpuShare
+    share = CpuShare(read=read, cores=4)
+    assert share.threads(4) == 4 and share.threads(4) == 4
+
+
+def test_a_chosen_thread_count_is_used_as_is(monkeypatch):
+    import engine
+    from engine import backend
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(backend, "_num_threads", None)
+    monkeypatch.setattr(backend, "cpu_share", _share([(0.0, 0.0, 0.0), (1.0, 1.0, 0.0)]))
+    monkeypatch.setattr(backend, "get_num_threads", lambda: 2)
+    backend.cpu_share.update()
+    assert backend.run_threads() == 1             # default: one core is taken by others
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert backend.run_threads() == 2             # chosen in the environment
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    engine.set_num_threads(2)
+    try:
+        assert backend.run_threads() == 2         # chosen in code
+    finally:
+        engine.set_num_threads(None)
+
+
+def test_compiled_paths_run_on_the_threads_the_default_leaves(monkeypatch):
+    """With the machine shared, the compiled step and single-image inference run on fewer threads;
+    batches of whole images per thread keep them all; the results are unchanged."""
+    import numpy as np
+    import engine
+    import engine.plan
+    from engine import backend
+    from engine.plan import compile_network
+    from engine.trainstep import CompiledStep
+    from models.paper import build
+    if not engine.openmp_enabled():
+        pytest.skip("built without OpenMP: one thread only")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(backend, "_num_threads", None)
+    monkeypatch.setattr(backend, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(engine.plan, "get_num_threads", lambda: 2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 4)
+    plan = compile_network(build("flattened", in_shape=(1, 28, 28)).eval())
+    results = {}
+    for busy in (0.0, 1.0):
+        monkeypatch.setattr(backend, "cpu_share", _share([(0.0, 0.0, 0.0), (1.0, busy, 0.0)]))
+        backend.cpu_share.update()
+        step = CompiledStep(build("flattened", in_shape=(1, 28, 28)), batch_size=4)  # same weights, same seeds
+        step.forward(x)
+        step_threads = step.last_threads
+        one = plan(x[:1]).copy()
+        one_threads = plan.last_threads
+        plan(x)
+        results[busy] = (step_threads, one_threads, plan.last_threads, step._last_out.copy(), one)
+    assert results[0.0][:3] == (2, 2, 2)
+    assert results[1.0][:3] == (1, 1, 2)
+    np.testing.assert_array_equal(results[0.0][3], results[1.0][3])
+    np.testing.assert_array_equal(results[0.0][4], results[1.0][4])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not os.path.exists("/proc/stat")
+                    or not 2 <= (os.cpu_count() or 1) <= 8, reason="needs Linux's /proc/stat and 2-8 cores")
+def test_busy_processes_beside_us_are_seen():
+    """Real counters: with a busy process on every core but one, the default goes down to one thread."""
+    import subprocess
+    import time
+    from engine.backend import CpuShare
+    n = os.cpu_count() - 1
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        share = CpuShare(window=0.5)
+        time.sleep(0.3)
+        share.update()
+        time.sleep(0.8)
+        assert share.threads(n + 1) == 1, f"others use {share.update():.2f} cores of {n + 1}"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

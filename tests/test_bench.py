@@ -57,7 +57,14 @@ def test_bench_backend_cupy_without_cupy_says_why(monkeypatch, capsys):
     assert "median_ms" not in capsys.readouterr().out  # refused before timing anything
 
 
-def test_bench_threads_runs(capsys):
+def test_bench_threads_runs(capsys, threads):
+    import re
     bench.main(["threads", "--batch", "2", "--repeat", "1", "--rounds", "1", "--threads", "2"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("compiled", "inference"))]
-    assert len(rows) == 3 and all(float(r[-3]) > 0 and float(r[-2]) > 0 for r in rows)
+    rows = [re.match(r"(.+?) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+) +\(([\d.]+); \[([\d, ]+)\]\)$", line)
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("compiled", "inference"))]
+    assert len(rows) == 3 and all(rows), rows
+    for m in rows:
+        one, two, auto, r2, rauto = map(float, m.groups()[1:6])
+        assert min(one, two, auto) > 0
+        assert r2 == pytest.approx(two / one, abs=0.01) and rauto == pytest.approx(auto / one, abs=0.01)
+        assert {int(t) for t in m.group(8).split(",")} <= {1, 2}  # the threads the default used
