@@ -22,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_WEIGHT_DECAY = {"baseline": 5e-4, "flattened": 1e-4}
+from models.recipes import DEFAULT_RECIPE, RECIPE_HELP, RECIPES, recipe
+
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 # Settings that define the run; on --resume they come from the checkpoint.
 RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "dampening", "weight_decay",
                 "lr_drop_epochs",
                 "lr_drop_factor", "seed", "limit_train", "limit_test", "pool", "pool_mode", "flatten_first", "stages",
                 "init")
+NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test")  # None: Torch7's dampening; all the images
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
 RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backend", "threads", "plot", "quiet",
@@ -90,7 +92,7 @@ def parser():
     p = argparse.ArgumentParser(
         description="Train the baseline or flattened CNN of Jin et al. (2014) with the flatnet engine.",
         epilog="Example (the README's main run): python train.py --model flattened --dataset cifar10 "
-               "--data-dir ../shared/data --dampening 0 --lr 0.03 --lr-drop-epochs 16",
+               "--data-dir ../shared/data",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", choices=["baseline", "flattened"], default="flattened",
@@ -114,20 +116,28 @@ def parser():
     g.add_argument("--limit-train", metavar="N", type=positive_int, default=None, help="use only the first N training images")
     g.add_argument("--limit-test", metavar="N", type=positive_int, default=None, help="use only the first N test images")
 
-    g = p.add_argument_group("optimization")
+    g = p.add_argument_group("optimization", "The recipe sets --epochs, --lr, --momentum, --dampening, "
+                             "--weight-decay, --lr-drop-epochs and --lr-drop-factor; a flag given replaces its "
+                             "recipe value (models/recipes.py, docs/results.md)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items()) + f" (default: {DEFAULT_RECIPE})")
     g.add_argument("--epochs", metavar="N", type=positive_int, default=None,
-                   help="total number of epochs (default: 20, or the checkpoint's with --resume)")
+                   help="total number of epochs (default: the recipe's, or the checkpoint's with --resume)")
     g.add_argument("--batch-size", metavar="N", type=positive_int, default=128, help="mini-batch size")
-    g.add_argument("--lr", type=non_negative_float, default=0.1, help="initial learning rate")
-    g.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    g.add_argument("--lr", type=non_negative_float, default=None, help="initial learning rate (default: the recipe's)")
+    g.add_argument("--momentum", type=non_negative_float, default=None, help="SGD momentum (default: the recipe's, 0.9)")
     g.add_argument("--dampening", type=non_negative_float, default=None,
-                   help="momentum dampening; default = --momentum, as Torch7's optim.sgd that the paper used "
-                        "(0 gives PyTorch's SGD, whose steps are 1/(1-momentum) = 10x larger)")
+                   help="momentum dampening (default: the recipe's): equal to --momentum in Torch7's optim.sgd that "
+                        "the paper used (--recipe paper), 0 in PyTorch's SGD, whose steps are 1/(1-momentum) = "
+                        "10x larger (--recipe reproduce)")
     g.add_argument("--weight-decay", type=non_negative_float, default=None,
-                   help="L2 weight decay on weights (default: 5e-4 baseline, 1e-4 flattened, smaller as the paper)")
-    g.add_argument("--lr-drop-epochs", metavar="E1,E2,...", type=int_list, default="8",
-                   help="comma-separated epochs after which the learning rate is multiplied by --lr-drop-factor")
-    g.add_argument("--lr-drop-factor", type=non_negative_float, default=0.1, help="learning-rate drop factor")
+                   help="L2 weight decay on weights (default: the recipe's: 5e-4 baseline, 1e-4 flattened, smaller "
+                        "as the paper)")
+    g.add_argument("--lr-drop-epochs", metavar="E1,E2,...", type=int_list, default=None,
+                   help="comma-separated epochs after which the learning rate is multiplied by --lr-drop-factor "
+                        "(default: the recipe's)")
+    g.add_argument("--lr-drop-factor", type=non_negative_float, default=None,
+                   help="learning-rate drop factor (default: the recipe's, 0.1)")
     g.add_argument("--seed", metavar="N", type=non_negative_int, default=0, help="seed of weights, dropout masks and batch order")
     g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=None,
                    help="batch size for test evaluation (default: 500)")
@@ -177,7 +187,7 @@ def settings_problem(settings):
         if key not in settings:
             return f"settings lack '{key}'"
         v, a = settings[key], actions[key]
-        if v is None and a.default is None:
+        if v is None and key in NULLABLE_SETTINGS:
             continue
         if a.const is True:  # a store_true flag
             ok = isinstance(v, bool)
@@ -231,6 +241,8 @@ def run(args, dist=None):
             sys.exit(f"error: --out {out} is not a writable folder ({e.strerror or e})")
 
     remembered_data = False  # a resumed run never downloads into the data folder its checkpoint names
+    if args.resume and args.recipe:
+        sys.exit("error: --recipe cannot change a run: --resume continues with the checkpoint's settings")
     if args.resume:
         meta = None
         if is_root:
@@ -252,11 +264,14 @@ def run(args, dist=None):
             if getattr(args, key) is None:
                 setattr(args, key, meta["settings"].get(key))
         args.epochs = args.epochs or meta["config"]["epochs"]
+        args.recipe = meta["settings"].get("recipe")
         print(f"resuming {ckpt}: {args.model} on {args.dataset}, epoch {meta['epoch'] + 1}, "
               f"step {meta['step_in_epoch']} (settings from the checkpoint; data from {args.data_dir})")
-    args.epochs = args.epochs or 20
-    if args.weight_decay is None:
-        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.model]
+    else:  # a new run: the recipe fills every optimization setting no flag gave
+        args.recipe = args.recipe or DEFAULT_RECIPE
+        for key, value in recipe(args.recipe, args.dataset, args.model).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
 
     in_shape = IN_SHAPES[args.dataset]
     n_classes = 10 if args.dataset != "cifar100" else (100 if args.label_mode == "fine" else 20)
@@ -317,6 +332,7 @@ def run(args, dist=None):
                   lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size,
                   step=args.step or "auto")
     settings = {key: getattr(args, key) for key in RUN_SETTINGS + RUN_OPTIONS}
+    settings["recipe"] = args.recipe  # what filled the optimization settings (older runs: None)
     def plot(t):
         plot_history(t.history, out / "curves.png", f"{args.model} on {args.dataset}")
 
@@ -327,6 +343,11 @@ def run(args, dist=None):
         sys.exit(f"error: --step compiled: {e}")
     except DistributedError as e:
         sys.exit(f"error: {e}")
+    damp = "Torch7's (= momentum)" if args.dampening is None else f"{args.dampening:g}"
+    drops = ",".join(map(str, args.lr_drop_epochs)) or "none"
+    print(f"recipe {args.recipe or '(none recorded)'}: {args.epochs} epochs, lr {args.lr:g}, momentum "
+          f"{args.momentum:g}, dampening {damp}, weight decay {args.weight_decay:g}, lr x{args.lr_drop_factor:g} "
+          f"after epochs {drops}")
     print(f"training step: {trainer.step.name}"
           f"{f' (the compiled step cannot run this network: {trainer.step_note})' if trainer.step_note else ''}")
     try:

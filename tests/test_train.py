@@ -62,7 +62,9 @@ def test_help_explains_every_flag():
                  "--summary", "--limit-train", "--plot"):
         assert flag in r.stdout
     text = " ".join(r.stdout.split())
-    assert "(default: 3,2)" in text and "(default: 8)" in text and "[3, 2]" not in text and "[8]" not in text
+    assert "(default: 3,2)" in text and "[3, 2]" not in text and "[40, 52]" not in text
+    from models.recipes import RECIPES
+    assert "--recipe" in text and "(default: reproduce)" in text and all(f"{name}: " in text for name in RECIPES)
     assert "not implemented" not in text  # the CuPy backend exists
 
 
@@ -72,7 +74,7 @@ def tiny_mnist(tmp_path):
     return tmp_path
 
 
-COMMON = ["--model", "flattened", "--dataset", "mnist", "--batch-size", "32", "--quiet", "--seed", "3",
+COMMON = ["--recipe", "paper", "--model", "flattened", "--dataset", "mnist", "--batch-size", "32", "--quiet", "--seed", "3",
           "--lr-drop-epochs", "2", "--no-plot"]
 
 
@@ -285,3 +287,64 @@ def test_curves_of_a_single_epoch_show_points(tmp_path, monkeypatch):
                                    for line in lines)
     assert all(float(t).is_integer() for ax in drawn[0].axes for t in ax.get_xticks())  # whole epochs on the axis
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+# ---- recipes (issue 12): data, tested for what they are ----
+
+PAPER = ROOT.parent / "shared" / "paper" / "flattened-cnn-paper.txt"
+
+
+def test_the_paper_recipe_is_the_papers_text():
+    from models.recipes import recipe
+    for dataset in ("cifar10", "cifar100", "mnist"):
+        for model, decay in (("baseline", 5e-4), ("flattened", 1e-4)):
+            r = recipe("paper", dataset, model)
+            assert r == dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=[8],
+                             lr_drop_factor=0.1, weight_decay=decay)
+    if PAPER.is_file():  # the numbers above are the ones section 4.1 states
+        text = " ".join(PAPER.read_text().split())
+        assert "learning rate of 0.1 and a momentum of 0.9" in text
+        assert "After the first eight epochs, the learning rate is reduced by one tenth" in text
+        assert "except decreased weight decay" in text  # the flattened model's is smaller
+
+
+def test_every_recipe_gives_every_setting_for_every_dataset_and_model():
+    from models.recipes import RECIPE_KEYS, RECIPES, recipe
+    script = _load_train_script()
+    for name in RECIPES:
+        for dataset in ("cifar10", "cifar100", "mnist"):
+            for model in ("baseline", "flattened"):
+                r = recipe(name, dataset, model)
+                assert set(r) == set(RECIPE_KEYS)
+                assert all(e < r["epochs"] for e in r["lr_drop_epochs"])  # every drop happens
+                settings = {k: None for k in script.RUN_SETTINGS}
+                settings.update(model=model, dataset=dataset, label_mode="fine", batch_size=128, seed=0,
+                                pool=[3, 2], pool_mode="ceil", flatten_first=False, stages=2, init="auto", **{
+                                    k: v for k, v in r.items() if k != "epochs"})
+                assert script.settings_problem(settings) is None  # each value is valid for its flag
+    r = recipe("reproduce", "cifar10", "flattened")
+    r["lr_drop_epochs"].append(99)
+    assert recipe("reproduce", "cifar10", "flattened")["lr_drop_epochs"] == [40, 52]  # a copy, not the table
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe("fast", "cifar10", "flattened")
+
+
+def test_settings_check_refuses_a_missing_rate_but_not_a_missing_recipe():
+    script = _load_train_script()
+    settings = json.loads((ROOT / "docs" / "runs" / "s2-flattened-cifar10" / "settings.json").read_text())
+    assert "recipe" not in settings and script.settings_problem(settings) is None  # runs from before recipes
+    assert "lr" in script.settings_problem(dict(settings, lr=None))
+    assert script.settings_problem(dict(settings, dampening=None)) is None  # Torch7's rule
+
+
+def test_a_new_run_takes_the_default_recipe_with_flags_replacing_its_values(tiny_mnist):
+    d, c, out = tiny_mnist / "data", tiny_mnist / "cache", tiny_mnist / "run"
+    r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", d, "--cache-dir", c, "--quiet",
+                 "--no-plot", "--batch-size", "64", "--epochs", "1", "--lr", "0.05", "--out", out)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "settings.json").read_text())
+    assert (s["recipe"], s["epochs"], s["lr"]) == ("reproduce", 1, 0.05)  # the flags
+    assert (s["momentum"], s["dampening"], s["lr_drop_epochs"], s["weight_decay"]) == (0.9, 0.0, [10, 14], 1e-4)
+    assert "recipe reproduce: 1 epochs, lr 0.05, momentum 0.9, dampening 0," in r.stdout
+    r = train_py("--out", out, "--resume", "--recipe", "paper", "--epochs", "2")
+    assert r.returncode != 0 and "--recipe cannot change a run" in r.stderr
