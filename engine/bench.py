@@ -1,6 +1,7 @@
 """Benchmarks: per-layer forward/backward times (the paper's Figure 7), memory (Figure 6), whole models.
 
     python -m engine.bench layers [--sizes 16,32,48,64,80] [--compare torch] [--json F] [--plot F.png]
+    python -m engine.bench layers --memory --json F   # + memory records ("kind": "memory") for engine.figures
     python -m engine.bench model --model flattened --dataset cifar10 [--compare torch]
     python -m engine.bench latency           # inference of both CIFAR-10 models, engine vs onnxruntime
     mpirun -np 2 --bind-to none python -m engine.bench distributed --threads 1   # MPI: Allreduce, N x T vs 1 x N*T
@@ -247,12 +248,11 @@ def bench_layers(args):
         for size in args.sizes:
             x = rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32)
             print_per_layer(per_layer_times(layers["flattened"], x, args.repeat), f"flattened {size}x{size} sub-layers")
-    if args.memory:
-        bench_memory(args)
+    memory = bench_memory(args) if args.memory else []
     out = [dict({k if k != "pass_" else "pass": v for k, v in r.items()}) for r in records]
-    if args.json:
+    if args.json:  # memory records (with "kind": "memory") follow the timing records, which have no "kind"
         with open(args.json, "w") as f:
-            json.dump(dict(environment=info, records=out) if args.json_env else out, f, indent=1)
+            json.dump(dict(environment=info, records=out + memory) if args.json_env else out + memory, f, indent=1)
         print(f"# wrote {args.json}")
     if args.plot:
         plot_layers(out, args.plot)
@@ -353,10 +353,14 @@ def bench_memory(args):
     Theory (float32): baseline forward = output + im2col columns (one chunk, kept for
     backward); backward = input gradient + column gradient. Flattened forward = the six
     intermediate outputs (kept for backward); backward = the six sub-layers' input gradients.
+
+    Returns the figures as records for --json: kind "memory", layer, size, batch, channels, k,
+    pass, measured_bytes and theory_bytes (the timing records have no "kind").
     """
     print("# memory (MiB): measured peak extra allocation during the call (tracemalloc) | theory")
     rng = np.random.default_rng(0)
     mib = 2.0 ** 20
+    records = []
     for size in args.sizes:
         x = rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32)
         for name, layer in make_layers(args.channels, args.k).items():
@@ -377,6 +381,10 @@ def bench_memory(args):
                 t_bwd = sum(4 * int(np.prod(s)) for s in [x.shape] + shapes[:-1])
             print(f"#   {name:<10} {size:>3}x{size:<3} forward {fwd / mib:8.1f} | {t_fwd / mib:8.1f}   "
                   f"backward {bwd / mib:8.1f} | {t_bwd / mib:8.1f}")
+            for pas, measured, theory in (("forward", fwd, t_fwd), ("backward", bwd, t_bwd)):
+                records.append(dict(kind="memory", layer=name, size=size, batch=args.batch, channels=args.channels,
+                                    k=args.k, measured_bytes=int(measured), theory_bytes=int(theory), **{"pass": pas}))
+    return records
 
 
 def peak_rss_mib():
@@ -735,7 +743,9 @@ def main(argv=None):
     lay.add_argument("--sizes", type=int_list, default=[16, 32, 48, 64, 80], help="image sizes, e.g. 80 or 16,48")
     lay.add_argument("--channels", type=positive_int, default=128, help="input and output channels")
     lay.add_argument("--k", type=positive_int, default=5, help="filter size")
-    lay.add_argument("--memory", action="store_true", help="also measure per-layer extra memory (Figure 6)")
+    lay.add_argument("--memory", action="store_true",
+                     help="also measure per-layer extra memory (Figure 6); with --json, its records are added there "
+                          "with \"kind\": \"memory\"")
     lay.add_argument("--json", default=None, help="write the records to this JSON file")
     lay.add_argument("--json-env", action="store_true", help="wrap the JSON records with the environment")
     lay.add_argument("--plot", default=None, help="draw the figure to this PNG")

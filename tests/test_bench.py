@@ -12,7 +12,15 @@ def test_bench_layers_json_and_plot(tmp_path, capsys):
     out = tmp_path / "b.json"
     bench.main(["layers", "--sizes", "8", "--batch", "2", "--channels", "4", "--repeat", "1", "--json", str(out),
                 "--plot", str(tmp_path / "b.png"), "--memory"])
-    records = json.loads(out.read_text())
+    everything = json.loads(out.read_text())
+    records = [r for r in everything if "kind" not in r]  # timing records; --memory adds "kind": "memory" ones
+    memory = [r for r in everything if r.get("kind") == "memory"]
+    assert len(records) + len(memory) == len(everything)
+    assert {(r["layer"], r["pass"]) for r in memory} == {(la, p) for la in ("baseline", "flattened")
+                                                         for p in ("forward", "backward")} and len(memory) == 4
+    for r in memory:
+        assert (r["size"], r["batch"], r["channels"], r["k"]) == (8, 2, 4, 5)
+        assert r["measured_bytes"] > 0 and r["theory_bytes"] > 0
     # the default --backend all: the CPU, and CuPy where it passes the smoke test (a GPU, or the emulation as cupy)
     backends = {"cpu", "cpu compiled", "cupy"} if select_backend("auto")[0] == "cupy" else {"cpu", "cpu compiled"}
     assert {(r["layer"], r["pass"], r["backend"]) for r in records} == {

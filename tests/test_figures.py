@@ -1,0 +1,271 @@
+"""python -m engine.figures on a fake runs folder, a tiny --flatten-first model file and a tiny benchmark
+JSON: every figure and its data file, the numbers against ones computed here from the inputs, the
+skips and warnings."""
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine
+from engine import Conv2d, Flattened, bench, figures
+from engine.filters import reconstruct
+from models.paper import build
+
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# train and test accuracy of each fake run, per epoch (the numbers the CSV must average)
+ACC = {("baseline", 0): [(0.30, 0.40), (0.50, 0.55)], ("baseline", 1): [(0.34, 0.42), (0.58, 0.61)],
+       ("flattened", 0): [(0.25, 0.35), (0.45, 0.52)], ("flattened", 1): [(0.27, 0.39), (0.51, 0.50)]}
+
+
+def settings(model, seed, **kw):
+    """settings.json as train.py writes it (RUN_SETTINGS, RUN_OPTIONS, epochs)."""
+    s = dict(model=model, dataset="cifar10", label_mode="fine", batch_size=128, lr=0.03, momentum=0.9,
+             dampening=0.0, weight_decay=0.0005 if model == "baseline" else 0.0001, lr_drop_epochs=[16, 23],
+             lr_drop_factor=0.1, seed=seed, limit_train=None, limit_test=None, pool=[3, 2], pool_mode="ceil",
+             flatten_first=False, stages=2, init="auto", data_dir="/data", cache_dir="/cache", no_download=None,
+             eval_batch_size=500, backend=None, threads=None, plot=False, quiet=True, step=None, epochs=2)
+    s.update(kw)
+    return s
+
+
+def write_run(folder, settings_, accs):
+    folder.mkdir(parents=True)
+    (folder / "settings.json").write_text(json.dumps(settings_, indent=2))
+    lines = [json.dumps(dict(epoch=e, lr=0.03, train_loss=1.0 / e, train_acc=tr, test_loss=1.1 / e, test_acc=te,
+                             seconds=10.0, images_per_s=100.0, eval_seconds=1.0))
+             for e, (tr, te) in enumerate(accs, 1)]
+    (folder / "log.jsonl").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    for (model, seed), accs in ACC.items():
+        write_run(root / f"{model}-s{seed}", settings(model, seed, threads=seed + 1), accs)  # threads: no matter
+    # a finished --flatten-first CIFAR-10 run: one epoch, and its model file
+    write_run(root / "ff", settings("flattened", 0, flatten_first=True, epochs=1), [(0.2, 0.3)])
+    net = build("flattened", (3, 32, 32), 10, seed=3, flatten_first=True)
+    engine.save_model(root / "ff" / "model.npz", net, (3, 32, 32), [str(i) for i in range(10)], {})
+    (root / "broken").mkdir()
+    (root / "broken" / "settings.json").write_text("{not json")
+    write_run(root / "badlog", settings("baseline", 7), [(0.9, 0.9)])
+    with open(root / "badlog" / "log.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_acc": NaN, "test_acc": 0.5}\n')
+    (root / "nolog").mkdir()
+    (root / "nolog" / "settings.json").write_text(json.dumps(settings("flattened", 5)))
+    return root
+
+
+def timing(layer, size, pas, backend, ms, batch=128):
+    return {"layer": layer, "size": size, "batch": batch, "pass": pas, "backend": backend, "median_ms": ms,
+            "min_ms": ms, "max_ms": ms, "gflops": 1.0}
+
+
+def bench_records():
+    """Timing records (the old format) of two engine backends and torch, and memory records."""
+    recs, ms = [], {}
+    for i, (backend, size, pas) in enumerate((b, s, p) for b in ("cpu", "cpu compiled", "torch-nchw")
+                                             for s in (16, 32) for p in ("forward", "backward")):
+        ms[(backend, size, pas)] = (100.0 + 10 * i, 20.0 + i)
+        recs += [timing("baseline", size, pas, backend, 100.0 + 10 * i),
+                 timing("flattened", size, pas, backend, 20.0 + i)]
+    memory = [dict(kind="memory", layer=layer, size=size, batch=128, channels=128, k=5, measured_bytes=m,
+                   theory_bytes=t, **{"pass": pas})
+              for layer, size, pas, m, t in (("baseline", 16, "forward", 3 << 20, 3 << 20),
+                                             ("baseline", 16, "backward", 5 << 20, 4 << 20),
+                                             ("flattened", 16, "forward", 7 << 20, 7 << 20),
+                                             ("flattened", 16, "backward", 1 << 19, 1 << 20))]
+    return recs, memory, ms
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def run(argv, capsys):
+    assert figures.main([str(a) for a in argv]) == 0
+    return capsys.readouterr()
+
+
+def test_every_figure_and_its_numbers(tmp_path, runs, capsys):
+    recs, memory, ms = bench_records()
+    (tmp_path / "bench.json").write_text(json.dumps(dict(environment={}, records=recs + memory)))  # --json-env form
+    out = tmp_path / "new" / "figures"  # created
+    got = run(["--runs", runs, "--out", out, "--bench", tmp_path / "bench.json"], capsys)
+    names = ["fig3-accuracy.png", "fig3-accuracy.csv", "fig4-filters.png", "fig4-filters.npy", "fig5-params.png",
+             "fig5-params.csv", "fig6-memory.png", "fig6-memory.csv", "fig7-speedup.png", "fig7-speedup.csv"]
+    assert sorted(got.out.split("\n")) == sorted([""] + [f"wrote {out / n}" for n in names])
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    for n in names:
+        if n.endswith(".png"):
+            data = (out / n).read_bytes()
+            assert data[:8] == PNG_MAGIC and len(data) > 10000, n
+    # one warning per bad folder, each naming its problem; the folder without a log only for Figure 3
+    warnings = got.err.strip().split("\n")
+    assert len(warnings) == 3, got.err
+    assert f"warning: skipped {runs / 'broken'}: settings.json unreadable (" in got.err
+    assert f"warning: skipped {runs / 'badlog'} for Figure 3: log.jsonl line 2 lacks" in got.err
+    assert f"warning: skipped {runs / 'nolog'} for Figure 3: no log.jsonl" in got.err
+
+    # Figure 3: the two seeds of each model averaged; the --flatten-first run is its own line
+    rows = read_csv(out / "fig3-accuracy.csv")
+    assert len(rows) == 2 + 2 + 1
+    for model in ("baseline", "flattened"):
+        for epoch in (1, 2):
+            # the flattened groups differ in flatten_first: each names it (the baseline has no sibling)
+            setting = "" if model == "baseline" else "flatten_first False"
+            row, = [r for r in rows if (r["model"], r["setting"], int(r["epoch"])) == (model, setting, epoch)]
+            assert row["runs"] == f"{model}-s0 {model}-s1" and row["seeds"] == "0 1" and row["n"] == "2"
+            for j, what in enumerate(("train_acc", "test_acc")):
+                v = np.array([100 * ACC[(model, seed)][epoch - 1][j] for seed in (0, 1)])
+                assert float(row[f"{what}_mean_pct"]) == pytest.approx(v.mean(), abs=1e-12)
+                assert float(row[f"{what}_std_pct"]) == pytest.approx(abs(v[0] - v[1]) / np.sqrt(2), abs=1e-12)
+                lo, hi = float(row[f"{what}_min_pct"]), float(row[f"{what}_max_pct"])
+                assert (lo, hi) == pytest.approx((v.min(), v.max()))
+    ff, = [r for r in rows if r["setting"] == "flatten_first True"]
+    assert (ff["model"], ff["setting"], ff["runs"], ff["n"], ff["epoch"]) == (
+        "flattened", "flatten_first True", "ff", "1", "1")
+    assert float(ff["test_acc_mean_pct"]) == pytest.approx(30.0) and float(ff["test_acc_std_pct"]) == 0
+
+    # Figure 4: the first layer's filters of the saved network, rebuilt independently and sorted by variance
+    filters = np.load(out / "fig4-filters.npy")
+    want = reconstruct(build("flattened", (3, 32, 32), 10, seed=3, flatten_first=True).layers[0])
+    want = want[np.argsort(-want.reshape(96, -1).var(axis=1))]
+    assert filters.shape == (96, 3, 9, 9)
+    np.testing.assert_allclose(filters, want, rtol=1e-4, atol=1e-6)
+    var = filters.reshape(96, -1).var(axis=1)
+    assert np.all(np.diff(var) <= 1e-12)
+
+    # Figure 6: the memory records in MiB
+    rows = read_csv(out / "fig6-memory.csv")
+    assert len(rows) == 4
+    for r in memory:
+        row, = [x for x in rows if (x["layer"], x["size"], x["pass"]) == (r["layer"], str(r["size"]), r["pass"])]
+        assert float(row["measured_mib"]) == r["measured_bytes"] / 2 ** 20
+        assert float(row["theory_mib"]) == r["theory_bytes"] / 2 ** 20
+
+    # Figure 7: baseline ms / flattened ms of the engine's backends (not torch's), per size and pass
+    rows = read_csv(out / "fig7-speedup.csv")
+    assert {r["backend"] for r in rows} == {"cpu", "cpu compiled"} and len(rows) == 8
+    for r in rows:
+        base, flat = ms[(r["backend"], int(r["size"]), r["pass"])]
+        assert (float(r["baseline_ms"]), float(r["flattened_ms"])) == (base, flat)
+        assert float(r["speedup"]) == pytest.approx(base / flat, rel=1e-12)
+
+
+def test_figure5_counts_are_the_built_layers(tmp_path, capsys):
+    def weights(layer):
+        return sum(v.size for k, v in layer.params.items() if not k.endswith("bias"))
+
+    for c, f, k, stages in ((96, 128, 5, 2), (128, 256, 5, 2), (3, 96, 5, 2), (7, 4, 3, 1), (5, 9, 3, 3)):
+        assert figures.flattened_weights(c, f, k, stages) == weights(Flattened(c, f, k, stages=stages))
+        assert figures.conv_weights(c, f, k) == weights(Conv2d(c, f, k, padding=k // 2))
+    run(["--out", tmp_path, "--figures", "5"], capsys)
+    rows = read_csv(tmp_path / "fig5-params.csv")
+    assert {r["C"] for r in rows} == {"128", "96"} and len(rows) > 300
+    for name, c, f, k, base, flat in figures.TABLE1:  # Table 1's layers lie on the curves, as built
+        row, = [r for r in rows if (int(r["C"]), int(r["F"])) == (c, f)]
+        assert float(row["F_over_C"]) == f / c
+        assert int(row["conv_weights"]) == base == weights(Conv2d(c, f, k, padding=k // 2))
+        assert int(row["flattened_weights"]) == flat == weights(Flattened(c, f, k))
+        assert float(row["reduction"]) == pytest.approx(base / flat, rel=1e-12)
+    ratios = [float(r["F_over_C"]) for r in rows if r["C"] == "128"]
+    assert ratios == sorted(ratios) and ratios[0] == 1 / 128 and ratios[-1] == 32
+
+
+def test_missing_inputs_are_skipped(tmp_path, capsys):
+    got = run(["--runs", tmp_path / "no-runs", "--out", tmp_path / "o", "--bench", tmp_path / "no.json"], capsys)
+    for n in (3, 4, 6, 7):
+        assert f"Figure {n} skipped: " in got.out
+    assert f"Figure 3 skipped: no run folder {tmp_path / 'no-runs'}" in got.out
+    assert f"Figure 6 skipped: no benchmark file {tmp_path / 'no.json'}" in got.out
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["fig5-params.csv", "fig5-params.png"]
+
+
+def test_old_benchmark_file_and_no_flatten_first_run(tmp_path, runs, capsys):
+    import shutil
+    shutil.rmtree(runs / "ff")
+    recs, _, _ = bench_records()
+    (tmp_path / "old.json").write_text(json.dumps(recs))  # a plain list without memory records
+    got = run(["--runs", runs, "--out", tmp_path / "o", "--bench", tmp_path / "old.json", "--band", "minmax"],
+              capsys)
+    assert "Figure 4 skipped: needs a finished `train.py --flatten-first` CIFAR-10 run" in got.out
+    assert "Figure 6 skipped: " in got.out and "has no memory records" in got.out
+    assert {p.name for p in (tmp_path / "o").iterdir()} == {
+        "fig3-accuracy.png", "fig3-accuracy.csv", "fig5-params.png", "fig5-params.csv", "fig7-speedup.png",
+        "fig7-speedup.csv"}
+    # a flatten-first run without its model file (not finished) is named in the reason
+    write_run(runs / "ff", settings("flattened", 0, flatten_first=True), [(0.2, 0.3)])
+    got = run(["--runs", runs, "--out", tmp_path / "o", "--figures", "4"], capsys)
+    assert "1 such run(s) but none has a model.npz" in got.out
+
+
+def test_only_bad_runs_skip_figure3(tmp_path, capsys):
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "settings.json").write_text(json.dumps(settings("baseline", 0)))
+    (tmp_path / "runs" / "x" / "log.jsonl").write_text("")
+    got = run(["--runs", tmp_path / "runs", "--out", tmp_path / "o", "--figures", "3"], capsys)
+    assert got.err == f"warning: skipped {tmp_path / 'runs' / 'x'} for Figure 3: log.jsonl has no epochs\n"
+    assert got.out.startswith("Figure 3 skipped: no run folder in")
+    assert not (tmp_path / "o" / "fig3-accuracy.csv").exists()
+
+
+def test_bad_paths_and_missing_matplotlib(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^error: cannot write to --out .*file.*: .*is a file, not a folder$"):
+        figures.main(["--out", str(tmp_path / "file"), "--figures", "5"])
+    with pytest.raises(SystemExit, match=r"^error: --runs .* is a file"):
+        figures.main(["--runs", str(tmp_path / "file"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"^error: --bench .* is a folder"):
+        figures.main(["--bench", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        figures.main(["--figures", "2,3"])
+    assert "expected figure numbers among 3,4,5,6,7" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2")
+    got = run(["--out", tmp_path / "o", "--bench", tmp_path / "bad.json", "--figures", "6,7"], capsys)
+    assert got.out.count(f"skipped: cannot read {tmp_path / 'bad.json'}") == 2
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match=r"^error: drawing the figures needs matplotlib: pip install matplotlib"):
+        figures.main(["--out", str(tmp_path / "o")])
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        figures.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--runs", "--out", "--bench", "--band", "--filters-run", "--figures"):
+        assert flag in text
+    for name in ("fig3-accuracy", "fig4-filters", "fig5-params", "fig6-memory", "fig7-speedup"):
+        assert name in text
+
+
+def test_grouping_ignores_what_train_py_calls_options():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    assert set(figures.NOT_THE_EXPERIMENT) == set(train.RUN_OPTIONS) | {"seed", "epochs"}
+
+
+def test_bench_memory_json_feeds_figure6(tmp_path, capsys):
+    """`bench layers --memory --json` at a tiny size writes memory records beside the timing ones, and
+    Figure 6 and 7 are drawn from that file."""
+    path = tmp_path / "b.json"
+    bench.main(["layers", "--backend", "cpu", "--sizes", "6", "--batch", "2", "--channels", "3", "--repeat", "1",
+                "--threads", "1", "--memory", "--json", str(path)])
+    records = json.loads(path.read_text())
+    memory = [r for r in records if r.get("kind") == "memory"]
+    assert len(memory) == 4 and len(records) == 4 + 8  # (baseline, flattened) x (forward, backward) x (cpu, compiled)
+    capsys.readouterr()
+    got = run(["--out", tmp_path / "o", "--bench", path, "--figures", "6,7"], capsys)
+    assert f"wrote {tmp_path / 'o' / 'fig6-memory.png'}" in got.out and "skipped" not in got.out
+    rows = read_csv(tmp_path / "o" / "fig6-memory.csv")
+    assert sorted((r["layer"], r["pass"], float(r["theory_mib"])) for r in rows) == sorted(
+        (r["layer"], r["pass"], r["theory_bytes"] / 2 ** 20) for r in memory)
+    assert {r["backend"] for r in read_csv(tmp_path / "o" / "fig7-speedup.csv")} == {"cpu", "cpu compiled"}
