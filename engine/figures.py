@@ -32,9 +32,9 @@ import numpy as np
 
 from .npzfile import check_writable_folder
 
-# Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed and the planned
-# epochs): runs that differ only in these are samples of the same experiment.
-NOT_THE_EXPERIMENT = ("seed", "epochs", "data_dir", "cache_dir", "no_download", "eval_batch_size", "backend",
+# Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned
+# epochs and the recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same experiment.
+NOT_THE_EXPERIMENT = ("seed", "epochs", "recipe", "data_dir", "cache_dir", "no_download", "eval_batch_size", "backend",
                       "threads", "plot", "quiet", "step")
 # Table 1 of the paper: the two flattened layers (C input channels, F filters, k x k) and their weights.
 TABLE1 = (("layer 2", 96, 128, 5, 307200, 30912), ("layer 3", 128, 256, 5, 819200, 102144))
@@ -124,9 +124,15 @@ def read_log(folder):
 
 
 def scan_runs(runs):
-    """Every sub-folder of `runs` with readable settings: [(folder, settings)], sorted by name; warns for the rest."""
+    """Every folder under `runs` (at any depth) that is a run: [(folder, settings)], sorted by path.
+
+    A folder is taken for a run when it holds settings.json or has no sub-folder (a folder of runs,
+    such as runs/seeds/, is searched instead); warns for those whose settings cannot be read."""
     found = []
-    for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
+    for folder in sorted({runs, *(p for p in runs.rglob("*") if p.is_dir())}):
+        has_runs_below = any(p.is_dir() for p in folder.iterdir())
+        if not (folder / "settings.json").exists() and (has_runs_below or folder == runs):
+            continue
         try:
             found.append((folder, read_settings(folder)))
         except ValueError as e:

@@ -46,8 +46,9 @@ def write_run(folder, settings_, accs):
 @pytest.fixture
 def runs(tmp_path):
     root = tmp_path / "runs"
-    for (model, seed), accs in ACC.items():
-        write_run(root / f"{model}-s{seed}", settings(model, seed, threads=seed + 1), accs)  # threads: no matter
+    for (model, seed), accs in ACC.items():  # threads and the recipe's name: no matter; seed 1 one level down
+        write_run(root / ("seeds" if seed else ".") / f"{model}-s{seed}",
+                  settings(model, seed, threads=seed + 1, recipe="reproduce" if seed else None), accs)
     # a finished --flatten-first CIFAR-10 run: one epoch, and its model file
     write_run(root / "ff", settings("flattened", 0, flatten_first=True, epochs=1), [(0.2, 0.3)])
     net = build("flattened", (3, 32, 32), 10, seed=3, flatten_first=True)
@@ -250,7 +251,7 @@ def test_grouping_ignores_what_train_py_calls_options():
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    assert set(figures.NOT_THE_EXPERIMENT) == set(train.RUN_OPTIONS) | {"seed", "epochs"}
+    assert set(figures.NOT_THE_EXPERIMENT) == set(train.RUN_OPTIONS) | {"seed", "epochs", "recipe"}
 
 
 def test_bench_memory_json_feeds_figure6(tmp_path, capsys):
