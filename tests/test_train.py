@@ -285,3 +285,22 @@ def test_curves_of_a_single_epoch_show_points(tmp_path, monkeypatch):
                                    for line in lines)
     assert all(float(t).is_integer() for ax in drawn[0].axes for t in ax.get_xticks())  # whole epochs on the axis
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_train_py_chooses_how_the_model_file_stores_the_zca_matrix(tiny_mnist, monkeypatch, capsys):
+    import engine
+    calls, save_model = [], engine.save_model
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return save_model(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "save_model", recording)
+    train = _load_train_script()
+    common = [*COMMON, "--data-dir", str(tiny_mnist / "data"), "--cache-dir", str(tiny_mnist / "cache"), "--epochs",
+              "1", "--limit-train", "32", "--limit-test", "8"]
+    assert train.main([*common, "--out", str(tiny_mnist / "a")]) == 0
+    assert train.main([*common, "--out", str(tiny_mnist / "b"), "--zca-storage", "full", "--compress-model"]) == 0
+    assert [(c["zca_storage"], c["compress"]) for c in calls] == [("packed16", False), ("full", True)]
+    settings = json.loads((tiny_mnist / "b" / "settings.json").read_text())
+    assert settings["zca_storage"] == "full" and settings["compress_model"] is True  # remembered for --resume
