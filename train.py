@@ -34,7 +34,10 @@ NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test")  # None: Torch7's
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
 RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backend", "threads", "plot", "quiet",
-               "step")
+               "step", "zca_storage", "compress_model")
+# How model.npz stores the ZCA matrix (engine.save_model): packed16, its upper triangle in float16, changed
+# no prediction of a 75% CIFAR-10 network on the 10,000 test images (docs/results.md, "Compact ZCA").
+DEFAULT_ZCA_STORAGE = "packed16"
 
 
 def _int_at_least(lowest, what):
@@ -147,7 +150,8 @@ def parser():
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with the settings and data folders "
                         "it was started with (--epochs may be raised; --data-dir, --cache-dir, --threads, "
-                        "--backend, --step, --eval-batch-size, --plot and --quiet may be changed)")
+                        "--backend, --step, --eval-batch-size, --plot, --quiet, --zca-storage and "
+                        "--compress-model may be changed)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in --out even if it holds another run's checkpoint and log (they are deleted)")
     g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default=None,
@@ -175,6 +179,13 @@ def parser():
                         "is installed)")
     g.add_argument("--quiet", action="store_true", default=None,
                    help="no progress bars (a line a minute instead)")
+    g.add_argument("--zca-storage", choices=["full", "packed", "packed16"], default=None,
+                   help="how model.npz stores the ZCA matrix (CIFAR): full = d x d float32 (38 MB for CIFAR), "
+                        "packed = its upper triangle in float32 (19 MB, the same matrix), packed16 = the upper "
+                        "triangle in float16 (9.4 MB; on a 75%% CIFAR-10 network no test prediction changed, "
+                        "see docs/results.md) (default: packed16)")
+    g.add_argument("--compress-model", action="store_true", default=None,
+                   help="deflate model.npz (about 10%% smaller, loads a little slower)")
     return p
 
 
@@ -285,6 +296,7 @@ def run(args, dist=None):
     args.data_dir = os.path.abspath(args.data_dir or default_data_dir())
     args.cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     args.eval_batch_size = args.eval_batch_size or 500
+    args.zca_storage = args.zca_storage or DEFAULT_ZCA_STORAGE
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     if args.plot and not has_matplotlib:
         sys.exit("error: --plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
@@ -366,7 +378,8 @@ def run(args, dist=None):
             engine.save_model(out / "model.npz", model, in_shape, data["classes"],
                               preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
                               zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
-                              extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc))
+                              extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc),
+                              zca_storage=args.zca_storage, compress=bool(args.compress_model))
     except (CheckpointError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a folder gone read-only: the last checkpoint written is kept

@@ -6,6 +6,11 @@ document (``meta``, a string array) with a format version, the architecture (eac
 layer's type and constructor arguments), the input shape, the class names and the
 preprocessing settings. Loading never executes anything from the file.
 
+The ZCA matrix W (d x d, d = C*H*W) is symmetric, W = U diag((s + eps)^-1/2) U^T. It is
+stored either whole (``zca_matrix``, float32: 38 MB for CIFAR) or as its upper triangle,
+row by row (``zca_matrix_packed``: W[0, 0:], W[1, 1:], ..., d(d+1)/2 values, float32 or
+float16), which `save_model(..., zca_storage=...)` chooses; `load` reads every form.
+
     import engine
     model = engine.load("runs/flattened-cifar10/model.npz")
     probs = model.predict(images_uint8_nhwc)      # (N, classes)
@@ -131,14 +136,69 @@ def build_architecture(arch):
     return L.Sequential(*layers, names=[entry["name"] for entry in arch], check_finite=True)
 
 
-def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, zca_matrix=None, extra=None):
-    """Write `net` (a Sequential of engine layers) and what prediction needs to `path`, atomically."""
+ZCA_STORAGE = ("full", "packed", "packed16")
+SYMMETRY_RTOL = 1e-5  # how far from symmetric a ZCA matrix may be to be stored packed (relative to its largest entry)
+
+
+def pack_upper(matrix):
+    """The upper triangle of a square matrix, row by row: m[0, 0:], m[1, 1:], ... (d(d+1)/2 values)."""
+    return np.concatenate([matrix[i, i:] for i in range(len(matrix))])
+
+
+def unpack_upper(packed, d):
+    """The symmetric d x d float32 matrix whose upper triangle `pack_upper` gave as `packed`."""
+    if len(packed) != d * (d + 1) // 2:
+        raise ValueError(f"{len(packed)} values for the upper triangle of a {d} x {d} matrix, "
+                         f"expected {d * (d + 1) // 2}")
+    out = np.empty((d, d), np.float32)
+    start = 0
+    for i in range(d):
+        row = packed[start:start + d - i]
+        out[i, i:] = row
+        out[i:, i] = row
+        start += d - i
+    return out
+
+
+def _zca_arrays(zca_mean, zca_matrix, storage):
+    """The model file's ZCA members: the mean, and the matrix whole or packed (see the module's docstring)."""
+    if storage not in ZCA_STORAGE:
+        raise ValueError(f"zca_storage must be one of {', '.join(ZCA_STORAGE)}, got {storage!r}")
+    if storage == "full":
+        return dict(zca_mean=zca_mean, zca_matrix=zca_matrix)
+    w = np.asarray(zca_matrix)
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"the ZCA matrix must be square, got shape {w.shape}")
+    scale = float(np.abs(w).max()) if w.size else 0.0
+    asymmetry = float(np.abs(w - w.T).max()) if w.size else 0.0
+    if not asymmetry <= SYMMETRY_RTOL * scale:
+        raise ValueError(f"the ZCA matrix is not symmetric (max |W - W^T| = {asymmetry:.3g}, max |W| = {scale:.3g}): "
+                         f"store it with zca_storage='full'")
+    dtype = np.float16 if storage == "packed16" else np.float32
+    if dtype == np.float16 and not scale <= float(np.finfo(np.float16).max):
+        raise ValueError(f"the ZCA matrix has entries up to {scale:.3g}, beyond float16's range: "
+                         f"store it with zca_storage='packed' or 'full'")
+    return dict(zca_mean=zca_mean, zca_matrix_packed=pack_upper(w).astype(dtype))
+
+
+def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, zca_matrix=None, extra=None,
+               zca_storage="full", compress=False):
+    """Write `net` (a Sequential of engine layers) and what prediction needs to `path`, atomically.
+
+    zca_storage: how the ZCA matrix is stored: 'full' (d x d float32), 'packed' (its upper
+    triangle, float32: half the size, the same matrix when it is symmetric, which a ZCA matrix
+    is up to rounding; a matrix further than that from symmetric is refused) or 'packed16' (the
+    upper triangle in float16: a quarter of the size, each entry rounded to float16).
+    compress=True deflates the file's members (see npzfile.save).
+    """
     meta = dict(format=FORMAT, version=VERSION, architecture=architecture(net), input_shape=list(in_shape),
                 classes=list(classes), preprocessing=preprocessing or {}, extra=extra or {})
     arrays = {f"param/{k}": to_numpy(v) for k, v in net.params.items()}
     if zca_matrix is not None:
-        arrays["zca_mean"], arrays["zca_matrix"] = zca_mean, zca_matrix
-    return npzfile.save(path, arrays, meta)
+        arrays.update(_zca_arrays(zca_mean, zca_matrix, zca_storage))
+    elif zca_storage not in ZCA_STORAGE:
+        raise ValueError(f"zca_storage must be one of {', '.join(ZCA_STORAGE)}, got {zca_storage!r}")
+    return npzfile.save(path, arrays, meta, compress=compress)
 
 
 class Model:
@@ -179,6 +239,11 @@ class Model:
         except UnsupportedNetwork as e:
             self.why_not_compiled = str(e)
         return self.plan
+
+    def save(self, path, zca_storage="full", compress=False):
+        """Write this model to a model file again, e.g. with its ZCA matrix stored compactly (see save_model)."""
+        return save_model(path, self.net, self.input_shape, self.classes, self.preprocessing, self.zca_mean,
+                          self.zca_matrix, extra=self.meta.get("extra"), zca_storage=zca_storage, compress=compress)
 
     def preprocess(self, images, float_max=None):
         """uint8 (or float) images, HWC or NHWC (grey: also HW or NHW), -> float32 NCHW as in training.
@@ -274,6 +339,7 @@ def _model_members(meta, names=None):
     members = {f"param/{k}": npzfile.Member(s) for k, s in architecture_shapes(meta["architecture"]).items()}
     members["zca_mean"] = npzfile.Member((d,), required=False)
     members["zca_matrix"] = npzfile.Member((d, d), required=False)
+    members["zca_matrix_packed"] = npzfile.Member((d * (d + 1) // 2,), required=False)  # (its upper triangle)
     return members
 
 
@@ -295,7 +361,9 @@ def load(path, backend="cpu", compiled=True):
     """
     path = Path(path)
     arrays, meta = npzfile.load(path, "model file", ModelFileError, _model_members)
-    if ("zca_mean" in arrays) != ("zca_matrix" in arrays):
+    if "zca_matrix" in arrays and "zca_matrix_packed" in arrays:
+        raise ModelFileError(path, "holds the ZCA matrix twice (zca_matrix and zca_matrix_packed)")
+    if ("zca_mean" in arrays) != ("zca_matrix" in arrays or "zca_matrix_packed" in arrays):
         raise ModelFileError(path, "holds only one of the ZCA mean and matrix")
     try:
         net = build_architecture(meta["architecture"])
@@ -314,8 +382,13 @@ def load(path, backend="cpu", compiled=True):
     if shape != (1, len(meta["classes"])):
         raise ModelFileError(path, f"the network gives {shape[1:]} outputs for {len(meta['classes'])} classes")
     zca_mean = zca_matrix = None
-    if "zca_matrix" in arrays:
-        zca_mean, zca_matrix = (_finite(path, k, arrays[k], np.float32) for k in ("zca_mean", "zca_matrix"))
+    if "zca_mean" in arrays:
+        zca_mean = _finite(path, "zca_mean", arrays["zca_mean"], np.float32)
+        if "zca_matrix" in arrays:
+            zca_matrix = _finite(path, "zca_matrix", arrays["zca_matrix"], np.float32)
+        else:  # the size was checked against the input shape before anything was read
+            packed = _finite(path, "zca_matrix_packed", arrays.pop("zca_matrix_packed"), np.float32)
+            zca_matrix = unpack_upper(packed, len(zca_mean))
     if backend != "cpu":
         net.to(backend)
     return Model(net, meta, zca_mean, zca_matrix, compiled=compiled)

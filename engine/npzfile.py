@@ -40,9 +40,15 @@ class Member(NamedTuple):
     required: bool = True
 
 
-def save(path, arrays, meta):
-    """Write `arrays` (name -> array) and `meta` (JSON-able, stored as the string array 'meta') atomically."""
-    return _write_atomic(path, lambda f: np.savez(f, **arrays, meta=np.array(json.dumps(meta))))
+def save(path, arrays, meta, compress=False):
+    """Write `arrays` (name -> array) and `meta` (JSON-able, stored as the string array 'meta') atomically.
+
+    compress=True deflates every member (numpy's savez_compressed); `load` reads either, with the
+    same checks: a deflated member's header and the zip directory's size for it are checked before
+    its data is inflated, and exactly that many bytes are inflated.
+    """
+    savez = np.savez_compressed if compress else np.savez
+    return _write_atomic(path, lambda f: savez(f, **arrays, meta=np.array(json.dumps(meta))))
 
 
 def write_text_atomic(path, text):

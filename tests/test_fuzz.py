@@ -59,8 +59,13 @@ def fuzz(tmp_path, original, read, error, count, seed):
     return outcomes
 
 
-def model_case(tmp_path):
-    path = engine.save_model(tmp_path / "m.npz", net(), (1, 4, 4), ["a", "b", "c"], dict(gcn=dict(scale=1.0)))
+def model_case(tmp_path, compact=False):
+    """A model file; compact=True: with a ZCA matrix packed in float16, every member deflated."""
+    zca = {}
+    if compact:
+        a = np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32)
+        zca = dict(zca_mean=np.zeros(16, np.float32), zca_matrix=(a + a.T) / 2, zca_storage="packed16", compress=True)
+    path = engine.save_model(tmp_path / "m.npz", net(), (1, 4, 4), ["a", "b", "c"], dict(gcn=dict(scale=1.0)), **zca)
 
     def read(p):
         m = engine.load(p)
@@ -91,7 +96,8 @@ def idx_case(tmp_path, gz):
     return (gzip.compress(raw) if gz else raw), lambda p: _read_idx(p, (5, 5)), DatasetError
 
 
-CASES = {"model file": model_case, "checkpoint": checkpoint_case,
+CASES = {"model file": model_case, "packed model file": lambda p: model_case(p, compact=True),
+         "checkpoint": checkpoint_case,
          "idx": lambda p: idx_case(p, False), "idx.gz": lambda p: idx_case(p, True)}
 
 

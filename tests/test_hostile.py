@@ -542,3 +542,51 @@ def test_the_log_follows_the_checkpoint_after_a_crash(tmp_path, monkeypatch):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records == again.history and [r["epoch"] for r in records] == [1, 2, 3]
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- the packed ZCA matrix
+
+def _with_packed_zca(src, dst, packed_npy, input_shape=None):
+    """The model file `src` with a ZCA mean and the packed-matrix member `packed_npy` (raw npy bytes)."""
+    m, arrays = model_meta(src), members_of(src)
+    if input_shape:
+        m["input_shape"] = input_shape
+    d = math.prod(m["input_shape"])
+    arrays.update(meta=meta_bytes(m), zca_mean=npy((d,), "<f4", b"" if d > 1 << 20 else None),
+                  zca_matrix_packed=packed_npy)
+    return write_zip(dst, arrays, compress={"zca_matrix_packed"})
+
+
+def test_a_packed_zca_member_is_checked_before_its_data(tmp_path):
+    src = tiny_model_file(tmp_path / "m.npz")  # input (1, 8, 8): d = 64, 2080 values in the upper triangle
+    good = _with_packed_zca(src, tmp_path / "good.npz", npy_of(np.eye(64, dtype=np.float16)[np.triu_indices(64)]))
+    np.testing.assert_array_equal(engine.load(good).zca_matrix, np.eye(64))
+    for name, raw, match in (
+            ("size", npy((2081,), "<f2"), "array zca_matrix_packed has shape (2081,), expected (2080,)"),
+            ("square", npy((64, 64), "<f4"), "array zca_matrix_packed has shape (64, 64), expected (2080,)"),
+            ("dtype", npy((2080,), "<i4"), "array zca_matrix_packed has dtype int32; expected floating-point"),
+            ("object", npy((2080,), "|O", b""), "array zca_matrix_packed has dtype object"),
+            ("short", npy((2080,), "<f4", bytes(100)), "header declares 8320 bytes of data, the zip directory 100")):
+        path = _with_packed_zca(src, tmp_path / f"{name}.npz", raw)
+        with pytest.raises(ModelFileError, match=re.escape(match)) as e:
+            engine.load(path)
+        assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_a_packed_zca_member_claiming_a_huge_size_is_refused_cheaply(tmp_path):
+    src = tiny_model_file(tmp_path / "m.npz")
+    # a header of 2^40 values, no data
+    path = _with_packed_zca(src, tmp_path / "tib.npz", npy((1 << 40,), "<f4", b""))
+    assert_refused_cheaply(f"engine.load({str(path)!r})", "ModelFileError",
+                           f"array zca_matrix_packed has shape ({1 << 40},), expected (2080,)")
+    # an input shape whose triangle is that large (d = 2^24: 1.4e14 values), the header agreeing, no data
+    d = 1 << 24
+    path = _with_packed_zca(src, tmp_path / "wide.npz", npy((d * (d + 1) // 2,), "<f2", b""), [1, 4096, 4096])
+    assert path.stat().st_size < 10000
+    assert_refused_cheaply(f"engine.load({str(path)!r})", "ModelFileError",
+                           f"array zca_matrix_packed of shape ({d * (d + 1) // 2},) ({d * (d + 1)} bytes) exceeds "
+                           f"the limit")
+    # the right header followed by 100 MB of deflated zeros
+    path = _with_packed_zca(src, tmp_path / "bomb.npz", npy((2080,), "<f2", bytes(100 << 20)))
+    assert path.stat().st_size < 1 << 20
+    assert_refused_cheaply(f"engine.load({str(path)!r})", "ModelFileError", "header declares 4160 bytes")

@@ -246,3 +246,91 @@ def test_filters_cli_draws_a_png(tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {tmp_path / 'f.png'}: conv1, 96 filters 9x9 over 3 input channels\n"
     filters_main([str(path), "--out", str(tmp_path / "f2.png"), "--layer", "conv2"])
     assert "conv2, 128 filters 9x9 over 96 input channels" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- how the ZCA matrix is stored
+
+def _zca_members(path):
+    with zipfile.ZipFile(path) as z:
+        return {i.filename[:-4]: i for i in z.infolist() if i.filename.startswith("zca_")}
+
+
+def test_zca_storage_forms_round_trip(saved, tmp_path):
+    path, net, raw, x = saved  # written with the default, the full form (as every file before the packed forms)
+    full = engine.load(path)
+    assert set(_zca_members(path)) == {"zca_mean", "zca_matrix"}
+    w = full.zca_matrix
+    d = len(w)
+    # what the packed forms store: the upper triangle, row by row (the lower one mirrors it)
+    upper = np.triu(w) + np.triu(w, 1).T
+    sizes = {"full": path.stat().st_size}
+    for storage, dtype in (("packed", np.float32), ("packed16", np.float16)):
+        p = engine.save_model(tmp_path / f"{storage}.npz", net, (1, 28, 28), ["a", "b", "c", "d"], full.preprocessing,
+                              full.zca_mean, w, zca_storage=storage)
+        sizes[storage] = p.stat().st_size
+        members = _zca_members(p)
+        assert set(members) == {"zca_mean", "zca_matrix_packed"}
+        with zipfile.ZipFile(p) as z, z.open(members["zca_matrix_packed"]) as f:
+            np.lib.format.read_magic(f)
+            assert np.lib.format.read_array_header_1_0(f)[::2] == ((d * (d + 1) // 2,), np.dtype(dtype))
+        m = engine.load(p)
+        np.testing.assert_array_equal(m.zca_mean, full.zca_mean)
+        # float32: exactly the upper triangle; float16: each entry rounded to float16, nothing else
+        np.testing.assert_array_equal(m.zca_matrix, upper.astype(dtype).astype(np.float32))
+        assert m.zca_matrix.dtype == np.float32 and m.zca_matrix.flags.c_contiguous
+        tol = dict(rtol=1e-4, atol=1e-6) if storage == "packed" else dict(rtol=2e-2, atol=2e-3)
+        np.testing.assert_allclose(m.predict(raw), full.predict(raw), **tol)
+    matrix_bytes = d * d * 4
+    assert sizes["full"] - sizes["packed"] > 0.49 * matrix_bytes
+    assert sizes["full"] - sizes["packed16"] > 0.74 * matrix_bytes
+    # a matrix that is exactly symmetric comes back bit for bit from the packed float32 form
+    a = np.random.default_rng(1).standard_normal((d, d)).astype(np.float32)
+    sym = (a + a.T) / 2
+    p = engine.save_model(tmp_path / "sym.npz", net, (1, 28, 28), list("abcd"), {}, full.zca_mean, sym,
+                          zca_storage="packed")
+    np.testing.assert_array_equal(engine.load(p).zca_matrix, sym)
+
+
+def test_packed_zca_is_refused_when_it_would_not_be_the_same_matrix(saved, tmp_path):
+    _, net, _, _ = saved
+    d = 784
+    mean = np.zeros(d, np.float32)
+    w = np.eye(d, dtype=np.float32)
+    w[0, 1] = 0.5  # not symmetric
+    for storage in ("packed", "packed16"):
+        with pytest.raises(ValueError, match=r"not symmetric \(max \|W - W\^T\| = 0.5"):
+            engine.save_model(tmp_path / "m.npz", net, (1, 28, 28), list("abcd"), {}, mean, w, zca_storage=storage)
+    big = np.eye(d, dtype=np.float32) * 1e5
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        engine.save_model(tmp_path / "m.npz", net, (1, 28, 28), list("abcd"), {}, mean, big, zca_storage="packed16")
+    engine.save_model(tmp_path / "m.npz", net, (1, 28, 28), list("abcd"), {}, mean, big, zca_storage="packed")
+    with pytest.raises(ValueError, match="zca_storage must be one of full, packed, packed16"):
+        engine.save_model(tmp_path / "m.npz", net, (1, 28, 28), list("abcd"), {}, mean, w, zca_storage="half")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_model_saved_again_compact_and_deflated_predicts_the_same(saved, tmp_path):
+    path, _, raw, _ = saved
+    model = engine.load(path)
+    p = model.save(tmp_path / "small.npz", zca_storage="packed", compress=True)
+    with zipfile.ZipFile(p) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    again = engine.load(p)
+    assert again.meta == model.meta and again.classes == model.classes
+    for k, v in model.net.params.items():
+        np.testing.assert_array_equal(again.net.params[k], v)
+    np.testing.assert_allclose(again.predict(raw), model.predict(raw), rtol=1e-4, atol=1e-6)
+
+
+def test_zca_members_must_agree(saved, tmp_path):
+    path = saved[0]
+    model = engine.load(path)
+    packed = model.save(tmp_path / "p.npz", zca_storage="packed")
+    with pytest.raises(ModelFileError, match=r"holds the ZCA matrix twice \(zca_matrix and zca_matrix_packed\)"):
+        engine.load(_rewrite(packed, tmp_path / "both.npz", lambda a: a.update(zca_matrix=model.zca_matrix)))
+    with pytest.raises(ModelFileError, match="holds only one of the ZCA mean and matrix"):
+        engine.load(_rewrite(packed, tmp_path / "nomean.npz", lambda a: a.pop("zca_mean")))
+    with pytest.raises(ModelFileError, match="array zca_matrix_packed is not finite"):
+        engine.load(_rewrite(packed, tmp_path / "inf.npz",
+                             lambda a: a.update(zca_matrix_packed=np.full(a["zca_matrix_packed"].shape, np.inf,
+                                                                          np.float16))))

@@ -348,3 +348,22 @@ def test_a_new_run_takes_the_default_recipe_with_flags_replacing_its_values(tiny
     assert "recipe reproduce: 1 epochs, lr 0.05, momentum 0.9, dampening 0," in r.stdout
     r = train_py("--out", out, "--resume", "--recipe", "paper", "--epochs", "2")
     assert r.returncode != 0 and "--recipe cannot change a run" in r.stderr
+
+
+def test_train_py_chooses_how_the_model_file_stores_the_zca_matrix(tiny_mnist, monkeypatch, capsys):
+    import engine
+    calls, save_model = [], engine.save_model
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return save_model(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "save_model", recording)
+    train = _load_train_script()
+    common = [*COMMON, "--data-dir", str(tiny_mnist / "data"), "--cache-dir", str(tiny_mnist / "cache"), "--epochs",
+              "1", "--limit-train", "32", "--limit-test", "8"]
+    assert train.main([*common, "--out", str(tiny_mnist / "a")]) == 0
+    assert train.main([*common, "--out", str(tiny_mnist / "b"), "--zca-storage", "full", "--compress-model"]) == 0
+    assert [(c["zca_storage"], c["compress"]) for c in calls] == [("packed16", False), ("full", True)]
+    settings = json.loads((tiny_mnist / "b" / "settings.json").read_text())
+    assert settings["zca_storage"] == "full" and settings["compress_model"] is True  # remembered for --resume
