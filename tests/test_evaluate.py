@@ -181,3 +181,31 @@ def test_help_explains_every_flag(capsys):
         for flag in action.option_strings:
             assert flag in text
         assert action.help and len(action.help) > 10, action.dest
+
+
+# ---- the trained models shipped in pretrained/ (issue 12) ----
+
+PRETRAINED = {"flattened-mnist.npz": dict(input_shape=(1, 28, 28), model="flattened", dataset="mnist", accuracy=99.50)}
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("name", sorted(PRETRAINED))
+def test_pretrained_models_load_and_are_what_the_readme_says(name):
+    path, want = ROOT / "pretrained" / name, PRETRAINED[name]
+    model = engine.load(path)
+    assert model.input_shape == want["input_shape"] and len(model.classes) == 10
+    assert f"pretrained/{name}" in (ROOT / "README.md").read_text()
+    assert f"{want['accuracy']:.2f}%" in (ROOT / "README.md").read_text()  # the accuracy the README quotes
+    n_flattened = sum(type(layer).__name__ == "Flattened" for layer in model.net.layers)
+    assert (n_flattened > 0) == (want["model"] == "flattened")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="the real MNIST files are not in ../shared/data")
+def test_pretrained_mnist_model_on_the_real_test_images():
+    """The first 1,000 real MNIST test images through the command a user runs (the full set is the README's figure)."""
+    r = subprocess.run([sys.executable, "-m", "engine.evaluate", str(ROOT / "pretrained" / "flattened-mnist.npz"),
+                        "--dataset", "mnist", "--data-dir", str(SHARED_DATA), "--limit", "1000", "--quiet",
+                        "--no-download"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("test accuracy: "))
+    assert float(line.split()[2].rstrip("%")) >= 99.0, line
