@@ -26,6 +26,7 @@ import csv
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +213,8 @@ def figure3(runs, found, out, band):
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     datasets = sorted({g["dataset"] for g in groups})
-    fig, axes = plt.subplots(len(datasets), 2, figsize=(13, 4.4 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(18, 4.6 * len(datasets)), squeeze=False,
+                             gridspec_kw=dict(width_ratios=(1, 1, 0.8)))  # the third: the row's legend
     band_text = "±1 standard deviation (n-1)" if band == "std" else "min to max"
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, dataset in zip(axes, datasets):
@@ -224,7 +226,8 @@ def figure3(runs, found, out, band):
                 mean = np.array([r[what]["mean"] for r in g["rows"]])
                 style = "--" if g["model"] == "baseline" else "-"
                 several = len(g["runs"]) > 1
-                label = g["label"] + (f" ({band_text} shaded)" if several else "")
+                label = textwrap.fill(g["label"] + (" (shaded: the spread)" if several else ""), 60,
+                                      subsequent_indent="  ")
                 ax.plot(x, mean, style, color=colour, label=label, linewidth=1.5,
                         marker=None if several and len(x) > 1 else "o", markersize=4)
                 if several:
@@ -243,7 +246,9 @@ def figure3(runs, found, out, band):
             ax.set_ylabel(f"{title} accuracy (%)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, loc="lower right")
+        row[2].axis("off")
+        row[2].legend(*row[1].get_legend_handles_labels(), fontsize=7, loc="center left", frameon=False,
+                      title=dataset, title_fontsize=8)
     fig.suptitle("Figure 3: accuracy per epoch, baseline (dashed) vs flattened (solid); runs differing only in "
                  f"the seed are averaged (line: mean, shade: {band_text})", fontsize=10)
     fig.tight_layout()
