@@ -3,6 +3,7 @@
 
     python train.py --model flattened --dataset cifar10 --data-dir ../shared/data
     python train.py --model baseline --dataset cifar10 --summary
+    python train.py --recipe paper ...                    # the paper's optimizer settings (default: reproduce)
     python train.py --out runs/flat-c10 --resume          # continue an interrupted run, as it was started
     mpirun -np 2 --bind-to none python train.py ...       # data-parallel over MPI ranks (engine/distributed.py)
 
