@@ -481,24 +481,23 @@ def bench_threads(args):
     y = rng.integers(0, 10, args.batch)
     step, velocity = CompiledStep(build("flattened"), batch_size=args.batch), {}
     plan = compile_network(build("flattened").eval())
-    cases = [("compiled train step", lambda: step.step(x, y, 0.01, 0.9, 1e-4, None, velocity), args.repeat),
-             (f"inference batch {args.batch}", lambda: plan(x), args.repeat),
-             ("inference batch 1", lambda: plan(x[:1]), max(args.repeat, 20))]
+    cases = [("compiled train step", step, lambda: step.step(x, y, 0.01, 0.9, 1e-4, None, velocity), args.repeat),
+             (f"inference batch {args.batch}", plan, lambda: plan(x), args.repeat),
+             ("inference batch 1", plan, lambda: plan(x[:1]), max(args.repeat, 20))]
     counts = (1, args.threads, None)  # None: the default, as a user who sets nothing gets it
     res, used = {}, {}
     for _ in range(args.rounds):
         for threads in counts:
             engine.set_num_threads(threads)
-            for name, fn, runs in cases:
+            for name, runner, fn, runs in cases:
                 res.setdefault((name, threads), []).append(statistics.median(timeit(fn, runs)))
-                obj = step if "step" in name else plan
-                used.setdefault((name, threads), []).append(obj.last_threads)
+                used.setdefault((name, threads), []).append(runner.last_threads)
     engine.set_num_threads(args.threads)
     if engine.backend.threads_chosen():
         print("# OMP_NUM_THREADS is set: the default column is that count, not the adaptive default")
     print(f"{'what':<22} {'1 thread ms':>12} {f'{args.threads} threads ms':>14} {'default ms':>11} "
           f"{f'{args.threads}/1':>6} {'default/1':>10}  (default/1 per round; threads the default used)")
-    for name, _, _ in cases:
+    for name, *_ in cases:
         one, many, auto = (statistics.median(res[(name, t)]) for t in counts)
         rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(res[(name, 1)], res[(name, None)]))
         print(f"{name:<22} {1e3 * one:>12.2f} {1e3 * many:>14.2f} {1e3 * auto:>11.2f} {many / one:>6.2f} "

@@ -29,16 +29,14 @@ RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop
 
 _WEIGHT_DECAY = {"baseline": 5e-4, "flattened": 1e-4}  # the flattened model's is smaller, as the paper's
 
-RECIPES = {
-    "paper": {
-        "cifar10": dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=[8], lr_drop_factor=0.1),
-        "cifar100": dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=[8], lr_drop_factor=0.1),
-        "mnist": dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=[8], lr_drop_factor=0.1),
-    },
+_PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1)
+_CIFAR = dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=(40, 52), lr_drop_factor=0.1)
+RECIPES = {  # per recipe and dataset; the weight decay comes per model (_WEIGHT_DECAY)
+    "paper": {"cifar10": _PAPER, "cifar100": _PAPER, "mnist": _PAPER},
     "reproduce": {
-        "cifar10": dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=[40, 52], lr_drop_factor=0.1),
-        "cifar100": dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=[40, 52], lr_drop_factor=0.1),
-        "mnist": dict(epochs=16, lr=0.02, momentum=0.9, dampening=0.0, lr_drop_epochs=[10, 14], lr_drop_factor=0.1),
+        "cifar10": _CIFAR,
+        "cifar100": _CIFAR,
+        "mnist": dict(epochs=16, lr=0.02, momentum=0.9, dampening=0.0, lr_drop_epochs=(10, 14), lr_drop_factor=0.1),
     },
 }
 DEFAULT_RECIPE = "reproduce"
