@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.recipes import DEFAULT_RECIPE, RECIPE_HELP, RECIPES, recipe
+from models.recipes import DEFAULT_RECIPE, RECIPES, describe, help_text, recipe
 
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 # Settings that define the run; on --resume they come from the checkpoint.
@@ -124,7 +124,7 @@ def parser():
                              "--weight-decay, --lr-drop-epochs and --lr-drop-factor; a flag given replaces its "
                              "recipe value (models/recipes.py, docs/results.md)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                   help="; ".join(f"{k}: {v}" for k, v in RECIPE_HELP.items()) + f" (default: {DEFAULT_RECIPE})")
+                   help=" | ".join(help_text(name) for name in RECIPES) + f" (default: {DEFAULT_RECIPE})")
     g.add_argument("--epochs", metavar="N", type=positive_int, default=None,
                    help="total number of epochs (default: the recipe's, or the checkpoint's with --resume)")
     g.add_argument("--batch-size", metavar="N", type=positive_int, default=128, help="mini-batch size")
@@ -356,11 +356,7 @@ def run(args, dist=None):
         sys.exit(f"error: --step compiled: {e}")
     except DistributedError as e:
         sys.exit(f"error: {e}")
-    damp = "Torch7's (= momentum)" if args.dampening is None else f"{args.dampening:g}"
-    drops = ",".join(map(str, args.lr_drop_epochs)) or "none"
-    print(f"recipe {args.recipe or '(none recorded)'}: {args.epochs} epochs, lr {args.lr:g}, momentum "
-          f"{args.momentum:g}, dampening {damp}, weight decay {args.weight_decay:g}, lr x{args.lr_drop_factor:g} "
-          f"after epochs {drops}")
+    print(f"recipe {args.recipe or '(none recorded)'}: {describe(vars(args))}")
     print(f"training step: {trainer.step.name}"
           f"{f' (the compiled step cannot run this network: {trainer.step_note})' if trainer.step_note else ''}")
     try:

@@ -40,13 +40,6 @@ RECIPES = {  # per recipe and dataset; the weight decay comes per model (_WEIGHT
     },
 }
 DEFAULT_RECIPE = "reproduce"
-RECIPE_HELP = {
-    "paper": "the paper's text: lr 0.1, Torch7 momentum 0.9 (dampening = momentum), /10 after epoch 8, 20 epochs",
-    "reproduce": "closer to Table 2 in the recorded runs: dampening 0, lr 0.03 (CIFAR) or 0.02 (MNIST), "
-                 "/10 after epochs 40 and 52 of 60 (CIFAR) or 10 and 14 of 16 (MNIST)",
-}
-
-
 def recipe(name, dataset, model):
     """The settings (a new dict with every key of RECIPE_KEYS) of recipe `name` for `dataset` and `model`.
 
@@ -56,3 +49,20 @@ def recipe(name, dataset, model):
     settings = dict(RECIPES[name][dataset], weight_decay=_WEIGHT_DECAY[model])
     settings["lr_drop_epochs"] = list(settings["lr_drop_epochs"])
     return settings
+
+
+def describe(settings):
+    """The settings of a run (or a recipe's, without the weight decay) as one line of text."""
+    damp = "Torch7's (= momentum)" if settings["dampening"] is None else f"{settings['dampening']:g}"
+    decay = f", weight decay {settings['weight_decay']:g}" if "weight_decay" in settings else ""
+    return (f"{settings['epochs']} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, dampening "
+            f"{damp}{decay}, lr x{settings['lr_drop_factor']:g} after epochs "
+            f"{','.join(map(str, settings['lr_drop_epochs'])) or 'none'}")
+
+
+def help_text(name):
+    """--help's line for recipe `name`: its settings per dataset, datasets that share them together."""
+    datasets = {}
+    for dataset, settings in RECIPES[name].items():
+        datasets.setdefault(describe(settings), []).append(dataset)
+    return f"{name}: " + "; ".join(f"{'/'.join(names)}: {text}" for text, names in datasets.items())
