@@ -10,6 +10,8 @@ The ZCA matrix W (d x d, d = C*H*W) is symmetric, W = U diag((s + eps)^-1/2) U^T
 stored either whole (``zca_matrix``, float32: 38 MB for CIFAR) or as its upper triangle,
 row by row (``zca_matrix_packed``: W[0, 0:], W[1, 1:], ..., d(d+1)/2 values, float32 or
 float16), which `save_model(..., zca_storage=...)` chooses; `load` reads every form.
+The weights are float32, or float16 with `save_model(..., weights="float16")` (half the
+size, each weight rounded to float16); `load` turns them back into float32.
 
     import engine
     model = engine.load("runs/flattened-cifar10/model.npz")
@@ -137,6 +139,7 @@ def build_architecture(arch):
 
 
 ZCA_STORAGE = ("full", "packed", "packed16")
+WEIGHT_STORAGE = ("float32", "float16")
 SYMMETRY_RTOL = 1e-5  # how far from symmetric a ZCA matrix may be to be stored packed (relative to its largest entry)
 
 
@@ -181,19 +184,37 @@ def _zca_arrays(zca_mean, zca_matrix, storage):
     return dict(zca_mean=zca_mean, zca_matrix_packed=pack_upper(w).astype(dtype))
 
 
+def _weight_arrays(net, storage):
+    """The model file's weight members, float32 or rounded to float16 (refused beyond float16's range)."""
+    if storage not in WEIGHT_STORAGE:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_STORAGE)}, got {storage!r}")
+    arrays = {k: to_numpy(v) for k, v in net.params.items()}
+    if storage == "float16":
+        limit = float(np.finfo(np.float16).max)
+        for k, v in arrays.items():
+            big = float(np.abs(v).max()) if v.size else 0.0
+            if not big <= limit:
+                raise ValueError(f"weight {k} has entries up to {big:.3g}, beyond float16's range: "
+                                 f"store the weights as float32")
+            arrays[k] = v.astype(np.float16)
+    return {f"param/{k}": v for k, v in arrays.items()}
+
+
 def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, zca_matrix=None, extra=None,
-               zca_storage="full", compress=False):
+               zca_storage="full", compress=False, weights="float32"):
     """Write `net` (a Sequential of engine layers) and what prediction needs to `path`, atomically.
 
     zca_storage: how the ZCA matrix is stored: 'full' (d x d float32), 'packed' (its upper
     triangle, float32: half the size, the same matrix when it is symmetric, which a ZCA matrix
     is up to rounding; a matrix further than that from symmetric is refused) or 'packed16' (the
     upper triangle in float16: a quarter of the size, each entry rounded to float16).
+    weights: 'float32', or 'float16' (half the size; each weight rounded to float16, which
+    changes the outputs slightly: measure it, e.g. with `python -m engine.evaluate A --compare B`).
     compress=True deflates the file's members (see npzfile.save).
     """
     meta = dict(format=FORMAT, version=VERSION, architecture=architecture(net), input_shape=list(in_shape),
                 classes=list(classes), preprocessing=preprocessing or {}, extra=extra or {})
-    arrays = {f"param/{k}": to_numpy(v) for k, v in net.params.items()}
+    arrays = _weight_arrays(net, weights)
     if zca_matrix is not None:
         arrays.update(_zca_arrays(zca_mean, zca_matrix, zca_storage))
     elif zca_storage not in ZCA_STORAGE:
@@ -240,10 +261,11 @@ class Model:
             self.why_not_compiled = str(e)
         return self.plan
 
-    def save(self, path, zca_storage="full", compress=False):
-        """Write this model to a model file again, e.g. with its ZCA matrix stored compactly (see save_model)."""
+    def save(self, path, zca_storage="full", compress=False, weights="float32"):
+        """Write this model to a model file again, e.g. with its ZCA matrix or weights stored compactly (see save_model)."""
         return save_model(path, self.net, self.input_shape, self.classes, self.preprocessing, self.zca_mean,
-                          self.zca_matrix, extra=self.meta.get("extra"), zca_storage=zca_storage, compress=compress)
+                          self.zca_matrix, extra=self.meta.get("extra"), zca_storage=zca_storage, compress=compress,
+                          weights=weights)
 
     def preprocess(self, images, float_max=None):
         """uint8 (or float) images, HWC or NHWC (grey: also HW or NHW), -> float32 NCHW as in training.

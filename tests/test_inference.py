@@ -1,4 +1,5 @@
 """Model files: save -> load round trip, refusal of bad files, predict on raw images, thread safety."""
+import copy
 import json
 import subprocess
 import sys
@@ -320,6 +321,43 @@ def test_a_model_saved_again_compact_and_deflated_predicts_the_same(saved, tmp_p
     for k, v in model.net.params.items():
         np.testing.assert_array_equal(again.net.params[k], v)
     np.testing.assert_allclose(again.predict(raw), model.predict(raw), rtol=1e-4, atol=1e-6)
+
+
+def test_float16_weights_are_each_weight_rounded_and_nothing_else(saved, tmp_path):
+    path, net, raw, x = saved
+    model = engine.load(path)
+    p = model.save(tmp_path / "w16.npz", weights="float16")
+    with zipfile.ZipFile(p) as z:
+        dtypes = {}
+        for i in z.infolist():
+            if i.filename.startswith("param/"):
+                with z.open(i) as f:
+                    np.lib.format.read_magic(f)
+                    dtypes[i.filename[:-4]] = np.lib.format.read_array_header_1_0(f)[2]
+    assert set(dtypes) == {f"param/{k}" for k in net.params} and set(dtypes.values()) == {np.dtype(np.float16)}
+    half = engine.load(p)
+    for k, v in net.params.items():  # back in float32, each value the float16 nearest the original
+        assert half.net.params[k].dtype == np.float32
+        np.testing.assert_array_equal(half.net.params[k], np.asarray(v).astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(half.zca_matrix, model.zca_matrix)  # the ZCA storage is a separate choice
+    # what it predicts is the original network's answer with the rounded weights, run layer by layer
+    rounded = copy.deepcopy(net)
+    rounded.load_params({k: np.asarray(v).astype(np.float16).astype(np.float32) for k, v in net.params.items()})
+    got = half.predict(x, preprocessed=True)
+    np.testing.assert_allclose(got, engine.softmax(rounded.eval().forward(x).copy()), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got, model.predict(x, preprocessed=True), rtol=0, atol=2e-2)
+    assert not np.array_equal(got, model.predict(x, preprocessed=True))  # it did round
+    param_bytes = sum(np.asarray(v).nbytes for v in net.params.values())
+    assert path.stat().st_size - p.stat().st_size > 0.49 * param_bytes
+    # weights beyond float16's range are refused, not written as inf
+    big = copy.deepcopy(model)
+    name = next(iter(big.net.params))
+    big.net.params[name][...] = 1e5
+    with pytest.raises(ValueError, match=f"weight {name} has entries up to 1e\\+05, beyond float16's range"):
+        big.save(tmp_path / "big.npz", weights="float16")
+    with pytest.raises(ValueError, match="weights must be one of float32, float16"):
+        model.save(tmp_path / "x.npz", weights="int8")
+    assert not (tmp_path / "big.npz").exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_zca_members_must_agree(saved, tmp_path):
