@@ -66,3 +66,16 @@ def test_train_py_commands_parse(capsys):
             train.parser().parse_args(args)
         except SystemExit as e:  # --help exits with 0; a bad flag with 2 and a message
             assert e.code == 0 and args == ["--help"], f"python train.py {shlex.join(args)}: {capsys.readouterr().err}"
+
+
+def test_the_checked_out_files_stay_under_40_mb():
+    """A checkout must fit whole on a GPU machine (issue 12): trained models and run checkpoints included."""
+    import shutil
+    import subprocess
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    sizes = {n: (ROOT / n).stat().st_size for n in names.decode().split("\0") if n and (ROOT / n).is_file()}
+    total = sum(sizes.values())
+    biggest = sorted(sizes, key=sizes.get)[-3:]
+    assert total < 40e6, f"{total / 1e6:.1f} MB tracked; the largest: {', '.join(biggest)}"
