@@ -19,6 +19,7 @@ import numpy as np
 from engine import Conv2d, Dropout, Flatten, Flattened, Linear, MaxPool2d, ReLU, Sequential
 
 MODELS = ("baseline", "flattened")
+INITS = ("auto", "lecun", "glorot", "lsuv")
 DROPOUT = (0.1, 0.25, 0.25, 0.5, 0.5)
 CHANNELS = (96, 128, 256)
 HIDDEN = 256
@@ -29,19 +30,21 @@ def build(model, in_shape=(3, 32, 32), n_classes=10, pool=(3, 2), pool_ceil=True
     """Build the paper's `model` ('baseline' or 'flattened') for inputs of `in_shape` (C, H, W).
 
     init: 'auto' (the paper's choice: Glorot's normalized initialization for flattened
-    layers, LeCun's heuristic for everything else), 'lecun' or 'glorot' for all layers.
+    layers, LeCun's heuristic for everything else), 'lecun' or 'glorot' for all layers;
+    'lsuv' draws as 'auto' and is recorded in `net.arch`: the caller then rescales the
+    weights with a batch of data (engine.initialize.lsuv; train.py does).
     All randomness (weights, dropout masks) comes from one numpy Generator seeded by `seed`;
     the model keeps it as `model.rng` so a checkpoint can save its state.
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r} (expected one of {', '.join(MODELS)})")
-    if init not in ("auto", "lecun", "glorot"):
-        raise ValueError(f"unknown init {init!r} (expected auto, lecun or glorot)")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r} (expected one of {', '.join(INITS)})")
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise ValueError(f"in_shape must be (C, H, W), got {in_shape}")
     rng = np.random.default_rng(seed)
-    conv_init = "lecun" if init == "auto" else init
-    flat_init = "glorot" if init == "auto" else init
+    conv_init = "lecun" if init in ("auto", "lsuv") else init
+    flat_init = "glorot" if init in ("auto", "lsuv") else init
     layers, names = [], []
     c_prev = in_shape[0]
     for i, (c, p) in enumerate(zip(CHANNELS, DROPOUT[:3]), start=1):

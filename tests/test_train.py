@@ -367,3 +367,19 @@ def test_train_py_chooses_how_the_model_file_stores_the_zca_matrix(tiny_mnist, m
     assert [(c["zca_storage"], c["compress"]) for c in calls] == [("packed16", False), ("full", True)]
     settings = json.loads((tiny_mnist / "b" / "settings.json").read_text())
     assert settings["zca_storage"] == "full" and settings["compress_model"] is True  # remembered for --resume
+
+
+def test_init_lsuv_rescales_a_new_run_and_not_a_resumed_one(tiny_mnist):
+    d, c, out = tiny_mnist / "data", tiny_mnist / "cache", tiny_mnist / "run"
+    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "1", "--out", out, "--init", "lsuv")
+    assert r.returncode == 0, r.stderr
+    assert "lsuv: 16 layers rescaled to unit output std on 256 training images" in r.stdout
+    assert json.loads((out / "settings.json").read_text())["init"] == "lsuv"
+    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "1", "--out", tiny_mnist / "auto")
+    assert r.returncode == 0 and "lsuv:" not in r.stdout, r.stderr
+    a, b = (load_checkpoint(folder / "checkpoint.npz")[0]["fc2.weight"] for folder in (out, tiny_mnist / "auto"))
+    ratio = np.linalg.norm(a) / np.linalg.norm(b)
+    assert abs(ratio - 1) > 0.1, ratio  # the same draw, rescaled (fc2 by more than 2 at this depth) and trained
+    r = train_py("--resume", "--epochs", "2", "--out", out, "--data-dir", d, "--cache-dir", c, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "lsuv:" not in r.stdout  # the checkpoint's weights are kept as they are
