@@ -23,20 +23,30 @@ reproduce
     for the paper's settings, and 99.48% on MNIST in 10 epochs (lr 0.02) against 99.29% in 11;
     in both runs the test accuracy was still rising at the drop, hence the longer schedules here
     (60 epochs on CIFAR, 16 on MNIST), whose runs are recorded in docs/results.md as they finish.
+    Weight decay 5e-4 for both networks on CIFAR: the flattened network's 60-epoch run overfit
+    at the paper's 1e-4 (82.34%) and reached 83.0% at 5e-4; on MNIST the paper's pair (5e-4,
+    1e-4), with which its runs were made.
 """
 
 RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor")
 
-_WEIGHT_DECAY = {"baseline": 5e-4, "flattened": 1e-4}  # the flattened model's is smaller, as the paper's
+# Weight decay per model. The paper's: the flattened model's is "decreased" (1e-4 against 5e-4).
+# On CIFAR-10 the flattened network overfit at 1e-4 (82.34%, training accuracy 93.6%); 5e-4
+# gave 83.10% (training accuracy 92.6%) with everything else equal (docs/results.md).
+_PAPER_DECAY = {"baseline": 5e-4, "flattened": 1e-4}
+_CIFAR_DECAY = {"baseline": 5e-4, "flattened": 5e-4}
 
-_PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1)
-_CIFAR = dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=(40, 52), lr_drop_factor=0.1)
-RECIPES = {  # per recipe and dataset; the weight decay comes per model (_WEIGHT_DECAY)
+_PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1,
+              weight_decay=_PAPER_DECAY)
+_CIFAR = dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=(40, 52), lr_drop_factor=0.1,
+              weight_decay=_CIFAR_DECAY)
+RECIPES = {  # per recipe and dataset; weight_decay per model
     "paper": {"cifar10": _PAPER, "cifar100": _PAPER, "mnist": _PAPER},
     "reproduce": {
         "cifar10": _CIFAR,
         "cifar100": _CIFAR,
-        "mnist": dict(epochs=16, lr=0.02, momentum=0.9, dampening=0.0, lr_drop_epochs=(10, 14), lr_drop_factor=0.1),
+        "mnist": dict(epochs=16, lr=0.02, momentum=0.9, dampening=0.0, lr_drop_epochs=(10, 14), lr_drop_factor=0.1,
+                      weight_decay=_PAPER_DECAY),
     },
 }
 DEFAULT_RECIPE = "reproduce"
@@ -46,17 +56,23 @@ def recipe(name, dataset, model):
     dampening None means Torch7's rule (dampening = momentum), resolved by the trainer."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
-    settings = dict(RECIPES[name][dataset], weight_decay=_WEIGHT_DECAY[model])
+    settings = dict(RECIPES[name][dataset])
+    settings["weight_decay"] = settings["weight_decay"][model]
     settings["lr_drop_epochs"] = list(settings["lr_drop_epochs"])
     return settings
 
 
 def describe(settings):
-    """The settings of a run (or a recipe's, without the weight decay) as one line of text."""
+    """The settings of a run, or of a recipe for one dataset (its weight decay per model), as one line of text."""
     damp = "Torch7's (= momentum)" if settings["dampening"] is None else f"{settings['dampening']:g}"
-    decay = f", weight decay {settings['weight_decay']:g}" if "weight_decay" in settings else ""
+    decay = settings["weight_decay"]
+    if isinstance(decay, dict):
+        decay = (f"{decay['baseline']:g}" if len(set(decay.values())) == 1
+                 else " / ".join(f"{v:g} ({model})" for model, v in decay.items()))
+    else:
+        decay = f"{decay:g}"
     return (f"{settings['epochs']} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, dampening "
-            f"{damp}{decay}, lr x{settings['lr_drop_factor']:g} after epochs "
+            f"{damp}, weight decay {decay}, lr x{settings['lr_drop_factor']:g} after epochs "
             f"{','.join(map(str, settings['lr_drop_epochs'])) or 'none'}")
 
 
