@@ -39,7 +39,7 @@ RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backe
 # How model.npz stores the ZCA matrix (engine.save_model): packed16, its upper triangle in float16, changed
 # no prediction of a 75% CIFAR-10 network on the 10,000 test images (docs/results.md, "Compact ZCA").
 DEFAULT_ZCA_STORAGE = "packed16"
-INITS = ("auto", "lecun", "glorot", "lsuv")  # models.paper.INITS, without importing the engine for --help
+INITS = ("auto", "lecun", "glorot", "delta")  # models.paper.INITS, without importing the engine for --help
 
 
 def _int_at_least(lowest, what):
@@ -114,9 +114,9 @@ def parser():
     g.add_argument("--stages", metavar="N", type=positive_int, default=2, help="V-H-L stages per flattened layer")
     g.add_argument("--init", choices=INITS, default="auto",
                    help="weight init; auto = Glorot for flattened layers, LeCun's heuristic elsewhere (the paper); "
-                        "lecun or glorot for all layers; lsuv = auto, then each layer (each 1D filter of a "
-                        "flattened layer) rescaled to unit output std on 256 training images (Mishkin & Matas "
-                        "2016; docs/results.md compares it with auto)")
+                        "lecun or glorot for all layers; delta = auto, except that each V and H filter starts as "
+                        "an identity (1 at its centre tap) and each lateral as the orthogonal matrix nearest its "
+                        "Glorot draw (docs/results.md compares it with auto)")
     g.add_argument("--pool", metavar="SIZE,STRIDE", type=pool_spec, default="3,2",
                    help="max-pooling SIZE,STRIDE (3,2 as Srivastava & Salakhutdinov; the paper's text reads 2,3)")
     g.add_argument("--pool-mode", choices=["ceil", "floor"], default="ceil",
@@ -243,7 +243,6 @@ def run(args, dist=None):
     from engine.data import DatasetError, default_cache_dir, default_data_dir, load_dataset
     from engine.npzfile import check_writable_folder
     from engine.trainer import CheckpointError, Trainer, TrainingDiverged, load_checkpoint, plot_history
-    from engine.initialize import LSUV_BATCH, lsuv
     from models.paper import build, format_summary
 
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
@@ -343,11 +342,6 @@ def run(args, dist=None):
     if dist is not None:
         line, warnings = dist.startup(engine.get_num_threads())
         print("\n".join([line, *warnings]))
-
-    if args.init == "lsuv" and not args.resume:  # (a resumed run has its weights from the checkpoint)
-        scales = lsuv(model, data["train_x"][:LSUV_BATCH])
-        print(f"lsuv: {len(scales)} layers rescaled to unit output std on {min(LSUV_BATCH, len(data['train_x']))} "
-              f"training images (scales {min(s for _, _, s in scales):.3g} to {max(s for _, _, s in scales):.3g})")
 
     config = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                   dampening=args.dampening,

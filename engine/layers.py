@@ -200,6 +200,12 @@ def _init_uniform(rng, shape, fan_in, fan_out, init):
     return rng.uniform(-bound, bound, size=shape)
 
 
+def _nearest_orthogonal(w):
+    """The matrix with orthonormal rows or columns (whichever are fewer) nearest to w: U V^T of its SVD."""
+    u, _, vt = np.linalg.svd(np.asarray(w, dtype=np.float64), full_matrices=False)
+    return u @ vt
+
+
 def _rng(rng):
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
@@ -299,13 +305,16 @@ class Lateral(Layer):
     """Lateral (L) 1D convolution across channels: a 1x1 convolution, one GEMM per image, no im2col.
 
     x (N, C_in, H, W) -> y (N, C_out, H, W); weight (C_out, C_in), bias (C_out,).
+    init: 'glorot', 'lecun', or 'delta' (the orthogonal matrix nearest the Glorot draw).
     """
 
     def __init__(self, c_in, c_out, init="glorot", rng=None, dtype=np.float32):
         super().__init__(dtype)
         self.c_in, self.c_out = _positive_int("Lateral", "c_in", c_in), _positive_int("Lateral", "c_out", c_out)
         self.init = init
-        self._add_param("weight", _init_uniform(_rng(rng), (c_out, c_in), c_in, c_out, init))
+        # 'delta' (a flattened layer's identity-like start): the Glorot draw, made orthogonal.
+        weight = _init_uniform(_rng(rng), (c_out, c_in), c_in, c_out, "glorot" if init == "delta" else init)
+        self._add_param("weight", _nearest_orthogonal(weight) if init == "delta" else weight)
         self._add_param("bias", np.zeros(c_out))
 
     def config(self):
@@ -365,7 +374,10 @@ def conv1d_padding(k, mode):
 
 
 class _Conv1d(Layer):
-    """Per-channel 1D convolution along one axis (2: vertical, 3: horizontal); see Vertical/Horizontal."""
+    """Per-channel 1D convolution along one axis (2: vertical, 3: horizontal); see Vertical/Horizontal.
+
+    init: 'glorot', 'lecun', or 'delta' (every filter an identity: 1 at its centre tap).
+    """
 
     axis = None
 
@@ -376,8 +388,13 @@ class _Conv1d(Layer):
         self.mode = mode if isinstance(mode, str) else tuple(int(v) for v in mode)
         self.before, self.after = conv1d_padding(self.k, mode)
         self.init = init
-        # Glorot over the filter's own taps: fan_in = fan_out = k.
-        self._add_param("weight", _init_uniform(_rng(rng), (channels, k), k, k, init))
+        # Glorot over the filter's own taps: fan_in = fan_out = k. 'delta': an identity filter,
+        # 1 at the centre tap (the left one of the two for an even k), after the same draw.
+        weight = _init_uniform(_rng(rng), (channels, k), k, k, "glorot" if init == "delta" else init)
+        if init == "delta":
+            weight = np.zeros_like(weight)
+            weight[:, (k - 1) // 2] = 1.0
+        self._add_param("weight", weight)
         self._add_param("bias", np.zeros(channels))
 
     def config(self):

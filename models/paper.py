@@ -19,7 +19,7 @@ import numpy as np
 from engine import Conv2d, Dropout, Flatten, Flattened, Linear, MaxPool2d, ReLU, Sequential
 
 MODELS = ("baseline", "flattened")
-INITS = ("auto", "lecun", "glorot", "lsuv")
+INITS = ("auto", "lecun", "glorot", "delta")
 DROPOUT = (0.1, 0.25, 0.25, 0.5, 0.5)
 CHANNELS = (96, 128, 256)
 HIDDEN = 256
@@ -31,8 +31,9 @@ def build(model, in_shape=(3, 32, 32), n_classes=10, pool=(3, 2), pool_ceil=True
 
     init: 'auto' (the paper's choice: Glorot's normalized initialization for flattened
     layers, LeCun's heuristic for everything else), 'lecun' or 'glorot' for all layers;
-    'lsuv' draws as 'auto' and is recorded in `net.arch`: the caller then rescales the
-    weights with a batch of data (engine.initialize.lsuv; train.py does).
+    'delta' draws as 'auto' and then starts each V and H filter as an identity (a 1 at its
+    centre tap) and each lateral as the orthogonal matrix nearest its Glorot draw (the
+    random numbers drawn are the same as for 'auto', so are the dropout masks).
     All randomness (weights, dropout masks) comes from one numpy Generator seeded by `seed`;
     the model keeps it as `model.rng` so a checkpoint can save its state.
     """
@@ -43,8 +44,8 @@ def build(model, in_shape=(3, 32, 32), n_classes=10, pool=(3, 2), pool_ceil=True
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise ValueError(f"in_shape must be (C, H, W), got {in_shape}")
     rng = np.random.default_rng(seed)
-    conv_init = "lecun" if init in ("auto", "lsuv") else init
-    flat_init = "glorot" if init in ("auto", "lsuv") else init
+    conv_init = "lecun" if init in ("auto", "delta") else init
+    flat_init = "glorot" if init == "auto" else init
     layers, names = [], []
     c_prev = in_shape[0]
     for i, (c, p) in enumerate(zip(CHANNELS, DROPOUT[:3]), start=1):

@@ -165,6 +165,53 @@ def test_rank_one_identity(rng, backend):
     np.testing.assert_allclose(g["2.bias"], backend.get(conv.grads["bias"]), rtol=1e-10)
 
 
+# ----------------------------------------------------------------------------- the 'delta' initialization
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_delta_init_makes_a_flattened_layer_the_product_of_its_laterals(k, rng):
+    """V and H start as identities, so each stage is its lateral alone: y = L2 (L1 x) pixel by pixel."""
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    layer = Flattened(3, 4, k, init="delta", rng=0)
+    p = layer.params
+    for name in ("stage1.vertical", "stage1.horizontal", "stage2.vertical", "stage2.horizontal"):
+        centre = np.zeros(k)
+        centre[k // 2] = 1.0
+        np.testing.assert_array_equal(p[f"{name}.weight"], np.tile(centre, (p[f"{name}.weight"].shape[0], 1)))
+    l1, l2 = p["stage1.lateral.weight"].astype(np.float64), p["stage2.lateral.weight"].astype(np.float64)
+    want = np.einsum("gf,fc,nchw->nghw", l2, l1, x.astype(np.float64))
+    np.testing.assert_allclose(layer.forward(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("c_in, c_out", [(3, 5), (6, 4), (4, 4)])
+def test_delta_lateral_is_the_orthogonal_matrix_nearest_its_glorot_draw(c_in, c_out):
+    import scipy.linalg
+    draw = Lateral(c_in, c_out, init="glorot", rng=7).params["weight"].astype(np.float64)
+    w = Lateral(c_in, c_out, init="delta", rng=7).params["weight"].astype(np.float64)
+    small = min(c_in, c_out)
+    gram = w.T @ w if c_out >= c_in else w @ w.T
+    np.testing.assert_allclose(gram, np.eye(small), atol=1e-6)  # orthonormal columns (or rows)
+    if c_in == c_out:  # the polar factor of the draw: the nearest orthogonal matrix
+        np.testing.assert_allclose(w, scipy.linalg.polar(draw)[0], atol=1e-6)
+    else:  # nearest among matrices with orthonormal columns (rows): no other such matrix is closer
+        others = [np.linalg.qr(np.random.default_rng(s).standard_normal((max(c_in, c_out), small)))[0]
+                  for s in range(20)]
+        others = [q if c_out >= c_in else q.T for q in others]
+        assert all(np.linalg.norm(w - draw) <= np.linalg.norm(q - draw) + 1e-9 for q in others)
+
+
+def test_delta_init_keeps_the_papers_draw_elsewhere_and_is_refused_where_it_has_no_meaning():
+    from models.paper import build
+    auto, delta = build("flattened", init="auto", seed=5), build("flattened", init="delta", seed=5)
+    for name in ("conv1.weight", "conv1.bias", "fc1.weight", "out.weight"):
+        np.testing.assert_array_equal(auto.params[name], delta.params[name])
+    assert auto.rng.random() == delta.rng.random()  # the same numbers drawn: the same dropout masks follow
+    assert not np.array_equal(auto.params["conv2.stage1.lateral.weight"], delta.params["conv2.stage1.lateral.weight"])
+    with pytest.raises(ValueError, match="unknown init 'delta'"):
+        Conv2d(2, 3, 3, init="delta")
+    with pytest.raises(ValueError, match="unknown init 'delta'"):
+        Linear(2, 3, init="delta")
+
+
 # ----------------------------------------------------------------------------- threads
 
 def _run_all(rng_seed):

@@ -373,17 +373,17 @@ def test_train_py_chooses_how_the_model_file_stores_the_zca_matrix(tiny_mnist, m
     assert settings["zca_storage"] == "full" and settings["compress_model"] is True  # remembered for --resume
 
 
-def test_init_lsuv_rescales_a_new_run_and_not_a_resumed_one(tiny_mnist):
+
+def test_init_delta_trains_and_its_model_file_loads(tiny_mnist):
+    import engine
+    from models.paper import INITS
+    assert _load_train_script().INITS == INITS  # --init's choices are the model's
     d, c, out = tiny_mnist / "data", tiny_mnist / "cache", tiny_mnist / "run"
-    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "1", "--out", out, "--init", "lsuv")
+    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "2", "--out", out, "--init", "delta")
     assert r.returncode == 0, r.stderr
-    assert "lsuv: 16 layers rescaled to unit output std on 256 training images" in r.stdout
-    assert json.loads((out / "settings.json").read_text())["init"] == "lsuv"
-    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "1", "--out", tiny_mnist / "auto")
-    assert r.returncode == 0 and "lsuv:" not in r.stdout, r.stderr
-    a, b = (load_checkpoint(folder / "checkpoint.npz")[0]["fc2.weight"] for folder in (out, tiny_mnist / "auto"))
-    ratio = np.linalg.norm(a) / np.linalg.norm(b)
-    assert abs(ratio - 1) > 0.1, ratio  # the same draw, rescaled (fc2 by more than 2 at this depth) and trained
-    r = train_py("--resume", "--epochs", "2", "--out", out, "--data-dir", d, "--cache-dir", c, "--quiet")
-    assert r.returncode == 0, r.stderr
-    assert "lsuv:" not in r.stdout  # the checkpoint's weights are kept as they are
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert json.loads((out / "settings.json").read_text())["init"] == "delta"
+    model = engine.load(out / "model.npz")
+    x = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    assert model.predict(x).shape == (3, 10)
