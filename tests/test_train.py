@@ -373,7 +373,6 @@ def test_train_py_chooses_how_the_model_file_stores_the_zca_matrix(tiny_mnist, m
     assert settings["zca_storage"] == "full" and settings["compress_model"] is True  # remembered for --resume
 
 
-
 def test_init_delta_trains_and_its_model_file_loads(tiny_mnist):
     import engine
     from models.paper import INITS
