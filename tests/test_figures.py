@@ -4,6 +4,8 @@ skips and warnings."""
 import csv
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +272,21 @@ def test_bench_memory_json_feeds_figure6(tmp_path, capsys):
     assert sorted((r["layer"], r["pass"], float(r["theory_mib"])) for r in rows) == sorted(
         (r["layer"], r["pass"], r["theory_bytes"] / 2 ** 20) for r in memory)
     assert {r["backend"] for r in read_csv(tmp_path / "o" / "fig7-speedup.csv")} == {"cpu", "cpu compiled"}
+
+
+def test_compare_runs_prints_the_figures_results_md_quotes():
+    """docs/compare_runs.py on the committed logs gives the comparison results.md prints."""
+    root = Path(__file__).resolve().parents[1]
+    runs = root / "docs" / "runs"
+    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(runs / "long-flattened-cifar10"),
+                        str(runs / "wd5e-4-flattened-cifar10"), "--epochs", "60", "--ranges", "41-60", "--reach", "80",
+                        "--loss"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| 60 | 0.0003 | 93.58% | 82.34% | 92.56% | 83.10% | 0.618 | 0.569 |" in r.stdout
+    assert "epochs 41-60: mean test 82.26%" in r.stdout and "epochs 41-60: mean test 82.83%" in r.stdout
+    assert "best test 82.46% (epoch 55)" in r.stdout and "80% first at epoch 41" in r.stdout
+    results = (root / "docs" / "results.md").read_text()
+    assert "| 60 | 0.0003 | 93.58% | 82.34% | 92.56% | **83.10%** | 0.618 | 0.569 |" in results
+    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(runs)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "no log.jsonl" in r.stderr  # a folder of runs is not a run
