@@ -188,7 +188,9 @@ def test_help_explains_every_flag(capsys):
 PRETRAINED = {"flattened-mnist.npz": dict(input_shape=(1, 28, 28), model="flattened", dataset="mnist", accuracy=99.50),
               "baseline-mnist.npz": dict(input_shape=(1, 28, 28), model="baseline", dataset="mnist", accuracy=99.49),
               "flattened-cifar10.npz": dict(input_shape=(3, 32, 32), model="flattened", dataset="cifar10",
-                                            accuracy=83.09)}
+                                            accuracy=83.09),
+              "baseline-cifar10.npz": dict(input_shape=(3, 32, 32), model="baseline", dataset="cifar10",
+                                           accuracy=82.86)}
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -205,7 +207,8 @@ def test_pretrained_models_load_and_are_what_the_readme_says(name):
 
 @pytest.mark.parametrize("name, folder, least", [("flattened-mnist.npz", "mnist", 99.0),
                                                   ("baseline-mnist.npz", "mnist", 99.0),
-                                                  ("flattened-cifar10.npz", "cifar-10-batches-py", 78.0)])
+                                                  ("flattened-cifar10.npz", "cifar-10-batches-py", 78.0),
+                                                  ("baseline-cifar10.npz", "cifar-10-batches-py", 78.0)])
 def test_pretrained_models_on_the_real_test_images(name, folder, least):
     """The first 1,000 real test images through the command a user runs (the full set is the README's figure)."""
     if not (SHARED_DATA / folder).is_dir():
