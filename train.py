@@ -112,8 +112,8 @@ def parser():
     g.add_argument("--no-download", action="store_true", default=None, help="never download missing dataset files")
     g.add_argument("--flatten-first", action="store_true", help="flattened model: flatten layer 1 as well")
     g.add_argument("--stages", metavar="N", type=positive_int, default=2, help="V-H-L stages per flattened layer")
-    g.add_argument("--init", choices=INITS, default="auto",
-                   help="weight init; auto = Glorot for flattened layers, LeCun's heuristic elsewhere (the paper); "
+    g.add_argument("--init", choices=INITS, default=None,
+                   help="weight init (default: the recipe's); auto = Glorot for flattened layers, LeCun's heuristic elsewhere (the paper); "
                         "lecun or glorot for all layers; delta = auto, except that each V and H filter starts as "
                         "an identity (1 at its centre tap) and each lateral as the orthogonal matrix nearest its "
                         "Glorot draw (docs/results.md compares it with auto)")
@@ -125,7 +125,7 @@ def parser():
     g.add_argument("--limit-test", metavar="N", type=positive_int, default=None, help="use only the first N test images")
 
     g = p.add_argument_group("optimization", "The recipe sets --epochs, --lr, --momentum, --dampening, "
-                             "--weight-decay, --lr-drop-epochs and --lr-drop-factor; a flag given replaces its "
+                             "--weight-decay, --lr-drop-epochs, --lr-drop-factor and --init; a flag given replaces its "
                              "recipe value (models/recipes.py, docs/results.md)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help=" | ".join(help_text(name) for name in RECIPES) + f" (default: {DEFAULT_RECIPE})")
@@ -139,8 +139,7 @@ def parser():
                         "the paper used (--recipe paper), 0 in PyTorch's SGD, whose steps are 1/(1-momentum) = "
                         "10x larger (--recipe reproduce)")
     g.add_argument("--weight-decay", type=non_negative_float, default=None,
-                   help="L2 weight decay on weights (default: the recipe's: 5e-4 baseline, 1e-4 flattened, smaller "
-                        "as the paper)")
+                   help="L2 weight decay on weights (default: the recipe's, per model: see --recipe)")
     g.add_argument("--lr-drop-epochs", metavar="E1,E2,...", type=int_list, default=None,
                    help="comma-separated epochs after which the learning rate is multiplied by --lr-drop-factor "
                         "(default: the recipe's)")

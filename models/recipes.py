@@ -28,7 +28,8 @@ reproduce
     1e-4), with which its runs were made.
 """
 
-RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor")
+RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init")
+PER_MODEL_KEYS = ("weight_decay", "init")  # a value of these may be a dict {model: value}
 
 # Weight decay per model. The paper's: the flattened model's is "decreased" (1e-4 against 5e-4).
 # On CIFAR-10 the flattened network overfit at 1e-4 (82.34%, training accuracy 93.6%); 5e-4
@@ -37,16 +38,16 @@ _PAPER_DECAY = {"baseline": 5e-4, "flattened": 1e-4}
 _CIFAR_DECAY = {"baseline": 5e-4, "flattened": 5e-4}
 
 _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1,
-              weight_decay=_PAPER_DECAY)
+              weight_decay=_PAPER_DECAY, init="auto")
 _CIFAR = dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=(40, 52), lr_drop_factor=0.1,
-              weight_decay=_CIFAR_DECAY)
-RECIPES = {  # per recipe and dataset; weight_decay per model
+              weight_decay=_CIFAR_DECAY, init="auto")
+RECIPES = {  # per recipe and dataset; weight_decay (and init, where it differs) per model
     "paper": {"cifar10": _PAPER, "cifar100": _PAPER, "mnist": _PAPER},
     "reproduce": {
         "cifar10": _CIFAR,
         "cifar100": _CIFAR,
         "mnist": dict(epochs=16, lr=0.02, momentum=0.9, dampening=0.0, lr_drop_epochs=(10, 14), lr_drop_factor=0.1,
-                      weight_decay=_PAPER_DECAY),
+                      weight_decay=_PAPER_DECAY, init="auto"),
     },
 }
 DEFAULT_RECIPE = "reproduce"
@@ -57,23 +58,28 @@ def recipe(name, dataset, model):
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
     settings = dict(RECIPES[name][dataset])
-    settings["weight_decay"] = settings["weight_decay"][model]
+    for key in PER_MODEL_KEYS:
+        if isinstance(settings[key], dict):
+            settings[key] = settings[key][model]
     settings["lr_drop_epochs"] = list(settings["lr_drop_epochs"])
     return settings
 
 
 def describe(settings):
-    """The settings of a run, or of a recipe for one dataset (its weight decay per model), as one line of text."""
+    """The settings of a run, or of a recipe for one dataset (values per model where it has them), as one line of text."""
     damp = "Torch7's (= momentum)" if settings["dampening"] is None else f"{settings['dampening']:g}"
-    decay = settings["weight_decay"]
-    if isinstance(decay, dict):
-        decay = (f"{decay['baseline']:g}" if len(set(decay.values())) == 1
-                 else " / ".join(f"{v:g} ({model})" for model, v in decay.items()))
-    else:
-        decay = f"{decay:g}"
+
+    def per_model(value, fmt):  # one value, or {model: value}: one text when the models agree
+        if not isinstance(value, dict):
+            return fmt(value)
+        if len(set(value.values())) == 1:
+            return fmt(next(iter(value.values())))
+        return " / ".join(f"{fmt(v)} ({model})" for model, v in value.items())
+
     return (f"{settings['epochs']} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, dampening "
-            f"{damp}, weight decay {decay}, lr x{settings['lr_drop_factor']:g} after epochs "
-            f"{','.join(map(str, settings['lr_drop_epochs'])) or 'none'}")
+            f"{damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, lr "
+            f"x{settings['lr_drop_factor']:g} after epochs {','.join(map(str, settings['lr_drop_epochs'])) or 'none'}, "
+            f"init {per_model(settings['init'], str)}")
 
 
 def help_text(name):

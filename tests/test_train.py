@@ -301,7 +301,7 @@ def test_the_paper_recipe_is_the_papers_text():
         for model, decay in (("baseline", 5e-4), ("flattened", 1e-4)):
             r = recipe("paper", dataset, model)
             assert r == dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=[8],
-                             lr_drop_factor=0.1, weight_decay=decay)
+                             lr_drop_factor=0.1, weight_decay=decay, init="auto")  # auto: the paper's init
     if PAPER.is_file():  # the numbers above are the ones section 4.1 states
         text = " ".join(PAPER.read_text().split())
         assert "learning rate of 0.1 and a momentum of 0.9" in text
@@ -320,7 +320,7 @@ def test_every_recipe_gives_every_setting_for_every_dataset_and_model():
                 assert all(e < r["epochs"] for e in r["lr_drop_epochs"])  # every drop happens
                 settings = {k: None for k in script.RUN_SETTINGS}
                 settings.update(model=model, dataset=dataset, label_mode="fine", batch_size=128, seed=0,
-                                pool=[3, 2], pool_mode="ceil", flatten_first=False, stages=2, init="auto", **{
+                                pool=[3, 2], pool_mode="ceil", flatten_first=False, stages=2, **{
                                     k: v for k, v in r.items() if k != "epochs"})
                 assert script.settings_problem(settings) is None  # each value is valid for its flag
     r = recipe("reproduce", "cifar10", "flattened")
@@ -349,7 +349,8 @@ def test_a_new_run_takes_the_default_recipe_with_flags_replacing_its_values(tiny
     s = json.loads((out / "settings.json").read_text())
     assert (s["recipe"], s["epochs"], s["lr"]) == ("reproduce", 1, 0.05)  # the flags
     assert (s["momentum"], s["dampening"], s["lr_drop_epochs"], s["weight_decay"]) == (0.9, 0.0, [10, 14], 1e-4)
-    assert "recipe reproduce: 1 epochs, lr 0.05, momentum 0.9, dampening 0," in r.stdout
+    assert s["init"] == "auto"  # the recipe's on MNIST
+    assert "recipe reproduce: 1 epochs, lr 0.05, momentum 0.9, dampening 0," in r.stdout and "init auto" in r.stdout
     r = train_py("--out", out, "--resume", "--recipe", "paper", "--epochs", "2")
     assert r.returncode != 0 and "--recipe cannot change a run" in r.stderr
 
