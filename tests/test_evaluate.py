@@ -219,3 +219,27 @@ def test_pretrained_models_on_the_real_test_images(name, folder, least):
     assert r.returncode == 0, r.stderr
     line = next(l for l in r.stdout.splitlines() if l.startswith("test accuracy: "))
     assert float(line.split()[2].rstrip("%")) >= least, line
+
+
+def test_provenance_script_splits_the_accuracy_by_the_exact_image_mask(tmp_path):
+    """docs/provenance_accuracy.py: accuracy on the images a mask marks exact and on the others."""
+    batches = write_cifar10(tmp_path / "data", np.random.default_rng(7), n_train=2, n_test=29)
+    exact = np.zeros(29, bool)
+    exact[[0, 3, 4, 8, 15, 16, 20, 27]] = True
+    np.savez(tmp_path / "data" / "cifar10_provenance.npz", lossless_test=exact, lossless_train=np.zeros(10, bool))
+    net = small_net((3, 32, 32), 10, seed=8)
+    path = engine.save_model(tmp_path / "m.npz", net, (3, 32, 32), [f"c{i}" for i in range(10)], dict(gcn=GCN))
+    images = batches["test_batch"][b"data"].reshape(-1, 3, 32, 32)
+    correct = reference_predictions(net, images) == np.array(batches["test_batch"][b"labels"])
+    assert 0 < correct.sum() < 29
+    r = subprocess.run([sys.executable, str(ROOT / "docs" / "provenance_accuracy.py"), str(path),
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "8 exact and 21 JPEG-recovered test images" in r.stdout
+    a, b = 100 * correct[exact].mean(), 100 * correct[~exact].mean()
+    assert f"exact {a:.2f}% " in r.stdout and f"recovered {b:.2f}% " in r.stdout
+    assert f"all {100 * correct.mean():.2f}%" in r.stdout
+    np.savez(tmp_path / "data" / "cifar10_provenance.npz", lossless_test=exact[:5])  # a mask of the wrong length
+    r = subprocess.run([sys.executable, str(ROOT / "docs" / "provenance_accuracy.py"), str(path),
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "shape (5,)" in r.stderr
