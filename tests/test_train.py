@@ -331,6 +331,10 @@ def test_every_recipe_gives_every_setting_for_every_dataset_and_model():
     # the flattened network overfit at the paper's 1e-4 on CIFAR-10 (docs/results.md): 5e-4 there, 1e-4 on MNIST
     assert [recipe("reproduce", d, "flattened")["weight_decay"] for d in ("cifar10", "cifar100", "mnist")] == [
         5e-4, 5e-4, 1e-4]
+    # delta led auto on CIFAR-10 (docs/results.md); the baseline has nothing it changes; MNIST's runs used auto
+    assert [recipe("reproduce", d, "flattened")["init"] for d in ("cifar10", "cifar100", "mnist")] == [
+        "delta", "delta", "auto"]
+    assert {recipe(name, d, "baseline")["init"] for name in RECIPES for d in ("cifar10", "mnist")} == {"auto"}
 
 
 def test_settings_check_refuses_a_missing_rate_but_not_a_missing_recipe():
