@@ -30,8 +30,9 @@ IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 2
 RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "dampening", "weight_decay",
                 "lr_drop_epochs",
                 "lr_drop_factor", "seed", "limit_train", "limit_test", "pool", "pool_mode", "flatten_first", "stages",
-                "init")
+                "init", "augment")
 NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test")  # None: Torch7's dampening; all the images
+LATER_SETTINGS = {"augment": "none"}  # settings that checkpoints of older versions lack: the value their runs had
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
 RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backend", "threads", "plot", "quiet",
@@ -74,6 +75,15 @@ def int_list(s):
         return [int(v) for v in s.split(",") if v.strip()] if s.strip() else []
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def augment_spec(s):
+    """An argparse type: an augmentation spec of engine.augment, in its canonical form ('flip,crop4')."""
+    from engine.augment import canonical
+    try:
+        return canonical(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def pool_spec(s):
@@ -125,7 +135,7 @@ def parser():
     g.add_argument("--limit-test", metavar="N", type=positive_int, default=None, help="use only the first N test images")
 
     g = p.add_argument_group("optimization", "The recipe sets --epochs, --lr, --momentum, --dampening, "
-                             "--weight-decay, --lr-drop-epochs, --lr-drop-factor and --init; a flag given replaces its "
+                             "--weight-decay, --lr-drop-epochs, --lr-drop-factor, --init and --augment; a flag given replaces its "
                              "recipe value (models/recipes.py, docs/results.md)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help=" | ".join(help_text(name) for name in RECIPES) + f" (default: {DEFAULT_RECIPE})")
@@ -145,6 +155,11 @@ def parser():
                         "(default: the recipe's)")
     g.add_argument("--lr-drop-factor", type=non_negative_float, default=None,
                    help="learning-rate drop factor (default: the recipe's, 0.1)")
+    g.add_argument("--augment", metavar="SPEC", type=augment_spec, default=None,
+                   help="training-image augmentation (default: the recipe's): none; flip (mirror left-right "
+                        "with probability 1/2); cropP (move by up to P pixels each way, zeros entering: a random "
+                        "crop of the image padded by P); or both, e.g. flip,crop4. Drawn per image and epoch from "
+                        "--seed; test images are never augmented (engine/augment.py, docs/results.md)")
     g.add_argument("--seed", metavar="N", type=non_negative_int, default=0, help="seed of weights, dropout masks and batch order")
     g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=None,
                    help="batch size for test evaluation (default: 500)")
@@ -197,6 +212,7 @@ def settings_problem(settings):
     """Why a checkpoint's settings cannot define a run (None if they can): each is checked as its flag would be."""
     if not isinstance(settings, dict):
         return "no settings"
+    settings = dict(LATER_SETTINGS, **settings)
     actions = {a.dest: a for a in parser()._actions}
     for key in RUN_SETTINGS:
         if key not in settings:
@@ -268,6 +284,7 @@ def run(args, dist=None):
         if dist is not None:
             meta = dist.bcast(meta)
         epochs = meta["config"].get("epochs")
+        meta["settings"] = dict(LATER_SETTINGS, **meta["settings"])
         problem = settings_problem(meta["settings"]) or (
             None if type(epochs) is int and epochs >= 1 else f"config epochs = {epochs!r:.50}")
         if problem:
@@ -346,7 +363,7 @@ def run(args, dist=None):
                   dampening=args.dampening,
                   weight_decay=args.weight_decay, lr_drop_epochs=args.lr_drop_epochs,
                   lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size,
-                  step=args.step or "auto")
+                  step=args.step or "auto", augment=args.augment)
     settings = {key: getattr(args, key) for key in RUN_SETTINGS + RUN_OPTIONS}
     settings["recipe"] = args.recipe  # what filled the optimization settings (older runs: None)
     def plot(t):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import npzfile
+from . import augment, npzfile
 from .backend import ops_for, to_numpy
 from .losses import SoftmaxCrossEntropy
 from .trainstep import make_step
@@ -199,7 +199,8 @@ class Trainer:
     config keys: epochs, batch_size, lr, momentum, weight_decay, dampening (None: Torch7's,
     equal to momentum), lr_drop_epochs, lr_drop_factor, seed, eval_batch_size, step ('auto',
     'compiled' or 'layers': see engine.trainstep; default 'auto', the compiled step where it
-    runs); `out` is the run folder (checkpoint.npz, log.jsonl). `settings` (JSON-able) is
+    runs), augment (a spec of engine.augment for the training images; default 'none'); `out`
+    is the run folder (checkpoint.npz, log.jsonl). `settings` (JSON-able) is
     stored in the checkpoint. `trainer.step` is the step in use, `trainer.step_note` why
     'auto' fell back to the layer path (None if it did not).
     Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and stops:
@@ -326,6 +327,7 @@ class Trainer:
             self.step_in_epoch = 0
             self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
         lr = lr_at(self.epoch, self.cfg["lr"], self.cfg["lr_drop_epochs"], self.cfg.get("lr_drop_factor", 0.1))
+        draws = augment.epoch_draws(self.cfg.get("augment", "none"), n, self.cfg["seed"], self.epoch)
         self.model.train()
         bar = None
         if self.progress:
@@ -372,6 +374,8 @@ class Trainer:
                 if check_finite and xh.dtype.kind == "f" and not np.isfinite(xh).all():
                     raise ValueError(f"training images hold NaN or infinite values (epoch {self.epoch + 1}, "
                                      f"step {self.step_in_epoch + 1})")
+                if draws is not None:  # each image's flip and shift of this epoch (the same on every rank)
+                    xh = augment.apply(xh, draws[0][mine], draws[1][mine])
                 loss, correct = self.step.loss(ops.asarray(xh), yh)  # the labels are checked on the host too
                 pending.append((self.step_in_epoch + 1, len(idx), loss, correct))
                 if len(pending) >= read_every or self.step_in_epoch + 1 == steps:

@@ -32,7 +32,8 @@ reproduce
     1D filters, and MNIST's runs were made with `auto`.
 """
 
-RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init")
+RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init",
+               "augment")
 PER_MODEL_KEYS = ("weight_decay", "init")  # a value of these may be a dict {model: value}
 
 # Weight decay per model. The paper's: the flattened model's is "decreased" (1e-4 against 5e-4).
@@ -46,16 +47,16 @@ _CIFAR_DECAY = {"baseline": 5e-4, "flattened": 5e-4}
 _CIFAR_INIT = {"baseline": "auto", "flattened": "delta"}
 
 _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1,
-              weight_decay=_PAPER_DECAY, init="auto")
+              weight_decay=_PAPER_DECAY, init="auto", augment="none")
 _CIFAR = dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=(40, 52), lr_drop_factor=0.1,
-              weight_decay=_CIFAR_DECAY, init=_CIFAR_INIT)
+              weight_decay=_CIFAR_DECAY, init=_CIFAR_INIT, augment="none")
 RECIPES = {  # per recipe and dataset; weight_decay (and init, where it differs) per model
     "paper": {"cifar10": _PAPER, "cifar100": _PAPER, "mnist": _PAPER},
     "reproduce": {
         "cifar10": _CIFAR,
         "cifar100": _CIFAR,
         "mnist": dict(epochs=16, lr=0.02, momentum=0.9, dampening=0.0, lr_drop_epochs=(10, 14), lr_drop_factor=0.1,
-                      weight_decay=_PAPER_DECAY, init="auto"),
+                      weight_decay=_PAPER_DECAY, init="auto", augment="none"),
     },
 }
 DEFAULT_RECIPE = "reproduce"
@@ -87,7 +88,7 @@ def describe(settings):
     return (f"{settings['epochs']} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, dampening "
             f"{damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, lr "
             f"x{settings['lr_drop_factor']:g} after epochs {','.join(map(str, settings['lr_drop_epochs'])) or 'none'}, "
-            f"init {per_model(settings['init'], str)}")
+            f"init {per_model(settings['init'], str)}, augment {per_model(settings['augment'], str)}")
 
 
 def help_text(name):

@@ -31,14 +31,14 @@ def tiny_data(n=64, seed=0):
                 test_x=rng.standard_normal((32, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 32))
 
 
-def make_trainer(out, epochs, dropout=True, lr=0.05, step="auto", dist=None, n_train=64):
+def make_trainer(out, epochs, dropout=True, lr=0.05, step="auto", dist=None, n_train=64, augment="none"):
     model = build("flattened", (1, 28, 28), 10, seed=1)
     if not dropout:
         for _, layer in leaves(model):
             if isinstance(layer, Dropout):
                 layer.p = 0.0
     cfg = dict(epochs=epochs, batch_size=BATCH, lr=lr, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[1], seed=1,
-               step=step)
+               step=step, augment=augment)
     return Trainer(model, tiny_data(n_train), cfg, out, log=print, progress=False, dist=dist)
 
 
@@ -47,7 +47,7 @@ def main(args, dist):
     out = Path(args.out) / f"rank{rank}"
     out.mkdir(parents=True, exist_ok=True)
     t = make_trainer(out, args.epochs, dropout=not args.no_dropout, lr=1e12 if args.fail == "nan" else 0.05,
-                     step=args.step, dist=dist, n_train=args.n_train)
+                     step=args.step, dist=dist, n_train=args.n_train, augment=args.augment)
 
     def fail(t):
         if rank == 0 and args.signal_at and [t.epoch, t.step_in_epoch] == args.signal_at:
@@ -73,6 +73,7 @@ if __name__ == "__main__":
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--step", default="auto")
+    p.add_argument("--augment", default="none", help="engine.augment spec")
     p.add_argument("--fail", choices=["raise", "kill", "nan"], default=None)
     p.add_argument("--plain", action="store_true", help="one process, no MPI")
     p.add_argument("--signal-at", type=lambda s: [int(v) for v in s.split(",")], default=None,

@@ -168,12 +168,13 @@ def ckpt(out, rank=0):
 def test_two_ranks_equal_one_process_with_the_same_global_batch(mpi, tmp_path):
     """Dropout off: 2 ranks x 8 images and 1 process x 16 images agree after 10 steps (2 epochs of 67
     images: each ends with a batch of 3, split 1 + 2 and weighted by the shards' sizes; an lr drop,
-    momentum, weight decay), to float32 summation-order tolerance; only rank 0 wrote files."""
-    r = worker(tmp_path / "two", "--epochs", "2", "--no-dropout", "--n-train", "67")
+    momentum, weight decay; flipped and shifted images, each rank taking its shard's draws), to
+    float32 summation-order tolerance; only rank 0 wrote files."""
+    r = worker(tmp_path / "two", "--epochs", "2", "--no-dropout", "--n-train", "67", "--augment", "flip,crop3")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("epoch   2") == 1  # only rank 0 logs
     assert not any((tmp_path / "two" / "rank1").iterdir())  # only rank 0 wrote files
-    r = plain_worker(tmp_path / "one", "--epochs", "2", "--no-dropout", "--n-train", "67")
+    r = plain_worker(tmp_path / "one", "--epochs", "2", "--no-dropout", "--n-train", "67", "--augment", "flip,crop3")
     assert r.returncode == 0, r.stderr
     (p2, v2, m2, _), (p1, v1, m1, _) = ckpt(tmp_path / "two"), ckpt(tmp_path / "one")
     assert m2["ranks"]["count"] == 2 and "ranks" not in m1

@@ -117,20 +117,21 @@ def _tiny_data(seed=0, n=64):
                 test_x=rng.standard_normal((16, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 16))
 
 
-def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("augment", ["none", "flip,crop2"])
+def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path, augment):
     data = _tiny_data()
-    straight = _trainer(data, tmp_path / "a")
+    straight = _trainer(data, tmp_path / "a", augment=augment)
     assert straight.run() == "done"
 
     def stop_after_5(t):
         if t.epoch == 0 and t.step_in_epoch == 3 or t.epoch == 1 and t.step_in_epoch == 2:
             t.stop_requested = True  # what Ctrl-C does
 
-    interrupted = _trainer(data, tmp_path / "b")
+    interrupted = _trainer(data, tmp_path / "b", augment=augment)
     interrupted.on_step = stop_after_5
     assert interrupted.run() == "interrupted"
     for _ in range(2):
-        again = _trainer(data, tmp_path / "b")
+        again = _trainer(data, tmp_path / "b", augment=augment)
         again.on_step = stop_after_5
         again.resume()
         status = again.run()
@@ -138,6 +139,30 @@ def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     for name, w in straight.model.params.items():
         np.testing.assert_array_equal(w, again.model.params[name], err_msg=name)
     assert [h["test_acc"] for h in straight.history] == [h["test_acc"] for h in again.history]
+
+
+def test_each_epoch_trains_on_every_image_once_flipped_and_shifted_as_drawn(tmp_path):
+    from engine import augment
+    data = _tiny_data(n=40)
+    t = _trainer(data, tmp_path, augment="flip,crop3", epochs=2, batch_size=16)
+    seen, loss = [], t.step.loss
+
+    def spy(x, y):
+        seen.append((t.epoch, np.array(x), np.array(y)))
+        return loss(x, y)
+    t.step.loss = spy
+    assert t.run() == "done"
+    for epoch in range(2):
+        flips, shifts = augment.epoch_draws("flip,crop3", 40, seed=1, epoch=epoch)
+        expected = augment.apply(data["train_x"], flips, shifts)
+        xs = np.concatenate([x for e, x, _ in seen if e == epoch])
+        ys = np.concatenate([y for e, _, y in seen if e == epoch])
+        assert len(xs) == 40
+        # every image of the epoch is some training image i, moved by its draws; each i exactly once
+        match = [[i for i in range(40) if np.array_equal(x, expected[i])] for x in xs]
+        assert sorted(i for m in match for i in m[:1]) == list(range(40)), match
+        assert [data["train_y"][m[0]] for m in match] == list(ys)
+        assert sum(not np.array_equal(expected[i], data["train_x"][i]) for i in range(40)) > 30  # they did move
 
 
 def test_nan_loss_stops_the_run(tmp_path):
@@ -301,7 +326,7 @@ def test_the_paper_recipe_is_the_papers_text():
         for model, decay in (("baseline", 5e-4), ("flattened", 1e-4)):
             r = recipe("paper", dataset, model)
             assert r == dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=[8],
-                             lr_drop_factor=0.1, weight_decay=decay, init="auto")  # auto: the paper's init
+                             lr_drop_factor=0.1, weight_decay=decay, init="auto", augment="none")  # the paper's init
     if PAPER.is_file():  # the numbers above are the ones section 4.1 states
         text = " ".join(PAPER.read_text().split())
         assert "learning rate of 0.1 and a momentum of 0.9" in text
@@ -340,7 +365,10 @@ def test_every_recipe_gives_every_setting_for_every_dataset_and_model():
 def test_settings_check_refuses_a_missing_rate_but_not_a_missing_recipe():
     script = _load_train_script()
     settings = json.loads((ROOT / "docs" / "runs" / "s2-flattened-cifar10" / "settings.json").read_text())
-    assert "recipe" not in settings and script.settings_problem(settings) is None  # runs from before recipes
+    assert "recipe" not in settings and "augment" not in settings  # a run from before recipes and augmentation
+    assert script.settings_problem(settings) is None
+    assert "augment" in script.settings_problem(dict(settings, augment="crop99"))
+    assert script.settings_problem(dict(settings, augment="flip,crop4")) is None
     assert "lr" in script.settings_problem(dict(settings, lr=None))
     assert script.settings_problem(dict(settings, dampening=None)) is None  # Torch7's rule
 
@@ -353,8 +381,9 @@ def test_a_new_run_takes_the_default_recipe_with_flags_replacing_its_values(tiny
     s = json.loads((out / "settings.json").read_text())
     assert (s["recipe"], s["epochs"], s["lr"]) == ("reproduce", 1, 0.05)  # the flags
     assert (s["momentum"], s["dampening"], s["lr_drop_epochs"], s["weight_decay"]) == (0.9, 0.0, [10, 14], 1e-4)
-    assert s["init"] == "auto"  # the recipe's on MNIST
-    assert "recipe reproduce: 1 epochs, lr 0.05, momentum 0.9, dampening 0," in r.stdout and "init auto" in r.stdout
+    assert s["init"] == "auto" and s["augment"] == "none"  # the recipe's on MNIST
+    assert "recipe reproduce: 1 epochs, lr 0.05, momentum 0.9, dampening 0," in r.stdout
+    assert "init auto, augment none" in r.stdout
     r = train_py("--out", out, "--resume", "--recipe", "paper", "--epochs", "2")
     assert r.returncode != 0 and "--recipe cannot change a run" in r.stderr
 
@@ -391,3 +420,25 @@ def test_init_delta_trains_and_its_model_file_loads(tiny_mnist):
     model = engine.load(out / "model.npz")
     x = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     assert model.predict(x).shape == (3, 10)
+
+
+def test_augment_flag_is_recorded_and_a_checkpoint_without_it_resumes_unaugmented(tiny_mnist):
+    from engine import npzfile
+    d, c, out = tiny_mnist / "data", tiny_mnist / "cache", tiny_mnist / "run"
+    r = train_py(*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "1", "--out", out, "--augment", "crop2,flip")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "settings.json").read_text())["augment"] == "flip,crop2"  # written one way
+    assert "augment flip,crop2" in r.stdout
+    params, velocity, meta, perm = load_checkpoint(out / "checkpoint.npz")
+    assert meta["settings"]["augment"] == meta["config"]["augment"] == "flip,crop2"
+    # a checkpoint of an older version: no augment setting; its run had none
+    del meta["settings"]["augment"], meta["config"]["augment"]
+    arrays = {**{f"param/{k}": v for k, v in params.items()}, **{f"velocity/{k}": v for k, v in velocity.items()}}
+    npzfile.save(out / "checkpoint.npz", arrays, meta)
+    r = train_py("--out", out, "--resume", "--epochs", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "augment none" in r.stdout
+    meta = load_checkpoint(out / "checkpoint.npz")[2]
+    assert meta["epoch"] == 2 and meta["settings"]["augment"] == meta["config"]["augment"] == "none"
+    r = train_py(*COMMON, "--augment", "flip,crop", "--out", tiny_mnist / "bad")
+    assert r.returncode == 2 and "--augment: bad augmentation 'crop'" in r.stderr
