@@ -58,9 +58,20 @@ def main(args, dist):
             if args.fail == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
     t.on_step = fail
+    seen = []
+    if args.record_inputs:  # the images this rank trains on, step by step
+        inner = t.step.inner if dist is not None else t.step
+        loss = inner.loss
+
+        def recording(x, y):
+            seen.append(np.array(x))
+            return loss(x, y)
+        inner.loss = recording
     if args.resume:
         t.resume()
     status = t.run()
+    if args.record_inputs:
+        np.savez(out / "inputs.npz", *seen)
     print(f"rank {rank} of {dist.size if dist else 1}: {status}, step {t.step.name}, history {len(t.history)}")
     return 0
 
@@ -74,6 +85,7 @@ if __name__ == "__main__":
     p.add_argument("--resume", action="store_true")
     p.add_argument("--step", default="auto")
     p.add_argument("--augment", default="none", help="engine.augment spec")
+    p.add_argument("--record-inputs", action="store_true", help="write the images of each step to OUT/rankR/inputs.npz")
     p.add_argument("--fail", choices=["raise", "kill", "nan"], default=None)
     p.add_argument("--plain", action="store_true", help="one process, no MPI")
     p.add_argument("--signal-at", type=lambda s: [int(v) for v in s.split(",")], default=None,

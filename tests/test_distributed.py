@@ -168,13 +168,12 @@ def ckpt(out, rank=0):
 def test_two_ranks_equal_one_process_with_the_same_global_batch(mpi, tmp_path):
     """Dropout off: 2 ranks x 8 images and 1 process x 16 images agree after 10 steps (2 epochs of 67
     images: each ends with a batch of 3, split 1 + 2 and weighted by the shards' sizes; an lr drop,
-    momentum, weight decay; flipped and shifted images, each rank taking its shard's draws), to
-    float32 summation-order tolerance; only rank 0 wrote files."""
-    r = worker(tmp_path / "two", "--epochs", "2", "--no-dropout", "--n-train", "67", "--augment", "flip,crop3")
+    momentum, weight decay), to float32 summation-order tolerance; only rank 0 wrote files."""
+    r = worker(tmp_path / "two", "--epochs", "2", "--no-dropout", "--n-train", "67")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("epoch   2") == 1  # only rank 0 logs
     assert not any((tmp_path / "two" / "rank1").iterdir())  # only rank 0 wrote files
-    r = plain_worker(tmp_path / "one", "--epochs", "2", "--no-dropout", "--n-train", "67", "--augment", "flip,crop3")
+    r = plain_worker(tmp_path / "one", "--epochs", "2", "--no-dropout", "--n-train", "67")
     assert r.returncode == 0, r.stderr
     (p2, v2, m2, _), (p1, v1, m1, _) = ckpt(tmp_path / "two"), ckpt(tmp_path / "one")
     assert m2["ranks"]["count"] == 2 and "ranks" not in m1
@@ -191,6 +190,21 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(mpi, tmp_path):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
         assert h2["train_acc"] == h1["train_acc"] and abs(h2["test_acc"] - h1["test_acc"]) <= 1 / 32
         assert h2["test_loss"] == pytest.approx(h1["test_loss"], rel=1e-4)  # the test set evaluated in shares
+
+
+def test_each_rank_trains_on_its_share_of_the_images_one_process_would_augment(mpi, tmp_path):
+    """Flips and shifts are drawn per image: the shards of 2 ranks, put together, are bit for bit
+    the batches of one process (2 epochs of 67 images; the last batch of 3 split 1 + 2)."""
+    args = ("--epochs", "2", "--no-dropout", "--n-train", "67", "--augment", "flip,crop3", "--record-inputs")
+    r = worker(tmp_path / "two", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = plain_worker(tmp_path / "one", *args)
+    assert r.returncode == 0, r.stderr
+    one, rank0, rank1 = (np.load(tmp_path / run / "inputs.npz") for run in ("one/rank0", "two/rank0", "two/rank1"))
+    assert len(one.files) == len(rank0.files) == len(rank1.files) == 10
+    for name in one.files:
+        assert len(rank0[name]) >= 1 and len(rank1[name]) >= 1
+        np.testing.assert_array_equal(one[name], np.concatenate([rank0[name], rank1[name]]), err_msg=name)
 
 
 def test_one_rank_equals_a_plain_run_exactly_and_resume_with_two_ranks_is_exact(mpi, tmp_path):
