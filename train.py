@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.recipes import DEFAULT_RECIPE, RECIPES, describe, help_text, recipe
+from models.recipes import DEFAULT_RECIPE, LATER_SETTINGS, RECIPES, describe, help_text, recipe
 
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 # Settings that define the run; on --resume they come from the checkpoint.
@@ -32,7 +32,6 @@ RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum"
                 "lr_drop_factor", "seed", "limit_train", "limit_test", "pool", "pool_mode", "flatten_first", "stages",
                 "init", "augment")
 NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test")  # None: Torch7's dampening; all the images
-LATER_SETTINGS = {"augment": "none"}  # settings that checkpoints of older versions lack: the value their runs had
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
 RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backend", "threads", "plot", "quiet",

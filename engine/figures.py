@@ -93,7 +93,8 @@ def read_settings(folder):
         raise ValueError(f"settings.json unreadable ({e})") from None
     if not isinstance(settings, dict) or not all(isinstance(settings.get(k), str) for k in ("model", "dataset")):
         raise ValueError("settings.json lacks the model or the dataset")
-    return settings
+    from models.recipes import LATER_SETTINGS
+    return dict(LATER_SETTINGS, **settings)  # a run from before a setting existed: the value it trained with
 
 
 def read_log(folder):

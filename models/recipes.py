@@ -60,6 +60,11 @@ RECIPES = {  # per recipe and dataset; weight_decay (and init, where it differs)
     },
 }
 DEFAULT_RECIPE = "reproduce"
+# Settings that runs of older versions did not record, with the value those runs had (no flips or shifts):
+# train.py --resume and engine.figures read a run without them as one with these.
+LATER_SETTINGS = {"augment": "none"}
+
+
 def recipe(name, dataset, model):
     """The settings (a new dict with every key of RECIPE_KEYS) of recipe `name` for `dataset` and `model`.
 

@@ -48,9 +48,12 @@ def write_run(folder, settings_, accs):
 @pytest.fixture
 def runs(tmp_path):
     root = tmp_path / "runs"
-    for (model, seed), accs in ACC.items():  # threads and the recipe's name: no matter; seed 1 one level down
+    # threads and the recipe's name: no matter; seed 1 one level down; seed 0 as a run from before
+    # --augment (no such setting), seed 1 with augment "none": the same experiment
+    for (model, seed), accs in ACC.items():
         write_run(root / ("seeds" if seed else ".") / f"{model}-s{seed}",
-                  settings(model, seed, threads=seed + 1, recipe="reproduce" if seed else None), accs)
+                  settings(model, seed, threads=seed + 1, recipe="reproduce" if seed else None,
+                           **({"augment": "none"} if seed else {})), accs)
     # a finished --flatten-first CIFAR-10 run: one epoch, and its model file
     write_run(root / "ff", settings("flattened", 0, flatten_first=True, epochs=1), [(0.2, 0.3)])
     net = build("flattened", (3, 32, 32), 10, seed=3, flatten_first=True)
