@@ -169,7 +169,8 @@ def parser():
                    help="continue the run in --out from its checkpoint, with the settings and data folders "
                         "it was started with (--epochs may be raised; --data-dir, --cache-dir, --threads, "
                         "--backend, --step, --eval-batch-size, --plot, --quiet, --zca-storage and "
-                        "--compress-model may be changed)")
+                        "--compress-model may be changed; a setting of the run, such as --lr, is refused unless "
+                        "it repeats the checkpoint's)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in --out even if it holds another run's checkpoint and log (they are deleted)")
     g.add_argument("--backend", choices=["auto", "cpu", "cupy"], default=None,
@@ -207,6 +208,11 @@ def parser():
     return p
 
 
+def _short(v):
+    """A setting's value as its flag is written: 40,52 for a list."""
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def settings_problem(settings):
     """Why a checkpoint's settings cannot define a run (None if they can): each is checked as its flag would be."""
     if not isinstance(settings, dict):
@@ -223,7 +229,7 @@ def settings_problem(settings):
             ok = isinstance(v, bool)
         else:
             try:
-                text = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+                text = _short(v)
                 ok = (not isinstance(v, (bool, dict)) and (a.type or str)(text) == v
                       and (not a.choices or v in a.choices))
             except (argparse.ArgumentTypeError, ValueError, TypeError):
@@ -236,8 +242,17 @@ def settings_problem(settings):
 RUN_FILES = ("checkpoint.npz", "log.jsonl", "model.npz", "curves.png", "settings.json")
 
 
+def given_flags(argv=None):
+    """The destinations of the flags written on the command line `argv` (default: sys.argv[1:])."""
+    p = parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
+    args.given = given_flags(argv)
     from engine import distributed  # (imports mpi4py only in init())
     if not (args.distributed or distributed.launcher()):
         return run(args)
@@ -289,6 +304,9 @@ def run(args, dist=None):
         if problem:
             sys.exit(f"error: {ckpt}: {problem}")
         for key in RUN_SETTINGS:
+            if key in getattr(args, "given", ()) and getattr(args, key) != meta["settings"][key]:
+                sys.exit(f"error: --{key.replace('_', '-')} cannot change a run: --resume continues with the "
+                         f"checkpoint's {_short(meta['settings'][key])} (start another run with --out to change it)")
             setattr(args, key, meta["settings"][key])
         remembered_data = args.data_dir is None and meta["settings"].get("data_dir") is not None
         for key in RUN_OPTIONS:  # (older checkpoints lack them: the defaults apply)

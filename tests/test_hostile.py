@@ -480,14 +480,15 @@ def test_inconsistent_checkpoints_are_refused_before_a_step(interrupted_run, tmp
 
 def test_train_py_checks_a_checkpoints_settings_and_says_so_in_one_line(interrupted_run, tmp_path):
     sys.path.insert(0, str(ROOT))
-    from train import RUN_SETTINGS, settings_problem
+    from train import LATER_SETTINGS, RUN_SETTINGS, settings_problem
     good = dict(model="flattened", dataset="mnist", label_mode="fine", batch_size=16, lr=0.05, momentum=0.9,
                 dampening=None, weight_decay=1e-4, lr_drop_epochs=[1], lr_drop_factor=0.1, seed=1, limit_train=None,
                 limit_test=None, pool=[3, 2], pool_mode="ceil", flatten_first=False, stages=2, init="auto")
-    assert set(good) == set(RUN_SETTINGS) and settings_problem(good) is None
+    assert set(good) == set(RUN_SETTINGS) - set(LATER_SETTINGS) and settings_problem(good) is None  # an older run's
+    assert settings_problem(dict(good, augment="flip,crop4")) is None
     for key, value in (("model", "resnet"), ("dataset", "imagenet"), ("batch_size", 0), ("batch_size", 1.5),
                        ("lr", -1.0), ("lr", "0.1"), ("seed", -1), ("pool", [3]), ("flatten_first", 1),
-                       ("lr_drop_epochs", "8")):
+                       ("lr_drop_epochs", "8"), ("augment", "crop0"), ("augment", "crop4,flip"), ("augment", 4)):
         assert settings_problem(dict(good, **{key: value})) == (f"setting {key} = {value!r} is not a valid "
                                                                 f"--{key.replace('_', '-')}")
     assert settings_problem({k: v for k, v in good.items() if k != "init"}) == "settings lack 'init'"

@@ -386,6 +386,16 @@ def test_a_new_run_takes_the_default_recipe_with_flags_replacing_its_values(tiny
     assert "init auto, augment none" in r.stdout
     r = train_py("--out", out, "--resume", "--recipe", "paper", "--epochs", "2")
     assert r.returncode != 0 and "--recipe cannot change a run" in r.stderr
+    # a setting of the run given with --resume: refused, not silently replaced by the checkpoint's
+    for flags, message in ((["--lr", "0.1"], "--lr cannot change a run: --resume continues with the checkpoint's 0.05"),
+                           (["--augment", "flip"], "--augment cannot change a run"),
+                           (["--lr-drop-epochs", "3"], "--lr-drop-epochs cannot change a run: --resume continues "
+                                                       "with the checkpoint's 10,14"),
+                           (["--model", "baseline"], "--model cannot change a run")):
+        r = train_py("--out", out, "--resume", "--epochs", "2", *flags)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
+    r = train_py("--out", out, "--resume", "--epochs", "2", "--quiet", "--lr", "0.05", "--model", "flattened")
+    assert r.returncode == 0, r.stderr  # the checkpoint's own values may be repeated
 
 
 def test_train_py_chooses_how_the_model_file_stores_the_zca_matrix(tiny_mnist, monkeypatch, capsys):
