@@ -134,8 +134,8 @@ def parser():
     g.add_argument("--limit-test", metavar="N", type=positive_int, default=None, help="use only the first N test images")
 
     g = p.add_argument_group("optimization", "The recipe sets --epochs, --lr, --momentum, --dampening, "
-                             "--weight-decay, --lr-drop-epochs, --lr-drop-factor, --init and --augment; a flag given replaces its "
-                             "recipe value (models/recipes.py, docs/results.md)")
+                             "--weight-decay, --lr-drop-epochs, --lr-drop-factor, --init and --augment; a flag "
+                             "given replaces its recipe value (models/recipes.py, docs/results.md)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help=" | ".join(help_text(name) for name in RECIPES) + f" (default: {DEFAULT_RECIPE})")
     g.add_argument("--epochs", metavar="N", type=positive_int, default=None,

@@ -40,7 +40,8 @@ def test_apply_matches_a_pixel_loop_and_a_crop_of_the_padded_image():
 
 
 @pytest.mark.parametrize("spec,expected", [
-    ("none", "none"), ("flip", "flip"), ("crop4", "crop4"), ("crop4,flip", "flip,crop4"), (" flip , crop16 ", "flip,crop16"),
+    ("none", "none"), ("flip", "flip"), ("crop4", "crop4"), ("crop4,flip", "flip,crop4"),
+    (" flip , crop16 ", "flip,crop16"),
 ])
 def test_specs_read_and_write_one_form(spec, expected):
     assert augment.canonical(spec) == expected
