@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.recipes import DEFAULT_RECIPE, LATER_SETTINGS, RECIPES, describe, help_text, recipe
+from models.recipes import DEFAULT_RECIPE, RECIPES, complete_settings, describe, help_text, recipe, setting_text
 
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 # Settings that define the run; on --resume they come from the checkpoint.
@@ -208,16 +208,11 @@ def parser():
     return p
 
 
-def _short(v):
-    """A setting's value as its flag is written: 40,52 for a list."""
-    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
 def settings_problem(settings):
     """Why a checkpoint's settings cannot define a run (None if they can): each is checked as its flag would be."""
     if not isinstance(settings, dict):
         return "no settings"
-    settings = dict(LATER_SETTINGS, **settings)
+    settings = complete_settings(settings)
     actions = {a.dest: a for a in parser()._actions}
     for key in RUN_SETTINGS:
         if key not in settings:
@@ -229,7 +224,7 @@ def settings_problem(settings):
             ok = isinstance(v, bool)
         else:
             try:
-                text = _short(v)
+                text = setting_text(v)
                 ok = (not isinstance(v, (bool, dict)) and (a.type or str)(text) == v
                       and (not a.choices or v in a.choices))
             except (argparse.ArgumentTypeError, ValueError, TypeError):
@@ -298,7 +293,7 @@ def run(args, dist=None):
         if dist is not None:
             meta = dist.bcast(meta)
         epochs = meta["config"].get("epochs")
-        meta["settings"] = dict(LATER_SETTINGS, **meta["settings"])
+        meta["settings"] = complete_settings(meta["settings"])
         problem = settings_problem(meta["settings"]) or (
             None if type(epochs) is int and epochs >= 1 else f"config epochs = {epochs!r:.50}")
         if problem:
@@ -306,7 +301,7 @@ def run(args, dist=None):
         for key in RUN_SETTINGS:
             if key in getattr(args, "given", ()) and getattr(args, key) != meta["settings"][key]:
                 sys.exit(f"error: --{key.replace('_', '-')} cannot change a run: --resume continues with the "
-                         f"checkpoint's {_short(meta['settings'][key])} (start another run with --out to change it)")
+                         f"checkpoint's {setting_text(meta['settings'][key])} (start another run with --out to change it)")
             setattr(args, key, meta["settings"][key])
         remembered_data = args.data_dir is None and meta["settings"].get("data_dir") is not None
         for key in RUN_OPTIONS:  # (older checkpoints lack them: the defaults apply)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.recipes import complete_settings, setting_text
+
 from .npzfile import check_writable_folder
 
 # Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned
@@ -93,8 +95,7 @@ def read_settings(folder):
         raise ValueError(f"settings.json unreadable ({e})") from None
     if not isinstance(settings, dict) or not all(isinstance(settings.get(k), str) for k in ("model", "dataset")):
         raise ValueError("settings.json lacks the model or the dataset")
-    from models.recipes import LATER_SETTINGS
-    return dict(LATER_SETTINGS, **settings)  # a run from before a setting existed: the value it trained with
+    return complete_settings(settings)  # a run from before a setting existed: the value it trained with
 
 
 def read_log(folder):
@@ -148,10 +149,6 @@ def experiment_key(settings):
     return json.dumps({k: v for k, v in settings.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
 
 
-def _short(v):
-    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
-
-
 def group_runs(runs_with_logs):
     """Runs grouped by (dataset, model, the other settings but the seed): [dict(dataset, model, label, runs)].
 
@@ -165,7 +162,7 @@ def group_runs(runs_with_logs):
         siblings = [json.loads(k) for d, m, k in groups if (d, m) == (dataset, model)]
         mine = json.loads(key)
         differs = sorted(k for k in set().union(*siblings) if any(s.get(k) != mine.get(k) for s in siblings))
-        setting = ", ".join(f"{k} {_short(mine.get(k))}" for k in differs)
+        setting = ", ".join(f"{k} {setting_text(mine.get(k))}" for k in differs)
         out.append(dict(dataset=dataset, model=model, setting=setting, runs=members))
     return out
 

@@ -72,8 +72,18 @@ RECIPES = {  # per recipe and dataset; weight_decay (and init and augment, where
 }
 DEFAULT_RECIPE = "reproduce"
 # Settings that runs of older versions did not record, with the value those runs had (no flips or shifts):
-# train.py --resume and engine.figures read a run without them as one with these.
+# train.py --resume and engine.figures read a run without them as one with these (complete_settings).
 LATER_SETTINGS = {"augment": "none"}
+
+
+def complete_settings(settings):
+    """A run's recorded settings (a dict), with LATER_SETTINGS filled in where a run of an older version lacks them."""
+    return dict(LATER_SETTINGS, **settings)
+
+
+def setting_text(value):
+    """A setting's value as its flag is written: 40,52 for a list."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def recipe(name, dataset, model):
@@ -103,7 +113,7 @@ def describe(settings):
 
     return (f"{settings['epochs']} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, dampening "
             f"{damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, lr "
-            f"x{settings['lr_drop_factor']:g} after epochs {','.join(map(str, settings['lr_drop_epochs'])) or 'none'}, "
+            f"x{settings['lr_drop_factor']:g} after epochs {setting_text(list(settings['lr_drop_epochs'])) or 'none'}, "
             f"init {per_model(settings['init'], str)}, augment {per_model(settings['augment'], str)}")
 
 
