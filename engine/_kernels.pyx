@@ -752,6 +752,7 @@ cdef extern from "_train.h" nogil:
         int threads
         int team
         float *cols
+        long cols_floats
         float *wbuf
         float *part
         long part_floats
@@ -797,6 +798,7 @@ def train_run(bint backward,
     ctx.threads = num_threads
     ctx.team = 1
     ctx.cols = &cols[0]
+    ctx.cols_floats = cols.shape[0]
     ctx.wbuf = &wbuf[0]
     ctx.part = &part[0, 0]
     ctx.part_floats = part.shape[1]

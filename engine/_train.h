@@ -43,6 +43,7 @@ typedef struct {
     int threads;     /* threads of the per-image loops */
     int team;        /* out: threads that ran the last parallel loop */
     float *cols;     /* CONV im2col columns: chunk x Ho*Wo x k*k*C floats at most */
+    long cols_floats;
     float *wbuf;     /* transposed 1D filters (kv + kh) x C, or a CONV's packed weight gradient */
     float *wpack;    /* a GEMM's weights packed for fp_tile (ft_pack) */
     float *bpad;     /* a bias padded to whole panels; then as many zeros (the input gradients' "bias") */
@@ -336,6 +337,43 @@ static void ft_conv_forward(const fl_op *op, const float *x, long n, ft_ctx *c) 
     }
 }
 
+/* The input gradient of a stride-1 convolution as a convolution of the output gradient:
+ * dx[iy, ix, c] = sum over (ky, kx, f) of dy[iy + ky - q, ix + kx - q, f] W[f, c, k-1-ky, k-1-kx],
+ * q = k - 1 - pad, dy zero outside. Its columns (im2col of dy, k*k*F per input pixel) times the
+ * flipped weights, packed here as B (k*k*F x C), give dx directly: no col2im scatter, and the GEMM's
+ * sum is k*k*F long instead of F (the column-gradient GEMM writes k*k*C floats per output pixel and
+ * sums only F). Images go in chunks whose columns fit c->cols. */
+static void ft_conv_input_grad(const fl_op *op, const float *dy, float *dx, long n, ft_ctx *c) {
+    long C = op->c_in, F = op->c_out, k = op->k, KKF = k * k * F, HW = op->h_in * op->w_in;
+    long P = op->h_out * op->w_out, in_sz = ft_in_size(op), panels = (C + FP_NR - 1) / FP_NR;
+    long chunk = c->cols_floats / (HW * KKF);
+    const float *w = fl_cptr(op->w);
+    fl_op t = *op;  /* the transposed convolution's geometry: dy (Ho x Wo x F) in, H x W out */
+    t.c_in = F; t.h_in = op->h_out; t.w_in = op->w_out; t.h_out = op->h_in; t.w_out = op->w_in;
+    t.pad = k - 1 - op->pad;
+    if (chunk > n) chunk = n;
+    #pragma omp parallel for schedule(static) num_threads(c->threads)
+    for (long p = 0; p < panels; p++)  /* B[(ky, kx, f), ch] = W[f, ch, k-1-ky, k-1-kx], zero past C */
+        for (long kk = 0; kk < KKF; kk++) {
+            long f = kk % F, tap = kk / F, ky = k - 1 - tap / k, kx = k - 1 - tap % k;
+            for (long j = 0; j < FP_NR; j++) {
+                long ch = p * FP_NR + j;
+                c->wpack[(p * KKF + kk) * FP_NR + j] = ch < C ? w[((f * C + ch) * k + ky) * k + kx] : 0.f;
+            }
+        }
+    for (long n0 = 0; n0 < n; n0 += chunk) {
+        long m = n - n0 < chunk ? n - n0 : chunk;
+        float *cols = c->cols;
+        FT_PER_IMAGE(c, m, ft_im2col(&t, dy + (n0 + i) * P * F, cols + i * HW * KKF));
+        ft_gemm_packed(c, m * HW, C, KKF, cols, c->wpack, c->bpad + c->bpad_floats / 2, dx + n0 * in_sz, 0);
+    }
+}
+
+/* whether ft_conv_input_grad applies: stride 1, and one image's columns fit c->cols */
+static inline int ft_conv_transposed_ok(const fl_op *op, const ft_ctx *c) {
+    return op->stride == 1 && op->pad <= op->k - 1 && c->cols_floats >= op->h_in * op->w_in * op->k * op->k * op->c_out;
+}
+
 static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *dx, long n, ft_ctx *c) {
     long C = op->c_in, F = op->c_out, k = op->k, KKC = k * k * C, P = op->h_out * op->w_out;
     long in_sz = ft_in_size(op), chunk = op->chunk;
@@ -344,7 +382,8 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
     const float *y = fl_cptr(op->out);
     FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, y + i * P * F, (int)op->relu, P, F, c->part + i * c->part_floats));
     ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
-    if (dx) ft_pack(c, wp, 0, F, KKC, c->wpack);
+    int transposed = dx && ft_conv_transposed_ok(op, c);
+    if (dx && !transposed) ft_pack(c, wp, 0, F, KKC, c->wpack);
     for (long n0 = 0; n0 < n; n0 += chunk) {
         long m = n - n0 < chunk ? n - n0 : chunk;
         float *cols = op->aux ? fl_ptr(op->aux) : c->cols;
@@ -352,11 +391,12 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
         if (!op->aux)  /* the forward's columns were overwritten: again */
             FT_PER_IMAGE(c, m, ft_im2col(op, x + (n0 + i) * in_sz, cols + i * P * KKC));
         ft_gemm_wgrad(c, m * P, F, KKC, dyc, cols, dwp, n0 > 0);
-        if (dx) {
+        if (dx && !transposed) {
             ft_gemm_packed(c, m * P, KKC, F, dyc, c->wpack, c->bpad + c->bpad_floats / 2, cols, 0);  /* columns' gradient */
             FT_PER_IMAGE(c, m, ft_col2im(op, cols + i * P * KKC, dx + (n0 + i) * in_sz));
         }
     }
+    if (transposed) ft_conv_input_grad(op, dy, dx, n, c);
     for (long f = 0; f < F; f++)  /* back to the master layout (F, C, k, k) */
         for (long ch = 0; ch < C; ch++)
             for (long t = 0; t < k * k; t++) dw[(f * C + ch) * k * k + t] = dwp[f * KKC + t * C + ch];

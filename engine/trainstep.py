@@ -115,6 +115,7 @@ class CompiledStep:
         self._saved = []  # per row: (output array, argmax/mask array or None), for saved()
         self._act = int(np.prod(self.in_shape))
         self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = 1
+        self._has_params = False  # whether an op with parameters came before (the first computes no input gradient)
         shape, self._nhwc, self._layouts = self.in_shape, False, []
         for op in self.ops:
             layer, relu = op.layer, int(op.relu)
@@ -162,6 +163,12 @@ class CompiledStep:
                     own = dict(aux=self._buf(cap * p * kkc))
                 else:
                     self._cols = max(self._cols, chunk * p * kkc)
+                if self._has_params and layer.stride == 1 and layer.padding < layer.k:
+                    # the input gradient as a convolution of the output gradient (_train.h,
+                    # ft_conv_input_grad): its columns, k*k*F per input pixel, in chunks of images
+                    per_image = h * w * layer.k * layer.k * f
+                    self._cols = max(self._cols, max(1, min(cap, COLUMN_FLOATS // per_image)) * per_image)
+                    self._wpack = max(self._wpack, _panels(c) * layer.k * layer.k * f)
                 self._wbuf = max(self._wbuf, f * kkc)
                 self._part = max(self._part, f)
                 self._gemm_row("CONV", op, shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride,
@@ -231,6 +238,7 @@ class CompiledStep:
         self._add(kind, op.name, in_shape, out_shape, w=self._ptr(layer.params["weight"]),
                   b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
                   db=self._ptr(layer.grads["bias"]), **fields)
+        self._has_params = True
 
     def _vh_row(self, op, shape):
         c, h, w = shape
@@ -255,6 +263,7 @@ class CompiledStep:
         self._add("VH", op.name, shape, op.out_shape, relu=int(op.relu), kv=kv, vbefore=vb, kh=kh, hbefore=hb,
                   h_mid=hm, wv=wv, bv=bv, wh=wh, bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh,
                   mid=self._buf(self.capacity * hm * w * c))
+        self._has_params = True
 
     def saved(self, row, n):
         """What the last forward kept for op `row` on its n images: (output, argmax or mask or None),

@@ -115,6 +115,15 @@ def test_awkward_network_and_batch_sizes(batch, rng):
         engine.set_num_threads(None)
 
 
+@pytest.mark.parametrize("k,pad,c_in", [(5, 2, 13), (4, 0, 7), (3, 2, 33), (3, 3, 5)])
+def test_input_gradient_of_a_later_convolution(k, pad, c_in, rng):
+    """A stride-1 convolution after the first computes its input gradient as a convolution of the output
+    gradient with the flipped filters (padding k - 1 - pad: none when pad = k - 1; the column path when
+    pad > k - 1); channels off the panel width, no padding, an output larger than the input."""
+    net = Sequential(Conv2d(3, c_in, 3, padding=1, rng=rng), ReLU(), Conv2d(c_in, 9, k, padding=pad, rng=rng), ReLU())
+    run_both(with_logits(net, (3, 7, 9), rng), (3, 7, 9), rng, batch=3)
+
+
 def reference_loss(net64, x, y):
     logits = ref_forward(net64, x)
     z = logits - logits.max(axis=1, keepdims=True)
@@ -149,10 +158,11 @@ def test_gradients_match_float64_finite_differences(rng):
         assert analytic == pytest.approx(numeric, rel=2e-3, abs=1e-5), name
 
 
-def test_bit_identical_for_any_thread_count(rng):
+@pytest.mark.parametrize("model", ["flattened", "baseline"])
+def test_bit_identical_for_any_thread_count(model, rng):
     """Forward, gradients and update do not depend on the thread count, and the loops really ran on
     that many threads."""
-    base = build("flattened", (3, 32, 32), 10, seed=2)
+    base = build(model, (3, 32, 32), 10, seed=2)
     x = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, 6)
     results = []
