@@ -43,7 +43,7 @@ typedef struct {
     int threads;     /* threads of the per-image loops */
     int team;        /* out: threads that ran the last parallel loop */
     float *cols;     /* CONV im2col columns: chunk x Ho*Wo x k*k*C floats at most */
-    long cols_floats;
+    long cols_floats; /* its size */
     float *wbuf;     /* transposed 1D filters (kv + kh) x C, or a CONV's packed weight gradient */
     float *wpack;    /* a GEMM's weights packed for fp_tile (ft_pack) */
     float *bpad;     /* a bias padded to whole panels; then as many zeros (the input gradients' "bias") */
