@@ -301,7 +301,8 @@ def run(args, dist=None):
         for key in RUN_SETTINGS:
             if key in getattr(args, "given", ()) and getattr(args, key) != meta["settings"][key]:
                 sys.exit(f"error: --{key.replace('_', '-')} cannot change a run: --resume continues with the "
-                         f"checkpoint's {setting_text(meta['settings'][key])} (start another run with --out to change it)")
+                         f"checkpoint's {setting_text(meta['settings'][key])} "
+                         f"(start another run with --out to change it)")
             setattr(args, key, meta["settings"][key])
         remembered_data = args.data_dir is None and meta["settings"].get("data_dir") is not None
         for key in RUN_OPTIONS:  # (older checkpoints lack them: the defaults apply)

@@ -369,7 +369,8 @@ static void ft_conv_input_grad(const fl_op *op, const float *dy, float *dx, long
     }
 }
 
-/* whether ft_conv_input_grad applies: stride 1, and one image's columns fit c->cols */
+/* whether ft_conv_input_grad applies: stride 1, and one image's columns fit c->cols (trainstep.py sizes
+ * c->cols and c->wpack for it under the same geometric condition) */
 static inline int ft_conv_transposed_ok(const fl_op *op, const ft_ctx *c) {
     return op->stride == 1 && op->pad <= op->k - 1 && c->cols_floats >= op->h_in * op->w_in * op->k * op->k * op->c_out;
 }

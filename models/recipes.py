@@ -56,9 +56,8 @@ _PAPER_DECAY = {"baseline": 5e-4, "flattened": 1e-4}
 _CIFAR_INIT = {"baseline": "auto", "flattened": "delta"}
 # Augmentation per model on CIFAR: flips and shifts of up to 4 pixels left the flattened network less
 # overfit, level or ahead at every epoch after the first drop (up to 0.89 points; docs/results.md, twelfth
-# session), 84.54% at the end with weight decay 5e-4 (85.18% with the recipe's 1e-4, thirteenth session); not
-# measured on the baseline, which keeps none. On MNIST, crop2 gave 99.45%
-# against 99.50% without.
+# session), 84.54% at the end with weight decay 5e-4 (85.18% with the recipe's 1e-4, thirteenth session).
+# Not measured on the baseline, which keeps none. On MNIST, crop2 gave 99.45% against 99.50% without.
 _CIFAR_AUGMENT = {"baseline": "none", "flattened": "flip,crop4"}
 
 _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1,
