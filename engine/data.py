@@ -392,15 +392,17 @@ class ZCA:
         return out.reshape(shape)
 
 
-def _fingerprint(source):
-    """Size and modification time of the source files: a cache key part that changes with the data."""
-    p = Path(source)
-    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+def _fingerprint(raw):
+    """A hash of the images and labels themselves: the cache key part that changes with the data.
+
+    Not the files' sizes and times: a copy of the same data (a new checkout, a data folder copied
+    again) finds its cache instead of writing another (740 MiB for CIFAR-10). About 0.15 s for CIFAR-10.
+    """
     h = hashlib.sha1()
-    for f in files:
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    for part in ("train_x", "train_y", "test_x", "test_y"):
+        a = np.ascontiguousarray(raw[part])
+        h.update(f"{part}:{a.dtype.str}:{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
     return h.hexdigest()[:12]
 
 
@@ -429,7 +431,7 @@ def load_dataset(name, data_dir=None, cache_dir=None, label_mode="fine", downloa
     zca_bias = None if name == "mnist" else 1.0
     params = dict(name=name, label_mode=label_mode if name == "cifar100" else None, gcn=gcn, zca_filter_bias=zca_bias,
                   n_train=len(raw["train_x"]), n_test=len(raw["test_x"]), version=1)
-    key = hashlib.sha1((json.dumps(params, sort_keys=True) + _fingerprint(raw["source"])).encode()).hexdigest()[:16]
+    key = hashlib.sha1((json.dumps(params, sort_keys=True) + _fingerprint(raw)).encode()).hexdigest()[:16]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = cache / f"{name}-{key}"
     arrays = ("train_x", "test_x") + (("zca_mean", "zca_matrix") if zca_bias is not None else ())

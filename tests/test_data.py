@@ -1,12 +1,14 @@
 """Dataset loaders on tiny files written in the official formats, and the preprocessing."""
 import gzip
 import hashlib
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from formats import evil_pickle, write_cifar10, write_cifar100, write_mnist
+from formats import evil_pickle, write_cifar10, write_cifar100, write_mnist, write_pickle
 
 from engine import data
 from engine.data import DatasetError, ZCA, global_contrast_normalize, load_cifar, load_dataset, load_mnist
@@ -151,6 +153,25 @@ def test_load_dataset_preprocesses_and_caches(tmp_path, rng):
     m = load_dataset("mnist", _mnist(tmp_path / "m", rng), tmp_path / "cache", download_ok=False, log=logs.append)
     np.testing.assert_allclose(m["train_x"].reshape(20, -1).mean(axis=1), 0, atol=1e-4)  # GCN only
     assert "zca_matrix" not in m
+
+
+def test_preprocessing_cache_follows_the_data_not_the_files(tmp_path, rng):
+    """A copy of the same data (new times, another folder) finds the cache; one changed pixel does not."""
+    batches = write_cifar10(tmp_path / "d", rng)
+    logs = []
+    load_dataset("cifar10", tmp_path / "d", tmp_path / "cache", download_ok=False, log=logs.append)
+    shutil.copytree(tmp_path / "d", tmp_path / "copy")
+    for f in (tmp_path / "copy" / "cifar-10-batches-py").iterdir():
+        os.utime(f, (1e9, 1e9))  # other modification times
+    load_dataset("cifar10", tmp_path / "copy", tmp_path / "cache", download_ok=False, log=logs.append)
+    assert "loaded from cache" in logs[-1], logs
+    changed = dict(batches["test_batch"])
+    changed[b"data"] = changed[b"data"].copy()
+    changed[b"data"][0, 0] ^= 1
+    write_pickle(tmp_path / "copy" / "cifar-10-batches-py" / "test_batch", changed)
+    load_dataset("cifar10", tmp_path / "copy", tmp_path / "cache", download_ok=False, log=logs.append)
+    assert logs[-2].startswith("preprocessing cifar10 once"), logs
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def _mnist(root, rng):
