@@ -185,8 +185,9 @@ static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb
  * threads claim tiles of W; a tile's pass is done by one thread, and the passes follow each
  * other (a barrier), so every tile is summed over k in order: the result does not depend on
  * the thread count, or on which thread took which tile.
- * The last, partial panel of B is copied, zero-padded, to the thread's scratch (FT_KC x FP_NR
- * floats), so that no load reads past the end of a row of B. */
+ * A thread copies each panel of B it works on to its scratch (FT_KC x FP_NR floats, zero past cn),
+ * where the tiles that follow read it contiguously: in place its rows lie cn floats apart, and a
+ * panel of 256 such rows did not stay in L1 (few cache sets), while the copy does. */
 static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, const float *B, float *W,
                           int accumulate) {
     long fpanels = (f + FP_MR - 1) / FP_MR, tiles = fpanels * ((cn + FP_NR - 1) / FP_NR);
@@ -200,17 +201,13 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
             for (long t = 0; t < tiles; t++) {  /* filter panel inner: a panel of B serves several tiles */
                 long j0 = t / fpanels * FP_NR, f0 = t % fpanels * FP_MR;
                 int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR), mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
-                const float *b = B + k0 * cn + j0;
-                long ldb = cn;
-                if (nr < FP_NR) {  /* the last panel: copied, zero-padded */
-                    if (copied != j0)
-                        for (long k = 0; k < kc; k++)
-                            for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+                if (copied != j0) {  /* a new panel of B: copied, contiguous, zero past cn */
+                    const float *b = B + k0 * cn + j0;
+                    for (long k = 0; k < kc; k++)
+                        for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
                     copied = j0;
-                    b = bt;
-                    ldb = FP_NR;
                 }
-                ft_wg_tile(A + k0 * f + f0, f, b, ldb, kc, W + f0 * cn + j0, cn, mr, nr, accumulate || k0 > 0);
+                ft_wg_tile(A + k0 * f + f0, f, bt, FP_NR, kc, W + f0 * cn + j0, cn, mr, nr, accumulate || k0 > 0);
             }
         }
         FT_FTZ_OFF();
