@@ -362,11 +362,13 @@ def test_every_recipe_gives_every_setting_for_every_dataset_and_model():
     assert [recipe("reproduce", d, "flattened")["init"] for d in ("cifar10", "cifar100", "mnist")] == [
         "delta", "delta", "auto"]
     assert {recipe(name, d, "baseline")["init"] for name in RECIPES for d in ("cifar10", "mnist")} == {"auto"}
-    # flips and shifts helped the flattened network on CIFAR-10; the baseline is unmeasured; crop2 did not help on MNIST
-    assert [recipe("reproduce", d, "flattened")["augment"] for d in ("cifar10", "cifar100", "mnist")] == [
-        "flip,crop4", "flip,crop4", "none"]
+    # flips and shifts helped both networks on CIFAR-10 (docs/results.md); crop2 did not help on MNIST; the paper
+    # recipe has none
+    for model in ("baseline", "flattened"):
+        assert [recipe("reproduce", d, model)["augment"] for d in ("cifar10", "cifar100", "mnist")] == [
+            "flip,crop4", "flip,crop4", "none"]
     others = {recipe(name, d, m)["augment"] for name in RECIPES for d in ("cifar10", "mnist")
-              for m in ("baseline", "flattened") if (name, d, m) != ("reproduce", "cifar10", "flattened")}
+              for m in ("baseline", "flattened") if (name, d) != ("reproduce", "cifar10")}
     assert others == {"none"}
 
 
