@@ -211,10 +211,14 @@ def figure3(runs, found, out, band):
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
     datasets = sorted({g["dataset"] for g in groups})
-    fig, axes = plt.subplots(len(datasets), 3, figsize=(18, 4.6 * len(datasets)), squeeze=False,
-                             gridspec_kw=dict(width_ratios=(1, 1, 0.8)))  # the third: the row's legend
+    counts = [sum(g["dataset"] == d for g in groups) for d in datasets]
+    heights = [max(4.6, 0.62 * n) for n in counts]  # room for the row's legend, one to three lines a group
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(18, sum(heights)), squeeze=False,
+                             gridspec_kw=dict(width_ratios=(1, 1, 0.8), height_ratios=heights))  # third: legend
     band_text = "±1 standard deviation (n-1)" if band == "std" else "min to max"
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if max(counts) > len(colours):  # more groups than the cycle's colours: no two lines of a row share one
+        colours = list(plt.get_cmap("tab20").colors)
     for row, dataset in zip(axes, datasets):
         mine = [g for g in groups if g["dataset"] == dataset]
         for ax, what, title in zip(row, ("train_acc", "test_acc"), ("training", "test")):

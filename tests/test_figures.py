@@ -293,3 +293,35 @@ def test_compare_runs_prints_the_figures_results_md_quotes():
     r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(runs)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0 and "no log.jsonl" in r.stderr  # a folder of runs is not a run
+
+
+def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypatch, capsys):
+    """16 CIFAR-10 experiments and 9 MNIST ones, as many as docs/runs holds: each row's legend stays inside the
+    figure, clear of the other row's, and no two lines of a row share a colour."""
+    def varied(i):  # seven settings differ: each legend entry wraps to three lines, as the real runs' do
+        return dict(lr=0.01 * (i + 1), weight_decay=1e-4 * (i + 1), lr_drop_epochs=[10 + i, 20 + i],
+                    init=("auto", "delta")[i % 2], augment=("none", "flip", "flip,crop2", "flip,crop4")[i % 4],
+                    dampening=(0.0, 0.9)[i % 2], pool_mode=("ceil", "floor")[i % 2])
+    for i in range(16):
+        write_run(tmp_path / "runs" / f"c{i}", settings("flattened", 0, **varied(i)), [(0.2, 0.3), (0.4, 0.5)])
+    for i in range(9):
+        write_run(tmp_path / "runs" / f"m{i}", settings("baseline", 0, dataset="mnist", **varied(i)),
+                  [(0.5, 0.6), (0.7, 0.8)])
+    drawn = []
+    save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: (drawn.append(fig), save(fig, path)))
+    run(["--runs", tmp_path / "runs", "--out", tmp_path / "o", "--figures", "3"], capsys)
+    fig = drawn[0]
+    fig.canvas.draw()
+    height = fig.bbox.height
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert [len(leg.get_texts()) for leg in legends] == [16, 9]
+    assert all(t.get_text().count("\n") == 2 for leg in legends for t in leg.get_texts())  # three lines each
+    boxes = [leg.get_window_extent() for leg in legends]
+    for box in boxes:
+        assert box.y0 >= 0 and box.y1 <= height, (box, height)
+    assert boxes[0].y0 >= boxes[1].y1, boxes  # the CIFAR-10 legend above the MNIST one, not overlapping
+    for ax in fig.axes[:2]:  # the CIFAR-10 row's two panels
+        colours = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+                   for line in ax.get_lines()]
+        assert len(colours) == 16 and len(set(colours)) == 16
