@@ -210,17 +210,15 @@ def figure3(runs, found, out, band):
 
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
-    datasets = sorted({g["dataset"] for g in groups})
-    counts = [sum(g["dataset"] == d for g in groups) for d in datasets]
-    heights = [max(4.6, 0.62 * n) for n in counts]  # room for the row's legend, one to three lines a group
-    fig, axes = plt.subplots(len(datasets), 3, figsize=(18, sum(heights)), squeeze=False,
+    per_dataset = {d: [g for g in groups if g["dataset"] == d] for d in sorted({g["dataset"] for g in groups})}
+    heights = [max(4.6, 0.62 * len(mine)) for mine in per_dataset.values()]  # room for the row's legend
+    fig, axes = plt.subplots(len(per_dataset), 3, figsize=(18, sum(heights)), squeeze=False,
                              gridspec_kw=dict(width_ratios=(1, 1, 0.8), height_ratios=heights))  # third: legend
     band_text = "±1 standard deviation (n-1)" if band == "std" else "min to max"
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    if max(counts) > len(colours):  # more groups than the cycle's colours: no two lines of a row share one
+    if max(map(len, per_dataset.values())) > len(colours):  # no two lines of a row share a colour
         colours = list(plt.get_cmap("tab20").colors)
-    for row, dataset in zip(axes, datasets):
-        mine = [g for g in groups if g["dataset"] == dataset]
+    for row, (dataset, mine) in zip(axes, per_dataset.items()):
         for ax, what, title in zip(row, ("train_acc", "test_acc"), ("training", "test")):
             for i, g in enumerate(mine):
                 colour = colours[i % len(colours)]
