@@ -73,7 +73,7 @@ _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8
               weight_decay=_PAPER_DECAY, init="auto", augment="none")
 _CIFAR = dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=(40, 52), lr_drop_factor=0.1,
               weight_decay=_PAPER_DECAY, init=_CIFAR_INIT, augment=_CIFAR_AUGMENT)
-RECIPES = {  # per recipe and dataset; weight_decay (and init, where they differ) per model
+RECIPES = {  # per recipe and dataset; a value of PER_MODEL_KEYS per model where the models differ
     "paper": {"cifar10": _PAPER, "cifar100": _PAPER, "mnist": _PAPER},
     "reproduce": {
         "cifar10": _CIFAR,
