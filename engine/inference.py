@@ -10,6 +10,11 @@ The ZCA matrix W (d x d, d = C*H*W) is symmetric, W = U diag((s + eps)^-1/2) U^T
 stored either whole (``zca_matrix``, float32: 38 MB for CIFAR) or as its upper triangle,
 row by row (``zca_matrix_packed``: W[0, 0:], W[1, 1:], ..., d(d+1)/2 values, float32 or
 float16), which `save_model(..., zca_storage=...)` chooses; `load` reads every form.
+Models whitened with the same matrix may share it: `save_model(..., zca_file="cifar10-zca.npz")`
+writes the mean and matrix once, to that file beside the model file (a "ZCA file": an .npz of
+the same arrays with its own JSON document), and the model file (version 2) names it with the
+SHA-256 of its arrays; `load` reads it from beside the model file and refuses one that is
+missing or is not the same matrix. A version-1 file holds its matrix itself.
 The weights are float32, or float16 with `save_model(..., weights="float16")` (half the
 size, each weight rounded to float16); `load` turns them back into float32.
 
@@ -26,7 +31,9 @@ to float32 rounding.
 This module needs numpy and the compiled kernels only (no trainer, tqdm or matplotlib).
 """
 import copy
+import hashlib
 import math
+import re
 import threading
 from pathlib import Path
 
@@ -39,7 +46,10 @@ from .losses import softmax
 from .plan import UnsupportedNetwork, compile_network
 
 FORMAT = "flatnet-model"
-VERSION = 1
+VERSION = 1          # a model file that holds its ZCA matrix, if any, itself
+VERSION_ZCA_FILE = 2  # one whose ZCA mean and matrix are in a ZCA file beside it (meta["zca_file"])
+ZCA_FORMAT = "flatnet-zca"
+ZCA_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.npz")  # a plain file name: no folder, nothing hidden
 LAYER_TYPES = {cls.__name__: cls for cls in (L.Conv2d, L.Lateral, L.Vertical, L.Horizontal, L.Flattened,
                                              L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten, L.Linear)}
 
@@ -184,6 +194,51 @@ def _zca_arrays(zca_mean, zca_matrix, storage):
     return dict(zca_mean=zca_mean, zca_matrix_packed=pack_upper(w).astype(dtype))
 
 
+def zca_digest(arrays):
+    """SHA-256 (hex) of ZCA arrays as stored (names, little-endian dtypes, shapes, bytes): a model file names its ZCA
+    file by it, so that zip timestamps or a rewrite of the same arrays do not matter."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        h.update(f"{name}:{a.dtype.str}:{list(a.shape)};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _zca_members(d, required):
+    """The ZCA arrays a file may hold for inputs of d values: the mean, and the matrix whole or packed."""
+    return {"zca_mean": npzfile.Member((d,), required=required),
+            "zca_matrix": npzfile.Member((d, d), required=False),
+            "zca_matrix_packed": npzfile.Member((d * (d + 1) // 2,), required=False)}  # (its upper triangle)
+
+
+def _zca_file_reader(d):
+    """npzfile.load's `members` for a ZCA file that must fit inputs of d values."""
+    def members(meta, names=None):
+        if meta.get("format") != ZCA_FORMAT or meta.get("version") != 1:
+            raise ValueError("not a flatnet ZCA file (version 1)")
+        if meta.get("d") != d:
+            raise ValueError(f"a ZCA matrix for inputs of {meta.get('d')!r:.50} values; the model's have {d}")
+        return _zca_members(d, required=True)
+    return members
+
+
+def _write_zca_file(path, zca, d):
+    """Write the ZCA arrays `zca` to the ZCA file `path`, or keep the one there if it holds the same arrays; their digest."""
+    digest = zca_digest(zca)
+    if Path(path).exists():
+        try:
+            held, _ = npzfile.load(path, "ZCA file", ModelFileError, _zca_file_reader(d))
+        except ModelFileError as e:
+            raise ValueError(f"{path} exists and is not this model's ZCA file ({e.problem}): name another zca_file") from None
+        if zca_digest(held) != digest:
+            raise ValueError(f"{path} holds another ZCA matrix (or another zca_storage): name another zca_file")
+        return digest
+    npzfile.save(path, zca, dict(format=ZCA_FORMAT, version=1, d=d))
+    return digest
+
+
 def _weight_arrays(net, storage):
     """The model file's weight members, float32 or rounded to float16 (refused beyond float16's range)."""
     if storage not in WEIGHT_STORAGE:
@@ -201,7 +256,7 @@ def _weight_arrays(net, storage):
 
 
 def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, zca_matrix=None, extra=None,
-               zca_storage="full", compress=False, weights="float32"):
+               zca_storage="full", compress=False, weights="float32", zca_file=None):
     """Write `net` (a Sequential of engine layers) and what prediction needs to `path`, atomically.
 
     zca_storage: how the ZCA matrix is stored: 'full' (d x d float32), 'packed' (its upper
@@ -211,12 +266,27 @@ def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, 
     weights: 'float32', or 'float16' (half the size; each weight rounded to float16, which
     changes the outputs slightly: measure it, e.g. with `python -m engine.evaluate A --compare B`).
     compress=True deflates the file's members (see npzfile.save).
+    zca_file: a file name (letters, digits, '.', '_', '-'; ending .npz) to keep the ZCA mean and
+    matrix in beside `path` instead of in it, shared by the models saved with the same name and
+    the same matrix: written if absent, kept if it holds the same arrays, refused otherwise.
     """
     meta = dict(format=FORMAT, version=VERSION, architecture=architecture(net), input_shape=list(in_shape),
                 classes=list(classes), preprocessing=preprocessing or {}, extra=extra or {})
     arrays = _weight_arrays(net, weights)
+    if zca_file is not None:
+        if not (isinstance(zca_file, str) and ZCA_FILE_NAME.fullmatch(zca_file)):
+            raise ValueError(f"zca_file must be a plain file name ending .npz (letters, digits, '.', '_', '-'), "
+                             f"got {zca_file!r:.100}")
+        if zca_matrix is None:
+            raise ValueError("zca_file given for a model without a ZCA matrix")
     if zca_matrix is not None:
-        arrays.update(_zca_arrays(zca_mean, zca_matrix, zca_storage))
+        zca = _zca_arrays(zca_mean, zca_matrix, zca_storage)
+        if zca_file is None:
+            arrays.update(zca)
+        else:
+            d = math.prod(in_shape)
+            digest = _write_zca_file(Path(path).parent / zca_file, zca, d)
+            meta.update(version=VERSION_ZCA_FILE, zca_file=dict(name=zca_file, sha256=digest))
     elif zca_storage not in ZCA_STORAGE:
         raise ValueError(f"zca_storage must be one of {', '.join(ZCA_STORAGE)}, got {zca_storage!r}")
     return npzfile.save(path, arrays, meta, compress=compress)
@@ -261,11 +331,12 @@ class Model:
             self.why_not_compiled = str(e)
         return self.plan
 
-    def save(self, path, zca_storage="full", compress=False, weights="float32"):
-        """Write this model to a model file again, e.g. with its ZCA matrix or weights stored compactly (see save_model)."""
+    def save(self, path, zca_storage="full", compress=False, weights="float32", zca_file=None):
+        """Write this model to a model file again, e.g. with its ZCA matrix or weights stored compactly, or its ZCA
+        matrix in a ZCA file beside it that other models share (see save_model)."""
         return save_model(path, self.net, self.input_shape, self.classes, self.preprocessing, self.zca_mean,
                           self.zca_matrix, extra=self.meta.get("extra"), zca_storage=zca_storage, compress=compress,
-                          weights=weights)
+                          weights=weights, zca_file=zca_file)
 
     def preprocess(self, images, float_max=None):
         """uint8 (or float) images, HWC or NHWC (grey: also HW or NHW), -> float32 NCHW as in training.
@@ -337,8 +408,18 @@ def _model_members(meta, names=None):
     """The arrays a model file must hold, from its JSON document, validated first (npzfile.load's `members`)."""
     if meta.get("format") != FORMAT:
         raise ValueError("not a flatnet model file")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"model file version {meta.get('version')!r:.50}; this engine reads version {VERSION}")
+    if meta.get("version") not in (VERSION, VERSION_ZCA_FILE):
+        raise ValueError(f"model file version {meta.get('version')!r:.50}; this engine reads versions {VERSION} and "
+                         f"{VERSION_ZCA_FILE}")
+    if meta["version"] == VERSION_ZCA_FILE:
+        ref = meta.get("zca_file")
+        if (not isinstance(ref, dict) or set(ref) != {"name", "sha256"} or not isinstance(ref["name"], str)
+                or not ZCA_FILE_NAME.fullmatch(ref["name"]) or not isinstance(ref["sha256"], str)
+                or not re.fullmatch(r"[0-9a-f]{64}", ref["sha256"])):
+            raise ValueError(f"zca_file must be {{name: a plain file name ending .npz, sha256: 64 hex digits}}, "
+                             f"got {ref!r:.150}")
+    elif "zca_file" in meta:
+        raise ValueError(f"a version-{VERSION} model file names no zca_file")
     for key in ("architecture", "input_shape", "classes", "preprocessing"):
         if key not in meta:
             raise ValueError(f"model file lacks '{key}'")
@@ -359,9 +440,8 @@ def _model_members(meta, names=None):
                          f"got {pre!r:.100}")
     d = math.prod(shape)
     members = {f"param/{k}": npzfile.Member(s) for k, s in architecture_shapes(meta["architecture"]).items()}
-    members["zca_mean"] = npzfile.Member((d,), required=False)
-    members["zca_matrix"] = npzfile.Member((d, d), required=False)
-    members["zca_matrix_packed"] = npzfile.Member((d * (d + 1) // 2,), required=False)  # (its upper triangle)
+    if meta["version"] == VERSION:  # (a version-2 file's are in its ZCA file)
+        members.update(_zca_members(d, required=False))
     return members
 
 
@@ -371,6 +451,18 @@ def _finite(path, name, array, dtype):
     if not np.isfinite(out).all():
         raise ModelFileError(path, f"array {name} is not finite floating-point data as {np.dtype(dtype)}")
     return out
+
+
+def _read_zca_file(path, meta):
+    """The ZCA arrays of the ZCA file that the version-2 model file `path` names, read beside it and checked."""
+    name, digest = meta["zca_file"]["name"], meta["zca_file"]["sha256"]  # (checked by _model_members)
+    zca_path = path.parent / name
+    if not zca_path.is_file():
+        raise ModelFileError(path, f"its ZCA matrix is in {name}, which is not beside it: copy {name} along with it")
+    zca, _ = npzfile.load(zca_path, "ZCA file", ModelFileError, _zca_file_reader(math.prod(meta["input_shape"])))
+    if zca_digest(zca) != digest:
+        raise ModelFileError(path, f"{zca_path} is not the ZCA file it was saved with (SHA-256 of its arrays differs)")
+    return zca
 
 
 def load(path, backend="cpu", compiled=True):
@@ -383,6 +475,8 @@ def load(path, backend="cpu", compiled=True):
     """
     path = Path(path)
     arrays, meta = npzfile.load(path, "model file", ModelFileError, _model_members)
+    if meta["version"] == VERSION_ZCA_FILE:
+        arrays.update(_read_zca_file(path, meta))
     if "zca_matrix" in arrays and "zca_matrix_packed" in arrays:
         raise ModelFileError(path, "holds the ZCA matrix twice (zca_matrix and zca_matrix_packed)")
     if ("zca_mean" in arrays) != ("zca_matrix" in arrays or "zca_matrix_packed" in arrays):

@@ -373,3 +373,94 @@ def test_zca_members_must_agree(saved, tmp_path):
         engine.load(_rewrite(packed, tmp_path / "inf.npz",
                              lambda a: a.update(zca_matrix_packed=np.full(a["zca_matrix_packed"].shape, np.inf,
                                                                           np.float16))))
+
+
+# ----------------------------------------------------------------------------- a ZCA file shared by models
+
+def test_models_share_one_zca_file(saved, tmp_path):
+    path, net, raw, _ = saved
+    model = engine.load(path)
+    other = build("baseline", (1, 28, 28), 4, seed=6)
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    a = model.save(folder / "a.npz", zca_storage="packed16", weights="float16", zca_file="zca.npz")
+    b = engine.save_model(folder / "b.npz", other, (1, 28, 28), model.classes, model.preprocessing, model.zca_mean,
+                          model.zca_matrix, zca_storage="packed16", zca_file="zca.npz")
+    assert sorted(p.name for p in folder.iterdir()) == ["a.npz", "b.npz", "zca.npz"]
+    assert _zca_members(a) == {} and _zca_members(b) == {}  # the models hold no ZCA array themselves
+    assert set(_zca_members(folder / "zca.npz")) == {"zca_mean", "zca_matrix_packed"}
+    # the same matrix, mean and predictions as a model file holding its matrix in the same form
+    alone = engine.load(model.save(tmp_path / "alone.npz", zca_storage="packed16", weights="float16"))
+    for p, expect in ((a, alone), (b, None)):
+        m = engine.load(p)
+        assert m.meta["version"] == 2 and m.meta["zca_file"]["name"] == "zca.npz"
+        np.testing.assert_array_equal(m.zca_mean, alone.zca_mean)
+        np.testing.assert_array_equal(m.zca_matrix, alone.zca_matrix)
+    np.testing.assert_array_equal(engine.load(a).predict(raw), alone.predict(raw))
+    # saved again with its own matrix (the default), a model file holds it again: version 1
+    back = engine.load(engine.load(a).save(tmp_path / "back.npz", zca_storage="packed16"))
+    assert back.meta["version"] == 1 and "zca_file" not in back.meta and set(_zca_members(tmp_path / "back.npz"))
+    # a ZCA file is the same file for the same arrays: a third model reuses it, a model with another matrix is refused
+    before = (folder / "zca.npz").read_bytes()
+    model.save(folder / "c.npz", zca_storage="packed16", zca_file="zca.npz")
+    assert (folder / "zca.npz").read_bytes() == before
+    for storage, matrix in (("packed16", model.zca_matrix * 2), ("packed", model.zca_matrix)):
+        with pytest.raises(ValueError, match="zca.npz holds another ZCA matrix"):
+            engine.save_model(folder / "d.npz", net, (1, 28, 28), model.classes, model.preprocessing, model.zca_mean,
+                              matrix, zca_storage=storage, zca_file="zca.npz")
+    assert not (folder / "d.npz").exists() and (folder / "zca.npz").read_bytes() == before
+    (folder / "notzca.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="notzca.npz exists and is not this model's ZCA file"):
+        model.save(folder / "e.npz", zca_file="notzca.npz")
+    for bad in ("../zca.npz", "sub/zca.npz", ".zca.npz", "/tmp/zca.npz", "zca.npy", "", 3):
+        with pytest.raises(ValueError, match="zca_file must be a plain file name ending .npz"):
+            model.save(folder / "f.npz", zca_file=bad)
+    with pytest.raises(ValueError, match="zca_file given for a model without a ZCA matrix"):
+        engine.save_model(folder / "g.npz", net, (1, 28, 28), model.classes, zca_file="zca.npz")
+
+
+def test_a_model_file_is_refused_without_its_own_zca_file(saved, tmp_path):
+    model = engine.load(saved[0])
+    a = model.save(tmp_path / "a.npz", zca_storage="packed", zca_file="zca.npz")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "a.npz").write_bytes(a.read_bytes())  # copied without its ZCA file
+    with pytest.raises(ModelFileError, match="a.npz: its ZCA matrix is in zca.npz, which is not beside it: copy zca.npz"):
+        engine.load(lone / "a.npz")
+    # another matrix under that name (here: another model's) is refused, not used
+    other = tmp_path / "other"
+    other.mkdir()
+    model.save(other / "b.npz", zca_storage="packed", zca_file="zca.npz", weights="float32")
+    _rewrite(other / "zca.npz", lone / "zca.npz",
+             lambda z: z.update(zca_matrix_packed=z["zca_matrix_packed"] * np.float32(1.5)))
+    with pytest.raises(ModelFileError, match="zca.npz is not the ZCA file it was saved with"):
+        engine.load(lone / "a.npz")
+    # a ZCA file for other inputs, or not one at all, is refused by its own document before its arrays are read
+    _rewrite(other / "zca.npz", lone / "zca.npz", _meta(lambda m: m.update(d=3 * 32 * 32)))
+    with pytest.raises(ModelFileError, match="zca.npz: a ZCA matrix for inputs of 3072 values; the model's have 784"):
+        engine.load(lone / "a.npz")
+    _rewrite(other / "zca.npz", lone / "zca.npz", _meta(lambda m: m.update(format="flatnet-model")))
+    with pytest.raises(ModelFileError, match="zca.npz: not a flatnet ZCA file"):
+        engine.load(lone / "a.npz")
+
+
+@pytest.mark.parametrize("ref, message", [
+    (dict(name="../zca.npz", sha256="0" * 64), "zca_file must be"),
+    (dict(name="/etc/passwd", sha256="0" * 64), "zca_file must be"),
+    (dict(name="zca.npz", sha256="x" * 64), "zca_file must be"),
+    (dict(name="zca.npz"), "zca_file must be"),
+    ("zca.npz", "zca_file must be"),
+    (None, "zca_file must be")])
+def test_a_model_files_zca_reference_is_checked_before_any_file_is_opened(saved, tmp_path, ref, message):
+    model = engine.load(saved[0])
+    a = model.save(tmp_path / "a.npz", zca_storage="packed", zca_file="zca.npz")
+    bad = _rewrite(a, tmp_path / "bad.npz", _meta(lambda m: m.update(zca_file=ref)))
+    with pytest.raises(ModelFileError, match=message):
+        engine.load(bad)
+    # a version-2 file holding the ZCA arrays itself, or a version-1 file naming a ZCA file, disagrees with itself
+    both = _rewrite(a, tmp_path / "both.npz", lambda z: z.update(zca_mean=model.zca_mean))
+    with pytest.raises(ModelFileError, match=r"unexpected \['zca_mean'\]"):
+        engine.load(both)
+    v1 = _rewrite(a, tmp_path / "v1.npz", _meta(lambda m: m.update(version=1)))
+    with pytest.raises(ModelFileError, match="a version-1 model file names no zca_file"):
+        engine.load(v1)
