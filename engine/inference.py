@@ -177,8 +177,9 @@ def _zca_arrays(zca_mean, zca_matrix, storage):
     """The model file's ZCA members: the mean, and the matrix whole or packed (see the module's docstring)."""
     if storage not in ZCA_STORAGE:
         raise ValueError(f"zca_storage must be one of {', '.join(ZCA_STORAGE)}, got {storage!r}")
+    zca_mean = np.asarray(zca_mean, np.float32)  # (what load makes of any form)
     if storage == "full":
-        return dict(zca_mean=zca_mean, zca_matrix=zca_matrix)
+        return dict(zca_mean=zca_mean, zca_matrix=np.asarray(zca_matrix, np.float32))
     w = np.asarray(zca_matrix)
     if w.ndim != 2 or w.shape[0] != w.shape[1]:
         raise ValueError(f"the ZCA matrix must be square, got shape {w.shape}")
@@ -220,22 +221,25 @@ def _zca_file_reader(d):
             raise ValueError("not a flatnet ZCA file (version 1)")
         if meta.get("d") != d:
             raise ValueError(f"a ZCA matrix for inputs of {meta.get('d')!r:.50} values; the model's have {d}")
+        if names is not None and sum(n in names for n in ("zca_matrix", "zca_matrix_packed")) != 1:
+            raise ValueError("a ZCA file holds its matrix once, as zca_matrix or zca_matrix_packed")
         return _zca_members(d, required=True)
     return members
 
 
-def _write_zca_file(path, zca, d):
+def _write_zca_file(path, zca, d, compress):
     """Write the ZCA arrays `zca` to the ZCA file `path`, or keep the one there if it holds the same arrays; their digest."""
     digest = zca_digest(zca)
     if Path(path).exists():
         try:
             held, _ = npzfile.load(path, "ZCA file", ModelFileError, _zca_file_reader(d))
-        except ModelFileError as e:
-            raise ValueError(f"{path} exists and is not this model's ZCA file ({e.problem}): name another zca_file") from None
+        except (ModelFileError, OSError) as e:
+            raise ValueError(f"{path} exists and is not this model's ZCA file "
+                             f"({getattr(e, 'problem', e)}): name another zca_file") from None
         if zca_digest(held) != digest:
             raise ValueError(f"{path} holds another ZCA matrix (or another zca_storage): name another zca_file")
         return digest
-    npzfile.save(path, zca, dict(format=ZCA_FORMAT, version=1, d=d))
+    npzfile.save(path, zca, dict(format=ZCA_FORMAT, version=1, d=d), compress=compress)
     return digest
 
 
@@ -279,13 +283,15 @@ def save_model(path, net, in_shape, classes, preprocessing=None, zca_mean=None, 
                              f"got {zca_file!r:.100}")
         if zca_matrix is None:
             raise ValueError("zca_file given for a model without a ZCA matrix")
+        if Path(path).name == zca_file:
+            raise ValueError(f"zca_file {zca_file!r} is the model file's own name: give the ZCA file another")
     if zca_matrix is not None:
         zca = _zca_arrays(zca_mean, zca_matrix, zca_storage)
         if zca_file is None:
             arrays.update(zca)
         else:
             d = math.prod(in_shape)
-            digest = _write_zca_file(Path(path).parent / zca_file, zca, d)
+            digest = _write_zca_file(Path(path).parent / zca_file, zca, d, compress)
             meta.update(version=VERSION_ZCA_FILE, zca_file=dict(name=zca_file, sha256=digest))
     elif zca_storage not in ZCA_STORAGE:
         raise ValueError(f"zca_storage must be one of {', '.join(ZCA_STORAGE)}, got {zca_storage!r}")
@@ -453,13 +459,17 @@ def _finite(path, name, array, dtype):
     return out
 
 
-def _read_zca_file(path, meta):
+def _read_zca_file(path, meta, model_bytes):
     """The ZCA arrays of the ZCA file that the version-2 model file `path` names, read beside it and checked."""
     name, digest = meta["zca_file"]["name"], meta["zca_file"]["sha256"]  # (checked by _model_members)
-    zca_path = path.parent / name
+    zca_path = path.parent / name  # (a plain name: this folder only; a symbolic link of that name is followed)
     if not zca_path.is_file():
         raise ModelFileError(path, f"its ZCA matrix is in {name}, which is not beside it: copy {name} along with it")
-    zca, _ = npzfile.load(zca_path, "ZCA file", ModelFileError, _zca_file_reader(math.prod(meta["input_shape"])))
+    try:  # within what the model file's arrays left of the bound on one load
+        zca, _ = npzfile.load(zca_path, "ZCA file", ModelFileError, _zca_file_reader(math.prod(meta["input_shape"])),
+                              max_bytes=npzfile.MAX_BYTES - model_bytes)
+    except ModelFileError as e:
+        raise ModelFileError(path, f"its ZCA file {name}: {e.problem}") from None
     if zca_digest(zca) != digest:
         raise ModelFileError(path, f"{zca_path} is not the ZCA file it was saved with (SHA-256 of its arrays differs)")
     return zca
@@ -476,7 +486,7 @@ def load(path, backend="cpu", compiled=True):
     path = Path(path)
     arrays, meta = npzfile.load(path, "model file", ModelFileError, _model_members)
     if meta["version"] == VERSION_ZCA_FILE:
-        arrays.update(_read_zca_file(path, meta))
+        arrays.update(_read_zca_file(path, meta, sum(a.nbytes for a in arrays.values())))
     if "zca_matrix" in arrays and "zca_matrix_packed" in arrays:
         raise ModelFileError(path, "holds the ZCA matrix twice (zca_matrix and zca_matrix_packed)")
     if ("zca_mean" in arrays) != ("zca_matrix" in arrays or "zca_matrix_packed" in arrays):

@@ -391,7 +391,7 @@ def test_models_share_one_zca_file(saved, tmp_path):
     assert set(_zca_members(folder / "zca.npz")) == {"zca_mean", "zca_matrix_packed"}
     # the same matrix, mean and predictions as a model file holding its matrix in the same form
     alone = engine.load(model.save(tmp_path / "alone.npz", zca_storage="packed16", weights="float16"))
-    for p, expect in ((a, alone), (b, None)):
+    for p in (a, b):
         m = engine.load(p)
         assert m.meta["version"] == 2 and m.meta["zca_file"]["name"] == "zca.npz"
         np.testing.assert_array_equal(m.zca_mean, alone.zca_mean)
@@ -417,6 +417,31 @@ def test_models_share_one_zca_file(saved, tmp_path):
             model.save(folder / "f.npz", zca_file=bad)
     with pytest.raises(ValueError, match="zca_file given for a model without a ZCA matrix"):
         engine.save_model(folder / "g.npz", net, (1, 28, 28), model.classes, zca_file="zca.npz")
+    with pytest.raises(ValueError, match="zca_file 'h.npz' is the model file's own name"):
+        model.save(folder / "h.npz", zca_file="h.npz")
+    (folder / "dir.npz").mkdir()
+    with pytest.raises(ValueError, match="dir.npz exists and is not this model's ZCA file"):
+        model.save(folder / "i.npz", zca_file="dir.npz")
+    assert not any((folder / n).exists() for n in ("h.npz", "i.npz"))
+
+
+def test_a_zca_file_holds_float32_and_can_be_deflated(saved, tmp_path):
+    model = engine.load(saved[0])
+    # a float64 matrix is stored as the float32 that load gives back, so the loaded model saves to the same ZCA file
+    a = engine.save_model(tmp_path / "a.npz", model.net, (1, 28, 28), model.classes, model.preprocessing,
+                          model.zca_mean.astype(np.float64), model.zca_matrix.astype(np.float64), zca_file="z.npz")
+    before = (tmp_path / "z.npz").read_bytes()
+    engine.load(a).save(tmp_path / "b.npz", zca_file="z.npz")
+    assert (tmp_path / "z.npz").read_bytes() == before
+    with np.load(tmp_path / "z.npz", allow_pickle=False) as z:
+        assert z["zca_mean"].dtype == z["zca_matrix"].dtype == np.float32
+    # compress=True deflates the ZCA file too, and it is the same arrays (a model names them, not the bytes)
+    (tmp_path / "c").mkdir()
+    c = model.save(tmp_path / "c" / "c.npz", zca_file="z.npz", compress=True)
+    with zipfile.ZipFile(tmp_path / "c" / "z.npz") as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    assert (tmp_path / "c" / "z.npz").stat().st_size < len(before)
+    assert engine.load(c).meta["zca_file"] == engine.load(a).meta["zca_file"]
 
 
 def test_a_model_file_is_refused_without_its_own_zca_file(saved, tmp_path):
@@ -440,23 +465,37 @@ def test_a_model_file_is_refused_without_its_own_zca_file(saved, tmp_path):
     with pytest.raises(ModelFileError, match="zca.npz: a ZCA matrix for inputs of 3072 values; the model's have 784"):
         engine.load(lone / "a.npz")
     _rewrite(other / "zca.npz", lone / "zca.npz", _meta(lambda m: m.update(format="flatnet-model")))
-    with pytest.raises(ModelFileError, match="zca.npz: not a flatnet ZCA file"):
+    with pytest.raises(ModelFileError, match="a.npz: its ZCA file zca.npz: not a flatnet ZCA file"):
+        engine.load(lone / "a.npz")
+    # a ZCA file must hold the mean and the matrix once
+    for change in (lambda z: z.pop("zca_matrix_packed"), lambda z: z.update(zca_matrix=np.eye(784, dtype=np.float32))):
+        _rewrite(other / "zca.npz", lone / "zca.npz", change)
+        with pytest.raises(ModelFileError, match="holds its matrix once, as zca_matrix or zca_matrix_packed"):
+            engine.load(lone / "a.npz")
+    _rewrite(other / "zca.npz", lone / "zca.npz", lambda z: z.pop("zca_mean"))
+    with pytest.raises(ModelFileError, match=r"missing \['zca_mean'\]"):
+        engine.load(lone / "a.npz")
+    (lone / "zca.npz").write_bytes((other / "zca.npz").read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match="a.npz: its ZCA file zca.npz: truncated or corrupt ZCA file"):
         engine.load(lone / "a.npz")
 
 
-@pytest.mark.parametrize("ref, message", [
-    (dict(name="../zca.npz", sha256="0" * 64), "zca_file must be"),
-    (dict(name="/etc/passwd", sha256="0" * 64), "zca_file must be"),
-    (dict(name="zca.npz", sha256="x" * 64), "zca_file must be"),
-    (dict(name="zca.npz"), "zca_file must be"),
-    ("zca.npz", "zca_file must be"),
-    (None, "zca_file must be")])
-def test_a_model_files_zca_reference_is_checked_before_any_file_is_opened(saved, tmp_path, ref, message):
+@pytest.mark.parametrize("ref", [dict(name="../zca.npz", sha256="0" * 64), dict(name="/etc/passwd", sha256="0" * 64),
+                                 dict(name="sub/zca.npz", sha256="0" * 64), dict(name="zca.npz", sha256="x" * 64),
+                                 dict(name="zca.npz"), "zca.npz", None])
+def test_a_model_files_zca_reference_is_checked_before_any_file_is_opened(saved, tmp_path, ref):
     model = engine.load(saved[0])
     a = model.save(tmp_path / "a.npz", zca_storage="packed", zca_file="zca.npz")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "zca.npz").write_bytes((tmp_path / "zca.npz").read_bytes())  # where a bad name might lead
     bad = _rewrite(a, tmp_path / "bad.npz", _meta(lambda m: m.update(zca_file=ref)))
-    with pytest.raises(ModelFileError, match=message):
+    with pytest.raises(ModelFileError, match="zca_file must be {name: a plain file name ending .npz"):
         engine.load(bad)
+
+
+def test_a_model_files_version_says_where_its_zca_matrix_is(saved, tmp_path):
+    model = engine.load(saved[0])
+    a = model.save(tmp_path / "a.npz", zca_storage="packed", zca_file="zca.npz")
     # a version-2 file holding the ZCA arrays itself, or a version-1 file naming a ZCA file, disagrees with itself
     both = _rewrite(a, tmp_path / "both.npz", lambda z: z.update(zca_mean=model.zca_mean))
     with pytest.raises(ModelFileError, match=r"unexpected \['zca_mean'\]"):
