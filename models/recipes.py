@@ -22,9 +22,11 @@ reproduce
     With one drop after epoch 16 of 20 it gave 80.50% on CIFAR-10 (reconstructed) against 74.21%
     for the paper's settings, and 99.48% on MNIST in 10 epochs (lr 0.02) against 99.29% in 11;
     in both runs the test accuracy was still rising at the drop, hence the longer schedules here
-    (60 epochs on CIFAR; 30 on MNIST, where both networks gained over 16 epochs, everything else
-    equal: flattened 99.57% against 99.50%, baseline 99.64% against 99.59%), whose runs are
-    recorded in docs/results.md.
+    (on CIFAR 60 epochs for the baseline and 120 for the flattened network, which gained over 60,
+    everything else equal: 86.12% against 85.18%, the rate held for 80 epochs, drops after 80 and
+    104; 30 on MNIST, where both networks gained over 16 epochs, everything else equal: flattened
+    99.57% against 99.50%, baseline 99.64% against 99.59%), whose runs are recorded in
+    docs/results.md.
     Weight decay: the paper's pair, 5e-4 for the baseline and 1e-4 for the flattened network. On
     CIFAR the flattened network's choice depends on augmentation: without it, 1e-4 overfit (82.34%
     against 83.10% at 5e-4); with `flip,crop4` (below) 5e-4 underfit (84.54%, training accuracy
@@ -50,7 +52,7 @@ reproduce
 
 RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init",
                "augment")
-PER_MODEL_KEYS = ("weight_decay", "init", "augment")  # a value of these may be a dict {model: value}
+PER_MODEL_KEYS = ("epochs", "lr_drop_epochs", "weight_decay", "init", "augment")  # a value of these may be a dict {model: value}
 
 # Weight decay per model. The paper's: the flattened model's is "decreased" (1e-4 against 5e-4).
 # On CIFAR-10 without augmentation the flattened network overfit at 1e-4 (82.34%, training accuracy
@@ -76,7 +78,13 @@ _MNIST_AUGMENT = {"baseline": "crop2", "flattened": "none"}
 
 _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1,
               weight_decay=_PAPER_DECAY, init="auto", augment="none")
-_CIFAR = dict(epochs=60, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=(40, 52), lr_drop_factor=0.1,
+# Schedule on CIFAR, per model: the flattened network, not overfit after 60 epochs (training accuracy 85.38% with
+# augmentation, test 85.18%), ended at 86.12% after 120 (the rate held for 80 epochs, drops after 80 and 104; training
+# accuracy 90.19%), everything else equal (docs/results.md, seventeenth session). The baseline keeps 60 epochs (drops
+# after 40 and 52; 85.75%), with which its run was made: no longer run of it has been measured.
+_CIFAR_EPOCHS = {"baseline": 60, "flattened": 120}
+_CIFAR_DROPS = {"baseline": (40, 52), "flattened": (80, 104)}
+_CIFAR = dict(epochs=_CIFAR_EPOCHS, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=_CIFAR_DROPS, lr_drop_factor=0.1,
               weight_decay=_PAPER_DECAY, init=_CIFAR_INIT, augment=_CIFAR_AUGMENT)
 RECIPES = {  # per recipe and dataset; a value of PER_MODEL_KEYS per model where the models differ
     "paper": {"cifar10": _PAPER, "cifar100": _PAPER, "mnist": _PAPER},
@@ -128,9 +136,12 @@ def describe(settings):
             return fmt(next(iter(value.values())))
         return " / ".join(f"{fmt(v)} ({model})" for model, v in value.items())
 
-    return (f"{settings['epochs']} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, dampening "
+    def drops(value):
+        return setting_text(list(value)) or "none"
+
+    return (f"{per_model(settings['epochs'], str)} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, dampening "
             f"{damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, lr "
-            f"x{settings['lr_drop_factor']:g} after epochs {setting_text(list(settings['lr_drop_epochs'])) or 'none'}, "
+            f"x{settings['lr_drop_factor']:g} after epochs {per_model(settings['lr_drop_epochs'], drops)}, "
             f"init {per_model(settings['init'], str)}, augment {per_model(settings['augment'], str)}")
 
 
