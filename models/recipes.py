@@ -52,7 +52,8 @@ reproduce
 
 RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init",
                "augment")
-PER_MODEL_KEYS = ("epochs", "lr_drop_epochs", "weight_decay", "init", "augment")  # a value of these may be a dict {model: value}
+# a value of these may be a dict {model: value}
+PER_MODEL_KEYS = ("epochs", "lr_drop_epochs", "weight_decay", "init", "augment")
 
 # Weight decay per model. The paper's: the flattened model's is "decreased" (1e-4 against 5e-4).
 # On CIFAR-10 without augmentation the flattened network overfit at 1e-4 (82.34%, training accuracy
@@ -84,8 +85,8 @@ _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8
 # after 40 and 52; 85.75%), with which its run was made: no longer run of it has been measured.
 _CIFAR_EPOCHS = {"baseline": 60, "flattened": 120}
 _CIFAR_DROPS = {"baseline": (40, 52), "flattened": (80, 104)}
-_CIFAR = dict(epochs=_CIFAR_EPOCHS, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=_CIFAR_DROPS, lr_drop_factor=0.1,
-              weight_decay=_PAPER_DECAY, init=_CIFAR_INIT, augment=_CIFAR_AUGMENT)
+_CIFAR = dict(epochs=_CIFAR_EPOCHS, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=_CIFAR_DROPS,
+              lr_drop_factor=0.1, weight_decay=_PAPER_DECAY, init=_CIFAR_INIT, augment=_CIFAR_AUGMENT)
 RECIPES = {  # per recipe and dataset; a value of PER_MODEL_KEYS per model where the models differ
     "paper": {"cifar10": _PAPER, "cifar100": _PAPER, "mnist": _PAPER},
     "reproduce": {
@@ -139,8 +140,8 @@ def describe(settings):
     def drops(value):
         return setting_text(list(value)) or "none"
 
-    return (f"{per_model(settings['epochs'], str)} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, dampening "
-            f"{damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, lr "
+    return (f"{per_model(settings['epochs'], str)} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, "
+            f"dampening {damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, lr "
             f"x{settings['lr_drop_factor']:g} after epochs {per_model(settings['lr_drop_epochs'], drops)}, "
             f"init {per_model(settings['init'], str)}, augment {per_model(settings['augment'], str)}")
 
