@@ -7,7 +7,8 @@ docs/results.md quotes when it compares runs.
 
 prints a Markdown table (per chosen epoch: lr, then each run's train and test accuracy, and with
 --loss its test loss), then each run's mean test and train accuracy over each range of epochs,
-its best test accuracy, and the first epoch at which it reached each --reach accuracy.
+its best test accuracy, and the first epoch at which it reached each --reach accuracy; with --speed,
+its wall time, images/s and seconds per epoch.
 """
 import argparse
 import statistics
@@ -33,6 +34,9 @@ def main(argv=None):
     p.add_argument("--ranges", type=_ranges, default=[], help="epoch ranges for the means, e.g. 1-10,41-60")
     p.add_argument("--reach", type=_ints, default=[], help="test accuracies in %% whose first epoch to print, e.g. 80")
     p.add_argument("--loss", action="store_true", help="add each run's test loss to the table")
+    p.add_argument("--speed", action="store_true",
+                   help="print each run's wall time (training and evaluation, minutes), images/s and seconds per "
+                        "epoch of training (min, median, max)")
     args = p.parse_args(argv)
     try:
         logs = [{r["epoch"]: r for r in read_log(run)} for run in args.runs]
@@ -64,6 +68,12 @@ def main(argv=None):
             first = next((e for e in sorted(log) if 100 * log[e]["test_acc"] >= t), None)
             parts.append(f"{t}% first at epoch {first}" if first else f"{t}% not reached")
         print(f"{name}: " + "; ".join(parts))
+        if args.speed:
+            rate, secs = [r["images_per_s"] for r in log.values()], [r["seconds"] for r in log.values()]
+            minutes = sum(r["seconds"] + r["eval_seconds"] for r in log.values()) / 60
+            print(f"{name}: {minutes:.0f} min; images/s {min(rate):,.0f}, {statistics.median(rate):,.0f}, "
+                  f"{max(rate):,.0f}; s/epoch {min(secs):.0f}, {statistics.median(secs):.0f}, {max(secs):.0f} "
+                  "(min, median, max)")
     return 0
 
 

@@ -108,8 +108,8 @@ def complete_settings(settings):
 
 
 def setting_text(value):
-    """A setting's value as its flag is written: 40,52 for a list."""
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    """A setting's value as its flag is written: 40,52 for a list (or a recipe table's tuple)."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def recipe(name, dataset, model):
@@ -137,12 +137,10 @@ def describe(settings):
             return fmt(next(iter(value.values())))
         return " / ".join(f"{fmt(v)} ({model})" for model, v in value.items())
 
-    def drops(value):
-        return setting_text(list(value)) or "none"
-
     return (f"{per_model(settings['epochs'], str)} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, "
             f"dampening {damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, lr "
-            f"x{settings['lr_drop_factor']:g} after epochs {per_model(settings['lr_drop_epochs'], drops)}, "
+            f"x{settings['lr_drop_factor']:g} after epochs "
+            f"{per_model(settings['lr_drop_epochs'], lambda drops: setting_text(drops) or 'none')}, "
             f"init {per_model(settings['init'], str)}, augment {per_model(settings['augment'], str)}")
 
 
