@@ -303,7 +303,8 @@ def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes():
     assert r.returncode == 0, r.stderr
     assert "long120-flattened-cifar10: 88 min; images/s 997, 1,187, 1,363; s/epoch 37, 42, 50 (min, median, max)" \
         in r.stdout
-    assert "88 minutes (997–1,363 images/s, median 1,187; 37–50 s an epoch of" in (root / "docs" / "results.md").read_text()
+    results = (root / "docs" / "results.md").read_text()
+    assert "88 minutes (997–1,363 images/s, median 1,187; 37–50 s an epoch of" in results
 
 
 def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypatch, capsys):
