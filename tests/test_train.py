@@ -68,8 +68,8 @@ def test_help_explains_every_flag():
     assert "not implemented" not in text  # the CuPy backend exists
     assert "weight decay 0.0005 (baseline) / 0.0001 (flattened)" in text  # a recipe's decay per model
     assert "mnist: 30 epochs" in text and "after epochs 20,26" in text  # and its schedule
-    assert "60 (baseline) / 120 (flattened) epochs" in text  # a schedule per model
-    assert "after epochs 40,52 (baseline) / 80,104 (flattened)" in text
+    assert "60 (baseline) / 180 (flattened) epochs" in text  # a schedule per model
+    assert "after epochs 40,52 (baseline) / 120,156 (flattened)" in text
 
 
 @pytest.fixture
@@ -353,7 +353,7 @@ def test_every_recipe_gives_every_setting_for_every_dataset_and_model():
                 assert script.settings_problem(settings) is None  # each value is valid for its flag
     r = recipe("reproduce", "cifar10", "flattened")
     r["lr_drop_epochs"].append(99)
-    assert recipe("reproduce", "cifar10", "flattened")["lr_drop_epochs"] == [80, 104]  # a copy, not the table
+    assert recipe("reproduce", "cifar10", "flattened")["lr_drop_epochs"] == [120, 156]  # a copy, not the table
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe("fast", "cifar10", "flattened")
     # with flip,crop4 the flattened network underfit at 5e-4 on CIFAR-10 and did better at the paper's 1e-4
@@ -378,7 +378,7 @@ def test_every_recipe_gives_every_setting_for_every_dataset_and_model():
     # flattened network on CIFAR-10 from 120 epochs against 60 (seventeenth session)
     assert {(d, m): (recipe("reproduce", d, m)["epochs"], recipe("reproduce", d, m)["lr_drop_epochs"])
             for d in ("cifar10", "mnist") for m in ("baseline", "flattened")} == {
-        ("cifar10", "baseline"): (60, [40, 52]), ("cifar10", "flattened"): (120, [80, 104]),
+        ("cifar10", "baseline"): (60, [40, 52]), ("cifar10", "flattened"): (180, [120, 156]),
         ("mnist", "baseline"): (30, [20, 26]), ("mnist", "flattened"): (30, [20, 26])}
 
 
