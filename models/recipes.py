@@ -24,9 +24,9 @@ reproduce
     in both runs the test accuracy was still rising at the drop, hence the longer schedules here
     (on CIFAR 60 epochs for the baseline and 180 for the flattened network, which gained over 60
     and 120, everything else equal: 86.73% against 86.12% and 85.18%, the rate held for 120
-    epochs, drops after 120 and 156; 30 on MNIST, where both networks gained over 16 epochs, everything else equal: flattened
-    99.57% against 99.50%, baseline 99.64% against 99.59%), whose runs are recorded in
-    docs/results.md.
+    epochs, drops after 120 and 156; 30 on MNIST, where both networks gained over 16 epochs,
+    everything else equal: flattened 99.57% against 99.50%, baseline 99.64% against 99.59%), whose
+    runs are recorded in docs/results.md.
     Weight decay: the paper's pair, 5e-4 for the baseline and 1e-4 for the flattened network. On
     CIFAR the flattened network's choice depends on augmentation: without it, 1e-4 overfit (82.34%
     against 83.10% at 5e-4); with `flip,crop4` (below) 5e-4 underfit (84.54%, training accuracy

@@ -295,16 +295,19 @@ def test_compare_runs_prints_the_figures_results_md_quotes():
     assert r.returncode != 0 and "no log.jsonl" in r.stderr  # a folder of runs is not a run
 
 
-def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes():
+@pytest.mark.parametrize("run, printed, quoted", [
+    ("long120-flattened-cifar10", "88 min; images/s 997, 1,187, 1,363; s/epoch 37, 42, 50",
+     "88 minutes (997–1,363 images/s, median 1,187; 37–50 s an epoch of"),
+    ("long180-flattened-cifar10", "123 min; images/s 1,056, 1,291, 1,456; s/epoch 34, 39, 47",
+     "123 minutes in all over the two sessions, evaluations included (1,056–1,456 images/s, "
+     "median\n1,291; 34–47 s")])
+def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run, printed, quoted):
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"),
-                        str(root / "docs" / "runs" / "long120-flattened-cifar10"), "--speed"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(root / "docs" / "runs" / run),
+                        "--speed"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "long120-flattened-cifar10: 88 min; images/s 997, 1,187, 1,363; s/epoch 37, 42, 50 (min, median, max)" \
-        in r.stdout
-    results = (root / "docs" / "results.md").read_text()
-    assert "88 minutes (997–1,363 images/s, median 1,187; 37–50 s an epoch of" in results
+    assert f"{run}: {printed} (min, median, max)" in r.stdout
+    assert quoted in (root / "docs" / "results.md").read_text()
 
 
 def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypatch, capsys):
