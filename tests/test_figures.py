@@ -300,13 +300,17 @@ def test_compare_runs_prints_the_figures_results_md_quotes():
      "88 minutes (997–1,363 images/s, median 1,187; 37–50 s an epoch of"),
     ("long180-flattened-cifar10", "123 min; images/s 1,056, 1,291, 1,456; s/epoch 34, 39, 47",
      "123 minutes in all over the two sessions, evaluations included (1,056–1,456 images/s, "
-     "median\n1,291; 34–47 s")])
+     "median\n1,291; 34–47 s"),
+    ("wd2e-4-flattened-cifar10", "125 min; images/s 1,076, 1,254, 1,375; s/epoch 36, 40, 46",
+     "125 minutes (images/s 1,076 / 1,254 / 1,375, min / median / max)"),
+    ("seeds/baseline-cifar10-s0", "2 min; images/s 328, 363, 376; s/epoch 27, 28, 31",
+     "2 minutes (images/s 328 / 363 /\n376, min / median / max")])
 def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run, printed, quoted):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(root / "docs" / "runs" / run),
                         "--speed"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert f"{run}: {printed} (min, median, max)" in r.stdout
+    assert f"{Path(run).name}: {printed} (min, median, max)" in r.stdout
     assert quoted in (root / "docs" / "results.md").read_text()
 
 
