@@ -408,7 +408,8 @@ def run(args, dist=None):
             engine.save_model(out / "model.npz", model, in_shape, data["classes"],
                               preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
                               zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
-                              extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc),
+                              extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc,
+                                         augment=args.augment),
                               zca_storage=args.zca_storage, compress=bool(args.compress_model))
     except (CheckpointError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")

@@ -3,12 +3,14 @@
     python -m engine.evaluate runs/flattened-cifar10/model.npz --dataset cifar10 --data-dir ../shared/data
     python -m engine.evaluate MODEL.npz --dataset mnist --data-dir ../shared/data --limit 1000 --quiet
     python -m engine.evaluate A.npz --dataset cifar10 --compare B.npz    # and how far B's outputs are from A's
+    python -m engine.evaluate MODEL.npz --dataset cifar10 --flip         # each image averaged with its mirror image
 
 The test images are read raw, as distributed (engine.data's loaders: the CIFAR "python
 version" folder or tar.gz, the MNIST IDX files), and go through the model file's own
 preprocessing (contrast normalization, and ZCA whitening for CIFAR, with the constants the
 file stores), as `model.predict` does. The model file is read by `engine.load`, which never
-executes anything from it. Prints "test accuracy: NN.NN% (N of M)"; with --compare, the
+executes anything from it. Prints "test accuracy: NN.NN% (N of M)" (with --flip, followed by
+"with flip averaging"); with --compare, the
 second model's accuracy, how many predictions differ and the largest logit difference.
 Errors (a missing or bad model file, data set or folder, a model whose input shape or class
 count does not fit the data set) are one line on stderr and exit status 1.
@@ -20,6 +22,7 @@ import numpy as np
 
 from .data import DatasetError, default_data_dir, load_cifar, load_mnist
 from .inference import ModelFileError, load
+from .losses import softmax
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 
@@ -58,6 +61,11 @@ def parser():
                    help="a second model file of the same input shape and classes: also print its accuracy, "
                         "how many of its predictions differ from MODEL's and the largest absolute difference "
                         "of their logits (e.g. the same network saved with another --zca-storage)")
+    p.add_argument("--flip", action="store_true",
+                   help="test-time flip averaging: classify each image by the mean of its class probabilities and "
+                        "those of its left-right mirror image (two forward passes). It helps networks trained with "
+                        "flipped images (train.py's CIFAR recipes), not digits; the paper's accuracies, and the "
+                        "default here, are of single images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -78,10 +86,16 @@ def _logits(model):
     return lambda x: np.array(net.forward(x))  # (the layer path returns its own buffer: copied)
 
 
+def _recorded(model, key):
+    """What train.py recorded in the model file under `key` (dataset, augment...), or None."""
+    extra = model.meta.get("extra")
+    return extra.get(key) if isinstance(extra, dict) else None
+
+
 def _dataset_name(args, model):
     if args.dataset:
         return args.dataset
-    recorded = model.meta.get("extra", {}).get("dataset") if isinstance(model.meta.get("extra"), dict) else None
+    recorded = _recorded(model, "dataset")
     if recorded in DATASETS:
         return recorded
     raise SystemExit(f"error: {args.model} does not say which data set it was trained on: pass --dataset "
@@ -114,6 +128,11 @@ def main(argv=None):
         if m.classes != raw["classes"]:
             print(f"note: {path}: its class names differ from the data set's ({', '.join(m.classes[:3])}, ... "
                   f"against {', '.join(raw['classes'][:3])}, ...); classes are compared by index", file=sys.stderr)
+    for path, m in ((args.model, model), (args.compare, other)):
+        trained = _recorded(m, "augment") if m is not None else None
+        if args.flip and isinstance(trained, str) and "flip" not in trained.split(","):
+            print(f"note: {path} was trained without flipped images (augmentation {trained!r}): --flip may lower "
+                  f"its accuracy", file=sys.stderr)
     if not len(x):
         raise SystemExit(f"error: {raw['source']}: the test set is empty")
 
@@ -132,9 +151,12 @@ def main(argv=None):
     try:
         for i in range(0, len(x), args.batch_size):
             images = x[i:i + args.batch_size].transpose(0, 2, 3, 1)  # NCHW -> the NHWC that predict takes
-            logits = [f(m.preprocess(images)) for f, m in zip(forwards, models)]
-            for p, z in zip(preds, logits):
-                p[i:i + len(z)] = z.argmax(axis=1)
+            inputs = [m.preprocess(images) for m in models]
+            logits = [f(x_) for f, x_ in zip(forwards, inputs)]
+            for p, z, f, x_ in zip(preds, logits, forwards, inputs):
+                # with --flip, as model.predict(..., flip=True): mirrored after preprocessing, probabilities averaged
+                scores = softmax(z) + softmax(f(np.ascontiguousarray(x_[..., ::-1]))) if args.flip else z
+                p[i:i + len(z)] = scores.argmax(axis=1)
             if other:
                 max_diff = max(max_diff, float(np.abs(logits[0] - logits[1]).max()))
                 largest = max(largest, float(np.abs(logits[0]).max()))
@@ -148,9 +170,10 @@ def main(argv=None):
         correct = int((p == y).sum())
         return f"{100 * correct / len(y):.2f}% ({correct:,} of {len(y):,})"
 
-    print(f"test accuracy: {accuracy(preds[0])}")
+    flipped = " with flip averaging" if args.flip else ""
+    print(f"test accuracy: {accuracy(preds[0])}{flipped}")
     if other:
-        print(f"{args.compare}: test accuracy: {accuracy(preds[1])}; {int((preds[0] != preds[1]).sum()):,} of "
+        print(f"{args.compare}: test accuracy: {accuracy(preds[1])}{flipped}; {int((preds[0] != preds[1]).sum()):,} of "
               f"{len(y):,} predictions differ from {args.model}'s; largest logit difference {max_diff:.3g} "
               f"(logits up to {largest:.3g} in magnitude)")
     return 0

@@ -379,10 +379,13 @@ class Model:
             x = (x - self.zca_mean) @ self.zca_matrix
         return np.ascontiguousarray(x.reshape(-1, c, h, w), dtype=np.float32)
 
-    def predict(self, images, preprocessed=False, batch_size=256, float_max=None):
+    def predict(self, images, preprocessed=False, batch_size=256, float_max=None, flip=False):
         """Class probabilities (N, classes). `images`: uint8 HWC/NHWC, or with preprocessed=True float CHW/NCHW.
 
         float_max: for float images, the value of white (see `preprocess`).
+        flip: average each image's probabilities with those of its left-right mirror image (test-time
+        flip averaging; it helps a network trained with flipped images, as train.py's CIFAR recipes are,
+        and costs a second forward pass; the paper's accuracies are of single images).
 
         batch_size bounds the layer-by-layer path's buffers; the compiled path takes the
         whole batch in one call (its buffers do not grow with the batch).
@@ -396,6 +399,9 @@ class Model:
                                  f", got {np.shape(images)}")
         else:
             x = self.preprocess(images, float_max)
+        if flip:  # mirrored after preprocessing, as train.py's augmentation mirrors its training images
+            return (self.predict(x, True, batch_size) + self.predict(np.ascontiguousarray(x[..., ::-1]), True,
+                                                                     batch_size)) / 2
         if self.plan is not None:  # thread-safe itself; the whole batch, softmax included, in one call
             return self.plan(x)
         out = np.empty((len(x), len(self.classes)), dtype=np.float32)
@@ -405,9 +411,9 @@ class Model:
                 out[i:i + batch_size] = to_numpy(softmax(self.net.forward(ops.asarray(x[i:i + batch_size]))))
         return out
 
-    def classify(self, images, preprocessed=False, float_max=None):
+    def classify(self, images, preprocessed=False, float_max=None, flip=False):
         """Class indices (N,); names are in `model.classes`."""
-        return self.predict(images, preprocessed=preprocessed, float_max=float_max).argmax(axis=1)
+        return self.predict(images, preprocessed=preprocessed, float_max=float_max, flip=flip).argmax(axis=1)
 
 
 def _model_members(meta, names=None):

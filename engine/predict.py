@@ -3,6 +3,7 @@
     python -m engine.predict MODEL.npz cat.png dog.jpg        # PNG/JPEG files (needs Pillow)
     python -m engine.predict MODEL.npz batch.npy --top 3      # a .npy batch: uint8 NHWC, or float NCHW preprocessed
     python -m engine.predict MODEL.npz floats.npy --float-max 1   # float NHWC pixels where white is 1.0
+    python -m engine.predict MODEL.npz cat.png --flip         # probabilities averaged with the mirror image's
 
 Prints the top-k classes with their probabilities for each image. An image file of another
 size or colour mode than the model's input is converted, with a note on stderr saying so.
@@ -48,6 +49,9 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=3, help="how many classes to print per image")
     p.add_argument("--float-max", type=float, default=None,
                    help="a float NHWC .npy batch: the value of white (1 or 255); needed when every value is in 0..1")
+    p.add_argument("--flip", action="store_true",
+                   help="average each image's probabilities with its left-right mirror image's (test-time flip "
+                        "averaging: for networks trained with flipped images, such as train.py's CIFAR recipes)")
     args = p.parse_args(argv)
     try:
         model = load(args.model)
@@ -66,7 +70,7 @@ def main(argv=None):
         batch = np.stack([read_image(Path(f), model.input_shape) for f in args.inputs])
         names = args.inputs
     try:
-        probs = model.predict(batch, preprocessed=preprocessed, float_max=args.float_max)
+        probs = model.predict(batch, preprocessed=preprocessed, float_max=args.float_max, flip=args.flip)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     k = max(1, min(args.top, len(model.classes)))

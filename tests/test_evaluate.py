@@ -135,6 +135,41 @@ def test_cifar10_with_a_packed_float16_zca_matches_the_layer_path(tmp_path):
                              f"largest logit difference 2 ")
 
 
+def test_flip_averaging_follows_the_layer_path_on_mirrored_images(tmp_path):
+    """--flip: each test image classified by its probabilities and its mirror image's (mirrored after ZCA), averaged."""
+    batches = write_cifar10(tmp_path / "data", np.random.default_rng(9), n_train=2, n_test=31)
+    rng = np.random.default_rng(10)
+    a = rng.standard_normal((3072, 3072)).astype(np.float32)
+    zca = (0.5 * np.eye(3072) + 0.005 * (a + a.T)).astype(np.float32)
+    mean = rng.standard_normal(3072).astype(np.float32)
+    net = small_net((3, 32, 32), 10, seed=11)
+    images = batches["test_batch"][b"data"].reshape(-1, 3, 32, 32)
+    labels = np.array(batches["test_batch"][b"labels"])
+    x = images.reshape(31, -1).astype(np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    x = x / np.sqrt(10.0 + x.var(axis=1, ddof=1, keepdims=True))
+    x = ((x - mean.astype(np.float64)) @ zca.astype(np.float64)).astype(np.float32).reshape(images.shape)
+
+    def probabilities(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    layer = net.eval()
+    plain = layer.forward(x).argmax(axis=1)
+    flipped = (probabilities(layer.forward(x).astype(np.float64))
+               + probabilities(layer.forward(np.ascontiguousarray(x[..., ::-1])).astype(np.float64))).argmax(axis=1)
+    assert (plain != flipped).sum() > 0  # the test can tell flip averaging from single images
+    for augment, note in (("flip,crop4", False), ("none", True)):
+        path = engine.save_model(tmp_path / f"{augment}.npz", net, (3, 32, 32), [f"c{i}" for i in range(10)],
+                                 dict(gcn=GCN), mean, zca, extra=dict(dataset="cifar10", augment=augment))
+        r = evaluate(path, "--data-dir", tmp_path / "data", "--no-download", "--quiet", "--flip")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-1] == accuracy_line(int((flipped == labels).sum()), 31) + " with flip averaging"
+        assert ("trained without flipped images" in r.stderr) == note
+        r = evaluate(path, "--data-dir", tmp_path / "data", "--no-download", "--quiet")
+        assert r.stdout.splitlines()[-1] == accuracy_line(int((plain == labels).sum()), 31) and r.stderr == ""
+
+
 def test_cifar100_label_mode_follows_the_models_classes(tmp_path):
     batches = write_cifar100(tmp_path / "data", np.random.default_rng(5), n_train=2, n_test=11)
     net = small_net((3, 32, 32), 20, seed=6)

@@ -144,6 +144,30 @@ def test_inference_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_flip_averages_the_probabilities_of_each_image_and_its_mirror(saved, tmp_path):
+    """predict(flip=True): the layer path's softmax of x and of x mirrored left-right (after preprocessing), averaged."""
+    path, _, raw, x = saved
+    sharp = engine.load(path, compiled=False)
+    sharp.net.params["out.weight"] *= 30  # (a freshly initialized network's probabilities are all near 1/4)
+    path = sharp.save(tmp_path / "sharp.npz")
+    mirrored = np.ascontiguousarray(x[..., ::-1])
+    layer = sharp.net.eval()
+    expect = (engine.softmax(layer.forward(x).copy()) + engine.softmax(layer.forward(mirrored).copy())) / 2
+    plain = engine.softmax(layer.forward(x).copy())
+    assert np.abs(expect - plain).max() > 0.02  # mirroring changes this network's answers (tolerance below: 1e-4)
+    for compiled in (True, False):
+        model = engine.load(path, compiled=compiled)
+        np.testing.assert_allclose(model.predict(x, preprocessed=True, flip=True), expect, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(model.predict(raw, flip=True), expect, rtol=1e-4, atol=1e-6)
+        assert model.classify(raw, flip=True).tolist() == expect.argmax(1).tolist()
+    np.save(tmp_path / "batch.npy", raw[:4])
+    r = subprocess.run([sys.executable, "-m", "engine.predict", str(path), str(tmp_path / "batch.npy"), "--top", "1",
+                        "--flip"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = [line.split(": ")[1] for line in r.stdout.splitlines()]
+    assert got == [f"{'abcd'[i]} {100 * p[i]:.1f}%" for i, p in zip(expect[:4].argmax(1), expect[:4])]
+
+
 def test_predict_cli_on_png_and_npy(saved, tmp_path):
     path, _, raw, x = saved
     model = engine.load(path)

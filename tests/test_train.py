@@ -459,6 +459,8 @@ def test_augment_flag_is_recorded_and_a_checkpoint_without_it_resumes_unaugmente
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "settings.json").read_text())["augment"] == "flip,crop2"  # written one way
     assert "augment flip,crop2" in r.stdout
+    import engine
+    assert engine.load(out / "model.npz").meta["extra"]["augment"] == "flip,crop2"  # what evaluate --flip reads
     params, velocity, meta, perm = load_checkpoint(out / "checkpoint.npz")
     assert meta["settings"]["augment"] == meta["config"]["augment"] == "flip,crop2"
     # a checkpoint of an older version: no augment setting; its run had none
@@ -470,5 +472,6 @@ def test_augment_flag_is_recorded_and_a_checkpoint_without_it_resumes_unaugmente
     assert "augment none" in r.stdout
     meta = load_checkpoint(out / "checkpoint.npz")[2]
     assert meta["epoch"] == 2 and meta["settings"]["augment"] == meta["config"]["augment"] == "none"
+    assert engine.load(out / "model.npz").meta["extra"]["augment"] == "none"
     r = train_py(*COMMON, "--augment", "flip,crop", "--out", tiny_mnist / "bad")
     assert r.returncode == 2 and "--augment: bad augmentation 'crop'" in r.stderr
