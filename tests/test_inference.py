@@ -145,7 +145,8 @@ def test_inference_import_is_light():
 
 
 def test_flip_averages_the_probabilities_of_each_image_and_its_mirror(saved, tmp_path):
-    """predict(flip=True): the layer path's softmax of x and of x mirrored left-right (after preprocessing), averaged."""
+    """predict(flip=True): the layer path's softmax of x and of x mirrored left-right (after preprocessing),
+    averaged."""
     path, _, raw, x = saved
     sharp = engine.load(path, compiled=False)
     sharp.net.params["out.weight"] *= 30  # (a freshly initialized network's probabilities are all near 1/4)
