@@ -54,6 +54,12 @@ def epoch_draws(spec, n, seed, epoch):
     return flips, shifts
 
 
+def mirror(x):
+    """x (N, C, H, W) mirrored left-right, contiguous: the flip of `apply`, and what test-time flip averaging
+    (`model.predict(..., flip=True)`, `engine.evaluate --flip`) adds to each preprocessed test image."""
+    return np.ascontiguousarray(x[..., ::-1])
+
+
 def apply(x, flips, shifts):
     """A new array: image i of x (N, C, H, W) mirrored left-right if flips[i], then moved by shifts[i] = (dy, dx).
 

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from .augment import mirror, parse_spec
 from .data import DatasetError, default_data_dir, load_cifar, load_mnist
 from .inference import ModelFileError, load
 from .losses import softmax
@@ -92,6 +93,14 @@ def _recorded(model, key):
     return extra.get(key) if isinstance(extra, dict) else None
 
 
+def _trained_without_flips(model):
+    """True when the model file records (train.py's `augment`) that its training images were never mirrored."""
+    try:
+        return not parse_spec(_recorded(model, "augment"))[0]
+    except ValueError:  # nothing recorded (files from before), or not a spec
+        return False
+
+
 def _dataset_name(args, model):
     if args.dataset:
         return args.dataset
@@ -128,11 +137,9 @@ def main(argv=None):
         if m.classes != raw["classes"]:
             print(f"note: {path}: its class names differ from the data set's ({', '.join(m.classes[:3])}, ... "
                   f"against {', '.join(raw['classes'][:3])}, ...); classes are compared by index", file=sys.stderr)
-    for path, m in ((args.model, model), (args.compare, other)):
-        trained = _recorded(m, "augment") if m is not None else None
-        if args.flip and isinstance(trained, str) and "flip" not in trained.split(","):
-            print(f"note: {path} was trained without flipped images (augmentation {trained!r}): --flip may lower "
-                  f"its accuracy", file=sys.stderr)
+        if args.flip and _trained_without_flips(m):
+            print(f"note: {path} was trained without flipped images (augmentation {_recorded(m, 'augment')!r}): "
+                  f"--flip may lower its accuracy", file=sys.stderr)
     if not len(x):
         raise SystemExit(f"error: {raw['source']}: the test set is empty")
 
@@ -155,7 +162,7 @@ def main(argv=None):
             logits = [f(x_) for f, x_ in zip(forwards, inputs)]
             for p, z, f, x_ in zip(preds, logits, forwards, inputs):
                 # with --flip, as model.predict(..., flip=True): mirrored after preprocessing, probabilities averaged
-                scores = softmax(z) + softmax(f(np.ascontiguousarray(x_[..., ::-1]))) if args.flip else z
+                scores = softmax(z) + softmax(f(mirror(x_))) if args.flip else z
                 p[i:i + len(z)] = scores.argmax(axis=1)
             if other:
                 max_diff = max(max_diff, float(np.abs(logits[0] - logits[1]).max()))

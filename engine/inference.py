@@ -41,6 +41,7 @@ import numpy as np
 
 from . import layers as L
 from . import npzfile
+from .augment import mirror
 from .backend import ops_for, to_numpy
 from .losses import softmax
 from .plan import UnsupportedNetwork, compile_network
@@ -400,8 +401,7 @@ class Model:
         else:
             x = self.preprocess(images, float_max)
         if flip:  # mirrored after preprocessing, as train.py's augmentation mirrors its training images
-            return (self.predict(x, True, batch_size) + self.predict(np.ascontiguousarray(x[..., ::-1]), True,
-                                                                     batch_size)) / 2
+            return (self.predict(x, True, batch_size) + self.predict(mirror(x), True, batch_size)) / 2
         if self.plan is not None:  # thread-safe itself; the whole batch, softmax included, in one call
             return self.plan(x)
         out = np.empty((len(x), len(self.classes)), dtype=np.float32)

@@ -31,15 +31,19 @@ def small_net(shape, classes, seed=0):
     return net
 
 
-def reference_predictions(net, images_nchw, zca_mean=None, zca_matrix=None):
-    """Class indices from uint8 NCHW images: pylearn2's contrast normalization, ZCA, the layer path."""
+def reference_inputs(images_nchw, zca_mean=None, zca_matrix=None):
+    """The network's float32 NCHW input from uint8 NCHW images: pylearn2's contrast normalization, ZCA, in float64."""
     x = images_nchw.reshape(len(images_nchw), -1).astype(np.float64)
     x = x - x.mean(axis=1, keepdims=True)
     x = x / np.sqrt(10.0 + x.var(axis=1, ddof=1, keepdims=True))
     if zca_matrix is not None:
         x = (x - zca_mean.astype(np.float64)) @ zca_matrix.astype(np.float64)
-    x = x.astype(np.float32).reshape(images_nchw.shape)
-    return net.eval().forward(x).argmax(axis=1)
+    return x.astype(np.float32).reshape(images_nchw.shape)
+
+
+def reference_predictions(net, images_nchw, zca_mean=None, zca_matrix=None):
+    """Class indices from uint8 NCHW images: reference_inputs, then the layer path."""
+    return net.eval().forward(reference_inputs(images_nchw, zca_mean, zca_matrix)).argmax(axis=1)
 
 
 def evaluate(*args):
@@ -145,18 +149,16 @@ def test_flip_averaging_follows_the_layer_path_on_mirrored_images(tmp_path):
     net = small_net((3, 32, 32), 10, seed=11)
     images = batches["test_batch"][b"data"].reshape(-1, 3, 32, 32)
     labels = np.array(batches["test_batch"][b"labels"])
-    x = images.reshape(31, -1).astype(np.float64)
-    x = x - x.mean(axis=1, keepdims=True)
-    x = x / np.sqrt(10.0 + x.var(axis=1, ddof=1, keepdims=True))
-    x = ((x - mean.astype(np.float64)) @ zca.astype(np.float64)).astype(np.float32).reshape(images.shape)
+    x = reference_inputs(images, mean, zca)
 
     def probabilities(z):
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
     layer = net.eval()
-    plain = layer.forward(x).argmax(axis=1)
-    flipped = (probabilities(layer.forward(x).astype(np.float64))
+    logits = layer.forward(x).astype(np.float64)
+    plain = logits.argmax(axis=1)
+    flipped = (probabilities(logits)
                + probabilities(layer.forward(np.ascontiguousarray(x[..., ::-1])).astype(np.float64))).argmax(axis=1)
     assert (plain != flipped).sum() > 0  # the test can tell flip averaging from single images
     for augment, note in (("flip,crop4", False), ("none", True)):
