@@ -1,57 +1,93 @@
-"""Training-time data augmentation: random horizontal flips and random translations (crops of a padded image).
+"""Training-time data augmentation: random horizontal flips, random translations (crops of a padded image)
+and cutout (a random square set to zero).
 
-A spec is a text such as "none", "flip", "crop4" or "flip,crop4":
+A spec is a text such as "none", "flip", "crop4", "flip,crop4" or "flip,crop4,cutout8":
 
 - flip: each image is mirrored left-right with probability 1/2;
 - cropP: each image is moved by (dy, dx), each drawn uniformly from -P..P, the pixels that enter
   being 0: the same as cutting a random HxW window out of the image padded with P zeros on every
   side. On the preprocessed images (contrast-normalized, ZCA-whitened: zero is the mean image)
   a zero pixel is an average one.
+- cutoutK: after the flip and the move, a KxK square of each image is set to 0 (DeVries & Taylor,
+  2017, "Improved regularization of convolutional neural networks with cutout"). Its centre is
+  drawn uniformly over the image's pixels, so near an edge only part of the square lies inside.
 
 The draws of an epoch depend only on the run's seed and the epoch (`epoch_draws`), one draw per
 training image, so a resumed run and every rank of a distributed run see the same images as a
 single uninterrupted process. The test images are never augmented.
 """
+from typing import NamedTuple, Optional
+
 import numpy as np
 
 MAX_PAD = 16
+MAX_CUTOUT = 32
+SPEC_FORMS = f"'none', or 'flip', 'cropP' (P = 1..{MAX_PAD}) and 'cutoutK' (K = 1..{MAX_CUTOUT}), each at most once"
+
+
+class Draws(NamedTuple):
+    """One epoch's draws for n images: flips bool (n,), shifts int (n, 2) = (dy, dx), holes int (n, 2) = the
+    cutout centres (row, column) or None, and side, the cutout's K (0: none). `apply(x, *draws.take(idx))`."""
+    flips: np.ndarray
+    shifts: np.ndarray
+    holes: Optional[np.ndarray] = None
+    side: int = 0
+
+    def take(self, idx):
+        """The draws of images idx."""
+        return Draws(self.flips[idx], self.shifts[idx], None if self.holes is None else self.holes[idx], self.side)
+
+
+def _number(part, word, largest):
+    """P of 'wordP' when 1 <= P <= largest, else None."""
+    digits = part[len(word):]
+    return int(digits) if part.startswith(word) and digits.isdigit() and 1 <= int(digits) <= largest else None
 
 
 def parse_spec(spec):
-    """(flip, pad) of a spec text; ValueError with a one-line reason when it is not one."""
-    flip, pad = False, 0
+    """(flip, pad, cutout) of a spec text; ValueError with a one-line reason when it is not one."""
+    flip, pad, cutout = False, 0, 0
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     if parts == ["none"]:
-        return flip, pad
+        return flip, pad, cutout
     if not parts:
-        raise ValueError("empty augmentation spec (use 'none', 'flip', 'cropP' or 'flip,cropP')")
+        raise ValueError(f"empty augmentation spec (use {SPEC_FORMS}, comma-separated)")
     for part in parts:
         if part == "flip" and not flip:
             flip = True
-        elif part.startswith("crop") and not pad and part[4:].isdigit() and 1 <= int(part[4:]) <= MAX_PAD:
-            pad = int(part[4:])
+        elif _number(part, "crop", MAX_PAD) and not pad:
+            pad = _number(part, "crop", MAX_PAD)
+        elif _number(part, "cutout", MAX_CUTOUT) and not cutout:
+            cutout = _number(part, "cutout", MAX_CUTOUT)
         else:
-            raise ValueError(f"bad augmentation {part!r} in {spec!r}: expected 'none', or 'flip' and/or 'cropP' "
-                             f"(P = 1..{MAX_PAD} pixels), each once, comma-separated")
-    return flip, pad
+            raise ValueError(f"bad augmentation {part!r} in {spec!r}: expected {SPEC_FORMS}, comma-separated")
+    return flip, pad, cutout
 
 
 def canonical(spec):
-    """The spec in its one written form ('none', 'flip', 'crop4' or 'flip,crop4')."""
-    flip, pad = parse_spec(spec)
-    parts = (["flip"] if flip else []) + ([f"crop{pad}"] if pad else [])
+    """The spec in its one written form ('none', 'flip', 'crop4', 'flip,crop4', 'flip,crop4,cutout8', ...)."""
+    flip, pad, cutout = parse_spec(spec)
+    parts = (["flip"] if flip else []) + ([f"crop{pad}"] if pad else []) + ([f"cutout{cutout}"] if cutout else [])
     return ",".join(parts) or "none"
 
 
-def epoch_draws(spec, n, seed, epoch):
-    """The draws of one epoch for n training images: (flips, shifts), bool (n,) and int (n, 2), or None for 'none'."""
-    flip, pad = parse_spec(spec)
-    if not (flip or pad):
+def epoch_draws(spec, n, seed, epoch, size=None):
+    """The Draws of one epoch for n training images of size (H, W) (needed for cutout only), or None for 'none'.
+
+    The flips and shifts are drawn first, so adding cutout to a spec leaves them as they were."""
+    flip, pad, cutout = parse_spec(spec)
+    if not (flip or pad or cutout):
         return None
     rng = np.random.default_rng([int(seed), int(epoch), 0xA06])  # its own stream: weights, dropout and order untouched
     flips = rng.integers(0, 2, n).astype(bool) if flip else np.zeros(n, bool)
     shifts = rng.integers(-pad, pad + 1, (n, 2)) if pad else np.zeros((n, 2), np.int64)
-    return flips, shifts
+    if not cutout:
+        return Draws(flips, shifts)
+    if size is None:
+        raise ValueError("cutout needs the image size: epoch_draws(..., size=(H, W))")
+    h, w = size
+    holes = np.stack([rng.integers(0, h, n), rng.integers(0, w, n)], axis=1)
+    return Draws(flips, shifts, holes, cutout)
 
 
 def mirror(x):
@@ -60,10 +96,12 @@ def mirror(x):
     return np.ascontiguousarray(x[..., ::-1])
 
 
-def apply(x, flips, shifts):
-    """A new array: image i of x (N, C, H, W) mirrored left-right if flips[i], then moved by shifts[i] = (dy, dx).
+def apply(x, flips, shifts, holes=None, side=0):
+    """A new array: image i of x (N, C, H, W) mirrored left-right if flips[i], then moved by shifts[i] = (dy, dx),
+    then, with holes, the side x side square centred on holes[i] = (row, column) set to 0.
 
-    out[i, :, r, c] = img[i, :, r - dy, c - dx] where that pixel exists, 0 elsewhere."""
+    out[i, :, r, c] = img[i, :, r - dy, c - dx] where that pixel exists, 0 elsewhere; the square covers rows
+    row - side // 2 .. row - side // 2 + side - 1 (columns alike), clipped to the image."""
     n, _, h, w = x.shape
     out = np.zeros_like(x)
     for i in range(n):
@@ -73,4 +111,7 @@ def apply(x, flips, shifts):
             continue
         out[i, :, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
             img[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+        if holes is not None and side:
+            top, left = int(holes[i, 0]) - side // 2, int(holes[i, 1]) - side // 2
+            out[i, :, max(top, 0):max(top + side, 0), max(left, 0):max(left + side, 0)] = 0
     return out

@@ -327,7 +327,7 @@ class Trainer:
             self.step_in_epoch = 0
             self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
         lr = lr_at(self.epoch, self.cfg["lr"], self.cfg["lr_drop_epochs"], self.cfg.get("lr_drop_factor", 0.1))
-        draws = augment.epoch_draws(self.cfg.get("augment", "none"), n, self.cfg["seed"], self.epoch)
+        draws = augment.epoch_draws(self.cfg.get("augment", "none"), n, self.cfg["seed"], self.epoch, x.shape[2:])
         self.model.train()
         bar = None
         if self.progress:
@@ -374,8 +374,8 @@ class Trainer:
                 if check_finite and xh.dtype.kind == "f" and not np.isfinite(xh).all():
                     raise ValueError(f"training images hold NaN or infinite values (epoch {self.epoch + 1}, "
                                      f"step {self.step_in_epoch + 1})")
-                if draws is not None:  # each image's flip and shift of this epoch (the same on every rank)
-                    xh = augment.apply(xh, draws[0][mine], draws[1][mine])
+                if draws is not None:  # each image's flip, shift and cutout of this epoch (the same on every rank)
+                    xh = augment.apply(xh, *draws.take(mine))
                 loss, correct = self.step.loss(ops.asarray(xh), yh)  # the labels are checked on the host too
                 pending.append((self.step_in_epoch + 1, len(idx), loss, correct))
                 if len(pending) >= read_every or self.step_in_epoch + 1 == steps:

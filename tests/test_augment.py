@@ -5,8 +5,9 @@ import pytest
 from engine import augment
 
 
-def reference_apply(x, flips, shifts):
-    """Pixel by pixel: out[i, c, r, q] = x[i, c, r - dy, q' - dx], q' mirrored when flipped; 0 outside."""
+def reference_apply(x, flips, shifts, holes=None, side=0):
+    """Pixel by pixel: out[i, c, r, q] = x[i, c, r - dy, q' - dx], q' mirrored when flipped; 0 outside, and 0
+    where |r - row| and |q - column| are within the square (side // 2 before the centre, the rest after)."""
     n, ch, h, w = x.shape
     out = np.zeros_like(x)
     for i in range(n):
@@ -15,7 +16,9 @@ def reference_apply(x, flips, shifts):
             for r in range(h):
                 for q in range(w):
                     sr, sq = r - dy, q - dx
-                    if 0 <= sr < h and 0 <= sq < w:
+                    in_hole = holes is not None and all(-(side // 2) <= p - centre < side - side // 2
+                                                        for p, centre in zip((r, q), holes[i]))
+                    if 0 <= sr < h and 0 <= sq < w and not in_hole:
                         out[i, c, r, q] = x[i, c, sr, w - 1 - sq if flips[i] else sq]
     return out
 
@@ -41,7 +44,7 @@ def test_apply_matches_a_pixel_loop_and_a_crop_of_the_padded_image():
 
 @pytest.mark.parametrize("spec,expected", [
     ("none", "none"), ("flip", "flip"), ("crop4", "crop4"), ("crop4,flip", "flip,crop4"),
-    (" flip , crop16 ", "flip,crop16"),
+    (" flip , crop16 ", "flip,crop16"), ("cutout8,flip,crop4", "flip,crop4,cutout8"), ("cutout32", "cutout32"),
 ])
 def test_specs_read_and_write_one_form(spec, expected):
     assert augment.canonical(spec) == expected
@@ -49,7 +52,8 @@ def test_specs_read_and_write_one_form(spec, expected):
 
 
 @pytest.mark.parametrize("spec", ["", "flop", "crop0", "crop17", "crop", "crop-1", "flip,flip", "crop2,crop3",
-                                  "none,flip", "crop 4"])
+                                  "none,flip", "crop 4", "cutout0", "cutout33", "cutout", "cutout4,cutout4",
+                                  "flip,cutout-2"])
 def test_bad_specs_say_what_is_expected(spec):
     with pytest.raises(ValueError, match="augmentation"):
         augment.parse_spec(spec)
@@ -57,17 +61,54 @@ def test_bad_specs_say_what_is_expected(spec):
 
 def test_draws_depend_only_on_seed_and_epoch_and_cover_their_range():
     assert augment.epoch_draws("none", 100, 0, 0) is None
-    flips, shifts = augment.epoch_draws("flip,crop2", 20000, seed=5, epoch=3)
+    flips, shifts, holes, side = augment.epoch_draws("flip,crop2", 20000, seed=5, epoch=3)
+    assert holes is None and side == 0
     again = augment.epoch_draws("flip,crop2", 20000, seed=5, epoch=3)
-    np.testing.assert_array_equal(flips, again[0])
-    np.testing.assert_array_equal(shifts, again[1])
-    assert not np.array_equal(shifts, augment.epoch_draws("flip,crop2", 20000, seed=5, epoch=4)[1])
-    assert not np.array_equal(shifts, augment.epoch_draws("flip,crop2", 20000, seed=6, epoch=3)[1])
+    np.testing.assert_array_equal(flips, again.flips)
+    np.testing.assert_array_equal(shifts, again.shifts)
+    assert not np.array_equal(shifts, augment.epoch_draws("flip,crop2", 20000, seed=5, epoch=4).shifts)
+    assert not np.array_equal(shifts, augment.epoch_draws("flip,crop2", 20000, seed=6, epoch=3).shifts)
     assert abs(flips.mean() - 0.5) < 0.02
     for axis in range(2):
         counts = np.bincount(shifts[:, axis] + 2, minlength=5)
         assert len(counts) == 5 and counts.min() > 0.18 * 20000  # -2..2, uniform
-    flips, shifts = augment.epoch_draws("flip", 1000, 0, 0)
+    flips, shifts, _, _ = augment.epoch_draws("flip", 1000, 0, 0)
     assert flips.any() and not shifts.any()
-    flips, shifts = augment.epoch_draws("crop1", 1000, 0, 0)
+    flips, shifts, _, _ = augment.epoch_draws("crop1", 1000, 0, 0)
     assert not flips.any() and set(np.unique(shifts)) == {-1, 0, 1}
+
+
+@pytest.mark.parametrize("side", [1, 4, 5])
+def test_cutout_matches_a_pixel_loop_at_the_edges_and_inside(side):
+    rng = np.random.default_rng(side)
+    x = rng.standard_normal((10, 2, 8, 9)).astype(np.float32) + 5  # no pixel is 0 before the cut
+    flips = rng.integers(0, 2, 10).astype(bool)
+    shifts = rng.integers(-2, 3, (10, 2))
+    holes = np.array([[0, 0], [7, 8], [4, 4], [0, 8], [7, 0], [3, 1], [1, 6], [6, 2], [2, 2], [5, 7]])
+    out = augment.apply(x, flips, shifts, holes, side)
+    np.testing.assert_array_equal(out, reference_apply(x, flips, shifts, holes, side))
+    # the square alone: without a shift, exactly its in-image pixels are zero
+    cut = augment.apply(x, np.zeros(10, bool), np.zeros((10, 2), int), holes, side)
+    for i, (row, col) in enumerate(holes):
+        rows = [r for r in range(row - side // 2, row - side // 2 + side) if 0 <= r < 8]
+        cols = [q for q in range(col - side // 2, col - side // 2 + side) if 0 <= q < 9]
+        assert (cut[i] == 0).sum() == 2 * len(rows) * len(cols)
+        assert not cut[i][:, rows][:, :, cols].any()
+    assert (cut[2] == 0).sum() == 2 * side * side  # a centre well inside: the whole square
+
+
+def test_cutout_draws_leave_flips_and_shifts_as_they_were_and_cover_the_image():
+    plain = augment.epoch_draws("flip,crop2", 5000, seed=3, epoch=1)
+    cut = augment.epoch_draws("flip,crop2,cutout8", 5000, seed=3, epoch=1, size=(6, 7))
+    np.testing.assert_array_equal(plain.flips, cut.flips)
+    np.testing.assert_array_equal(plain.shifts, cut.shifts)
+    assert plain.holes is None and cut.side == 8
+    assert set(np.unique(cut.holes[:, 0])) == set(range(6)) and set(np.unique(cut.holes[:, 1])) == set(range(7))
+    again = augment.epoch_draws("flip,crop2,cutout8", 5000, seed=3, epoch=1, size=(6, 7))
+    np.testing.assert_array_equal(cut.holes, again.holes)
+    assert not np.array_equal(cut.holes, augment.epoch_draws("flip,crop2,cutout8", 5000, 3, 2, size=(6, 7)).holes)
+    part = cut.take([4, 0, 9])
+    np.testing.assert_array_equal(part.holes, cut.holes[[4, 0, 9]])
+    np.testing.assert_array_equal(part.flips, cut.flips[[4, 0, 9]])
+    with pytest.raises(ValueError, match="image size"):
+        augment.epoch_draws("cutout8", 10, 0, 0)

@@ -120,7 +120,7 @@ def _tiny_data(seed=0, n=64):
                 test_x=rng.standard_normal((16, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 16))
 
 
-@pytest.mark.parametrize("augment", ["none", "flip,crop2"])
+@pytest.mark.parametrize("augment", ["none", "flip,crop2", "crop2,cutout5"])
 def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path, augment):
     data = _tiny_data()
     straight = _trainer(data, tmp_path / "a", augment=augment)
@@ -144,10 +144,12 @@ def test_interrupt_mid_epoch_then_resume_equals_uninterrupted(tmp_path, augment)
     assert [h["test_acc"] for h in straight.history] == [h["test_acc"] for h in again.history]
 
 
-def test_each_epoch_trains_on_every_image_once_flipped_and_shifted_as_drawn(tmp_path):
+@pytest.mark.parametrize("spec", ["flip,crop3", "flip,crop3,cutout3"])
+def test_each_epoch_trains_on_every_image_once_flipped_and_shifted_as_drawn(tmp_path, spec):
     from engine import augment
     data = _tiny_data(n=40)
-    t = _trainer(data, tmp_path, augment="flip,crop3", epochs=2, batch_size=16)
+    size = data["train_x"].shape[2:]
+    t = _trainer(data, tmp_path, augment=spec, epochs=2, batch_size=16)
     seen, loss = [], t.step.loss
 
     def spy(x, y):
@@ -156,8 +158,7 @@ def test_each_epoch_trains_on_every_image_once_flipped_and_shifted_as_drawn(tmp_
     t.step.loss = spy
     assert t.run() == "done"
     for epoch in range(2):
-        flips, shifts = augment.epoch_draws("flip,crop3", 40, seed=1, epoch=epoch)
-        expected = augment.apply(data["train_x"], flips, shifts)
+        expected = augment.apply(data["train_x"], *augment.epoch_draws(spec, 40, seed=1, epoch=epoch, size=size))
         xs = np.concatenate([x for e, x, _ in seen if e == epoch])
         ys = np.concatenate([y for e, _, y in seen if e == epoch])
         assert len(xs) == 40
