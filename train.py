@@ -157,10 +157,10 @@ def parser():
     g.add_argument("--augment", metavar="SPEC", type=augment_spec, default=None,
                    help="training-image augmentation (default: the recipe's): none; flip (mirror left-right "
                         "with probability 1/2); cropP (move by up to P pixels each way, zeros entering: a random "
-                        "crop of the image padded by P); cutoutK (after those, set a KxK square at a random centre "
-                        "to zero); or several, e.g. flip,crop4 or flip,crop4,cutout8. Drawn per image and epoch "
+                        "crop of the image padded by P); cutoutK (after those, set a KxK square centred on a "
+                        "random pixel to zero, K = 1..32); or several, e.g. flip,crop4 or flip,crop4,cutout8. Drawn per image and epoch "
                         "from --seed; test images are never augmented (engine/augment.py, docs/results.md)")
-    g.add_argument("--seed", metavar="N", type=non_negative_int, default=0, help="seed of weights, dropout masks and batch order")
+    g.add_argument("--seed", metavar="N", type=non_negative_int, default=0, help="seed of weights, dropout masks, batch order and augmentation draws")
     g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=None,
                    help="batch size for test evaluation (default: 500)")
 
