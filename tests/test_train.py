@@ -70,6 +70,9 @@ def test_help_explains_every_flag():
     assert "mnist: 30 epochs" in text and "after epochs 20,26" in text  # and its schedule
     assert "60 (baseline) / 180 (flattened) epochs" in text  # a schedule per model
     assert "after epochs 40,52 (baseline) / 120,156 (flattened)" in text
+    from engine.augment import MAX_CUTOUT, MAX_PAD
+    assert "cutoutK (after those, set a KxK square" in text and f"K = 1..{MAX_CUTOUT}" in text  # --augment's ranges
+    assert f"cropP (move by up to P pixels each way, P = 1..{MAX_PAD}" in text
 
 
 @pytest.fixture
