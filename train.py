@@ -7,7 +7,7 @@
     python train.py --out runs/flat-c10 --resume          # continue an interrupted run, as it was started
     mpirun -np 2 --bind-to none python train.py ...       # data-parallel over MPI ranks (engine/distributed.py)
 
-A run folder (--out) receives checkpoint.npz after every epoch (and on Ctrl-C),
+A run folder (--out) receives checkpoint.npz after every epoch (and on Ctrl-C or SIGTERM),
 log.jsonl (one JSON line per epoch), curves.png (unless --no-plot), and at the end model.npz
 (the final weights and preprocessing, for engine.load). The run ends by printing
 "test accuracy: NN.NN%" for the final weights.
@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -403,7 +404,7 @@ def run(args, dist=None):
             launch = f"mpirun -np {dist.size} " if dist is not None else ""  # (or any number of ranks, or none)
             print(f"continue with: {launch}python {shlex.quote(os.path.relpath(__file__))} "
                   f"--out {shlex.quote(str(out))} --resume")
-            return 130
+            return 128 + int(trainer.stop_signal or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
         acc = trainer.history[-1]["test_acc"]  # the last epoch's evaluation saw these very weights
         if is_root:
             engine.save_model(out / "model.npz", model, in_shape, data["classes"],
@@ -417,7 +418,7 @@ def run(args, dist=None):
     except OSError as e:  # a full disk, a folder gone read-only: the last checkpoint written is kept
         sys.exit(f"error: cannot write in {out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}")
     except KeyboardInterrupt:
-        sys.exit("aborted without saving (second Ctrl-C); the last checkpoint is kept")
+        sys.exit("aborted without saving (a second interrupt); the last checkpoint is kept")
     print(f"run folder: {out} ({time.time() - t0:.0f}s); model file: {out / 'model.npz'}")
     print(f"test accuracy: {100 * acc:.2f}%")
     return 0

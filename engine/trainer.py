@@ -224,7 +224,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.perm = 0, 0, None
         self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
         self.history = []
-        self.stop_requested = False
+        self.stop_requested, self.stop_signal = False, None
         self.dist = dist
         if dist is not None:  # same data, rank 0's weights, one gradient buffer (before the step takes its pointers)
             dist.setup(model, data, self.cfg)
@@ -292,17 +292,22 @@ class Trainer:
         return meta
 
     # loop -------------------------------------------------------------------------
-    def _on_sigint(self, signum, frame):
-        if self.stop_requested:  # a second Ctrl-C: stop now
+    def _on_signal(self, signum, frame):
+        """Ctrl-C (SIGINT) or SIGTERM (kill, timeout, a batch system's time limit, docker stop): the first
+        finishes the step, saves a checkpoint and stops; a second stops at once."""
+        if self.stop_requested:
             raise KeyboardInterrupt
-        self.stop_requested = True
-        self.log("\ninterrupt: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
+        self.stop_requested, self.stop_signal = True, signum
+        name = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"\n{name}: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to abort)")
 
     def run(self):
-        """Train until cfg['epochs'] epochs are done; returns 'done' or 'interrupted'."""
-        handler = None
+        """Train until cfg['epochs'] epochs are done; returns 'done' or 'interrupted' (then stop_signal says
+        which signal stopped this process, or None when another rank's did)."""
+        handlers = {}
         try:
-            handler = signal.signal(signal.SIGINT, self._on_sigint)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handlers[signum] = signal.signal(signum, self._on_signal)
         except ValueError:  # not in the main thread: no signal handling
             pass
         try:
@@ -313,8 +318,8 @@ class Trainer:
                     return "interrupted"
             return "done"
         finally:
-            if handler is not None:
-                signal.signal(signal.SIGINT, handler)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
     def _run_epoch(self):
         x, y = self.data["train_x"], self.data["train_y"]

@@ -216,9 +216,11 @@ def test_train_py_with_backend_cupy_on_the_emulation(tiny_mnist):
     assert f"{100 * acc:.2f}%" in r.stdout.splitlines()[-1]
 
 
-def test_ctrl_c_prints_the_command_that_continues_and_it_alone_does(tiny_mnist):
-    """The hint after Ctrl-C is a complete command: the checkpoint remembers the data and cache
-    folders (given relative to the first run's folder), and the resumed run downloads nothing."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_prints_the_command_that_continues_and_it_alone_does(tiny_mnist, signum):
+    """The hint after Ctrl-C (or SIGTERM, as kill, timeout and batch systems send) is a complete command: the
+    checkpoint remembers the data and cache folders (given relative to the first run's folder), and the resumed
+    run downloads nothing."""
     work = tiny_mnist / "work"
     work.mkdir()
     env = dict(os.environ, PYTHONUNBUFFERED="1", FLATNET_DATA=str(tiny_mnist / "default-data"),
@@ -230,12 +232,13 @@ def test_ctrl_c_prints_the_command_that_continues_and_it_alone_does(tiny_mnist):
     try:
         for line in proc.stdout:
             if line.startswith("epoch   1"):
-                proc.send_signal(signal.SIGINT)  # during epoch 2: finish the step, save, stop
+                proc.send_signal(signum)  # during epoch 2: finish the step, save, stop
                 break
         out, err = proc.communicate(timeout=600)
     finally:
         proc.kill()
-    assert proc.returncode == 130, out + err
+    assert proc.returncode == 128 + signum, out + err
+    assert "saving a checkpoint" in out + err and "saved " in out + err
     hint = [line for line in out.splitlines() if line.startswith("continue with: ")]
     assert len(hint) == 1, out
     command = shlex.split(hint[0][len("continue with: "):])
