@@ -23,7 +23,7 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
   that batch; a rank with an empty shard contributes zeros), writes its share of the loss
   and its count of correct answers after the gradients, then one in-place
   ``Allreduce(IN_PLACE, buffer, SUM)`` gives every rank the gradient of the global batch's
-  mean loss, the global loss and count, and whether any rank was asked to stop (SIGINT, or
+  mean loss, the global loss and count, and whether any rank was asked to stop (SIGINT or SIGTERM, or
   SIGUSR1, which mpirun forwards to every rank: they all stop after the same step, save
   a checkpoint and end as an interrupted run does).
   Every rank then applies the same SGD update. A NaN loss on any rank makes the summed
@@ -305,7 +305,7 @@ class Distributed:
         return float(sums[0]) / len(x), int(sums[1]) / len(x)
 
     def wrap(self, step, stop_requested):
-        """The trainer's step, distributed; stop_requested() is this rank's Ctrl-C flag.
+        """The trainer's step, distributed; stop_requested() is this rank's Ctrl-C / SIGTERM flag.
 
         SIGUSR1 (which mpirun forwards to every rank; Ctrl-C makes it kill them) asks for a stop as Ctrl-C does
         without MPI: the ranks agree at the next step's reduction, save a checkpoint and stop."""

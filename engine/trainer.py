@@ -203,7 +203,7 @@ class Trainer:
     is the run folder (checkpoint.npz, log.jsonl). `settings` (JSON-able) is
     stored in the checkpoint. `trainer.step` is the step in use, `trainer.step_note` why
     'auto' fell back to the layer path (None if it did not).
-    Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and stops:
+    Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and stops:
     `run()` then returns 'interrupted'. The model's dropout Generator, if it has one as
     `model.rng` (models.paper.build sets it), is saved with the checkpoint so a resumed
     run draws the same masks. `on_step(trainer)` is called after each step,
@@ -256,7 +256,7 @@ class Trainer:
         save_checkpoint(self.checkpoint_path, self.model, self.velocity, meta, self.perm)
 
     def _stopping(self):
-        """Stop now? This process's Ctrl-C; distributed, any rank's, as agreed at the last step's reduction."""
+        """Stop now? This process's Ctrl-C or SIGTERM; distributed, any rank's, as agreed at the last step's reduction."""
         return self.stop_requested if self.dist is None else self.dist.stop_agreed
 
     def _write_log(self):
@@ -319,7 +319,8 @@ class Trainer:
             return "done"
         finally:
             for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+                if handler is not None:  # None: a handler not installed from Python, which cannot be put back
+                    signal.signal(signum, handler)
 
     def _run_epoch(self):
         x, y = self.data["train_x"], self.data["train_y"]
