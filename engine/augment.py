@@ -41,7 +41,9 @@ class Draws(NamedTuple):
 def _number(part, word, largest):
     """P of 'wordP' when 1 <= P <= largest, P written in ASCII digits, else None."""
     digits = part[len(word):]
-    return int(digits) if part.startswith(word) and digits.isascii() and digits.isdigit() and 1 <= int(digits) <= largest else None
+    if not (part.startswith(word) and digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits) if 1 <= int(digits) <= largest else None
 
 
 def parse_spec(spec):
