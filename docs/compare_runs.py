@@ -8,7 +8,8 @@ docs/results.md quotes when it compares runs.
 prints a Markdown table (per chosen epoch: lr, then each run's train and test accuracy, and with
 --loss its test loss), then each run's mean test and train accuracy over each range of epochs,
 its best test accuracy, and the first epoch at which it reached each --reach accuracy; with --speed,
-its wall time, images/s and seconds per epoch.
+its wall time, images/s and seconds per epoch, over the whole run and over each range (a run
+continued on another machine has one range per machine).
 """
 import argparse
 import statistics
@@ -27,6 +28,15 @@ def _ranges(s):
     return [tuple(int(v) for v in r.split("-")) for r in s.split(",") if r]
 
 
+def _speed(recs):
+    """Wall time (training and evaluation) and min, median, max of images/s and seconds per epoch."""
+    recs = list(recs)
+    rate, secs = [r["images_per_s"] for r in recs], [r["seconds"] for r in recs]
+    minutes = sum(r["seconds"] + r["eval_seconds"] for r in recs) / 60
+    return (f"{minutes:.0f} min; images/s {min(rate):,.0f}, {statistics.median(rate):,.0f}, {max(rate):,.0f}; "
+            f"s/epoch {min(secs):.0f}, {statistics.median(secs):.0f}, {max(secs):.0f} (min, median, max)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with log.jsonl)")
@@ -36,7 +46,7 @@ def main(argv=None):
     p.add_argument("--loss", action="store_true", help="add each run's test loss to the table")
     p.add_argument("--speed", action="store_true",
                    help="print each run's wall time (training and evaluation, minutes), images/s and seconds per "
-                        "epoch of training (min, median, max)")
+                        "epoch of training (min, median, max), over the whole run and over each --ranges range")
     args = p.parse_args(argv)
     try:
         logs = [{r["epoch"]: r for r in read_log(run)} for run in args.runs]
@@ -69,11 +79,11 @@ def main(argv=None):
             parts.append(f"{t}% first at epoch {first}" if first else f"{t}% not reached")
         print(f"{name}: " + "; ".join(parts))
         if args.speed:
-            rate, secs = [r["images_per_s"] for r in log.values()], [r["seconds"] for r in log.values()]
-            minutes = sum(r["seconds"] + r["eval_seconds"] for r in log.values()) / 60
-            print(f"{name}: {minutes:.0f} min; images/s {min(rate):,.0f}, {statistics.median(rate):,.0f}, "
-                  f"{max(rate):,.0f}; s/epoch {min(secs):.0f}, {statistics.median(secs):.0f}, {max(secs):.0f} "
-                  "(min, median, max)")
+            print(f"{name}: {_speed(log.values())}")
+            for lo, hi in args.ranges:
+                recs = [log[e] for e in range(lo, hi + 1) if e in log]
+                if recs:
+                    print(f"{name}: epochs {lo}-{recs[-1]['epoch']}: {_speed(recs)}")
     return 0
 
 

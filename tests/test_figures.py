@@ -318,6 +318,23 @@ def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run
     assert quoted in (root / "docs" / "results.md").read_text()
 
 
+def test_compare_runs_speed_per_range_splits_a_run_continued_on_another_machine():
+    """The cutout run's epochs 1-87 ran on an AVX2-only machine, 88-180 on an AVX-512 one: --speed with --ranges
+    prints each part's own figures (summing to the whole run's minutes), which results.md quotes."""
+    root = Path(__file__).resolve().parents[1]
+    run = root / "docs" / "runs" / "long180-cutout8-flattened-cifar10"
+    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(run), "--speed",
+                        "--ranges", "1-87,88-180"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    name = run.name
+    assert f"{name}: 205 min; images/s 445, 1,216, 1,534; s/epoch 33, 41, 112 (min, median, max)" in r.stdout
+    assert f"{name}: epochs 1-87: 146 min; images/s 445, 523, 579; s/epoch 86, 96, 112 (min, median, max)" in r.stdout
+    assert f"{name}: epochs 88-180: 60 min; images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43" in r.stdout
+    results = (root / "docs" / "results.md").read_text()
+    assert "146 minutes (images/s 445,\n523, 579; s/epoch 86, 96, 112" in results
+    assert "60 minutes\n(images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43)" in results
+
+
 def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypatch, capsys):
     """16 CIFAR-10 experiments and 9 MNIST ones, as many as docs/runs holds: each row's legend stays inside the
     figure, clear of the other row's, and no two lines of a row share a colour."""
