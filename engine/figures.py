@@ -7,7 +7,8 @@ Each figure is a PNG beside the file holding the numbers it was drawn from (same
   fig3-accuracy.png / .csv   train and test accuracy per epoch, baseline vs flattened, per data set:
                              run folders of train.py grouped by their settings except the seed (runs
                              that differ only in the seed are averaged: a line for the mean and a band
-                             for their spread; a run alone is a line with markers)
+                             for their spread; a run alone is a line with markers; a run in
+                             progress, short of its epochs with checkpoint.npz kept, is left out)
   fig4-filters.png / .npy    first-layer filters of a --flatten-first CIFAR-10 run, rebuilt as 3D
                              filters from the 1D ones (engine.filters), sorted by variance
   fig5-params.png / .csv     parameter reduction of one layer (3D weights / flattened weights) against
@@ -182,15 +183,29 @@ def aggregate(members):
     return rows
 
 
+def in_progress(folder, settings, log):
+    """A run that has logged fewer epochs than it plans and keeps a checkpoint to continue from: averaging it
+    with finished runs would mix n per epoch in one band. (A run stopped for good has no checkpoint kept.)"""
+    planned = settings.get("epochs")
+    last = log[-1]["epoch"] if log else 0
+    return isinstance(planned, int) and last < planned and (folder / "checkpoint.npz").is_file()
+
+
 def figure3(runs, found, out, band):
     if found is None:
         return skip(3, f"no run folder {runs}")
     usable = []
     for folder, settings in found:
         try:
-            usable.append((folder, settings, read_log(folder)))
+            log = read_log(folder)
         except ValueError as e:
             warn(f"skipped {folder} for Figure 3: {e}")
+            continue
+        if in_progress(folder, settings, log):
+            say(f"Figure 3 leaves out {folder}: in progress (epoch {log[-1]['epoch'] if log else 0} of "
+                f"{settings['epochs']}, checkpoint.npz present)")
+            continue
+        usable.append((folder, settings, log))
     if not usable:
         return skip(3, f"no run folder in {runs} has readable settings.json and log.jsonl")
     groups = group_runs(usable)
@@ -217,7 +232,7 @@ def figure3(runs, found, out, band):
     band_text = "±1 standard deviation (n-1)" if band == "std" else "min to max"
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if max(map(len, per_dataset.values())) > len(colours):  # no two lines of a row share a colour
-        colours = list(plt.get_cmap("tab20").colors)
+        colours = [c for name in ("tab20", "tab20b", "tab20c") for c in plt.get_cmap(name).colors]  # 60
     for row, (dataset, mine) in zip(axes, per_dataset.items()):
         for ax, what, title in zip(row, ("train_acc", "test_acc"), ("training", "test")):
             for i, g in enumerate(mine):

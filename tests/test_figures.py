@@ -166,6 +166,28 @@ def test_every_figure_and_its_numbers(tmp_path, runs, capsys):
         assert float(r["speedup"]) == pytest.approx(base / flat, rel=1e-12)
 
 
+def test_figure3_leaves_out_a_run_in_progress_but_keeps_one_stopped_for_good(tmp_path, capsys):
+    """A seed short of its planned epochs with checkpoint.npz kept is still running (or to be resumed): it is
+    left out with a line saying so. Short without a checkpoint, it was stopped for good and is averaged."""
+    root = tmp_path / "runs"
+    write_run(root / "s0", settings("flattened", 0), [(0.2, 0.3), (0.4, 0.5)])
+    write_run(root / "s1", settings("flattened", 1), [(0.3, 0.4), (0.5, 0.6)])
+    write_run(root / "s2", settings("flattened", 2), [(0.9, 0.9)])  # epoch 1 of 2
+    (root / "s2" / "checkpoint.npz").write_bytes(b"not read")
+    got = run(["--runs", root, "--out", tmp_path / "a", "--figures", "3"], capsys)
+    assert f"Figure 3 leaves out {root / 's2'}: in progress (epoch 1 of 2, checkpoint.npz present)" in got.out
+    rows = read_csv(tmp_path / "a" / "fig3-accuracy.csv")
+    assert [(r["epoch"], r["n"], r["seeds"]) for r in rows] == [("1", "2", "0 1"), ("2", "2", "0 1")]
+    assert float(rows[0]["test_acc_mean_pct"]) == pytest.approx(35.0)
+
+    (root / "s2" / "checkpoint.npz").unlink()
+    got = run(["--runs", root, "--out", tmp_path / "b", "--figures", "3"], capsys)
+    assert "leaves out" not in got.out
+    rows = read_csv(tmp_path / "b" / "fig3-accuracy.csv")
+    assert [(r["epoch"], r["n"]) for r in rows] == [("1", "3"), ("2", "2")]
+    assert float(rows[0]["test_acc_mean_pct"]) == pytest.approx(100 * (0.3 + 0.4 + 0.9) / 3)
+
+
 def test_figure5_counts_are_the_built_layers(tmp_path, capsys):
     def weights(layer):
         return sum(v.size for k, v in layer.params.items() if not k.endswith("bias"))
@@ -336,15 +358,15 @@ def test_compare_runs_speed_per_range_splits_a_run_continued_on_another_machine(
 
 
 def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypatch, capsys):
-    """16 CIFAR-10 experiments and 9 MNIST ones, as many as docs/runs holds: each row's legend stays inside the
-    figure, clear of the other row's, and no two lines of a row share a colour."""
+    """22 CIFAR-10 experiments and 13 MNIST ones, a few more than docs/runs holds (20 and 12): each row's legend
+    stays inside the figure, clear of the other row's, and no two lines of a row share a colour."""
     def varied(i):  # seven settings differ: each legend entry wraps to three lines, as the real runs' do
         return dict(lr=0.01 * (i + 1), weight_decay=1e-4 * (i + 1), lr_drop_epochs=[10 + i, 20 + i],
                     init=("auto", "delta")[i % 2], augment=("none", "flip", "flip,crop2", "flip,crop4")[i % 4],
                     dampening=(0.0, 0.9)[i % 2], pool_mode=("ceil", "floor")[i % 2])
-    for i in range(16):
+    for i in range(22):
         write_run(tmp_path / "runs" / f"c{i}", settings("flattened", 0, **varied(i)), [(0.2, 0.3), (0.4, 0.5)])
-    for i in range(9):
+    for i in range(13):
         write_run(tmp_path / "runs" / f"m{i}", settings("baseline", 0, dataset="mnist", **varied(i)),
                   [(0.5, 0.6), (0.7, 0.8)])
     drawn = []
@@ -355,7 +377,7 @@ def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypat
     fig.canvas.draw()
     height = fig.bbox.height
     legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
-    assert [len(leg.get_texts()) for leg in legends] == [16, 9]
+    assert [len(leg.get_texts()) for leg in legends] == [22, 13]
     assert all(t.get_text().count("\n") == 2 for leg in legends for t in leg.get_texts())  # three lines each
     boxes = [leg.get_window_extent() for leg in legends]
     for box in boxes:
@@ -364,4 +386,4 @@ def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypat
     for ax in fig.axes[:2]:  # the CIFAR-10 row's two panels
         colours = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
                    for line in ax.get_lines()]
-        assert len(colours) == 16 and len(set(colours)) == 16
+        assert len(colours) == 22 and len(set(colours)) == 22
