@@ -194,7 +194,7 @@ def in_progress(folder, settings, log):
 def figure3(runs, found, out, band):
     if found is None:
         return skip(3, f"no run folder {runs}")
-    usable = []
+    usable, running = [], 0
     for folder, settings in found:
         try:
             log = read_log(folder)
@@ -204,10 +204,12 @@ def figure3(runs, found, out, band):
         if in_progress(folder, settings, log):
             say(f"Figure 3 leaves out {folder}: in progress (epoch {log[-1]['epoch'] if log else 0} of "
                 f"{settings['epochs']}, checkpoint.npz present)")
+            running += 1
             continue
         usable.append((folder, settings, log))
     if not usable:
-        return skip(3, f"no run folder in {runs} has readable settings.json and log.jsonl")
+        return skip(3, f"no run folder in {runs} has readable settings.json and log.jsonl"
+                       f"{f' and is finished ({running} in progress)' if running else ''}")
     groups = group_runs(usable)
     csv_path, png_path = out / "fig3-accuracy.csv", out / "fig3-accuracy.png"
     rows = []

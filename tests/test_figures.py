@@ -180,6 +180,13 @@ def test_figure3_leaves_out_a_run_in_progress_but_keeps_one_stopped_for_good(tmp
     assert [(r["epoch"], r["n"], r["seeds"]) for r in rows] == [("1", "2", "0 1"), ("2", "2", "0 1")]
     assert float(rows[0]["test_acc_mean_pct"]) == pytest.approx(35.0)
 
+    alone = tmp_path / "alone"
+    write_run(alone / "s3", settings("flattened", 3), [(0.9, 0.9)])
+    (alone / "s3" / "checkpoint.npz").write_bytes(b"not read")
+    got = run(["--runs", alone, "--out", tmp_path / "c", "--figures", "3"], capsys)
+    assert "Figure 3 skipped: no run folder in" in got.out and "and is finished (1 in progress)" in got.out
+    assert not (tmp_path / "c" / "fig3-accuracy.csv").exists()
+
     (root / "s2" / "checkpoint.npz").unlink()
     got = run(["--runs", root, "--out", tmp_path / "b", "--figures", "3"], capsys)
     assert "leaves out" not in got.out
@@ -342,7 +349,8 @@ def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run
 
 def test_compare_runs_speed_per_range_splits_a_run_continued_on_another_machine():
     """The cutout run's epochs 1-87 ran on an AVX2-only machine, 88-180 on an AVX-512 one: --speed with --ranges
-    prints each part's own figures (summing to the whole run's minutes), which results.md quotes."""
+    prints each part's own figures (145.5 and 59.9 minutes, rounded, of the whole run's 205.4), which results.md
+    quotes."""
     root = Path(__file__).resolve().parents[1]
     run = root / "docs" / "runs" / "long180-cutout8-flattened-cifar10"
     r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(run), "--speed",
