@@ -336,6 +336,8 @@ def test_compare_runs_prints_the_figures_results_md_quotes():
      "136 minutes (images/s 331, 1,213, 1,365; s/epoch 37, 41, 151"),
     ("long180-flattened-cifar10-s2", "130 min; images/s 294, 1,266, 1,442; s/epoch 35, 39, 170",
      "130 minutes (images/s 294,\n1,266, 1,442; s/epoch 35, 39, 170"),
+    ("long180-cutout8-flattened-cifar10-s1", "122 min; images/s 943, 1,281, 1,453; s/epoch 34, 39, 53",
+     "122 minutes\n(images/s 943, 1,281, 1,453; s/epoch 34, 39, 53"),
     ("seeds/baseline-cifar10-s0", "2 min; images/s 328, 363, 376; s/epoch 27, 28, 31",
      "2 minutes (images/s 328 / 363 /\n376, min / median / max")])
 def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run, printed, quoted):
