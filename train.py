@@ -268,11 +268,12 @@ def run(args, dist=None):
     from engine.distributed import DistributedError
     from engine.data import DatasetError, default_cache_dir, default_data_dir, load_dataset
     from engine.npzfile import check_writable_folder
-    from engine.trainer import CheckpointError, Trainer, TrainingDiverged, load_checkpoint, plot_history
+    from engine.trainer import (CHECKPOINT_FILE, CheckpointError, Trainer, TrainingDiverged, load_checkpoint,
+                                plot_history)
     from models.paper import build, format_summary
 
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
-    ckpt = out / "checkpoint.npz"
+    ckpt = out / CHECKPOINT_FILE
     is_root = dist is None or dist.is_root  # distributed: rank 0 alone reads and writes the run folder
     if args.resume and is_root and not ckpt.is_file():
         sys.exit(f"error: --resume: no checkpoint at {ckpt}")

@@ -66,12 +66,11 @@ def main(argv=None):
         print("| " + " | ".join(row) + " |")
     print()
     for name, log in zip(names, logs):
-        parts = []
-        for lo, hi in args.ranges:
-            recs = [log[e] for e in range(lo, hi + 1) if e in log]
-            if recs:
-                parts.append(f"epochs {lo}-{recs[-1]['epoch']}: mean test {100 * statistics.mean(r['test_acc'] for r in recs):.2f}%"
-                             f", train {100 * statistics.mean(r['train_acc'] for r in recs):.2f}%")
+        # each --ranges range as its records, labelled by its first asked-for and last logged epoch
+        spans = [(f"epochs {lo}-{recs[-1]['epoch']}", recs) for lo, hi in args.ranges
+                 if (recs := [log[e] for e in range(lo, hi + 1) if e in log])]
+        parts = [f"{label}: mean test {100 * statistics.mean(r['test_acc'] for r in recs):.2f}%"
+                 f", train {100 * statistics.mean(r['train_acc'] for r in recs):.2f}%" for label, recs in spans]
         best = max(log.values(), key=lambda r: r["test_acc"])
         parts.append(f"best test {100 * best['test_acc']:.2f}% (epoch {best['epoch']})")
         for t in args.reach:
@@ -80,10 +79,8 @@ def main(argv=None):
         print(f"{name}: " + "; ".join(parts))
         if args.speed:
             print(f"{name}: {_speed(log.values())}")
-            for lo, hi in args.ranges:
-                recs = [log[e] for e in range(lo, hi + 1) if e in log]
-                if recs:
-                    print(f"{name}: epochs {lo}-{recs[-1]['epoch']}: {_speed(recs)}")
+            for label, recs in spans:
+                print(f"{name}: {label}: {_speed(recs)}")
     return 0
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from models.recipes import complete_settings, setting_text
 
 from .npzfile import check_writable_folder
+from .trainer import CHECKPOINT_FILE
 
 # Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned
 # epochs and the recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same experiment.
@@ -184,11 +185,12 @@ def aggregate(members):
 
 
 def in_progress(folder, settings, log):
-    """A run that has logged fewer epochs than it plans and keeps a checkpoint to continue from: averaging it
-    with finished runs would mix n per epoch in one band. (A run stopped for good has no checkpoint kept.)"""
-    planned = settings.get("epochs")
-    last = log[-1]["epoch"] if log else 0
-    return isinstance(planned, int) and last < planned and (folder / "checkpoint.npz").is_file()
+    """A run that has logged fewer epochs than it plans and keeps a checkpoint to continue from: its last
+    epoch, else None. Averaging it with finished runs would mix n per epoch in one band. (A run stopped for
+    good has no checkpoint kept.)"""
+    planned, last = settings.get("epochs"), log[-1]["epoch"] if log else 0
+    running = isinstance(planned, int) and last < planned and (folder / CHECKPOINT_FILE).is_file()
+    return last if running else None
 
 
 def figure3(runs, found, out, band):
@@ -201,9 +203,10 @@ def figure3(runs, found, out, band):
         except ValueError as e:
             warn(f"skipped {folder} for Figure 3: {e}")
             continue
-        if in_progress(folder, settings, log):
-            say(f"Figure 3 leaves out {folder}: in progress (epoch {log[-1]['epoch'] if log else 0} of "
-                f"{settings['epochs']}, checkpoint.npz present)")
+        last = in_progress(folder, settings, log)
+        if last is not None:
+            say(f"Figure 3 leaves out {folder}: in progress (epoch {last} of {settings['epochs']}, "
+                f"{CHECKPOINT_FILE} present)")
             running += 1
             continue
         usable.append((folder, settings, log))

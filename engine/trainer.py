@@ -20,6 +20,8 @@ from .backend import ops_for, to_numpy
 from .losses import SoftmaxCrossEntropy
 from .trainstep import make_step
 
+CHECKPOINT_FILE = "checkpoint.npz"  # in the run folder, beside log.jsonl: what --resume continues from
+
 CHECKPOINT_VERSION = 1
 READ_EVERY = 20  # steps between reads of the running loss and count from a device (from the CPU: every step)
 
@@ -237,7 +239,7 @@ class Trainer:
 
     @property
     def checkpoint_path(self):
-        return self.out / "checkpoint.npz"
+        return self.out / CHECKPOINT_FILE
 
     # state ------------------------------------------------------------------------
     def _meta(self):

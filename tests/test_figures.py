@@ -351,8 +351,8 @@ def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run
 
 def test_compare_runs_speed_per_range_splits_a_run_continued_on_another_machine():
     """The cutout run's epochs 1-87 ran on an AVX2-only machine, 88-180 on an AVX-512 one: --speed with --ranges
-    prints each part's own figures (145.5 and 59.9 minutes, rounded, of the whole run's 205.4), which results.md
-    quotes."""
+    prints each part's own figures (each rounded to the minute, so the parts add up to one more than the
+    whole), which results.md quotes."""
     root = Path(__file__).resolve().parents[1]
     run = root / "docs" / "runs" / "long180-cutout8-flattened-cifar10"
     r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(run), "--speed",
