@@ -7,6 +7,15 @@ file). Read without numpy's loader and never with pickles: the format's reader
 member's npy header is read and checked against that, against the zip directory's
 size for it and against a total bound, before any array is allocated. Nothing else in
 the file is read, so a hostile file is refused at the cost of its headers.
+
+A compressed file (save(..., compress=True)) stores each numeric array of more than one
+byte per value byte-shuffled before deflating it: a uint8 member of shape (itemsize, n)
+whose row i holds byte i of every value, so that the exponent bytes of weights, which
+vary little, compress apart from their mantissas, which hardly compress at all (float32
+weights shrink to about 85% instead of 93%). The JSON document names those members with
+their dtype and shape under SHUFFLED; `load` checks the entry against the format's
+reader and the member's header against the entry, and returns the arrays as written.
+numpy's own loader sees the uint8 rows, never wrong values.
 """
 import json
 import math
@@ -21,6 +30,9 @@ import numpy as np
 MAX_BYTES = 2 << 30        # all arrays of one file together
 MAX_META_BYTES = 16 << 20  # the JSON document (a string array of 4-byte characters)
 MAX_MEMBERS = 100_000
+SHUFFLED = "byte_shuffled"  # the JSON document's entry {member: [dtype, shape]} of a compressed file's shuffled members
+SHUFFLE_DTYPES = {f"<{k}{n}" for k in "fiu" for n in (2, 4, 8)}
+MAX_NDIM = 32
 
 
 class FileFormatError(ValueError):
@@ -43,10 +55,22 @@ class Member(NamedTuple):
 def save(path, arrays, meta, compress=False):
     """Write `arrays` (name -> array) and `meta` (JSON-able, stored as the string array 'meta') atomically.
 
-    compress=True deflates every member (numpy's savez_compressed); `load` reads either, with the
+    compress=True byte-shuffles each numeric array of more than one byte per value (see the module's
+    docstring) and deflates every member (numpy's savez_compressed); `load` reads either, with the
     same checks: a deflated member's header and the zip directory's size for it are checked before
     its data is inflated, and exactly that many bytes are inflated.
     """
+    if SHUFFLED in meta:
+        raise ValueError(f"{SHUFFLED!r} is the file format's own entry of the JSON document")
+    if compress:
+        arrays, table = dict(arrays), {}
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            if f"<{a.dtype.kind}{a.dtype.itemsize}" in SHUFFLE_DTYPES:
+                a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # (0-d stays 0-d)
+                table[name] = [a.dtype.str, list(a.shape)]
+                arrays[name] = np.ascontiguousarray(a.reshape(-1).view(np.uint8).reshape(-1, a.dtype.itemsize).T)
+        meta = dict(meta, **{SHUFFLED: table})
     savez = np.savez_compressed if compress else np.savez
     return _write_atomic(path, lambda f: savez(f, **arrays, meta=np.array(json.dumps(meta))))
 
@@ -143,10 +167,15 @@ def load(path, what, error, members, max_bytes=MAX_BYTES):
             meta = json.loads(str(_member(z, info["meta"], "meta", Member((), "U"), MAX_META_BYTES)))
             if not isinstance(meta, dict):
                 raise _Refused(f"not a flatnet {what}")
+            table = meta.pop(SHUFFLED, {})
             try:
                 spec = members(meta, [n for n in names if n != "meta"])
             except (ValueError, TypeError, KeyError) as e:
                 raise _Refused(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") from None
+            shuffled = _shuffled(table, spec)
+            stored = dict(spec)  # what each member's npy header must say
+            for k, (dtype, shape) in shuffled.items():
+                stored[k] = Member((dtype.itemsize, math.prod(shape)), "u", spec[k].required)
             unexpected = sorted(set(names) - set(spec) - {"meta"})
             missing = sorted(k for k, m in spec.items() if m.required and k not in info)
             if unexpected or missing:
@@ -156,7 +185,10 @@ def load(path, what, error, members, max_bytes=MAX_BYTES):
             headers, total = {}, 0
             for k in sorted(set(spec) & set(info)):
                 with z.open(info[k]) as f:
-                    shape, fortran, dtype, nbytes = _header(f, k, spec[k], max_bytes - total)
+                    shape, fortran, dtype, nbytes = _header(f, k, stored[k], max_bytes - total)
+                    if k in shuffled and (dtype != np.uint8 or fortran):
+                        raise _Refused(f"byte-shuffled array {k} is stored as {dtype}"
+                                       f"{' (Fortran order)' if fortran else ''}, not uint8 rows")
                     if f.tell() + nbytes != info[k].file_size:
                         raise ValueError(f"array {k}: header declares {nbytes} bytes of data, the zip "
                                          f"directory {info[k].file_size - f.tell()}")
@@ -165,13 +197,44 @@ def load(path, what, error, members, max_bytes=MAX_BYTES):
             arrays = {}
             for k, h in headers.items():  # every header agrees: now the data
                 with z.open(info[k]) as f:
-                    _header(f, k, spec[k], h[3])
+                    _header(f, k, stored[k], h[3])
                     arrays[k] = read_exact(f, h[0], h[2], h[1])
+                if k in shuffled:
+                    arrays[k] = _unshuffle(arrays[k], *shuffled[k])
     except _Refused as e:
         raise error(path, str(e)) from None
     except Exception as e:  # anything else a corrupt file makes zipfile, numpy's header parser or json raise
         raise error(path, f"truncated or corrupt {what} ({type(e).__name__}: {e})") from None
     return arrays, meta
+
+
+def _shuffled(table, spec):
+    """{name: (dtype, shape)} of the byte-shuffled members the JSON document's `table` names, checked against `spec`."""
+    if not isinstance(table, dict):
+        raise _Refused(f"{SHUFFLED} must map array names to [dtype, shape]")
+    out = {}
+    for name, entry in table.items():
+        if name not in spec:
+            raise _Refused(f"{SHUFFLED} names {name!r:.100}, which is not one of the file's arrays")
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in SHUFFLE_DTYPES
+                and isinstance(entry[1], list) and len(entry[1]) <= MAX_NDIM
+                and all(type(n) is int and n >= 0 for n in entry[1])):
+            raise _Refused(f"{SHUFFLED} entry of {name}: {entry!r:.100} is not [dtype, shape] of a numeric array")
+        dtype, shape = np.dtype(entry[0]), tuple(entry[1])
+        member = spec[name]
+        if dtype.kind not in member.kinds:
+            raise _Refused(f"array {name} has dtype {dtype}; expected {_kinds(member.kinds)}")
+        if member.shape is not None and shape != tuple(member.shape):
+            raise _Refused(f"array {name} has shape {shape}, expected {tuple(member.shape)}")
+        out[name] = dtype, shape
+    return out
+
+
+def _unshuffle(rows, dtype, shape):
+    """The array of `dtype` and `shape` whose values' bytes are the (itemsize, n) uint8 `rows`."""
+    out = np.empty(math.prod(shape), dtype=dtype)
+    out.view(np.uint8).reshape(-1, dtype.itemsize)[...] = rows.T
+    return out.reshape(shape)
 
 
 def _member(z, info, name, member, limit):

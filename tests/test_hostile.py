@@ -172,6 +172,81 @@ def test_deflated_member_larger_than_its_header_says_is_refused(tmp_path):
     assert_refused_cheaply(f"engine.load({str(path)!r})", "ModelFileError", "header declares 12 bytes")
 
 
+def _any_arrays(meta, names):  # npzfile.load's reader for a file of any numeric arrays
+    return {n: npzfile.Member(kinds="fiub") for n in names}
+
+
+def test_compressed_files_give_back_every_array_exactly_and_smaller(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal(100_000) * 0.02).astype(np.float32)
+    arrays = dict(w=weights, h=weights[:999].astype(np.float16), d=rng.standard_normal((3, 5)),
+                  order=rng.permutation(1000), small=np.arange(7, dtype=np.uint16), i=np.arange(-3, 3, dtype=np.int32),
+                  mask=rng.random(9) < 0.5, scalar=np.float64(np.pi), empty=np.zeros((0, 3), np.float32),
+                  fortran=np.asfortranarray(rng.standard_normal((4, 6)).astype(np.float32)),
+                  big_endian=weights[:10].astype(">f4"))
+    plain = npzfile.save(tmp_path / "plain.npz", arrays, dict(a=1))
+    packed = npzfile.save(tmp_path / "packed.npz", arrays, dict(a=1), compress=True)
+    back, meta = npzfile.load(packed, "file", npzfile.FileFormatError, _any_arrays)
+    assert meta == dict(a=1)  # the format's own entry is not the caller's
+    assert back.keys() == arrays.keys()
+    for k, a in arrays.items():
+        assert back[k].shape == np.shape(a) and back[k].dtype == np.asarray(a).dtype.newbyteorder("="), k
+        np.testing.assert_array_equal(back[k], a, err_msg=k)
+    assert back["w"].tobytes() == weights.tobytes()  # bit for bit, not just equal as numbers
+    # byte-shuffled and deflated, float32 weights take less than 90% of their size (plain deflate: about 93%)
+    assert packed.stat().st_size < 0.9 * plain.stat().st_size
+    with np.load(packed, allow_pickle=False) as raw:  # numpy's loader sees bytes in rows, never wrong weights
+        assert raw["w"].dtype == np.uint8 and raw["w"].shape == (4, 100_000)
+        assert raw["mask"].dtype == bool and raw["mask"].shape == (9,)  # one byte a value: stored as it is
+    with pytest.raises(ValueError, match="the file format's own entry"):
+        npzfile.save(tmp_path / "x.npz", arrays, {npzfile.SHUFFLED: {}}, compress=True)
+
+
+SHUFFLED_CASES = {  # (change to the entry of param/out.bias or the table, replacement member or None, problem)
+    "table": (lambda t: "x", None, "byte_shuffled must map array names to [dtype, shape]"),
+    "unknown": (lambda t: dict(t, nope=["<f4", [3]]), None, "byte_shuffled names 'nope', which is not one of"),
+    "object": (lambda t: dict(t, **{"param/out.bias": ["|O", [3]]}), None, "is not [dtype, shape] of a numeric"),
+    "complex": (lambda t: dict(t, **{"param/out.bias": ["<c8", [3]]}), None, "is not [dtype, shape] of a numeric"),
+    "negative": (lambda t: dict(t, **{"param/out.bias": ["<f4", [-3]]}), None, "is not [dtype, shape] of a numeric"),
+    "float dim": (lambda t: dict(t, **{"param/out.bias": ["<f4", [3.0]]}), None, "is not [dtype, shape]"),
+    "integer": (lambda t: dict(t, **{"param/out.bias": ["<i4", [3]]}), None,
+                "array param/out.bias has dtype int32; expected floating-point"),
+    "format shape": (lambda t: dict(t, **{"param/out.bias": ["<f4", [4]]}), None,
+                     "array param/out.bias has shape (4,), expected (3,)"),
+    "header shape": (lambda t: dict(t, **{"param/out.bias": ["<f8", [3]]}), None,
+                     "array param/out.bias has shape (4, 3), expected (8, 3)"),
+    "not rows": (None, npy((3,), "<f4"), "array param/out.bias has dtype float32; expected unsigned integer"),
+    "wide rows": (None, npy((4, 3), "<u2"), "byte-shuffled array param/out.bias is stored as uint16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHUFFLED_CASES))
+def test_a_byte_shuffled_member_is_checked_against_its_entry_and_the_format(tmp_path, case):
+    change, member, match = SHUFFLED_CASES[case]
+    src = engine.save_model(tmp_path / "m.npz", tiny_net(), (1, 8, 8), ["a", "b", "c"], {}, compress=True)
+    np.testing.assert_array_equal(engine.load(src).net.params["out.bias"], tiny_net().params["out.bias"])
+    m, arrays = model_meta(src), members_of(src)
+    if change:
+        m[npzfile.SHUFFLED] = change(m[npzfile.SHUFFLED])
+    if member is not None:
+        arrays["param/out.bias"] = member
+    arrays["meta"] = meta_bytes(m)
+    path = write_zip(tmp_path / "bad.npz", arrays)
+    with pytest.raises(ModelFileError, match=re.escape(match)) as e:
+        engine.load(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_a_byte_shuffled_entry_claiming_a_huge_array_is_refused_cheaply(tmp_path):
+    # a checkpoint read without a model accepts any shape: the entry and the header agree on 2^40 values, no data
+    meta = dict(epoch=0, step_in_epoch=0, running=dict(loss=0.0, correct=0, seen=0, seconds=0.0), history=[],
+                data_rng=np.random.default_rng(0).bit_generator.state, model_rng=None, settings={}, config={}, version=1,
+                **{npzfile.SHUFFLED: {"param/w": ["<f4", [1 << 40]]}})
+    path = write_zip(tmp_path / "tib.npz", {"meta": meta_bytes(meta), "param/w": npy((4, 1 << 40), "|u1", b"")})
+    assert_refused_cheaply(f"trainer.load_checkpoint({str(path)!r})", "CheckpointError",
+                           f"exceeds the limit of {npzfile.MAX_BYTES} bytes")
+
+
 def test_mnist_gzip_bomb_is_refused_after_the_header_size(tmp_path):
     folder = tmp_path / "mnist"
     write_mnist(tmp_path, np.random.default_rng(0))
@@ -430,13 +505,19 @@ def interrupted_run(tmp_path):
 
 
 def _rewrite_checkpoint(src, dst, meta_change=None, arrays_change=None):
+    """`src` with its JSON document and raw npy members changed; a member replaced or removed is no longer listed
+    as byte-shuffled (a replacement is plain npy)."""
     arrays = members_of(src)
+    m = json.loads(str(np.load(io.BytesIO(arrays["meta"]), allow_pickle=False)))
     if meta_change:
-        m = json.loads(str(np.load(io.BytesIO(arrays["meta"]), allow_pickle=False)))
         meta_change(m)
-        arrays["meta"] = meta_bytes(m)
     if arrays_change:
+        before = dict(arrays)
         arrays_change(arrays)
+        for name in before:
+            if arrays.get(name) is not before[name]:
+                m[npzfile.SHUFFLED].pop(name, None)
+    arrays["meta"] = meta_bytes(m)
     return write_zip(dst, arrays)
 
 
