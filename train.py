@@ -406,7 +406,8 @@ def run(args, dist=None):
             launch = f"mpirun -np {dist.size} " if dist is not None else ""  # (or any number of ranks, or none)
             print(f"continue with: {launch}python {shlex.quote(os.path.relpath(__file__))} "
                   f"--out {shlex.quote(str(out))} --resume")
-            return 128 + int(trainer.stop_signal or signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM
+            # 130 after Ctrl-C, 143 after SIGTERM, 138 after SIGUSR1 (distributed: on every rank, the signal they agreed on)
+            return 128 + int(trainer.stop_signal or signal.SIGINT)
         acc = trainer.history[-1]["test_acc"]  # the last epoch's evaluation saw these very weights
         if is_root:
             engine.save_model(out / "model.npz", model, in_shape, data["classes"],

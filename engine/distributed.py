@@ -25,7 +25,9 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
   ``Allreduce(IN_PLACE, buffer, SUM)`` gives every rank the gradient of the global batch's
   mean loss, the global loss and count, and whether any rank was asked to stop (SIGINT or SIGTERM, or
   SIGUSR1, which mpirun forwards to every rank: they all stop after the same step, save
-  a checkpoint and end as an interrupted run does).
+  a checkpoint and end as an interrupted run does, every rank with the exit status of the
+  same signal: SIGTERM's if any rank had one, else SIGINT's, else SIGUSR1's; one flag per
+  signal in the buffer, so a sum still says which).
   Every rank then applies the same SGD update. A NaN loss on any rank makes the summed
   loss NaN on all of them, and they stop together (TrainingDiverged).
 - What agrees with one process: the weights after k steps equal single-process training
@@ -72,7 +74,10 @@ from .plan import aligned_empty
 # Set by the launchers this knows: Open MPI's mpirun (OMPI_*), MPICH's and Intel MPI's hydra (PMI_*),
 # PMIx-based launchers such as srun --mpi=pmix (PMIX_RANK).
 LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
-TAIL = 3  # floats after the gradients in the reduced buffer: loss share, number correct, stop flag
+# The signals that stop a run, in the order the ranks agree on one when they were stopped by different ones
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
+TAIL = 2 + len(STOP_SIGNALS)  # floats after the gradients in the reduced buffer: loss share, number correct, the
+#                               ranks asking for a stop by each of STOP_SIGNALS
 ALIGN = 16  # float32 elements: every gradient view starts on a 64-byte boundary
 
 
@@ -163,7 +168,7 @@ class Distributed:
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.buf, self.n_grads = None, 0
-        self.stop_agreed = False
+        self.stop_agreed = None  # after each step's reduction: the signal every rank stops for, or None
         self.install_excepthook()
 
     @property
@@ -305,7 +310,7 @@ class Distributed:
         return float(sums[0]) / len(x), int(sums[1]) / len(x)
 
     def wrap(self, step, stop_requested):
-        """The trainer's step, distributed; stop_requested() is this rank's Ctrl-C / SIGTERM flag.
+        """The trainer's step, distributed; stop_requested() is the signal of this rank's Ctrl-C or SIGTERM, or None.
 
         SIGUSR1 (which mpirun forwards to every rank; Ctrl-C makes it kill them) asks for a stop as Ctrl-C does
         without MPI: the ranks agree at the next step's reduction, save a checkpoint and stop."""
@@ -408,9 +413,10 @@ class DistributedStep:
         else:  # an epoch's last batch with fewer images than ranks
             grads[...] = 0
             tail[0] = tail[1] = 0
-        tail[2] = 1.0 if self.signalled or self._stop_requested() else 0.0
+        mine = self._stop_requested() or (signal.SIGUSR1 if self.signalled else None)
+        tail[2:] = [float(s == mine) for s in STOP_SIGNALS]
         d.comm.Allreduce(d.MPI.IN_PLACE, d.buf, op=d.MPI.SUM)
-        d.stop_agreed = bool(tail[2] > 0)
+        d.stop_agreed = next((s for s, n in zip(STOP_SIGNALS, tail[2:]) if n > 0), None)
         return float(tail[0]), int(round(float(tail[1])))
 
     def backward(self):

@@ -240,7 +240,7 @@ class Trainer:
         self.step, self.step_note = make_step(model, self.cfg.get("step", "auto"),
                                               -(-self.cfg["batch_size"] // (dist.size if dist else 1)))
         if dist is not None:
-            self.step = dist.wrap(self.step, lambda: self.stop_requested)
+            self.step = dist.wrap(self.step, self._requested_signal)
 
     @property
     def checkpoint_path(self):
@@ -262,9 +262,13 @@ class Trainer:
                 return
         save_checkpoint(self.checkpoint_path, self.model, self.velocity, meta, self.perm)
 
+    def _requested_signal(self):
+        """The signal this process was asked to stop by (SIGINT when stop_requested was set without one), or None."""
+        return (self.stop_signal or signal.SIGINT) if self.stop_requested else None
+
     def _stopping(self):
         """Stop now? This process's Ctrl-C or SIGTERM; distributed, any rank's, as agreed at the last step's reduction."""
-        return self.stop_requested if self.dist is None else self.dist.stop_agreed
+        return self.stop_requested if self.dist is None else self.dist.stop_agreed is not None
 
     def _write_log(self):
         """Rewrite log.jsonl from the history (the checkpoint's), atomically: it never disagrees with the checkpoint."""
@@ -310,7 +314,8 @@ class Trainer:
 
     def run(self):
         """Train until cfg['epochs'] epochs are done; returns 'done' or 'interrupted' (then stop_signal says
-        which signal stopped this process, or None when another rank's did)."""
+        which signal stopped the run: this process's, None when stop_requested was set without one, or,
+        distributed, the one every rank agreed on, whichever rank received it)."""
         handlers = {}
         try:
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -320,6 +325,8 @@ class Trainer:
         try:
             while self.epoch < self.cfg["epochs"]:
                 if not self._run_epoch():
+                    if self.dist is not None:
+                        self.stop_signal = self.dist.stop_agreed
                     self.save()
                     self.log(f"saved {self.checkpoint_path} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
                     return "interrupted"

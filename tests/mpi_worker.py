@@ -1,7 +1,7 @@
 """One rank of a data-parallel job for tests/test_distributed.py: a Trainer on tiny in-memory data.
 
     mpirun -np 2 python tests/mpi_worker.py OUT [--epochs N] [--no-dropout] [--resume] [--fail raise|kill|nan]
-                                                [--signal-at EPOCH,STEP]
+                                                [--signal-at EPOCH,STEP] [--send RANK,SIGNAL,EPOCH,STEP ...]
     python tests/mpi_worker.py OUT --plain ...       # the same run in one process, without MPI
 
 Every rank writes into OUT/rank<r> (so a test sees which ranks wrote anything); with --plain,
@@ -52,6 +52,9 @@ def main(args, dist):
     def fail(t):
         if rank == 0 and args.signal_at and [t.epoch, t.step_in_epoch] == args.signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)  # this rank only: the others learn it at the next reduction
+        for to, signum, epoch, step in args.send:
+            if to == rank and [t.epoch, t.step_in_epoch] == [epoch, step]:
+                os.kill(os.getpid(), signum)
         if rank == 1 and t.epoch == 1 and t.step_in_epoch == 2:
             if args.fail == "raise":
                 raise RuntimeError("rank 1 fails on purpose")
@@ -72,7 +75,8 @@ def main(args, dist):
     status = t.run()
     if args.record_inputs:
         np.savez(out / "inputs.npz", *seen)
-    print(f"rank {rank} of {dist.size if dist else 1}: {status}, step {t.step.name}, history {len(t.history)}")
+    by = f" by {signal.Signals(t.stop_signal).name}" if t.stop_signal else ""
+    print(f"rank {rank} of {dist.size if dist else 1}: {status}{by}, step {t.step.name}, history {len(t.history)}")
     return 0
 
 
@@ -90,6 +94,9 @@ if __name__ == "__main__":
     p.add_argument("--plain", action="store_true", help="one process, no MPI")
     p.add_argument("--signal-at", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="EPOCH,STEP (0-based epoch): rank 0 sends itself SIGUSR1 after that step")
+    p.add_argument("--send", action="append", default=[],
+                   type=lambda s: [int(v) if i != 1 else signal.Signals[v] for i, v in enumerate(s.split(","))],
+                   help="RANK,SIGNAL,EPOCH,STEP: that rank sends itself SIGNAL (e.g. SIGTERM) after that step")
     a = p.parse_args()
     if a.plain:
         sys.exit(main(a, None))

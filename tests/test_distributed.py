@@ -234,6 +234,20 @@ def test_one_rank_equals_a_plain_run_exactly_and_resume_with_two_ranks_is_exact(
         np.testing.assert_array_equal(ps[name], pr[name], err_msg=name)
 
 
+@pytest.mark.parametrize("sends, agreed", [(["1,SIGUSR1"], "SIGUSR1"), (["0,SIGUSR1", "1,SIGTERM"], "SIGTERM"),
+                                           (["0,SIGTERM", "1,SIGINT"], "SIGTERM"), (["1,SIGINT"], "SIGINT")])
+def test_ranks_stopped_by_signals_stop_together_for_one_signal(mpi, tmp_path, sends, agreed):
+    """Signals reach some ranks after the same step: every rank stops after the next one, and every rank reports
+    the same signal (train.py exits 128 + it on each rank), SIGTERM's when any rank had one (a batch system's stop)."""
+    args = [a for to_sig in sends for a in ("--send", f"{to_sig},1,1")]
+    r = worker(tmp_path / "run", "--epochs", "2", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: interrupted by {agreed}," in r.stdout, r.stdout + r.stderr
+    meta = ckpt(tmp_path / "run")[2]
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 2)  # after the step following the signals' step
+
+
 @pytest.mark.parametrize("fail", ["raise", "kill", "nan"])
 def test_a_failing_rank_stops_the_job_with_its_message(mpi, tmp_path, fail):
     """Rank 1 raises or is killed in epoch 2, or the loss is NaN: the job ends within seconds, non-zero,
