@@ -216,9 +216,10 @@ def _shuffled(table, spec):
     for name, entry in table.items():
         if name not in spec:
             raise _Refused(f"{SHUFFLED} names {name!r:.100}, which is not one of the file's arrays")
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in SHUFFLE_DTYPES
-                and isinstance(entry[1], list) and len(entry[1]) <= MAX_NDIM
-                and all(type(n) is int and n >= 0 for n in entry[1])):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and entry[0] in SHUFFLE_DTYPES and isinstance(entry[1], list) and len(entry[1]) <= MAX_NDIM
+                and all(type(n) is int and n >= 0 for n in entry[1])
+                and math.prod(n for n in entry[1] if n) < 1 << 63):  # (what numpy can index, even when empty)
             raise _Refused(f"{SHUFFLED} entry of {name}: {entry!r:.100} is not [dtype, shape] of a numeric array")
         dtype, shape = np.dtype(entry[0]), tuple(entry[1])
         member = spec[name]

@@ -45,9 +45,9 @@ def tiny_model_file(path, seed=0):
     return engine.save_model(path, tiny_net(seed), (1, 8, 8), ["a", "b", "c"], {})
 
 
-def npy(shape, descr="<f4", data=None):
+def npy(shape, descr="<f4", data=None, fortran=False):
     """npy bytes whose header says `shape` and `descr`, followed by `data` (default: exactly that many zeros)."""
-    header = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)}).encode()
+    header = repr({"descr": descr, "fortran_order": fortran, "shape": tuple(shape)}).encode()
     header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
     if data is None:
         data = bytes(math.prod(shape) * np.dtype(descr).itemsize)
@@ -183,8 +183,8 @@ def test_compressed_files_give_back_every_array_exactly_and_smaller(tmp_path):
                   order=rng.permutation(1000), small=np.arange(7, dtype=np.uint16), i=np.arange(-3, 3, dtype=np.int32),
                   mask=rng.random(9) < 0.5, scalar=np.float64(np.pi), empty=np.zeros((0, 3), np.float32),
                   fortran=np.asfortranarray(rng.standard_normal((4, 6)).astype(np.float32)),
-                  big_endian=weights[:10].astype(">f4"))
-    plain = npzfile.save(tmp_path / "plain.npz", arrays, dict(a=1))
+                  big_endian=weights[:10].astype(">f4"), big_endian_int=np.arange(-2, 3, dtype=">i8"),
+                  strided=weights[::7])
     packed = npzfile.save(tmp_path / "packed.npz", arrays, dict(a=1), compress=True)
     back, meta = npzfile.load(packed, "file", npzfile.FileFormatError, _any_arrays)
     assert meta == dict(a=1)  # the format's own entry is not the caller's
@@ -193,8 +193,9 @@ def test_compressed_files_give_back_every_array_exactly_and_smaller(tmp_path):
         assert back[k].shape == np.shape(a) and back[k].dtype == np.asarray(a).dtype.newbyteorder("="), k
         np.testing.assert_array_equal(back[k], a, err_msg=k)
     assert back["w"].tobytes() == weights.tobytes()  # bit for bit, not just equal as numbers
-    # byte-shuffled and deflated, float32 weights take less than 90% of their size (plain deflate: about 93%)
-    assert packed.stat().st_size < 0.9 * plain.stat().st_size
+    # byte-shuffled, the weights deflate to less than 95% of what plain deflate gives (measured: 92%)
+    np.savez_compressed(tmp_path / "deflated.npz", **arrays)
+    assert packed.stat().st_size < 0.95 * (tmp_path / "deflated.npz").stat().st_size
     with np.load(packed, allow_pickle=False) as raw:  # numpy's loader sees bytes in rows, never wrong weights
         assert raw["w"].dtype == np.uint8 and raw["w"].shape == (4, 100_000)
         assert raw["mask"].dtype == bool and raw["mask"].shape == (9,)  # one byte a value: stored as it is
@@ -204,6 +205,11 @@ def test_compressed_files_give_back_every_array_exactly_and_smaller(tmp_path):
 
 SHUFFLED_CASES = {  # (change to the entry of param/out.bias or the table, replacement member or None, problem)
     "table": (lambda t: "x", None, "byte_shuffled must map array names to [dtype, shape]"),
+    "no entry": (lambda t: {k: v for k, v in t.items() if k != "param/out.bias"}, None,  # the rows as they are
+                 "array param/out.bias has dtype uint8; expected floating-point"),
+    "dtype list": (lambda t: dict(t, **{"param/out.bias": [["<f4"], [3]]}), None, "is not [dtype, shape]"),
+    "huge dims": (lambda t: dict(t, **{"param/out.bias": ["<f4", [0, 1 << 40, 1 << 40]]}), None,
+                  "is not [dtype, shape]"),
     "unknown": (lambda t: dict(t, nope=["<f4", [3]]), None, "byte_shuffled names 'nope', which is not one of"),
     "object": (lambda t: dict(t, **{"param/out.bias": ["|O", [3]]}), None, "is not [dtype, shape] of a numeric"),
     "complex": (lambda t: dict(t, **{"param/out.bias": ["<c8", [3]]}), None, "is not [dtype, shape] of a numeric"),
@@ -217,6 +223,7 @@ SHUFFLED_CASES = {  # (change to the entry of param/out.bias or the table, repla
                      "array param/out.bias has shape (4, 3), expected (8, 3)"),
     "not rows": (None, npy((3,), "<f4"), "array param/out.bias has dtype float32; expected unsigned integer"),
     "wide rows": (None, npy((4, 3), "<u2"), "byte-shuffled array param/out.bias is stored as uint16"),
+    "fortran rows": (None, npy((4, 3), "|u1", fortran=True), "stored as uint8 (Fortran order), not uint8 rows"),
 }
 
 
@@ -516,7 +523,7 @@ def _rewrite_checkpoint(src, dst, meta_change=None, arrays_change=None):
         arrays_change(arrays)
         for name in before:
             if arrays.get(name) is not before[name]:
-                m[npzfile.SHUFFLED].pop(name, None)
+                m.get(npzfile.SHUFFLED, {}).pop(name, None)
     arrays["meta"] = meta_bytes(m)
     return write_zip(dst, arrays)
 
