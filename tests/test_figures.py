@@ -349,22 +349,31 @@ def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run
     assert quoted in (root / "docs" / "results.md").read_text()
 
 
-def test_compare_runs_speed_per_range_splits_a_run_continued_on_another_machine():
-    """The cutout run's epochs 1-87 ran on an AVX2-only machine, 88-180 on an AVX-512 one: --speed with --ranges
-    prints each part's own figures (each rounded to the minute, so the parts add up to one more than the
-    whole), which results.md quotes."""
+@pytest.mark.parametrize("run, ranges, printed, quoted", [
+    # epochs 1-87 ran on an AVX2-only machine, 88-180 on an AVX-512 one (each part rounded to the minute, so the
+    # parts add up to one more than the whole)
+    ("long180-cutout8-flattened-cifar10", "1-87,88-180",
+     ["205 min; images/s 445, 1,216, 1,534; s/epoch 33, 41, 112",
+      "epochs 1-87: 146 min; images/s 445, 523, 579; s/epoch 86, 96, 112",
+      "epochs 88-180: 60 min; images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43"],
+     ["146 minutes (images/s 445,\n523, 579; s/epoch 86, 96, 112",
+      "60 minutes\n(images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43)"]),
+    # a run in progress: the epochs of the session that quotes them, which later sessions' epochs do not change
+    ("long120-baseline-cifar10", "1-55", ["epochs 1-55: 136 min; images/s 251, 356, 401; s/epoch 125, 140, 198"],
+     ["136 minutes for the 55 epochs, evaluations included, at images/s 251, 356, 401; s/epoch 125,\n140, 198"]),
+])
+def test_compare_runs_speed_per_range_prints_each_part_as_results_md_quotes(run, ranges, printed, quoted):
+    """--speed with --ranges prints each range's own figures: a run continued on another machine, or the part
+    of a run in progress that one session trained."""
     root = Path(__file__).resolve().parents[1]
-    run = root / "docs" / "runs" / "long180-cutout8-flattened-cifar10"
-    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(run), "--speed",
-                        "--ranges", "1-87,88-180"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(root / "docs" / "runs" / run),
+                        "--speed", "--ranges", ranges], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    name = run.name
-    assert f"{name}: 205 min; images/s 445, 1,216, 1,534; s/epoch 33, 41, 112 (min, median, max)" in r.stdout
-    assert f"{name}: epochs 1-87: 146 min; images/s 445, 523, 579; s/epoch 86, 96, 112 (min, median, max)" in r.stdout
-    assert f"{name}: epochs 88-180: 60 min; images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43" in r.stdout
+    for line in printed:
+        assert f"{run}: {line} (min, median, max)" in r.stdout, r.stdout
     results = (root / "docs" / "results.md").read_text()
-    assert "146 minutes (images/s 445,\n523, 579; s/epoch 86, 96, 112" in results
-    assert "60 minutes\n(images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43)" in results
+    for text in quoted:
+        assert text in results
 
 
 def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypatch, capsys):
