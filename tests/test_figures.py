@@ -339,7 +339,9 @@ def test_compare_runs_prints_the_figures_results_md_quotes():
     ("long180-cutout8-flattened-cifar10-s1", "122 min; images/s 943, 1,281, 1,453; s/epoch 34, 39, 53",
      "122 minutes\n(images/s 943, 1,281, 1,453; s/epoch 34, 39, 53"),
     ("seeds/baseline-cifar10-s0", "2 min; images/s 328, 363, 376; s/epoch 27, 28, 31",
-     "2 minutes (images/s 328 / 363 /\n376, min / median / max")])
+     "2 minutes (images/s 328 / 363 /\n376, min / median / max"),
+    ("long120-baseline-cifar10", "292 min; images/s 251, 362, 401; s/epoch 125, 138, 198",
+     "292 minutes over the two sessions, evaluations included (images/s 251, 362, 401; s/epoch\n125, 138, 198")])
 def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run, printed, quoted):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(root / "docs" / "runs" / run),
@@ -361,6 +363,8 @@ def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run
     # a run in progress: the epochs of the session that quotes them, which later sessions' epochs do not change
     ("long120-baseline-cifar10", "1-55", ["epochs 1-55: 136 min; images/s 251, 356, 401; s/epoch 125, 140, 198"],
      ["136 minutes for the 55 epochs, evaluations included, at images/s 251, 356, 401; s/epoch 125,\n140, 198"]),
+    ("long120-baseline-cifar10", "1-55,56-120", ["epochs 56-120: 155 min; images/s 329, 365, 397; s/epoch 126, 137, 152"],
+     ["epochs 56–120: 155 minutes (images/s 329,\n365, 397; s/epoch 126, 137, 152)"]),
 ])
 def test_compare_runs_speed_per_range_prints_each_part_as_results_md_quotes(run, ranges, printed, quoted):
     """--speed with --ranges prints each range's own figures: a run continued on another machine, or the part
