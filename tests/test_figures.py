@@ -360,15 +360,16 @@ def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run
       "epochs 88-180: 60 min; images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43"],
      ["146 minutes (images/s 445,\n523, 579; s/epoch 86, 96, 112",
       "60 minutes\n(images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43)"]),
-    # a run in progress: the epochs of the session that quotes them, which later sessions' epochs do not change
-    ("long120-baseline-cifar10", "1-55", ["epochs 1-55: 136 min; images/s 251, 356, 401; s/epoch 125, 140, 198"],
-     ["136 minutes for the 55 epochs, evaluations included, at images/s 251, 356, 401; s/epoch 125,\n140, 198"]),
-    ("long120-baseline-cifar10", "1-55,56-120", ["epochs 56-120: 155 min; images/s 329, 365, 397; s/epoch 126, 137, 152"],
-     ["epochs 56–120: 155 minutes (images/s 329,\n365, 397; s/epoch 126, 137, 152)"]),
+    # a run carried over two sessions: the epochs each session trained, as each quotes them
+    ("long120-baseline-cifar10", "1-55,56-120",
+     ["epochs 1-55: 136 min; images/s 251, 356, 401; s/epoch 125, 140, 198",
+      "epochs 56-120: 155 min; images/s 329, 365, 397; s/epoch 126, 137, 152"],
+     ["136 minutes for the 55 epochs, evaluations included, at images/s 251, 356, 401; s/epoch 125,\n140, 198",
+      "epochs 56–120: 155 minutes (images/s 329,\n365, 397; s/epoch 126, 137, 152)"]),
 ])
 def test_compare_runs_speed_per_range_prints_each_part_as_results_md_quotes(run, ranges, printed, quoted):
-    """--speed with --ranges prints each range's own figures: a run continued on another machine, or the part
-    of a run in progress that one session trained."""
+    """--speed with --ranges prints each range's own figures: a run continued on another machine, or the parts
+    of a run that each session trained."""
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(root / "docs" / "runs" / run),
                         "--speed", "--ranges", ranges], capture_output=True, text=True, timeout=120)
