@@ -7,9 +7,13 @@ docs/results.md quotes when it compares runs.
 
 prints a Markdown table (per chosen epoch: lr, then each run's train and test accuracy, and with
 --loss its test loss), then each run's mean test and train accuracy over each range of epochs,
-its best test accuracy, and the first epoch at which it reached each --reach accuracy; with --speed,
-its wall time, images/s and seconds per epoch, over the whole run and over each range (a run
-continued on another machine has one range per machine).
+its best test accuracy, and the first epoch at which it reached each --reach accuracy; with --final,
+its last epoch's test accuracy and, over two or more runs (seeds), their mean and standard deviation;
+with --speed, its wall time, images/s and seconds per epoch, over the whole run and over each range
+(a run continued on another machine has one range per machine).
+
+docs/results.json holds the arguments of every comparison docs/results.md quotes, with the figures
+this prints for them (tests/test_compare_runs.py runs each one).
 """
 import argparse
 import statistics
@@ -17,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.figures import read_log  # noqa: E402
+from engine.cli.figures import read_log  # noqa: E402
 
 
 def _ints(s):
@@ -44,6 +48,9 @@ def main(argv=None):
     p.add_argument("--ranges", type=_ranges, default=[], help="epoch ranges for the means, e.g. 1-10,41-60")
     p.add_argument("--reach", type=_ints, default=[], help="test accuracies in %% whose first epoch to print, e.g. 80")
     p.add_argument("--loss", action="store_true", help="add each run's test loss to the table")
+    p.add_argument("--final", action="store_true",
+                   help="print each run's last logged epoch and its test accuracy, and over two or more runs the "
+                        "mean and standard deviation (n-1) of those accuracies")
     p.add_argument("--speed", action="store_true",
                    help="print each run's wall time (training and evaluation, minutes), images/s and seconds per "
                         "epoch of training (min, median, max), over the whole run and over each --ranges range")
@@ -69,7 +76,8 @@ def main(argv=None):
         # each --ranges range as its records, labelled by its first asked-for and last logged epoch
         spans = [(f"epochs {lo}-{recs[-1]['epoch']}", recs) for lo, hi in args.ranges
                  if (recs := [log[e] for e in range(lo, hi + 1) if e in log])]
-        parts = [f"{label}: mean test {100 * statistics.mean(r['test_acc'] for r in recs):.2f}%"
+        parts = [f"final test {100 * log[max(log)]['test_acc']:.2f}% (epoch {max(log)})"] if args.final else []
+        parts += [f"{label}: mean test {100 * statistics.mean(r['test_acc'] for r in recs):.2f}%"
                  f", train {100 * statistics.mean(r['train_acc'] for r in recs):.2f}%" for label, recs in spans]
         best = max(log.values(), key=lambda r: r["test_acc"])
         parts.append(f"best test {100 * best['test_acc']:.2f}% (epoch {best['epoch']})")
@@ -81,6 +89,9 @@ def main(argv=None):
             print(f"{name}: {_speed(log.values())}")
             for label, recs in spans:
                 print(f"{name}: {label}: {_speed(recs)}")
+    if args.final and len(logs) > 1:
+        finals = [100 * log[max(log)]["test_acc"] for log in logs]
+        print(f"final test, {len(finals)} runs: mean {statistics.mean(finals):.2f}%, sd {statistics.stdev(finals):.2f}")
     return 0
 
 

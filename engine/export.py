@@ -1,6 +1,6 @@
 """Export a model file to ONNX with standard operators.
 
-    python -m engine.export MODEL.npz OUT.onnx
+    proto = to_onnx(engine.load("model.npz"))      # python -m engine.export MODEL.npz OUT.onnx
 
 The graph takes preprocessed float32 NCHW input (as `model.predict(..., preprocessed=True)`)
 and returns class probabilities. Conv2d -> Conv; the flattened layers' vertical and
@@ -9,14 +9,9 @@ horizontal filters -> grouped Conv with (k,1) / (1,k) kernels and their zero pad
 MaxPool2d -> MaxPool (ceil_mode kept); Linear -> Gemm; dropout is dropped (inference).
 Needs the `onnx` package (pip install onnx).
 """
-import argparse
-import sys
-
 import numpy as np
 
-from .inference import ModelFileError, load
 from .lowering import lower
-from .npzfile import check_writable_file
 
 OPSET = 13
 IR_VERSION = 7
@@ -45,7 +40,7 @@ def to_onnx(model):
         import onnx
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
-        raise SystemExit("error: ONNX export needs the onnx package: pip install onnx") from None
+        raise ImportError("ONNX export needs the onnx package: pip install onnx") from None
     nodes, inits = [], []
     x = "input"
     big = np.iinfo(np.int64).max
@@ -110,30 +105,7 @@ def to_onnx(model):
     return proto
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model file written by train.py (model.npz)")
-    p.add_argument("out", help="ONNX file to write")
-    args = p.parse_args(argv)
-    try:
-        check_writable_file(args.out)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {args.out}: {e}") from None
-    try:
-        model = load(args.model)
-    except (FileNotFoundError, ModelFileError) as e:
-        raise SystemExit(f"error: {e}") from None
-    proto = to_onnx(model)
-    import onnx
-    try:
-        onnx.save(proto, args.out)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {args.out}: {e}") from None
-    print(f"wrote {args.out}: {len(proto.graph.node)} nodes, input (N, {', '.join(map(str, model.input_shape))}) "
-          f"preprocessed, output probabilities over {len(model.classes)} classes")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m engine.export: the command is engine/cli/export.py
+    import sys
+    from .cli.export import main
     sys.exit(main())

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import engine
-from engine.predict import read_image
+from engine.images import read_image
 
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 

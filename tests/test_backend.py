@@ -119,7 +119,7 @@ def test_layers_refuse_arrays_of_another_backend(device_backend):
 
 
 def test_emulated_cupy_passes_selection_and_is_timed_by_the_benchmark(emulated, capsys, threads):
-    from engine import bench
+    from engine.cli import bench
     assert select_backend("auto") == ("cupy", None)  # the smoke test runs our kernels and CuPy's
     bench.main(["layers", "--sizes", "6", "--batch", "2", "--channels", "3", "--repeat", "1"])
     bench.main(["model", "--dataset", "mnist", "--batch", "2", "--repeat", "1", "--backend", "cupy"])

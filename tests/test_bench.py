@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from engine import bench
+from engine.cli import bench
 from engine.backend import select_backend
 
 

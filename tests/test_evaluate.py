@@ -14,7 +14,7 @@ from formats import write_cifar10, write_cifar100, write_mnist
 
 import engine
 from engine import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
-from engine.evaluate import parser
+from engine.cli.evaluate import parser
 
 ROOT = Path(__file__).resolve().parents[1]
 GCN = dict(scale=1.0, sqrt_bias=10.0, use_std=True)

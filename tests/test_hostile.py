@@ -450,7 +450,7 @@ def test_a_new_run_refuses_a_folder_with_another_runs_log_unless_overwrite(tmp_p
 
 
 def test_images_and_outputs_of_the_other_clis_end_in_one_line(tmp_path, monkeypatch, capsys):
-    from engine import bench, export, filters, predict
+    from engine.cli import bench, export, filters, predict
     model = tiny_model_file(tmp_path / "m.npz")
     # a PNG header announcing 20000 x 20000 pixels (Pillow's decompression-bomb limit), no pixel data
     def chunk(kind, body):

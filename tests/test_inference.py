@@ -224,7 +224,7 @@ def test_example_application_writes_a_csv(saved, tmp_path):
 def test_onnx_export_matches_the_engine(tmp_path, model_name, shape, kw):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from engine.export import main as export_main
+    from engine.cli.export import main as export_main
     net = build(model_name, shape, 10, seed=1, **kw)
     path = engine.save_model(tmp_path / "m.npz", net, shape, [str(i) for i in range(10)], {})
     export_main([str(path), str(tmp_path / "m.onnx")])
@@ -263,7 +263,7 @@ def test_filter_reconstruction_equals_the_composed_rank_one_filters(stages):
 
 def test_filters_cli_draws_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from engine.filters import main as filters_main
+    from engine.cli.filters import main as filters_main
     net = build("flattened", (3, 32, 32), 10, seed=1, flatten_first=True)
     path = engine.save_model(tmp_path / "m.npz", net, (3, 32, 32), [str(i) for i in range(10)], {})
     filters_main([str(path), "--out", str(tmp_path / "f.png")])

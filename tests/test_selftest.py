@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import emulated_cupy
-from engine import selftest
+from engine.cli import selftest
 
 ROOT = Path(__file__).resolve().parents[1]
 
