@@ -269,8 +269,9 @@ def run(args, dist=None):
     from engine.distributed import DistributedError
     from engine.data import DatasetError, default_cache_dir, default_data_dir, load_dataset
     from engine.npzfile import check_writable_folder
-    from engine.trainer import (CHECKPOINT_FILE, CheckpointError, Trainer, TrainingDiverged, load_checkpoint,
-                                plot_history)
+    from engine.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+    from engine.runtime.select import BackendUnavailable, select_backend
+    from engine.trainer import Trainer, TrainingDiverged, plot_history
     from models.paper import build, format_summary
 
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
@@ -340,8 +341,8 @@ def run(args, dist=None):
         sys.exit("error: --plot needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     args.plot = has_matplotlib if args.plot is None else args.plot
     try:
-        backend, why_not_gpu = engine.backend.select_backend(args.backend)
-    except engine.backend.BackendUnavailable as e:
+        backend, why_not_gpu = select_backend(args.backend)
+    except BackendUnavailable as e:
         sys.exit(f"error: {e}")
     threads = args.threads or (dist.default_threads() if dist is not None else None)
     if threads:

@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from .backend import get_num_threads, kernels_path, openmp_enabled, set_num_threads
+from .runtime.threads import get_num_threads, kernels_path, openmp_enabled, set_num_threads
 from .layers import (
     Conv2d,
     Dropout,

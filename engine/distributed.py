@@ -69,7 +69,7 @@ import traceback
 
 import numpy as np
 
-from .plan import aligned_empty
+from .runtime.memory import aligned_empty
 
 # Set by the launchers this knows: Open MPI's mpirun (OMPI_*), MPICH's and Intel MPI's hydra (PMI_*),
 # PMIx-based launchers such as srun --mpi=pmix (PMIX_RANK).
@@ -367,11 +367,11 @@ class Distributed:
         rng = getattr(model, "rng", None)
         if rng is None or self.rank == 0:
             return
-        from .trainer import _rng_state_problem
+        from .checkpoint import rng_state_problem
         saved = meta.get("ranks")
         states = saved.get("model_rng") if isinstance(saved, dict) else None
         if isinstance(states, list) and self.rank <= len(states) and states[self.rank - 1] is not None \
-                and _rng_state_problem(states[self.rank - 1]) is None:
+                and rng_state_problem(states[self.rank - 1]) is None:
             rng.bit_generator.state = states[self.rank - 1]
         else:
             rng.bit_generator.state = np.random.default_rng(

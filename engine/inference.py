@@ -42,7 +42,7 @@ import numpy as np
 from . import layers as L
 from . import npzfile
 from .augment import mirror
-from .backend import ops_for, to_numpy
+from .runtime import ops_for, to_numpy
 from .losses import softmax
 from .plan import UnsupportedNetwork, compile_network
 

@@ -1,7 +1,7 @@
 """Softmax cross-entropy, computed stably from logits (numpy or CuPy arrays: labels on the same backend)."""
 import numpy as np
 
-from .backend import get_ops, is_array
+from .runtime import get_ops, is_array
 
 
 class SoftmaxCrossEntropy:

@@ -32,7 +32,8 @@ import threading
 import numpy as np
 
 from . import _kernels
-from .backend import get_num_threads, run_threads
+from .runtime.memory import aligned_copy, aligned_empty
+from .runtime.threads import get_num_threads, run_threads
 from .lowering import COL, UnsupportedNetwork, fuse, lower, op_row, op_table
 
 NR, VL = _kernels.infer_layout()
@@ -46,25 +47,6 @@ def _pack(wt):
     padded = np.zeros((k, panels * NR), np.float32)
     padded[:, :f] = wt
     return padded.reshape(k, panels, NR).transpose(1, 0, 2)
-
-
-def aligned_empty(n, dtype=np.float32):
-    """An array of n elements whose data starts on a 64-byte boundary (a cache line).
-
-    Unaligned 64-byte vector loads span two cache lines; on the AVX-512 build that made
-    the 1D-convolution op 1.7x slower."""
-    dtype = np.dtype(dtype)
-    raw = np.empty(n + 64 // dtype.itemsize, dtype)
-    start = (-raw.ctypes.data % 64) // dtype.itemsize
-    return raw[start:start + n]
-
-
-def aligned_copy(array):
-    """A float32 copy of `array` in memory starting on a 64-byte boundary."""
-    src = np.asarray(array, dtype=np.float32)
-    out = aligned_empty(src.size).reshape(src.shape)
-    out[...] = src
-    return out
 
 
 def _round16(n):

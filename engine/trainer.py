@@ -1,10 +1,7 @@
-"""SGD with momentum, a learning-rate schedule, checkpoints that resume exactly, and the training loop.
+"""The training loop: epochs of steps, evaluation, logs, checkpoints and clean stops on signals.
 
-A checkpoint is one .npz written with allow_pickle=False (never a pickle): every
-parameter and momentum buffer, the position inside the epoch (with that epoch's
-shuffling order), and a JSON document holding the generators' states, the
-history and the run's settings. It is written to a temporary file and renamed,
-so an interruption never leaves a half-written checkpoint.
+The update rule is engine/optim.py, the step engine/trainstep.py, the checkpoint format
+engine/checkpoint.py; a run stopped by a signal writes its checkpoint first, so nothing is lost.
 """
 import json
 import math
@@ -16,143 +13,17 @@ from pathlib import Path
 import numpy as np
 
 from . import augment, npzfile
-from .backend import ops_for, to_numpy
+from .checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from .optim import lr_at
+from .runtime import ops_for, to_numpy
 from .losses import SoftmaxCrossEntropy
 from .trainstep import make_step
 
-CHECKPOINT_FILE = "checkpoint.npz"  # in the run folder, beside log.jsonl: what --resume continues from
-
-CHECKPOINT_VERSION = 1
 READ_EVERY = 20  # steps between reads of the running loss and count from a device (from the CPU: every step)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay, dampening=None):
-    """One SGD step, in place, as Torch7's optim.sgd (the paper's framework):
-
-        d = g + weight_decay * w;  v = momentum * v + (1 - dampening) * d;  w -= lr * v
-
-    with dampening = momentum by default, as Torch7 does: a step is then lr * d at
-    steady state, not lr * d / (1 - momentum) as in PyTorch's SGD (dampening=0).
-    The first step uses v = d. Weight decay applies to '*weight' parameters, not biases.
-    `velocity` maps names to buffers; missing ones are created on the first step.
-    """
-    dampening = momentum if dampening is None else dampening
-    for name, w in params.items():
-        d = grads[name]
-        if weight_decay and name.endswith("weight"):
-            d = d + weight_decay * w
-        v = velocity.get(name)
-        if v is None:
-            v = velocity[name] = d.astype(w.dtype, copy=True)
-        else:
-            v *= momentum
-            v += (1.0 - dampening) * d
-        w -= lr * v
-    return velocity
-
-
-def lr_at(epoch, base_lr, drop_epochs, factor=0.1):
-    """Learning rate of a 0-based epoch: base_lr times `factor` for each drop epoch already reached."""
-    return base_lr * factor ** sum(epoch >= d for d in drop_epochs)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, model, velocity, meta, perm=None):
-    """Write weights, momentum, epoch order and `meta` (JSON-able) atomically to `path` (.npz), compressed.
-
-    Compressed losslessly (npzfile.save's byte shuffle and deflate), so that a run's checkpoint can be
-    committed to be continued elsewhere: the CIFAR-10 baseline's takes 15.5 MB instead of 18.5 (84%),
-    for 0.76 s of writing instead of 0.03 (docs/results.md, twenty-third session).
-    """
-    arrays = {f"param/{k}": to_numpy(v) for k, v in model.params.items()}
-    arrays.update({f"velocity/{k}": to_numpy(v) for k, v in velocity.items()})
-    if perm is not None:
-        arrays["perm"] = perm
-    npzfile.save(path, arrays, dict(meta, version=CHECKPOINT_VERSION), compress=True)
-
-
-class CheckpointError(npzfile.FileFormatError):
-    """A checkpoint is unreadable, truncated, of another version, or does not fit the run resuming it."""
-
-    what = "checkpoint"
-
-
-def _rng_state_problem(state):
-    """Why `state` is not a numpy Generator state this engine wrote (None if it is one)."""
-    try:
-        if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
-            return "not a PCG64 generator state"
-        np.random.default_rng().bit_generator.state = state
-    except (TypeError, ValueError, KeyError, OverflowError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _check_meta(meta):
-    """Raise ValueError with the first thing a checkpoint's JSON document lacks or gets wrong."""
-    def count(v):
-        return type(v) is int and v >= 0
-    if meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint version {meta.get('version')!r:.50} is not {CHECKPOINT_VERSION}")
-    missing = [k for k in ("epoch", "step_in_epoch", "running", "history", "data_rng", "model_rng", "settings",
-                           "config") if k not in meta]
-    if missing:
-        raise ValueError(f"checkpoint lacks {missing}")
-    if not count(meta["epoch"]) or not count(meta["step_in_epoch"]):
-        raise ValueError(f"epoch and step_in_epoch must be non-negative integers, got {meta['epoch']!r:.50}, "
-                         f"{meta['step_in_epoch']!r:.50}")
-    r = meta["running"]
-    if (not isinstance(r, dict) or set(r) != {"loss", "correct", "seen", "seconds"}
-            or not all(type(r[k]) in (int, float) and math.isfinite(r[k]) for k in r)):
-        raise ValueError(f"running totals must be finite loss, correct, seen and seconds, got {r!r:.100}")
-    h = meta["history"]
-    if not isinstance(h, list) or len(h) != meta["epoch"] or not all(isinstance(e, dict) for e in h):
-        raise ValueError(f"history must hold one record per finished epoch ({meta['epoch']})")
-    for key in ("data_rng", "model_rng"):
-        problem = None if key == "model_rng" and meta[key] is None else _rng_state_problem(meta[key])
-        if problem:
-            raise ValueError(f"{key}: {problem}")
-    if not isinstance(meta["settings"], dict) or not isinstance(meta["config"], dict):
-        raise ValueError("settings and config must be JSON objects")
-
-
-def load_checkpoint(path, shapes=None, n_train=None):
-    """Read and validate a checkpoint without executing anything from it: (params, velocity, meta, perm).
-
-    `shapes` ({name: shape} of the model's parameters) and `n_train` (the training set's size),
-    when given, are what the checkpoint must fit: parameters exactly, momentum buffers a subset
-    with the same shapes, the epoch order a permutation of range(n_train). Every array header
-    is checked before any data is read; any problem raises CheckpointError naming the file.
-    """
-    def members(meta, names):
-        _check_meta(meta)
-        if shapes is None:
-            spec = {n: npzfile.Member() for n in names if n.startswith(("param/", "velocity/"))}
-        else:
-            spec = {f"param/{k}": npzfile.Member(tuple(v)) for k, v in shapes.items()}
-            spec.update({f"velocity/{k}": npzfile.Member(tuple(v), required=False) for k, v in shapes.items()})
-        spec["perm"] = npzfile.Member(None if n_train is None else (n_train,), "iu", required=False)
-        return spec
-
-    arrays, meta = npzfile.load(path, "checkpoint", CheckpointError, members)
-    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
-    velocity = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}
-    perm = arrays.get("perm")
-    for name, a in list(params.items()) + list(velocity.items()):
-        if not np.isfinite(a).all():
-            raise CheckpointError(path, f"array {name} is not finite")
-    if perm is not None and (perm.ndim != 1 or not np.array_equal(np.sort(perm), np.arange(len(perm)))):
-        raise CheckpointError(path, "the epoch's batch order is not a permutation of the training set")
-    if perm is None and meta["step_in_epoch"]:
-        raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch without its batch order")
-    return params, velocity, meta, perm
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -7,7 +7,7 @@
     loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity)   # both, for tests
 
 ``LayerStep`` is the reference: ``net.forward``, the loss, ``net.backward`` and
-``trainer.sgd_momentum``, each layer its own call. ``CompiledStep`` runs the same
+``optim.sgd_momentum``, each layer its own call. ``CompiledStep`` runs the same
 computation as two compiled calls (forward, backward; engine/_train.h) around the
 loss, then one compiled SGD update. It is built from the shared lowering
 (engine/lowering.py): channels-last activations, fused V+H, bias and ReLU folded
@@ -24,10 +24,12 @@ with one step resumes on the other, and their results agree to float32 rounding
 import numpy as np
 
 from . import _kernels
-from .backend import dropout_seed, dropout_threshold, run_threads
 from .losses import SoftmaxCrossEntropy
 from .lowering import CKIND, COL, UnsupportedNetwork, fuse, lower, op_row, op_table
-from .plan import aligned_empty
+from .optim import sgd_momentum
+from .runtime.dropout import dropout_seed, dropout_threshold
+from .runtime.memory import aligned_empty
+from .runtime.threads import run_threads
 
 COLUMN_FLOATS = 16 * 2**20  # im2col works on chunks of images with at most this many column floats (64 MiB)
 OWN_COLUMN_FLOATS = 12 * 2**20  # a convolution whose columns for the whole batch fit keeps them for backward
@@ -65,8 +67,7 @@ class LayerStep:
         self.net.backward(self.loss_fn.backward())
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None):
-        """The SGD update from the layers' grads (trainer.sgd_momentum's rule)."""
-        from .trainer import sgd_momentum
+        """The SGD update from the layers' grads (optim.sgd_momentum's rule)."""
         sgd_momentum(self.net.params, self.net.grads, velocity, lr, momentum, weight_decay, dampening)
 
     def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
@@ -322,7 +323,7 @@ class CompiledStep:
                                                self._wpack_buf, self._bpad_buf, threads, times)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
-        """SGD with momentum on every parameter (trainer.sgd_momentum's rule), compiled."""
+        """SGD with momentum on every parameter (optim.sgd_momentum's rule), compiled."""
         dampening = momentum if dampening is None else dampening
         params, grads = self.net.params, self.net.grads
         rows = []

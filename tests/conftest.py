@@ -7,6 +7,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import engine  # noqa: E402
+import engine.runtime.select  # noqa: E402
 import emulated_cupy  # noqa: E402
 
 # FLATNET_TEST_EMULATED_CUPY=1: the emulation is `cupy` for the whole session, so `auto` selects
@@ -26,7 +27,7 @@ def rng():
 @pytest.fixture
 def threads():
     """Restore the kernels' thread count after a test that changes it."""
-    before = engine.backend._num_threads
+    before = engine.runtime.threads._num_threads
     yield
     engine.set_num_threads(before)
 
@@ -36,13 +37,13 @@ class Backend:
 
     def __init__(self, name, label):
         self.name, self.label = name, label
-        self.ops = engine.backend.ops_for(name)
+        self.ops = engine.runtime.ops_for(name)
 
     def put(self, x):
         return self.ops.asarray(x)
 
     def get(self, y):
-        return engine.backend.to_numpy(y)
+        return engine.runtime.to_numpy(y)
 
     def to(self, layer):
         return layer.to(self.name)
@@ -69,7 +70,7 @@ def _backend(name):
     if name == "cpu":
         yield Backend("cpu", name)
     elif name == "cupy":
-        problem = engine.backend._cupy_problem()
+        problem = engine.runtime.select.cupy_problem()
         if problem:
             pytest.skip(f"no usable GPU: {problem}")
         yield Backend("cupy", name)

@@ -266,20 +266,20 @@ def real_cupy_installed():
 
 
 _MISSING = object()
-_saved = []  # (cupy, engine.backend_cupy) of sys.modules before each install(), restored by uninstall()
+_saved = []  # (cupy, engine.runtime.cuda) of sys.modules before each install(), restored by uninstall()
 
 
 def install():
     """Put the stand-in in sys.modules['cupy'] (dropping any engine module bound to a previous one)."""
-    _saved.append(tuple(sys.modules.get(name, _MISSING) for name in ("cupy", "engine.backend_cupy")))
+    _saved.append(tuple(sys.modules.get(name, _MISSING) for name in ("cupy", "engine.runtime.cuda")))
     sys.modules["cupy"] = make_module()
-    sys.modules.pop("engine.backend_cupy", None)
+    sys.modules.pop("engine.runtime.cuda", None)
 
 
 def uninstall():
-    """Undo the last install(): sys.modules['cupy'] and engine.backend_cupy as they were before it."""
+    """Undo the last install(): sys.modules['cupy'] and engine.runtime.cuda as they were before it."""
     before = _saved.pop() if _saved else (_MISSING, _MISSING)
-    for name, mod in zip(("cupy", "engine.backend_cupy"), before):
+    for name, mod in zip(("cupy", "engine.runtime.cuda"), before):
         if mod is _MISSING:
             sys.modules.pop(name, None)
         else:

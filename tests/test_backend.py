@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from engine.backend import BackendUnavailable, select_backend
+from engine.runtime.select import BackendUnavailable, select_backend
 
 
 def test_cpu_is_always_available():
@@ -71,7 +71,9 @@ def test_training_on_a_backend_gives_files_the_cpu_reads(backend, tmp_path):
     """Train a few steps on `backend`; the checkpoint and model file load on the CPU with the same outputs."""
     import numpy as np
     import engine
-    from engine.trainer import Trainer, load_checkpoint
+    from engine.checkpoint import load_checkpoint
+    from engine.trainer import Trainer
+
     from models.paper import build
     rng = np.random.default_rng(1)
     data = dict(train_x=rng.standard_normal((24, 1, 28, 28)).astype(np.float32), train_y=rng.integers(0, 10, 24),
@@ -154,7 +156,7 @@ def test_smoke_test_compiles_the_float64_module_and_checks_results(emulated, mon
     with pytest.raises(BackendUnavailable, match=r"smoke test: the NVIDIA driver is older than this CuPy"):
         select_backend("cupy")
     monkeypatch.setattr(cupy, "RawModule", real_module)
-    sys.modules.pop("engine.backend_cupy")  # its compiled-module cache
+    sys.modules.pop("engine.runtime.cuda")  # its compiled-module cache
     monkeypatch.setattr(cupy, "isfinite", lambda x: cupy.zeros(x.shape, bool))
     with pytest.raises(BackendUnavailable, match=r"computed a wrong broadcast assignment or finite check"):
         select_backend("cupy")
@@ -234,7 +236,7 @@ def test_the_emulation_puts_back_the_cupy_it_replaced(monkeypatch):
 # ---- the default thread count gives way to other processes (issue 16, item 7) ----
 
 def _share(readings, cores=2):
-    from engine.backend import CpuShare
+    from engine.runtime.threads import CpuShare
     import itertools
     it = itertools.chain(readings, itertools.repeat(readings[-1]))  # then time stands still
     now = [None]
@@ -269,14 +271,14 @@ def test_cpu_share_thread_choice():
 def test_cpu_share_without_proc_stat_assumes_the_machine_is_ours():
     def read():
         raise OSError("no /proc")
-    from engine.backend import CpuShare
+    from engine.runtime.threads import CpuShare
     share = CpuShare(read=read, cores=4)
     assert share.threads(4) == 4 and share.threads(4) == 4
 
 
 def test_a_chosen_thread_count_is_used_as_is(monkeypatch):
     import engine
-    from engine import backend
+    from engine.runtime import threads as backend
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(backend, "_num_threads", None)
     monkeypatch.setattr(backend, "cpu_share", _share([(0.0, 0.0, 0.0), (1.0, 1.0, 0.0)]))
@@ -299,7 +301,7 @@ def test_compiled_paths_run_on_the_threads_the_default_leaves(monkeypatch):
     import numpy as np
     import engine
     import engine.plan
-    from engine import backend
+    from engine.runtime import threads as backend
     from engine.plan import compile_network
     from engine.trainstep import CompiledStep
     from models.paper import build
@@ -336,7 +338,7 @@ def test_busy_processes_beside_us_are_seen():
     """Real counters: with a busy process on every core but one, the default goes down to one thread."""
     import subprocess
     import time
-    from engine.backend import CpuShare
+    from engine.runtime.threads import CpuShare
     n = os.cpu_count() - 1
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from engine.cli import bench
-from engine.backend import select_backend
+from engine.runtime.select import select_backend
 
 
 def test_bench_layers_json_and_plot(tmp_path, capsys):

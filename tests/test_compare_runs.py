@@ -1,81 +1,153 @@
-"""docs/compare_runs.py on the committed run logs: the figures docs/results.md quotes."""
+"""docs/compare_runs.py on the committed run logs, against docs/results.json.
+
+docs/results.json holds, for every comparison of runs that docs/results.md quotes, the command's arguments and
+the figures it prints (the table's rows, each run's final, mean, best and first-reached accuracies, its wall time
+and rates, and the mean and spread over seeds). Each entry is run here and its output, read back into numbers, must
+equal the entry's: a figure of the document is checked through its data, never through the document's sentences.
+"""
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "docs" / "compare_runs.py"
+DATA = json.loads((ROOT / "docs" / "results.json").read_text())
 
-def test_compare_runs_prints_the_figures_results_md_quotes():
-    """docs/compare_runs.py on the committed logs gives the comparison results.md prints."""
-    root = Path(__file__).resolve().parents[1]
-    runs = root / "docs" / "runs"
-    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(runs / "long-flattened-cifar10"),
-                        str(runs / "wd5e-4-flattened-cifar10"), "--epochs", "60", "--ranges", "41-60", "--reach", "80",
-                        "--loss"], capture_output=True, text=True, timeout=120)
+PCT = r"(\d+\.\d\d)%"
+SPEED = re.compile(r"(?:epochs (\d+)-(\d+): )?([\d,]+) min; images/s ([\d,]+), ([\d,]+), ([\d,]+); "
+                   r"s/epoch (\d+), (\d+), (\d+) \(min, median, max\)")
+PARTS = {  # one part of a run's summary line: its pattern and where its numbers go
+    "final": re.compile(rf"final test {PCT} \(epoch (\d+)\)"),
+    "range": re.compile(rf"epochs (\d+)-(\d+): mean test {PCT}, train {PCT}"),
+    "best": re.compile(rf"best test {PCT} \(epoch (\d+)\)"),
+    "reach": re.compile(r"(\d+)% first at epoch (\d+)"),
+    "missed": re.compile(r"(\d+)% not reached"),
+}
+OVERALL = re.compile(rf"final test, (\d+) runs: mean {PCT}, sd (\d+\.\d\d)")
+
+
+def _int(text):
+    return int(text.replace(",", ""))
+
+
+def _speed(m):
+    return {"minutes": _int(m[3]), "images_per_s": [_int(m[i]) for i in (4, 5, 6)],
+            "s_per_epoch": [int(m[i]) for i in (7, 8, 9)]}
+
+
+def parse(stdout):
+    """compare_runs.py's output as numbers: {"rows": {epoch: {"lr": lr, run: {"train", "test"[, "loss"]}}},
+    "runs": {run: {"final", "ranges", "best", "reach", "speed", "speed_ranges"}}[, "final": {...}]}.
+    A line that is not one of the forms the script prints fails the parse, so its format is checked too."""
+    lines = stdout.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:2] == ["epoch", "lr"] and lines[1] == "|" + "---:|" * len(header), lines[:2]
+    columns = [tuple(c.split(", ", 1)) for c in header[2:]]  # (train | test | test loss, run)
+    rows, i = {}, 2
+    while lines[i]:
+        cells = [c.strip() for c in lines[i].strip("|").split("|")]
+        assert len(cells) == len(header) and re.fullmatch(r"\d+", cells[0]), lines[i]
+        row = rows.setdefault(cells[0], {"lr": float(cells[1])})
+        for (kind, run), cell in zip(columns, cells[2:]):
+            if kind == "test loss":
+                assert re.fullmatch(r"\d+\.\d{3}", cell), lines[i]
+                row.setdefault(run, {})["loss"] = float(cell)
+            else:
+                assert kind in ("train", "test") and re.fullmatch(PCT, cell), lines[i]
+                row.setdefault(run, {})[kind] = float(cell[:-1])
+        i += 1
+    out = {"rows": rows, "runs": {}}
+    for line in lines[i + 1:]:
+        if m := OVERALL.fullmatch(line):
+            out["final"] = {"runs": int(m[1]), "mean": float(m[2]), "sd": float(m[3])}
+            continue
+        name, rest = line.split(": ", 1)
+        run = out["runs"].setdefault(name, {})
+        if m := SPEED.fullmatch(rest):
+            if m[1]:
+                run.setdefault("speed_ranges", {})[f"{m[1]}-{m[2]}"] = _speed(m)
+            else:
+                run["speed"] = _speed(m)
+            continue
+        assert "best" not in run, line  # one summary line per run, before its speed lines
+        for part in rest.split("; "):
+            kind, m = next(((k, m) for k, p in PARTS.items() if (m := p.fullmatch(part))), (None, None))
+            assert kind, f"unexpected output: {part!r} in {line!r}"
+            if kind == "final":
+                run["final"] = [float(m[1]), int(m[2])]
+            elif kind == "range":
+                run.setdefault("ranges", {})[f"{m[1]}-{m[2]}"] = {"test": float(m[3]), "train": float(m[4])}
+            elif kind == "best":
+                run["best"] = [float(m[1]), int(m[2])]
+            else:
+                run.setdefault("reach", {})[m[1]] = int(m[2]) if kind == "reach" else None
+    return out
+
+
+def compare_runs(args):
+    r = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "| 60 | 0.0003 | 93.58% | 82.34% | 92.56% | 83.10% | 0.618 | 0.569 |" in r.stdout
-    assert "epochs 41-60: mean test 82.26%" in r.stdout and "epochs 41-60: mean test 82.83%" in r.stdout
-    assert "best test 82.46% (epoch 55)" in r.stdout and "80% first at epoch 41" in r.stdout
-    results = (root / "docs" / "results.md").read_text()
-    assert "| 60 | 0.0003 | 93.58% | 82.34% | 92.56% | **83.10%** | 0.618 | 0.569 |" in results
-    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(runs)], capture_output=True,
-                       text=True, timeout=120)
+    return r.stdout
+
+
+@pytest.mark.parametrize("entry", DATA["comparisons"], ids=lambda e: e["id"])
+def test_compare_runs_prints_the_figures_of_results_json(entry):
+    """Every comparison in docs/results.json: the command on the committed logs prints the entry's figures."""
+    runs = [a for a in entry["args"] if a.startswith("docs/runs/")]
+    assert runs and all((ROOT / a / "log.jsonl").is_file() for a in runs), runs
+    got = parse(compare_runs(entry["args"]))
+    expected = entry["prints"]
+    assert set(expected) <= {"rows", "runs", "final"} and "runs" in expected, expected.keys()
+    # every run's summary and speed lines are in the entry, whole
+    assert got["runs"] == expected["runs"]
+    assert got.get("final") == expected.get("final")
+    # the table: whole where the entry chose its epochs (a command without --epochs prints every epoch)
+    if "--epochs" in entry["args"]:
+        assert got["rows"] == expected["rows"]
+    else:
+        assert "rows" not in expected
+
+
+def test_results_json_names_each_comparison_once():
+    ids = [e["id"] for e in DATA["comparisons"]]
+    assert len(ids) == len(set(ids))
+    assert len({tuple(e["args"]) for e in DATA["comparisons"]}) == len(ids)
+
+
+def test_parse_reads_back_what_compare_runs_prints():
+    """The reader above, on an output whose every figure is known: a figure it misread would pass unnoticed."""
+    out = parse(compare_runs(["docs/runs/long-flattened-cifar10", "docs/runs/wd5e-4-flattened-cifar10", "--epochs",
+                              "60", "--ranges", "41-60", "--reach", "80,99", "--loss", "--spread", "--speed"]))
+    assert out["rows"] == {"60": {"lr": 0.0003, "long-flattened-cifar10": {"train": 93.58, "test": 82.34, "loss": 0.618},
+                                  "wd5e-4-flattened-cifar10": {"train": 92.56, "test": 83.10, "loss": 0.569}}}
+    run = out["runs"]["long-flattened-cifar10"]
+    assert run["final"] == [82.34, 60] and run["best"] == [82.46, 55] and run["reach"] == {"80": 39, "99": None}
+    assert run["ranges"]["41-60"]["test"] == 82.26 and out["runs"]["wd5e-4-flattened-cifar10"]["reach"] == {"80": 41, "99": None}
+    assert set(run["speed"]) == {"minutes", "images_per_s", "s_per_epoch"} and "speed_ranges" in run
+    assert out["final"]["runs"] == 2
+    with pytest.raises(AssertionError):
+        parse("| epoch | lr |\n|---:|---:|\n\nrun: best test 82.46% (epoch 55); something else\n")
+
+
+def test_compare_runs_refuses_a_folder_that_is_not_a_run():
+    r = subprocess.run([sys.executable, str(SCRIPT), str(ROOT / "docs" / "runs")], capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode != 0 and "no log.jsonl" in r.stderr  # a folder of runs is not a run
 
 
-@pytest.mark.parametrize("run, printed, quoted", [
-    ("long120-flattened-cifar10", "88 min; images/s 997, 1,187, 1,363; s/epoch 37, 42, 50",
-     "88 minutes (997–1,363 images/s, median 1,187; 37–50 s an epoch of"),
-    ("long180-flattened-cifar10", "123 min; images/s 1,056, 1,291, 1,456; s/epoch 34, 39, 47",
-     "123 minutes in all over the two sessions, evaluations included (1,056–1,456 images/s, "
-     "median\n1,291; 34–47 s"),
-    ("wd2e-4-flattened-cifar10", "125 min; images/s 1,076, 1,254, 1,375; s/epoch 36, 40, 46",
-     "125 minutes (images/s 1,076 / 1,254 / 1,375, min / median / max)"),
-    ("long180-flattened-cifar10-s1", "136 min; images/s 331, 1,213, 1,365; s/epoch 37, 41, 151",
-     "136 minutes (images/s 331, 1,213, 1,365; s/epoch 37, 41, 151"),
-    ("long180-flattened-cifar10-s2", "130 min; images/s 294, 1,266, 1,442; s/epoch 35, 39, 170",
-     "130 minutes (images/s 294,\n1,266, 1,442; s/epoch 35, 39, 170"),
-    ("long180-cutout8-flattened-cifar10-s1", "122 min; images/s 943, 1,281, 1,453; s/epoch 34, 39, 53",
-     "122 minutes\n(images/s 943, 1,281, 1,453; s/epoch 34, 39, 53"),
-    ("seeds/baseline-cifar10-s0", "2 min; images/s 328, 363, 376; s/epoch 27, 28, 31",
-     "2 minutes (images/s 328 / 363 /\n376, min / median / max"),
-    ("long120-baseline-cifar10", "292 min; images/s 251, 362, 401; s/epoch 125, 138, 198",
-     "292 minutes over the two sessions, evaluations included (images/s 251, 362, 401; s/epoch\n125, 138, 198")])
-def test_compare_runs_speed_prints_the_wall_time_and_rates_results_md_quotes(run, printed, quoted):
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(root / "docs" / "runs" / run),
-                        "--speed"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert f"{Path(run).name}: {printed} (min, median, max)" in r.stdout
-    assert quoted in (root / "docs" / "results.md").read_text()
-
-
-@pytest.mark.parametrize("run, ranges, printed, quoted", [
-    # epochs 1-87 ran on an AVX2-only machine, 88-180 on an AVX-512 one (each part rounded to the minute, so the
-    # parts add up to one more than the whole)
-    ("long180-cutout8-flattened-cifar10", "1-87,88-180",
-     ["205 min; images/s 445, 1,216, 1,534; s/epoch 33, 41, 112",
-      "epochs 1-87: 146 min; images/s 445, 523, 579; s/epoch 86, 96, 112",
-      "epochs 88-180: 60 min; images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43"],
-     ["146 minutes (images/s 445,\n523, 579; s/epoch 86, 96, 112",
-      "60 minutes\n(images/s 1,162, 1,351, 1,534; s/epoch 33, 37, 43)"]),
-    # a run carried over two sessions: the epochs each session trained, as each quotes them
-    ("long120-baseline-cifar10", "1-55,56-120",
-     ["epochs 1-55: 136 min; images/s 251, 356, 401; s/epoch 125, 140, 198",
-      "epochs 56-120: 155 min; images/s 329, 365, 397; s/epoch 126, 137, 152"],
-     ["136 minutes for the 55 epochs, evaluations included, at images/s 251, 356, 401; s/epoch 125,\n140, 198",
-      "epochs 56–120: 155 minutes (images/s 329,\n365, 397; s/epoch 126, 137, 152)"]),
-])
-def test_compare_runs_speed_per_range_prints_each_part_as_results_md_quotes(run, ranges, printed, quoted):
-    """--speed with --ranges prints each range's own figures: a run continued on another machine, or the parts
-    of a run that each session trained."""
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "docs" / "compare_runs.py"), str(root / "docs" / "runs" / run),
-                        "--speed", "--ranges", ranges], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    for line in printed:
-        assert f"{run}: {line} (min, median, max)" in r.stdout, r.stdout
-    results = (root / "docs" / "results.md").read_text()
-    for text in quoted:
-        assert text in results
+def test_final_and_spread_give_the_last_epochs_and_their_mean_and_sample_standard_deviation(tmp_path):
+    """--final: each run's last logged epoch (runs may differ in length); --spread also their mean and sd (n-1)."""
+    for name, accs in (("a", [0.5, 0.8]), ("b", [0.4, 0.6, 0.9])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.jsonl").write_text("".join(
+            json.dumps(dict(epoch=e, lr=0.1, train_acc=a, test_acc=a)) + "\n" for e, a in enumerate(accs, 1)))
+    final = parse(compare_runs([str(tmp_path / "a"), str(tmp_path / "b"), "--final"]))
+    assert final["runs"]["a"]["final"] == [80.0, 2] and final["runs"]["b"]["final"] == [90.0, 3]
+    assert "final" not in final  # runs of different settings: no mean
+    spread = parse(compare_runs([str(tmp_path / "a"), str(tmp_path / "b"), "--spread"]))
+    assert spread["runs"] == final["runs"] and spread["final"] == {"runs": 2, "mean": 85.0, "sd": 7.07}  # 5 * sqrt(2)
+    assert "final" not in parse(compare_runs([str(tmp_path / "a"), "--spread"]))  # one run: no spread

@@ -25,7 +25,7 @@ SOURCE = ROOT / "engine" / "cuda_kernels.cu"
 
 
 def launched_kernels():
-    return set(re.findall(r'_launch\("(\w+)"', (ROOT / "engine" / "backend_cupy.py").read_text()))
+    return set(re.findall(r'_launch\("(\w+)"', (ROOT / "engine" / "runtime" / "cuda.py").read_text()))
 
 
 @pytest.mark.parametrize("real", ["float", "double"])
@@ -50,11 +50,11 @@ def ops(request, monkeypatch):
     3 blocks of 32 threads; emulated, 3 blocks of 5 threads.
     """
     if request.param == "cupy":
-        from engine.backend import _cupy_problem
-        problem = _cupy_problem()
+        from engine.runtime.select import cupy_problem
+        problem = cupy_problem()
         if problem:
             pytest.skip(f"no usable GPU: {problem}")
-        import engine.backend_cupy as bc
+        import engine.runtime.cuda as bc
         monkeypatch.setattr(bc, "BLOCK", 32)
         monkeypatch.setattr(bc, "MAX_BLOCKS", 3)
         yield bc.CupyOps
@@ -67,7 +67,7 @@ def ops(request, monkeypatch):
     emulated_cupy.install()
     emulated_cupy.launch_shape = (3, 5)
     try:
-        from engine.backend import ops_for
+        from engine.runtime import ops_for
         yield ops_for("cupy")
     finally:
         emulated_cupy.launch_shape = None
@@ -96,7 +96,7 @@ def test_conv1d_kernels_against_scipy(ops, monkeypatch, dtype, axis, k, before, 
     dy = rng.standard_normal(want.shape).astype(dtype)
     want_dw = np.array([[(dy[:, c] * conv1d_ref(x, np.eye(k)[[j] * 3], None, axis, before, after)[:, c]).sum()
                          for j in range(k)] for c in range(3)])
-    import engine.backend_cupy as bc
+    import engine.runtime.cuda as bc
     for segment in (1, 10, 256):  # bands of one row, of one or two rows, the whole plane
         monkeypatch.setattr(bc, "GRAD_SEGMENT", segment)
         dw, db = cp.empty((3, k), dtype=dtype), cp.empty(3, dtype=dtype)
@@ -186,8 +186,8 @@ def test_gemms(ops):
 @pytest.mark.parametrize("axis", [2, 3])
 def test_weight_gradient_bands_against_the_cpu_kernels(ops, monkeypatch, axis):
     """conv1d_grad_params split over bands of rows and images equals the CPU kernel (an independent implementation)."""
-    import engine.backend_cupy as bc
-    from engine.backend import CpuOps
+    import engine.runtime.cuda as bc
+    from engine.runtime.cpu import CpuOps
     rng = np.random.default_rng(8)
     x = rng.standard_normal((3, 4, 9, 11))
     k, pad = 5, 4  # full mode: 13 output rows or columns
@@ -205,7 +205,7 @@ def test_weight_gradient_bands_against_the_cpu_kernels(ops, monkeypatch, axis):
 
 
 def test_launch_refuses_strided_views_and_widens_integers(ops):
-    import engine.backend_cupy as bc
+    import engine.runtime.cuda as bc
     cp = ops.xp
     x = cp.asarray(np.arange(12, dtype=np.float32).reshape(3, 4))
     with pytest.raises(ValueError, match=r"relu_forward: argument 0 is a strided view"):

@@ -26,7 +26,7 @@ from formats import write_mnist
 
 from engine import distributed
 from engine.distributed import fingerprint, flatten_grads, launcher, shard_bounds
-from engine.trainer import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from engine.trainstep import make_step
 from models.paper import build
 

@@ -4,6 +4,7 @@ skips and warnings."""
 import csv
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from engine import Conv2d, Flattened
 from engine.cli import bench, figures
 from engine.filters import reconstruct
 from models.paper import build
+from models.recipes import recipe
 
 pytest.importorskip("matplotlib")
 
@@ -69,6 +71,15 @@ def runs(tmp_path):
     return root
 
 
+def write_list(path, panels, recipe_name=None):
+    """A --fig3-runs file: panels as [(dataset, {model: [folder, ...]})]."""
+    data = dict(panels=[dict(dataset=d, models=m) for d, m in panels])
+    if recipe_name:
+        data["recipe"] = recipe_name
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
 def timing(layer, size, pas, backend, ms, batch=128):
     return {"layer": layer, "size": size, "batch": batch, "pass": pas, "backend": backend, "median_ms": ms,
             "min_ms": ms, "max_ms": ms, "gflops": 1.0}
@@ -105,7 +116,11 @@ def test_every_figure_and_its_numbers(tmp_path, runs, capsys):
     recs, memory, ms = bench_records()
     (tmp_path / "bench.json").write_text(json.dumps(dict(environment={}, records=recs + memory)))  # --json-env form
     out = tmp_path / "new" / "figures"  # created
-    got = run(["--runs", runs, "--out", out, "--bench", tmp_path / "bench.json"], capsys)
+    # Figure 3 draws the listed seeds of each model; the --flatten-first run is not listed
+    chosen = write_list(tmp_path / "list.json", [("cifar10", {
+        "baseline": ["baseline-s0", "seeds/baseline-s1", "badlog"], "flattened": ["flattened-s0", "seeds/flattened-s1",
+                                                                                  "nolog"]})])
+    got = run(["--runs", runs, "--out", out, "--bench", tmp_path / "bench.json", "--fig3-runs", chosen], capsys)
     names = ["fig3-accuracy.png", "fig3-accuracy.csv", "fig4-filters.png", "fig4-filters.npy", "fig5-params.png",
              "fig5-params.csv", "fig6-memory.png", "fig6-memory.csv", "fig7-speedup.png", "fig7-speedup.csv"]
     assert sorted(got.out.split("\n")) == sorted([""] + [f"wrote {out / n}" for n in names])
@@ -121,25 +136,17 @@ def test_every_figure_and_its_numbers(tmp_path, runs, capsys):
     assert f"warning: skipped {runs / 'badlog'} for Figure 3: log.jsonl line 2 lacks" in got.err
     assert f"warning: skipped {runs / 'nolog'} for Figure 3: no log.jsonl" in got.err
 
-    # Figure 3: the two seeds of each model averaged; the --flatten-first run is its own line
+    # Figure 3: the two seeds of each model averaged, nothing else
     rows = read_csv(out / "fig3-accuracy.csv")
-    assert len(rows) == 2 + 2 + 1
+    assert len(rows) == 2 + 2
     for model in ("baseline", "flattened"):
         for epoch in (1, 2):
-            # the flattened groups differ in flatten_first: each names it (the baseline has no sibling)
-            setting = "" if model == "baseline" else "flatten_first False"
-            row, = [r for r in rows if (r["model"], r["setting"], int(r["epoch"])) == (model, setting, epoch)]
+            row, = [r for r in rows if (r["model"], int(r["epoch"])) == (model, epoch)]
             assert row["runs"] == f"{model}-s0 {model}-s1" and row["seeds"] == "0 1" and row["n"] == "2"
             for j, what in enumerate(("train_acc", "test_acc")):
                 v = np.array([100 * ACC[(model, seed)][epoch - 1][j] for seed in (0, 1)])
                 assert float(row[f"{what}_mean_pct"]) == pytest.approx(v.mean(), abs=1e-12)
                 assert float(row[f"{what}_std_pct"]) == pytest.approx(abs(v[0] - v[1]) / np.sqrt(2), abs=1e-12)
-                lo, hi = float(row[f"{what}_min_pct"]), float(row[f"{what}_max_pct"])
-                assert (lo, hi) == pytest.approx((v.min(), v.max()))
-    ff, = [r for r in rows if r["setting"] == "flatten_first True"]
-    assert (ff["model"], ff["setting"], ff["runs"], ff["n"], ff["epoch"]) == (
-        "flattened", "flatten_first True", "ff", "1", "1")
-    assert float(ff["test_acc_mean_pct"]) == pytest.approx(30.0) and float(ff["test_acc_std_pct"]) == 0
 
     # Figure 4: the first layer's filters of the saved network, rebuilt independently and sorted by variance
     filters = np.load(out / "fig4-filters.npy")
@@ -175,7 +182,8 @@ def test_figure3_leaves_out_a_run_in_progress_but_keeps_one_stopped_for_good(tmp
     write_run(root / "s1", settings("flattened", 1), [(0.3, 0.4), (0.5, 0.6)])
     write_run(root / "s2", settings("flattened", 2), [(0.9, 0.9)])  # epoch 1 of 2
     (root / "s2" / "checkpoint.npz").write_bytes(b"not read")
-    got = run(["--runs", root, "--out", tmp_path / "a", "--figures", "3"], capsys)
+    chosen = write_list(tmp_path / "list.json", [("cifar10", {"flattened": ["s0", "s1", "s2"]})])
+    got = run(["--runs", root, "--out", tmp_path / "a", "--figures", "3", "--fig3-runs", chosen], capsys)
     assert f"Figure 3 leaves out {root / 's2'}: in progress (epoch 1 of 2, checkpoint.npz present)" in got.out
     rows = read_csv(tmp_path / "a" / "fig3-accuracy.csv")
     assert [(r["epoch"], r["n"], r["seeds"]) for r in rows] == [("1", "2", "0 1"), ("2", "2", "0 1")]
@@ -184,12 +192,13 @@ def test_figure3_leaves_out_a_run_in_progress_but_keeps_one_stopped_for_good(tmp
     alone = tmp_path / "alone"
     write_run(alone / "s3", settings("flattened", 3), [(0.9, 0.9)])
     (alone / "s3" / "checkpoint.npz").write_bytes(b"not read")
-    got = run(["--runs", alone, "--out", tmp_path / "c", "--figures", "3"], capsys)
+    got = run(["--runs", alone, "--out", tmp_path / "c", "--figures", "3", "--fig3-runs",
+               write_list(tmp_path / "alone.json", [("cifar10", {"flattened": ["s3"]})])], capsys)
     assert "Figure 3 skipped: no run folder in" in got.out and "and is finished (1 in progress)" in got.out
     assert not (tmp_path / "c" / "fig3-accuracy.csv").exists()
 
     (root / "s2" / "checkpoint.npz").unlink()
-    got = run(["--runs", root, "--out", tmp_path / "b", "--figures", "3"], capsys)
+    got = run(["--runs", root, "--out", tmp_path / "b", "--figures", "3", "--fig3-runs", chosen], capsys)
     assert "leaves out" not in got.out
     rows = read_csv(tmp_path / "b" / "fig3-accuracy.csv")
     assert [(r["epoch"], r["n"]) for r in rows] == [("1", "3"), ("2", "2")]
@@ -226,12 +235,12 @@ def test_missing_inputs_are_skipped(tmp_path, capsys):
 
 
 def test_old_benchmark_file_and_no_flatten_first_run(tmp_path, runs, capsys):
-    import shutil
     shutil.rmtree(runs / "ff")
     recs, _, _ = bench_records()
     (tmp_path / "old.json").write_text(json.dumps(recs))  # a plain list without memory records
-    got = run(["--runs", runs, "--out", tmp_path / "o", "--bench", tmp_path / "old.json", "--band", "minmax"],
-              capsys)
+    chosen = write_list(tmp_path / "list.json", [("cifar10", {"baseline": ["baseline-s0", "seeds/baseline-s1"]})])
+    got = run(["--runs", runs, "--out", tmp_path / "o", "--bench", tmp_path / "old.json", "--band", "minmax",
+               "--fig3-runs", chosen], capsys)
     assert "Figure 4 skipped: needs a finished `train.py --flatten-first` CIFAR-10 run" in got.out
     assert "Figure 6 skipped: " in got.out and "has no memory records" in got.out
     assert {p.name for p in (tmp_path / "o").iterdir()} == {
@@ -247,7 +256,8 @@ def test_only_bad_runs_skip_figure3(tmp_path, capsys):
     (tmp_path / "runs" / "x").mkdir(parents=True)
     (tmp_path / "runs" / "x" / "settings.json").write_text(json.dumps(settings("baseline", 0)))
     (tmp_path / "runs" / "x" / "log.jsonl").write_text("")
-    got = run(["--runs", tmp_path / "runs", "--out", tmp_path / "o", "--figures", "3"], capsys)
+    chosen = write_list(tmp_path / "list.json", [("cifar10", {"baseline": ["x"]})])
+    got = run(["--runs", tmp_path / "runs", "--out", tmp_path / "o", "--figures", "3", "--fig3-runs", chosen], capsys)
     assert got.err == f"warning: skipped {tmp_path / 'runs' / 'x'} for Figure 3: log.jsonl has no epochs\n"
     assert got.out.startswith("Figure 3 skipped: no run folder in")
     assert not (tmp_path / "o" / "fig3-accuracy.csv").exists()
@@ -276,7 +286,7 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         figures.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--runs", "--out", "--bench", "--band", "--filters-run", "--figures"):
+    for flag in ("--runs", "--out", "--bench", "--fig3-runs", "--band", "--filters-run", "--figures"):
         assert flag in text
     for name in ("fig3-accuracy", "fig4-filters", "fig5-params", "fig6-memory", "fig7-speedup"):
         assert name in text
@@ -307,33 +317,162 @@ def test_bench_memory_json_feeds_figure6(tmp_path, capsys):
     assert {r["backend"] for r in read_csv(tmp_path / "o" / "fig7-speedup.csv")} == {"cpu", "cpu compiled"}
 
 
-def test_figure3_legend_fits_when_a_data_set_has_many_groups(tmp_path, monkeypatch, capsys):
-    """22 CIFAR-10 experiments and 13 MNIST ones, a few more than docs/runs holds (20 and 12): each row's legend
-    stays inside the figure, clear of the other row's, and no two lines of a row share a colour."""
-    def varied(i):  # seven settings differ: each legend entry wraps to three lines, as the real runs' do
-        return dict(lr=0.01 * (i + 1), weight_decay=1e-4 * (i + 1), lr_drop_epochs=[10 + i, 20 + i],
-                    init=("auto", "delta")[i % 2], augment=("none", "flip", "flip,crop2", "flip,crop4")[i % 4],
-                    dampening=(0.0, 0.9)[i % 2], pool_mode=("ceil", "floor")[i % 2])
-    for i in range(22):
-        write_run(tmp_path / "runs" / f"c{i}", settings("flattened", 0, **varied(i)), [(0.2, 0.3), (0.4, 0.5)])
-    for i in range(13):
-        write_run(tmp_path / "runs" / f"m{i}", settings("baseline", 0, dataset="mnist", **varied(i)),
-                  [(0.5, 0.6), (0.7, 0.8)])
+def recipe_run(folder, dataset, model, seed, rng, logged=None, **kw):
+    """A run of `train.py --dataset D --model M --seed S` (recipe reproduce) with a log of random accuracies, its
+    planned epochs unless `logged` cuts it short; `kw` replaces settings. Returns its [(train_acc, test_acc)]."""
+    s = settings(model, seed, dataset=dataset, recipe="reproduce", **recipe("reproduce", dataset, model))
+    s.update(kw)
+    accs = [tuple(rng.uniform(0.1, 1.0, 2).round(4)) for _ in range(logged or s["epochs"])]
+    write_run(folder, s, accs)
+    return accs
+
+
+def test_figure3_draws_exactly_the_listed_runs(tmp_path, monkeypatch, capsys):
+    """Two models x seeds on CIFAR-10 and on MNIST, named by a run list of recipe reproduce, among decoys: runs of
+    other settings, of another data set, on a part of the data, one in progress and folders the list misnames.
+    The CSV holds exactly the mean and sd over the listed finished seeds, per panel, model and epoch; one
+    legend entry per model in every panel."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "runs"
+    chosen = {("CIFAR-10", "baseline"): [recipe_run(root / "cb-s0", "cifar10", "baseline", 0, rng, threads=2)],
+              ("CIFAR-10", "flattened"): [recipe_run(root / f"cf-s{i}", "cifar10", "flattened", i, rng)
+                                          for i in range(3)],
+              ("MNIST", "baseline"): [recipe_run(root / "mb-s0", "mnist", "baseline", 0, rng)],
+              ("MNIST", "flattened"): [recipe_run(root / f"deep/mf-s{i}", "mnist", "flattened", i, rng)
+                                       for i in (0, 1)]}
+    # decoys the list does not name: each would change a mean if it were drawn
+    recipe_run(root / "other-wd", "cifar10", "flattened", 0, rng, weight_decay=5e-4)
+    recipe_run(root / "cifar100", "cifar100", "flattened", 0, rng)
+    recipe_run(root / "short", "cifar10", "baseline", 1, rng, epochs=5, limit_train=1000)
+    # decoys the list names: in progress, not the recipe's, a run of another model, a folder that is not there
+    recipe_run(root / "cf-s3", "cifar10", "flattened", 3, rng, logged=7)
+    (root / "cf-s3" / "checkpoint.npz").write_bytes(b"not read")
+    recipe_run(root / "cf-60", "cifar10", "flattened", 4, rng, epochs=60, lr_drop_epochs=[40, 52])
+    recipe_run(root / "cb-as-flat", "cifar10", "baseline", 5, rng)
+    listed = write_list(tmp_path / "fig3-runs.json", [
+        ("cifar10", {"baseline": ["cb-s0"],
+                     "flattened": ["cf-s0", "cf-s1", "cf-s2", "cf-s3", "cf-60", "cb-as-flat", "missing"]}),
+        ("mnist", {"baseline": ["mb-s0"], "flattened": ["deep/mf-s0", str(root / "deep/mf-s1")]})], "reproduce")
     drawn = []
     save = figures.save_figure
     monkeypatch.setattr(figures, "save_figure", lambda fig, path: (drawn.append(fig), save(fig, path)))
-    run(["--runs", tmp_path / "runs", "--out", tmp_path / "o", "--figures", "3"], capsys)
-    fig = drawn[0]
+    out = tmp_path / "o"
+    got = run(["--runs", root, "--out", out, "--figures", "3", "--fig3-runs", listed], capsys)
+    assert f"Figure 3 leaves out {root / 'cf-s3'}: in progress (epoch 7 of 180, checkpoint.npz present)" in got.out
+    warnings = got.err.strip().split("\n")
+    assert len(warnings) == 3, got.err
+    assert (f"warning: skipped {root / 'cf-60'} for Figure 3: not a run of recipe reproduce: epochs 60 (recipe: "
+            f"180), lr_drop_epochs 40,52 (recipe: 120,156)") in warnings
+    assert f"warning: skipped {root / 'cb-as-flat'} for Figure 3: a cifar10 baseline run, listed as cifar10 " \
+           "flattened" in warnings
+    assert f"warning: skipped {root / 'missing'} for Figure 3: no such run folder" in warnings
+
+    rows = read_csv(out / "fig3-accuracy.csv")
+    assert list(rows[0]) == ["panel", "dataset", "model", "runs", "seeds", "epoch", "n", "train_acc_mean_pct",
+                             "train_acc_std_pct", "test_acc_mean_pct", "test_acc_std_pct"]
+    want = []
+    for (panel, model), logs in chosen.items():
+        for e in range(1, len(logs[0]) + 1):
+            row = [panel, model, str(e), str(len(logs))]
+            for j in (0, 1):
+                v = np.array([100 * log[e - 1][j] for log in logs])
+                row += [v.mean(), v.std(ddof=1) if len(v) > 1 else ""]
+            want.append(row)
+    got_rows = [[r["panel"], r["model"], r["epoch"], r["n"],
+                 float(r["train_acc_mean_pct"]), float(r["train_acc_std_pct"]) if r["train_acc_std_pct"] else "",
+                 float(r["test_acc_mean_pct"]), float(r["test_acc_std_pct"]) if r["test_acc_std_pct"] else ""]
+                for r in rows]
+    assert len(got_rows) == len(want) == 120 + 180 + 30 + 30
+    for g, w in zip(got_rows, want):
+        assert g[:4] == w[:4], (g, w)
+        for a, b in zip(g[4:], w[4:]):  # the sd of one run is blank
+            assert a == b == "" or a == pytest.approx(b, rel=1e-12, abs=1e-12), (g, w)
+    assert {(r["panel"], r["dataset"], r["model"], r["runs"], r["seeds"]) for r in rows} == {
+        ("CIFAR-10", "cifar10", "baseline", "cb-s0", "0"), ("CIFAR-10", "cifar10", "flattened", "cf-s0 cf-s1 cf-s2",
+                                                           "0 1 2"),
+        ("MNIST", "mnist", "baseline", "mb-s0", "0"), ("MNIST", "mnist", "flattened", "mf-s0 mf-s1", "0 1")}
+
+    fig, = drawn
     fig.canvas.draw()
-    height = fig.bbox.height
-    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
-    assert [len(leg.get_texts()) for leg in legends] == [22, 13]
-    assert all(t.get_text().count("\n") == 2 for leg in legends for t in leg.get_texts())  # three lines each
-    boxes = [leg.get_window_extent() for leg in legends]
-    for box in boxes:
-        assert box.y0 >= 0 and box.y1 <= height, (box, height)
-    assert boxes[0].y0 >= boxes[1].y1, boxes  # the CIFAR-10 legend above the MNIST one, not overlapping
-    for ax in fig.axes[:2]:  # the CIFAR-10 row's two panels
-        colours = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
-                   for line in ax.get_lines()]
-        assert len(colours) == 22 and len(set(colours)) == 22
+    assert len(fig.axes) == 4  # one row per panel: training, test
+    legends = {}
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "epoch" and ax.get_ylabel().endswith("accuracy (%)")
+        leg = ax.get_legend()
+        legends[ax.get_title()] = [t.get_text() for t in leg.get_texts()]
+        box, frame = leg.get_window_extent(), ax.get_window_extent()
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        assert len(ax.collections) == 1  # one band: the models of several seeds here are the flattened ones
+    assert legends == {"CIFAR-10: training accuracy": ["baseline (1 run)", "flattened (3 seeds)"],
+                       "CIFAR-10: test accuracy": ["baseline (1 run)", "flattened (3 seeds)"],
+                       "MNIST: training accuracy": ["baseline (1 run)", "flattened (2 seeds)"],
+                       "MNIST: test accuracy": ["baseline (1 run)", "flattened (2 seeds)"]}
+    boxes = [ax.get_tightbbox() for ax in fig.axes]  # no panel overlaps another, titles and labels included
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0, (a, b)
+
+
+def test_figure3_seeds_of_one_model_are_one_experiment(tmp_path, capsys):
+    """Without a recipe in the list, any runs may be drawn, but the seeds of one model must differ only in the
+    seed and options such as threads: another weight decay is left out with the settings that differ."""
+    root = tmp_path / "runs"
+    write_run(root / "a", settings("flattened", 0), [(0.2, 0.3)])
+    write_run(root / "b", settings("flattened", 1, threads=4), [(0.4, 0.5)])
+    write_run(root / "c", settings("flattened", 2, weight_decay=0.0005), [(0.9, 0.9)])
+    chosen = write_list(tmp_path / "list.json", [("cifar10", {"flattened": ["a", "b", "c"]})])
+    got = run(["--runs", root, "--out", tmp_path / "o", "--figures", "3", "--fig3-runs", chosen], capsys)
+    assert got.err == (f"warning: skipped {root / 'c'} for Figure 3: differs from {root / 'a'} in more than the "
+                       "seed: weight_decay 0.0005 against 0.0001\n")
+    row, = read_csv(tmp_path / "o" / "fig3-accuracy.csv")
+    assert (row["runs"], row["n"], row["panel"]) == ("a b", "2", "CIFAR-10")
+    assert float(row["test_acc_mean_pct"]) == pytest.approx(40.0)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{", "cannot read"), ("[]", "not an object"), ('{"panels": []}', "no list of panels"),
+    ('{"recipe": "fast", "panels": [{"dataset": "mnist", "models": {"baseline": ["a"]}}]}', "unknown recipe"),
+    ('{"panels": [{"dataset": "mnist", "models": {"baseline": "a"}}]}', "not a list of run folders"),
+    ('{"panels": [{"dataset": "mnist", "model": {"baseline": ["a"]}}]}', "panel 1 is not an object"),
+    ('{"panels": [{"dataset": "mnist", "models": {"baseline": ["a"], "flattened": ["a"]}}]}', "listed twice")])
+def test_a_bad_run_list_is_an_error(tmp_path, text, why):
+    (tmp_path / "list.json").write_text(text)
+    with pytest.raises(SystemExit, match=rf"^error: --fig3-runs .*list\.json.*{why}"):
+        figures.main(["--runs", str(tmp_path), "--out", str(tmp_path / "o"), "--figures", "3",
+                      "--fig3-runs", str(tmp_path / "list.json")])
+    with pytest.raises(SystemExit, match=r"^error: --fig3-runs .*nothing\.json: no such file$"):
+        figures.main(["--out", str(tmp_path / "o"), "--figures", "3", "--fig3-runs", str(tmp_path / "nothing.json")])
+
+
+def test_default_output_folder_is_ignored_by_git(tmp_path, monkeypatch, capsys):
+    """Without --out the figures go to runs/figures, which git ignores: docs/figures changes only when named."""
+    default = Path(figures.parser().parse_args([]).out)
+    assert default == Path("runs/figures") and not default.is_absolute()
+    monkeypatch.chdir(tmp_path)
+    got = run(["--figures", "5"], capsys)
+    assert got.out == f"wrote {Path('runs/figures/fig5-params.csv')}\nwrote {Path('runs/figures/fig5-params.png')}\n"
+    assert (tmp_path / "runs" / "figures" / "fig5-params.png").is_file()
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "runs/figures/fig3-accuracy.png"], cwd=ROOT)
+        assert ignored.returncode == 0
+        tracked = subprocess.run(["git", "check-ignore", "-q", "docs/figures/fig3-accuracy.png"], cwd=ROOT)
+        assert tracked.returncode == 1
+
+
+def test_committed_figure3_is_the_listed_runs(tmp_path, capsys):
+    """docs/figures/fig3-accuracy.csv is what the command draws from docs/runs with the shipped run list, and every
+    listed run is a finished run of the list's recipe (no warning, none left out)."""
+    listed = ROOT / "docs" / "figures" / "fig3-runs.json"
+    got = run(["--runs", ROOT / "docs" / "runs", "--out", tmp_path, "--figures", "3", "--fig3-runs", listed], capsys)
+    assert got.err == "" and "leaves out" not in got.out
+    new, committed = read_csv(tmp_path / "fig3-accuracy.csv"), read_csv(ROOT / "docs" / "figures" / "fig3-accuracy.csv")
+    assert [list(r.values())[:7] for r in new] == [list(r.values())[:7] for r in committed]
+    for a, b in zip(new, committed):
+        for k in list(a)[7:]:
+            assert (a[k] == b[k] == "") or float(a[k]) == pytest.approx(float(b[k]), rel=1e-12), (k, a, b)
+    models = {(r["panel"], r["model"]): (r["runs"], r["n"]) for r in new if r["epoch"] == "1"}
+    assert models == {("CIFAR-10", "baseline"): ("long120-baseline-cifar10", "1"),
+                      ("CIFAR-10", "flattened"): ("long180-flattened-cifar10 long180-flattened-cifar10-s1 "
+                                                  "long180-flattened-cifar10-s2", "3"),
+                      ("MNIST", "baseline"): ("long-baseline-mnist", "1"),
+                      ("MNIST", "flattened"): ("long-flattened-mnist", "1")}

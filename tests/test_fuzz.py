@@ -15,7 +15,8 @@ import engine
 from engine import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from engine.data import DatasetError, _read_idx
 from engine.inference import ModelFileError
-from engine.trainer import CheckpointError, Trainer, load_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.trainer import Trainer
 
 
 def mutate(raw, rng):

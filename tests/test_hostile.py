@@ -27,7 +27,8 @@ from engine import Conv2d, Flatten, Flattened, Linear, MaxPool2d, ReLU, Sequenti
 from engine import data, npzfile
 from engine.data import DatasetError
 from engine.inference import ModelFileError, _layer_shapes
-from engine.trainer import CheckpointError, Trainer, load_checkpoint
+from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS, MEGABYTES = 1.0, 100  # the issue's bound on refusing any hostile file
@@ -93,7 +94,7 @@ BOUNDED = r"""
 import json, resource, sys, time
 sys.path[:0] = {paths!r}
 import numpy as np, engine
-from engine import data, trainer
+from engine import checkpoint, data
 def vm():
     return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (vm() + (1 << 30), resource.RLIM_INFINITY))
@@ -160,7 +161,7 @@ def test_npz_members_are_refused_by_name_and_header_before_their_data(tmp_path):
     meta = dict(epoch=0, step_in_epoch=0, running=dict(loss=0.0, correct=0, seen=0, seconds=0.0), history=[],
                 data_rng=np.random.default_rng(0).bit_generator.state, model_rng=None, settings={}, config={}, version=1)
     path = write_zip(tmp_path / "tib.npz", {"meta": meta_bytes(meta), "param/w": npy((1 << 40,), "<f4", b"")})
-    assert_refused_cheaply(f"trainer.load_checkpoint({str(path)!r})", "CheckpointError",
+    assert_refused_cheaply(f"checkpoint.load_checkpoint({str(path)!r})", "CheckpointError",
                            f"exceeds the limit of {npzfile.MAX_BYTES} bytes")
 
 
@@ -250,7 +251,7 @@ def test_a_byte_shuffled_entry_claiming_a_huge_array_is_refused_cheaply(tmp_path
                 data_rng=np.random.default_rng(0).bit_generator.state, model_rng=None, settings={}, config={}, version=1,
                 **{npzfile.SHUFFLED: {"param/w": ["<f4", [1 << 40]]}})
     path = write_zip(tmp_path / "tib.npz", {"meta": meta_bytes(meta), "param/w": npy((4, 1 << 40), "|u1", b"")})
-    assert_refused_cheaply(f"trainer.load_checkpoint({str(path)!r})", "CheckpointError",
+    assert_refused_cheaply(f"checkpoint.load_checkpoint({str(path)!r})", "CheckpointError",
                            f"exceeds the limit of {npzfile.MAX_BYTES} bytes")
 
 

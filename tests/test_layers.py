@@ -227,7 +227,7 @@ def _run_all(rng_seed):
 @pytest.mark.skipif(not engine.openmp_enabled(), reason="kernels built without OpenMP")
 def test_two_threads_equal_one(threads, monkeypatch):
     assert engine._kernels.threads_seen(2) == 2, "OpenMP did not start a second thread"
-    monkeypatch.setattr(engine.backend, "SERIAL_BELOW", 0)  # small test shapes must still run in parallel
+    monkeypatch.setattr(engine.runtime.threads, "SERIAL_BELOW", 0)  # small test shapes must still run in parallel
     engine.set_num_threads(1)
     one = _run_all(0)
     engine.set_num_threads(2)

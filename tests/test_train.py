@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from formats import write_mnist
 
-from engine.trainer import Trainer, TrainingDiverged, evaluate, load_checkpoint, lr_at, plot_history, sgd_momentum
+from engine.checkpoint import load_checkpoint
+from engine.optim import lr_at, sgd_momentum
+from engine.trainer import Trainer, TrainingDiverged, evaluate, plot_history
 from models.paper import build
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -50,7 +50,7 @@ def timeit(fn, repeat, warmup=1, sync=None):
 
 def backends_to_time(choice):
     """The backends to time: 'cpu', 'cupy' (an error if unusable), or 'all' = the CPU and CuPy if usable."""
-    from engine.backend import BackendUnavailable, select_backend
+    from engine.runtime.select import BackendUnavailable, select_backend
     if choice == "cpu":
         return ["cpu"]
     if choice == "cupy":
@@ -221,7 +221,7 @@ def bench_layers(args):
     rng = np.random.default_rng(0)
     layers = make_layers(args.channels, args.k)
     for backend in backends:
-        ops = engine.backend.ops_for(backend)
+        ops = engine.runtime.ops_for(backend)
         for layer in layers.values():
             layer.to(backend)
         for size in args.sizes:
@@ -400,7 +400,7 @@ def bench_model(args):
     timed runs, so that a noisy minute hits every case; each row is the median over all its rounds, and
     the ratios are given per round (their spread shows the noise)."""
     from engine.losses import SoftmaxCrossEntropy
-    from engine.trainer import sgd_momentum
+    from engine.optim import sgd_momentum
     from engine.trainstep import CompiledStep
     from models.paper import build
     backends = backends_to_time(args.backend)
@@ -411,7 +411,7 @@ def bench_model(args):
     cases = []  # (what, batch, label, fn, runs per round, sync)
     compiled = None
     for backend in backends:
-        ops = engine.backend.ops_for(backend)
+        ops = engine.runtime.ops_for(backend)
         net = build(args.model, shape, n_classes).to(backend)
         rng = np.random.default_rng(0)
         x = ops.asarray(rng.standard_normal((args.batch, *shape)).astype(np.float32))
@@ -471,7 +471,7 @@ def bench_model(args):
 def bench_threads(args):
     """The flattened CIFAR-10 model's compiled training step and compiled inference (batch --batch and
     1), each on 1 thread, on --threads and on the default count (which gives way to other processes,
-    engine.backend.run_threads), in --rounds alternating rounds (medians over the rounds)."""
+    engine.runtime.threads.run_threads), in --rounds alternating rounds (medians over the rounds)."""
     from engine.plan import compile_network
     from engine.trainstep import CompiledStep
     from models.paper import build
@@ -493,7 +493,7 @@ def bench_threads(args):
                 res.setdefault((name, threads), []).append(statistics.median(timeit(fn, runs)))
                 used.setdefault((name, threads), []).append(runner.last_threads)
     engine.set_num_threads(args.threads)
-    if engine.backend.threads_chosen():
+    if engine.runtime.threads.threads_chosen():
         print("# OMP_NUM_THREADS is set: the default column is that count, not the adaptive default")
     print(f"{'what':<22} {'1 thread ms':>12} {f'{args.threads} threads ms':>14} {'default ms':>11} "
           f"{f'{args.threads}/1':>6} {'default/1':>10}  (default/1 per round; threads the default used)")

@@ -1,14 +1,16 @@
 """Draw the paper's Figures 3 to 7 from run folders, model files and the layer benchmark.
 
-    python -m engine.figures --runs docs/runs --out docs/figures [--bench docs/bench-layers.json]
+    python -m engine.figures                        # into runs/figures (git ignores runs/)
+    python -m engine.figures --out docs/figures     # the committed figures, redrawn
 
 Each figure is a PNG beside the file holding the numbers it was drawn from (same stem):
 
-  fig3-accuracy.png / .csv   train and test accuracy per epoch, baseline vs flattened, per data set:
-                             run folders of train.py grouped by their settings except the seed (runs
-                             that differ only in the seed are averaged: a line for the mean and a band
-                             for their spread; a run alone is a line with markers; a run in
-                             progress, short of its epochs with checkpoint.npz kept, is left out)
+  fig3-accuracy.png / .csv   training and test accuracy per epoch of the runs that a run list names
+                             (--fig3-runs), as the paper draws its Figure 3: one row of panels per data
+                             set, one line per model for the mean over its seeds with a shade for +-1
+                             standard deviation, one legend entry per model. The CSV holds the plotted
+                             numbers: per panel, model and epoch, n and the mean and sd (--band minmax:
+                             min and max) of the training and test accuracy in percent
   fig4-filters.png / .npy    first-layer filters of a --flatten-first CIFAR-10 run, rebuilt as 3D
                              filters from the 1D ones (engine.filters), sorted by variance
   fig5-params.png / .csv     parameter reduction of one layer (3D weights / flattened weights) against
@@ -19,23 +21,41 @@ Each figure is a PNG beside the file holding the numbers it was drawn from (same
   fig7-speedup.png / .csv    speed-up of the flattened over the baseline layer (baseline ms /
                              flattened ms), forward and backward, per image size (`bench layers --json F`)
 
-A figure whose inputs are missing is skipped with a line saying why; a run folder whose
-settings or log cannot be read is skipped with a warning. Every file written is printed.
+Figure 3's run list (--fig3-runs, default docs/figures/fig3-runs.json) is a JSON file:
+
+  {"note": "any text (optional)",
+   "recipe": "reproduce",
+   "panels": [{"dataset": "cifar10", "title": "CIFAR-10",
+               "models": {"baseline": ["long120-baseline-cifar10"],
+                          "flattened": ["long180-flattened-cifar10", "long180-flattened-cifar10-s1"]}},
+              {"dataset": "mnist", "models": {...}}]}
+
+One row of panels per entry of "panels" (the title defaults to the data set's name), one line per
+model, averaged over the run folders listed for it (relative to --runs, or absolute). No other
+folder is drawn. A listed run is left out, with a warning saying why, when its settings.json or
+log.jsonl cannot be read, when its data set or model is not the one it is listed under, when it
+differs from the first run of its model in more than the seed (and options such as threads), or,
+where the list names a recipe (optional), when its settings are not that recipe's for its data
+set and model (models/recipes.py) on the full data set (no --limit-train or --limit-test). A run
+in progress (short of its planned epochs, with checkpoint.npz kept) is left out with a line
+saying so: a seed still training would change n within a band.
+
+A figure whose inputs are missing is skipped with a line saying why; a run folder whose settings
+or log cannot be read is skipped with a warning. Every file written is printed.
 """
 import argparse
 import csv
 import json
 import math
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 
-from models.recipes import complete_settings, setting_text
+from models.recipes import RECIPES, complete_settings, recipe, setting_text
 
 from ..npzfile import check_writable_folder
-from ..trainer import CHECKPOINT_FILE
+from ..checkpoint import CHECKPOINT_FILE
 
 # Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned
 # epochs and the recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same experiment.
@@ -44,6 +64,13 @@ NOT_THE_EXPERIMENT = ("seed", "epochs", "recipe", "data_dir", "cache_dir", "no_d
 # Table 1 of the paper: the two flattened layers (C input channels, F filters, k x k) and their weights.
 TABLE1 = (("layer 2", 96, 128, 5, 307200, 30912), ("layer 3", 128, 256, 5, 819200, 102144))
 FIGURES = (3, 4, 5, 6, 7)
+# Figure 3's run list when --fig3-runs is not given, and its format in one line for error messages.
+DEFAULT_RUN_LIST = Path("docs/figures/fig3-runs.json")
+RUN_LIST_FORMAT = ('{"recipe": NAME (optional), "panels": [{"dataset": D, "title": T (optional), '
+                   '"models": {MODEL: [RUN FOLDER, ...], ...}}, ...]}')
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST"}
+MODEL_COLOURS = {"baseline": "C0", "flattened": "C3"}
+DEFAULT_OUT = "runs/figures"  # git ignores runs/: the committed docs/figures are redrawn only when named
 
 
 def say(line):
@@ -151,26 +178,55 @@ def experiment_key(settings):
     return json.dumps({k: v for k, v in settings.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
 
 
-def group_runs(runs_with_logs):
-    """Runs grouped by (dataset, model, the other settings but the seed): [dict(dataset, model, label, runs)].
+def read_run_list(path):
+    """The runs Figure 3 draws, from the JSON file `path` (format in RUN_LIST_FORMAT): dict(recipe, panels), each
+    panel dict(dataset, title, models=[(model, [folder name, ...]), ...]). ValueError with the reason."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it ({e})") from None
 
-    Groups of one dataset and model that differ in other settings get those settings in their label."""
-    groups = {}
-    for folder, settings, log in runs_with_logs:
-        key = (settings["dataset"], settings["model"], experiment_key(settings))
-        groups.setdefault(key, []).append((folder, settings, log))
-    out = []
-    for (dataset, model, key), members in sorted(groups.items()):
-        siblings = [json.loads(k) for d, m, k in groups if (d, m) == (dataset, model)]
-        mine = json.loads(key)
-        differs = sorted(k for k in set().union(*siblings) if any(s.get(k) != mine.get(k) for s in siblings))
-        setting = ", ".join(f"{k} {setting_text(mine.get(k))}" for k in differs)
-        out.append(dict(dataset=dataset, model=model, setting=setting, runs=members))
-    return out
+    def bad(why):
+        return ValueError(f"{path}: {why} (expected {RUN_LIST_FORMAT})")
+    if not isinstance(data, dict) or not set(data) <= {"note", "recipe", "panels"}:
+        raise bad("not an object with the keys panels and, optionally, recipe and note")
+    name = data.get("recipe")
+    if name is not None and name not in RECIPES:
+        raise bad(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    panels, seen = [], set()
+    if not isinstance(data.get("panels"), list) or not data["panels"]:
+        raise bad("no list of panels")
+    for i, panel in enumerate(data["panels"], 1):
+        if not (isinstance(panel, dict) and set(panel) <= {"dataset", "title", "models"}
+                and isinstance(panel.get("dataset"), str) and isinstance(panel.get("title", ""), str)
+                and isinstance(panel.get("models"), dict) and panel["models"]):
+            raise bad(f"panel {i} is not an object with a dataset, models and, optionally, a title")
+        if name is not None and panel["dataset"] not in RECIPES[name]:
+            raise bad(f"panel {i}: recipe {name} has no data set {panel['dataset']!r}")
+        models = []
+        for model, folders in panel["models"].items():
+            if not (isinstance(folders, list) and folders and all(isinstance(f, str) and f for f in folders)):
+                raise bad(f"panel {i}, model {model}: not a list of run folders")
+            for f in folders:
+                if f in seen:
+                    raise bad(f"run folder {f} is listed twice")
+                seen.add(f)
+            models.append((model, folders))
+        panels.append(dict(dataset=panel["dataset"], title=panel.get("title") or DATASET_NAMES.get(
+            panel["dataset"], panel["dataset"]), models=models))
+    return dict(recipe=name, panels=panels)
+
+
+def recipe_mismatch(settings, name):
+    """Where a run's settings differ from recipe `name` for its data set and model, on the full data set: a text
+    such as "epochs 60 (recipe: 180)", or '' where they agree."""
+    want = dict(recipe(name, settings["dataset"], settings["model"]), limit_train=None, limit_test=None)
+    return ", ".join(f"{k} {setting_text(settings.get(k))} (recipe: {setting_text(v)})"
+                     for k, v in want.items() if settings.get(k) != v)
 
 
 def aggregate(members):
-    """Per epoch: n, and mean, sample std (0 for one run), min, max of train and test accuracy in percent."""
+    """Per epoch: n, and mean, sample std (NaN for one run), min, max of train and test accuracy in percent."""
     epochs = sorted({r["epoch"] for _, _, log in members for r in log})
     rows = []
     for e in epochs:
@@ -178,7 +234,7 @@ def aggregate(members):
         for what in ("train_acc", "test_acc"):
             v = np.array([100.0 * r[what] for _, _, log in members for r in log if r["epoch"] == e])
             row["n"] = len(v)
-            row[what] = dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            row[what] = dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else math.nan,
                              min=float(v.min()), max=float(v.max()))
         rows.append(row)
     return rows
@@ -193,12 +249,23 @@ def in_progress(folder, settings, log):
     return last if running else None
 
 
-def figure3(runs, found, out, band):
-    if found is None:
-        return skip(3, f"no run folder {runs}")
-    usable, running = [], 0
-    for folder, settings in found:
+def listed_runs(runs, run_list, panel, model, folders):
+    """The listed run folders of one model that Figure 3 can draw: [(folder, settings, log)], and how many of
+    them are in progress. Each one left out is named with the reason (a warning, or a line if in progress)."""
+    kept, running = [], 0
+    for name in folders:
+        folder = Path(name) if Path(name).is_absolute() else runs / name
         try:
+            if not folder.is_dir():
+                raise ValueError("no such run folder")
+            settings = read_settings(folder)
+            if (settings["dataset"], settings["model"]) != (panel["dataset"], model):
+                raise ValueError(f"a {settings['dataset']} {settings['model']} run, listed as "
+                                 f"{panel['dataset']} {model}")
+            if run_list["recipe"] is not None:
+                differs = recipe_mismatch(settings, run_list["recipe"])
+                if differs:
+                    raise ValueError(f"not a run of recipe {run_list['recipe']}: {differs}")
             log = read_log(folder)
         except ValueError as e:
             warn(f"skipped {folder} for Figure 3: {e}")
@@ -209,70 +276,97 @@ def figure3(runs, found, out, band):
                 f"{CHECKPOINT_FILE} present)")
             running += 1
             continue
-        usable.append((folder, settings, log))
-    if not usable:
-        return skip(3, f"no run folder in {runs} has readable settings.json and log.jsonl"
+        if kept and experiment_key(settings) != experiment_key(kept[0][1]):
+            first = kept[0][1]
+            differs = ", ".join(f"{k} {setting_text(settings.get(k))} against {setting_text(first.get(k))}"
+                                for k in sorted(set(settings) | set(first))
+                                if k not in NOT_THE_EXPERIMENT and settings.get(k) != first.get(k))
+            warn(f"skipped {folder} for Figure 3: differs from {kept[0][0]} in more than the seed: {differs}")
+            continue
+        kept.append((folder, settings, log))
+    return kept, running
+
+
+def figure3(runs, list_path, out, band):
+    if not runs.is_dir():
+        return skip(3, f"no run folder {runs}")
+    if list_path is None:
+        return skip(3, f"no run list {DEFAULT_RUN_LIST} (name one with --fig3-runs)")
+    run_list = read_run_list(list_path)  # read and checked by main() already: no error here
+    panels, running = [], 0
+    for panel in run_list["panels"]:
+        models = []
+        for model, folders in panel["models"]:
+            kept, n = listed_runs(runs, run_list, panel, model, folders)
+            running += n
+            if kept:
+                models.append(dict(model=model, runs=kept, rows=aggregate(kept)))
+        if models:
+            panels.append(dict(panel, models=models))
+    if not panels:
+        return skip(3, f"no run folder in {runs} listed in {list_path} is usable (readable settings.json and "
+                       f"log.jsonl, the listed data set and model{', its recipe' if run_list['recipe'] else ''})"
                        f"{f' and is finished ({running} in progress)' if running else ''}")
-    groups = group_runs(usable)
-    csv_path, png_path = out / "fig3-accuracy.csv", out / "fig3-accuracy.png"
+
+    spread = ("std",) if band == "std" else ("min", "max")
     rows = []
-    for g in groups:
-        g["label"] = (g["model"] + (f" ({g['setting']})" if g["setting"] else "")
-                      + (f": mean of {len(g['runs'])} runs" if len(g["runs"]) > 1 else f": {g['runs'][0][0].name}"))
-        g["rows"] = aggregate(g["runs"])
-        names = " ".join(folder.name for folder, _, _ in g["runs"])
-        seeds = " ".join(str(s.get("seed")) for _, s, _ in g["runs"])
-        for r in g["rows"]:
-            rows.append([g["dataset"], g["model"], g["setting"], names, seeds, r["epoch"], r["n"]]
-                        + [r[w][s] for w in ("train_acc", "test_acc") for s in ("mean", "std", "min", "max")])
-    write_csv(csv_path, ["dataset", "model", "setting", "runs", "seeds", "epoch", "n"]
-              + [f"{w}_{s}_pct" for w in ("train_acc", "test_acc") for s in ("mean", "std", "min", "max")], rows)
+    for p in panels:
+        for m in p["models"]:
+            names = " ".join(folder.name for folder, _, _ in m["runs"])
+            seeds = " ".join(str(s.get("seed")) for _, s, _ in m["runs"])
+            for r in m["rows"]:
+                rows.append([p["title"], p["dataset"], m["model"], names, seeds, r["epoch"], r["n"]]
+                            + [("" if r["n"] == 1 and s != "mean" else r[w][s])
+                               for w in ("train_acc", "test_acc") for s in ("mean",) + spread])
+    write_csv(out / "fig3-accuracy.csv", ["panel", "dataset", "model", "runs", "seeds", "epoch", "n"]
+              + [f"{w}_{s}_pct" for w in ("train_acc", "test_acc") for s in ("mean",) + spread], rows)
 
     plt = pyplot()
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
-    per_dataset = {d: [g for g in groups if g["dataset"] == d] for d in sorted({g["dataset"] for g in groups})}
-    heights = [max(4.6, 0.62 * len(mine)) for mine in per_dataset.values()]  # room for the row's legend
-    fig, axes = plt.subplots(len(per_dataset), 3, figsize=(18, sum(heights)), squeeze=False,
-                             gridspec_kw=dict(width_ratios=(1, 1, 0.8), height_ratios=heights))  # third: legend
-    band_text = "±1 standard deviation (n-1)" if band == "std" else "min to max"
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    if max(map(len, per_dataset.values())) > len(colours):  # no two lines of a row share a colour
-        colours = [c for name in ("tab20", "tab20b", "tab20c") for c in plt.get_cmap(name).colors]  # 60
-    for row, (dataset, mine) in zip(axes, per_dataset.items()):
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 0.6 + 4.4 * len(panels)), squeeze=False)
+    others = iter(f"C{i}" for i in (2, 1, 4, 5, 6, 7, 8, 9))
+    colours = {}
+    for p in panels:
+        for m in p["models"]:
+            colours.setdefault(m["model"], MODEL_COLOURS.get(m["model"]) or next(others, "k"))
+    for row, p in zip(axes, panels):
         for ax, what, title in zip(row, ("train_acc", "test_acc"), ("training", "test")):
-            for i, g in enumerate(mine):
-                colour = colours[i % len(colours)]
-                x = np.array([r["epoch"] for r in g["rows"]])
-                mean = np.array([r[what]["mean"] for r in g["rows"]])
-                style = "--" if g["model"] == "baseline" else "-"
-                several = len(g["runs"]) > 1
-                label = textwrap.fill(g["label"] + (" (shaded: the spread)" if several else ""), 60,
-                                      subsequent_indent="  ")
-                ax.plot(x, mean, style, color=colour, label=label, linewidth=1.5,
-                        marker=None if several and len(x) > 1 else "o", markersize=4)
-                if several:
-                    if band == "std":
-                        lo = mean - [r[what]["std"] for r in g["rows"]]
-                        hi = mean + [r[what]["std"] for r in g["rows"]]
-                    else:
-                        lo = np.array([r[what]["min"] for r in g["rows"]])
-                        hi = np.array([r[what]["max"] for r in g["rows"]])
+            handles = []
+            for m in p["models"]:
+                colour, n_runs = colours[m["model"]], len(m["runs"])
+                x = np.array([r["epoch"] for r in m["rows"]])
+                mean = np.array([r[what]["mean"] for r in m["rows"]])
+                several = np.array([r["n"] > 1 for r in m["rows"]])
+                if band == "std":
+                    sd = np.array([r[what]["std"] for r in m["rows"]])
+                    lo, hi = mean - sd, mean + sd
+                else:
+                    lo = np.array([r[what]["min"] for r in m["rows"]])
+                    hi = np.array([r[what]["max"] for r in m["rows"]])
+                line, = ax.plot(x, mean, "-", color=colour, linewidth=1.4, zorder=3,
+                                marker="o" if len(x) == 1 else None, markersize=4)
+                handle = line
+                if several.any():
                     if len(x) > 1:
-                        ax.fill_between(x, lo, hi, color=colour, alpha=0.25, linewidth=0)
+                        ax.fill_between(x, np.where(several, lo, mean), np.where(several, hi, mean), where=several,
+                                        color=colour, alpha=0.25, linewidth=0, zorder=2)
                     else:  # one epoch: a band would be invisible
                         ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], color=colour, capsize=4, fmt="none")
-            ax.set_title(f"{dataset}: {title} accuracy")
+                    handle = (Patch(color=colour, alpha=0.25, linewidth=0), line)
+                handles.append((handle, f"{m['model']} ({n_runs} seeds)" if n_runs > 1 else f"{m['model']} (1 run)"))
+            ax.set_title(f"{p['title']}: {title} accuracy")
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{title} accuracy (%)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.grid(alpha=0.3)
-        row[2].axis("off")
-        row[2].legend(*row[1].get_legend_handles_labels(), fontsize=7, loc="center left", frameon=False,
-                      title=dataset, title_fontsize=8)
-    fig.suptitle("Figure 3: accuracy per epoch, baseline (dashed) vs flattened (solid); runs differing only in "
-                 f"the seed are averaged (line: mean, shade: {band_text})", fontsize=10)
+            ax.legend(*zip(*handles), loc="lower right", fontsize=9)
+    band_text = "±1 standard deviation" if band == "std" else "their range"
+    recipe_text = f", recipe {run_list['recipe']}" if run_list["recipe"] else ""
+    fig.suptitle(f"Figure 3: training and test accuracy per epoch{recipe_text} "
+                 f"(line: the mean over a model's seeds; shade: {band_text})", fontsize=11)
     fig.tight_layout()
-    save_figure(fig, png_path)
+    save_figure(fig, out / "fig3-accuracy.png")
 
 
 # ----------------------------------------------------------------------------- Figure 4
@@ -527,14 +621,18 @@ def parser():
     p.add_argument("--runs", default="docs/runs",
                    help="folder of train.py run folders (each with settings.json and log.jsonl; model.npz for "
                         "Figure 4). Default: docs/runs. Missing: Figures 3 and 4 are skipped")
-    p.add_argument("--out", default="docs/figures",
-                   help="folder to write the figures and their data files into (created if missing). "
-                        "Default: docs/figures")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"folder to write the figures and their data files into (created if missing). "
+                        f"Default: {DEFAULT_OUT}, which git ignores; --out docs/figures redraws the committed ones")
     p.add_argument("--bench", default="docs/bench-layers.json",
                    help="JSON records of `python -m engine.bench layers --json F` (add --memory for Figure 6). "
                         "Default: docs/bench-layers.json. Missing: Figures 6 and 7 are skipped")
+    p.add_argument("--fig3-runs", default=None, metavar="FILE",
+                   help=f"Figure 3's run list: a JSON file naming, per panel (data set) and model, the run folders "
+                        f"to average (format above). Default: {DEFAULT_RUN_LIST}, the runs of the default recipe "
+                        f"(skipped with a line if missing)")
     p.add_argument("--band", choices=["std", "minmax"], default="std",
-                   help="Figure 3's shade around the mean of runs differing only in the seed: +-1 sample standard "
+                   help="Figure 3's shade around the mean over a model's seeds: +-1 sample standard "
                         "deviation (std, the paper's) or the range over the runs (minmax)")
     p.add_argument("--filters-run", default=None,
                    help="Figure 4 from this run folder (or model file) instead of the best --flatten-first "
@@ -560,16 +658,27 @@ def main(argv=None):
     filters_run = Path(args.filters_run) if args.filters_run else None
     if filters_run is not None and not (filters_run / "model.npz").is_file() and not filters_run.is_file():
         raise SystemExit(f"error: --filters-run {filters_run}: no model file there")
+    wanted = set(args.figures)
+    run_list = Path(args.fig3_runs) if args.fig3_runs else DEFAULT_RUN_LIST
+    if 3 in wanted:
+        if args.fig3_runs and not run_list.is_file():
+            raise SystemExit(f"error: --fig3-runs {run_list}: no such file")
+        if not run_list.is_file():
+            run_list = None  # the default list is missing: Figure 3 is skipped with a line
+        else:
+            try:
+                read_run_list(run_list)
+            except ValueError as e:
+                raise SystemExit(f"error: --fig3-runs {e}") from None
     try:
         check_writable_folder(out)
     except OSError as e:
         raise SystemExit(f"error: cannot write to --out {out}: {e}") from None
-    wanted = set(args.figures)
     found = None
-    if runs.is_dir() and wanted & {3, 4}:
+    if runs.is_dir() and 4 in wanted:
         found = scan_runs(runs)
     if 3 in wanted:
-        figure3(runs, found, out, args.band)
+        figure3(runs, run_list, out, args.band)
     if 4 in wanted:
         figure4(runs, found, out, filters_run)
     if 5 in wanted:

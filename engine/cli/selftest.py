@@ -61,7 +61,7 @@ def compile_modules(backend):
     """Compile both kernel modules and look up every kernel in them; returns what was done."""
     if backend == "cpu":
         return "nothing to compile on the CPU (the kernels are the built extension)"
-    from .. import backend_cupy as bc
+    from ..runtime import cuda as bc
     names = re.findall(r"^KERNEL (\w+)\(", bc.SOURCE_PATH.read_text(), re.M)
     for dtype in (np.float32, np.float64):
         for name in names:
@@ -103,7 +103,7 @@ def compare_with_cpu(backend):
     """The same models give the same predictions, and Dropout the same masks, on the CPU and on `backend`."""
     from models.paper import build
 
-    from ..backend import ops_for, to_numpy
+    from ..runtime import ops_for, to_numpy
     from ..layers import Dropout
     ops = ops_for(backend)
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
@@ -144,7 +144,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the layer benchmark's records to this JSON file")
     args = p.parse_args(argv)
 
-    from ..backend import BackendUnavailable, select_backend
+    from ..runtime.select import BackendUnavailable, select_backend
     print(f"# flatnet self-test, backend {args.backend}")
     try:
         select_backend(args.backend)

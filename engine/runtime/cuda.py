@@ -1,4 +1,4 @@
-"""The CuPy operation set: the same names as backend.CpuOps, on CuPy arrays.
+"""The CuPy operation set: the same names as runtime.cpu.CpuOps, on CuPy arrays.
 
 Imported only when a CuPy array reaches a layer or the CuPy backend is selected, so
 importing `engine` never imports CuPy. GEMMs are one cuBLAS strided batched call each
@@ -14,9 +14,9 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
-from .backend import dropout_seed
+from .dropout import dropout_seed
 
-SOURCE_PATH = Path(__file__).with_name("cuda_kernels.cu")
+SOURCE_PATH = Path(__file__).parents[1] / "cuda_kernels.cu"
 BLOCK = 256            # threads per block
 MAX_BLOCKS = 1 << 16   # the kernels are grid-stride loops: more elements than threads is fine
 GRAD_SEGMENT = 256     # output elements per thread (whole rows, at least one) in conv1d_grad_partial
@@ -195,35 +195,6 @@ class CupyOps:
     def mask_scale(x, mask, scale, out):
         _launch("mask_scale", x.dtype, x.size, x, mask, x.dtype.type(scale), out, x.size)
         return out
-
-
-def smoke_test():
-    """None when the device computes right, else what came out wrong (exceptions propagate).
-
-    Runs what training needs beyond cuBLAS: our kernels from both modules (float32 and
-    float64), and CuPy's own elementwise, reduction and indexing kernels (compiled at run
-    time, so they need the CUDA headers a driver-only machine lacks) through the loss,
-    a broadcast assignment and the finite check.
-    """
-    from .losses import SoftmaxCrossEntropy
-    a = np.arange(-8, 8, dtype=np.float32).reshape(4, 4) / 4
-    labels = np.array([0, 3, 1, 2])
-    for dtype in (np.float32, np.float64):
-        da = cp.asarray(a.astype(dtype))
-        prod = CupyOps.gemm(False, False, 1.0, da, da, 0.0, cp.empty_like(da))  # our cuBLAS call
-        out = CupyOps.relu_forward(prod, cp.empty_like(da))
-        if not np.allclose(cp.asnumpy(out), np.maximum(a @ a, 0), rtol=1e-5):
-            return f"a wrong {np.dtype(dtype).name} result from cuBLAS and the ReLU kernel"
-    host, dev = SoftmaxCrossEntropy(), SoftmaxCrossEntropy()
-    want, got = host(a, labels), dev(cp.asarray(a), cp.asarray(labels))
-    if not (np.isclose(got, want, rtol=1e-5) and np.allclose(cp.asnumpy(dev.backward()), host.backward(), atol=1e-6)):
-        return "a wrong softmax cross-entropy (CuPy's elementwise, reduction and indexing kernels)"
-    buf = cp.empty((4, 4), dtype=cp.float32)
-    buf[...] = cp.asarray(a[0])[None, :]
-    if not (bool(cp.isfinite(buf).all()) and np.array_equal(cp.asnumpy(buf), np.broadcast_to(a[0], (4, 4)))):
-        return "a wrong broadcast assignment or finite check"
-    CupyOps.synchronize()
-    return None
 
 
 def _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, stride_a, stride_b):
