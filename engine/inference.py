@@ -51,8 +51,6 @@ VERSION = 1          # a model file that holds its ZCA matrix, if any, itself
 VERSION_ZCA_FILE = 2  # one whose ZCA mean and matrix are in a ZCA file beside it (meta["zca_file"])
 ZCA_FORMAT = "flatnet-zca"
 ZCA_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.npz")  # a plain file name: no folder, nothing hidden
-LAYER_TYPES = {cls.__name__: cls for cls in (L.Conv2d, L.Lateral, L.Vertical, L.Horizontal, L.Flattened,
-                                             L.MaxPool2d, L.ReLU, L.Dropout, L.Flatten, L.Linear)}
 
 
 class ModelFileError(npzfile.FileFormatError):
@@ -63,10 +61,6 @@ class ModelFileError(npzfile.FileFormatError):
 
 MAX_LAYERS = 10_000          # entries of an architecture, and parameter arrays in all
 MAX_ACTIVATION = 1 << 25     # elements of one image's input or of any layer's output for one image
-CONFIG_KEYS = {"Conv2d": {"c_in", "c_out", "k", "stride", "padding"}, "Lateral": {"c_in", "c_out"},
-               "Vertical": {"channels", "k", "mode"}, "Horizontal": {"channels", "k", "mode"},
-               "Flattened": {"c_in", "c_out", "k", "stages"}, "MaxPool2d": {"k", "stride", "ceil_mode"},
-               "ReLU": set(), "Dropout": {"p"}, "Flatten": set(), "Linear": {"n_in", "n_out"}}
 GCN_KEYS = {"scale", "sqrt_bias", "use_std", "min_divisor"}
 
 
@@ -75,36 +69,10 @@ def architecture(net):
     arch = []
     for name, layer in net.children:
         kind = type(layer).__name__
-        if kind not in LAYER_TYPES:
+        if L.LAYER_TYPES.get(kind) is not type(layer):
             raise ValueError(f"cannot save layer {name} of type {kind}")
         arch.append(dict(name=name, type=kind, config=layer.config()))
     return arch
-
-
-def _layer_shapes(kind, c):
-    """Parameter shapes of a layer from its configuration, without building it (tests check them against the layers)."""
-    def n(key):
-        return L._positive_int(kind, key, c[key])
-    if kind == "Conv2d":
-        return {"weight": (n("c_out"), n("c_in"), n("k"), n("k")), "bias": (n("c_out"),)}
-    if kind == "Lateral":
-        return {"weight": (n("c_out"), n("c_in")), "bias": (n("c_out"),)}
-    if kind in ("Vertical", "Horizontal"):
-        return {"weight": (n("channels"), n("k")), "bias": (n("channels"),)}
-    if kind == "Linear":
-        return {"weight": (n("n_out"), n("n_in")), "bias": (n("n_out"),)}
-    if kind == "Flattened":
-        stages = n("stages")
-        if stages > MAX_LAYERS // 6:
-            raise ValueError(f"{stages} stages, more than {MAX_LAYERS // 6}")
-        shapes = {}
-        for s in range(stages):
-            ch = n("c_in") if s == 0 else n("c_out")
-            for sub, shape in (("vertical", (ch, n("k"))), ("horizontal", (ch, n("k"))), ("lateral", (n("c_out"), ch))):
-                shapes[f"stage{s + 1}.{sub}.weight"] = shape
-                shapes[f"stage{s + 1}.{sub}.bias"] = shape[:1]
-        return shapes
-    return {}
 
 
 def architecture_shapes(arch):
@@ -121,12 +89,13 @@ def architecture_shapes(arch):
             name, kind, config = entry["name"], entry["type"], entry["config"]
             if not isinstance(name, str) or not name or name in names:
                 raise ValueError(f"layer name {name!r} is empty, not a string or used twice")
-            if kind not in LAYER_TYPES:
+            if kind not in L.LAYER_TYPES:
                 raise ValueError(f"unknown layer type {kind!r}")
-            if not isinstance(config, dict) or not set(config) <= CONFIG_KEYS[kind]:
-                raise ValueError(f"{kind} takes {sorted(CONFIG_KEYS[kind])}, got {config!r:.200}")
+            keys = L.LAYER_TYPES[kind].config_keys
+            if not isinstance(config, dict) or not set(config) <= set(keys):
+                raise ValueError(f"{kind} takes {sorted(keys)}, got {config!r:.200}")
             names.add(name)
-            for k, shape in _layer_shapes(kind, config).items():
+            for k, shape in L.LAYER_TYPES[kind].param_shapes(config).items():
                 if f"{name}.{k}" in shapes:
                     raise ValueError(f"parameter {name}.{k} collides with another layer's")
                 shapes[f"{name}.{k}"] = shape
@@ -143,7 +112,7 @@ def build_architecture(arch):
     layers = []
     for i, entry in enumerate(arch):
         try:
-            layers.append(LAYER_TYPES[entry["type"]](**entry["config"]))
+            layers.append(L.LAYER_TYPES[entry["type"]](**entry["config"]))
         except (TypeError, ValueError) as e:
             raise ValueError(f"layer {i} of the architecture is invalid ({type(e).__name__}: {e})") from None
     return L.Sequential(*layers, names=[entry["name"] for entry in arch], check_finite=True)

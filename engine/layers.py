@@ -34,7 +34,27 @@ COLUMN_BUFFER_BYTES = 64 * 2**20
 
 
 class Layer:
-    """Base class: parameter bookkeeping, train/eval switch, input and gradient checks."""
+    """Base class: parameter bookkeeping, train/eval switch, input and gradient checks.
+
+    Each layer type declares what the rest of the engine needs to know about it, so that
+    adding a type means writing its class (registered with ``@register``) and its kernels
+    in each executor (docs/architecture.md):
+
+    * ``kind``: its op in the shared lowering (engine/lowering.py), or None for containers;
+    * ``config_keys``: the constructor arguments a model file stores (``config()``);
+    * ``param_shapes(config)``: its parameters' shapes from those arguments, without building it
+      (model files are checked against them before any array is read);
+    * ``in_channels``: the input channels it needs, for image layers that fix them (else None).
+    """
+
+    kind = None
+    config_keys = ()
+    in_channels = None
+
+    @classmethod
+    def param_shapes(cls, config):
+        """{parameter name: shape} of a layer built with `config` (validated; nothing allocated)."""
+        return {}
 
     def __init__(self, dtype=np.float32):
         dtype = np.dtype(dtype)
@@ -216,14 +236,42 @@ def _positive_int(layer, name, v):
     return int(v)
 
 
+LAYER_TYPES = {}  # type name (as model files store it) -> class: every layer type a model file may hold
+MAX_STAGES = 1666  # stages of a Flattened layer a model file may declare (6 parameter arrays each, 10,000 in all)
+
+
+def register(cls):
+    """Class decorator: `cls` may appear in model files under its class name."""
+    LAYER_TYPES[cls.__name__] = cls
+    return cls
+
+
+def _weight_and_bias(name, config, weight, bias):
+    """{"weight": ..., "bias": ...} shapes from the config keys that size them."""
+    n = {key: _positive_int(name, key, config[key]) for key in dict.fromkeys(weight + bias)}
+    return {"weight": tuple(n[k] for k in weight), "bias": tuple(n[k] for k in bias)}
+
+
 # ------------------------------------------------------------------------------- convolutions
 
+@register
 class Conv2d(Layer):
     """Baseline 3D convolution (cross-correlation like Torch/PyTorch): im2col + GEMM.
 
     x (N, C_in, H, W) -> y (N, C_out, Ho, Wo), Ho = (H + 2*padding - k) // stride + 1.
     weight (C_out, C_in, k, k), bias (C_out,).
     """
+
+    kind = "conv"
+    config_keys = ("c_in", "c_out", "k", "stride", "padding")
+
+    @classmethod
+    def param_shapes(cls, config):
+        return _weight_and_bias("Conv2d", config, ("c_out", "c_in", "k", "k"), ("c_out",))
+
+    @property
+    def in_channels(self):
+        return self.c_in
 
     def __init__(self, c_in, c_out, k, stride=1, padding=0, init="lecun", rng=None, dtype=np.float32):
         super().__init__(dtype)
@@ -301,12 +349,24 @@ class Conv2d(Layer):
         return dx
 
 
+@register
 class Lateral(Layer):
     """Lateral (L) 1D convolution across channels: a 1x1 convolution, one GEMM per image, no im2col.
 
     x (N, C_in, H, W) -> y (N, C_out, H, W); weight (C_out, C_in), bias (C_out,).
     init: 'glorot', 'lecun', or 'delta' (the orthogonal matrix nearest the Glorot draw).
     """
+
+    kind = "lateral"
+    config_keys = ("c_in", "c_out")
+
+    @classmethod
+    def param_shapes(cls, config):
+        return _weight_and_bias("Lateral", config, ("c_out", "c_in"), ("c_out",))
+
+    @property
+    def in_channels(self):
+        return self.c_in
 
     def __init__(self, c_in, c_out, init="glorot", rng=None, dtype=np.float32):
         super().__init__(dtype)
@@ -380,6 +440,15 @@ class _Conv1d(Layer):
     """
 
     axis = None
+    config_keys = ("channels", "k", "mode")
+
+    @classmethod
+    def param_shapes(cls, config):
+        return _weight_and_bias(cls.__name__, config, ("channels", "k"), ("channels",))
+
+    @property
+    def in_channels(self):
+        return self.channels
 
     def __init__(self, channels, k, mode="full", init="glorot", rng=None, dtype=np.float32):
         super().__init__(dtype)
@@ -432,6 +501,7 @@ class _Conv1d(Layer):
         return dx
 
 
+@register
 class Vertical(_Conv1d):
     """Vertical (V) convolution: each channel with its own k x 1 filter along H.
 
@@ -439,8 +509,10 @@ class Vertical(_Conv1d):
     """
 
     axis = 2
+    kind = "vertical"
 
 
+@register
 class Horizontal(_Conv1d):
     """Horizontal (H) convolution: each channel with its own 1 x k filter along W.
 
@@ -448,6 +520,7 @@ class Horizontal(_Conv1d):
     """
 
     axis = 3
+    kind = "horizontal"
 
 
 class Sequential(Layer):
@@ -516,6 +589,7 @@ class Sequential(Layer):
         return in_shape
 
 
+@register
 class Flattened(Sequential):
     """Flattened layer (Jin et al. 2014): `stages` x (vertical, horizontal, lateral), biases, no non-linearity.
 
@@ -534,6 +608,22 @@ class Flattened(Sequential):
     the last stage's V and H are cropped (centred) to the baseline's output size,
     which for 2 stages and odd k is exactly 'valid'.
     """
+
+    config_keys = ("c_in", "c_out", "k", "stages")
+
+    @classmethod
+    def param_shapes(cls, config):
+        n = {key: _positive_int("Flattened", key, config[key]) for key in cls.config_keys}
+        if n["stages"] > MAX_STAGES:
+            raise ValueError(f"{n['stages']} stages, more than {MAX_STAGES}")
+        shapes = {}
+        for s in range(n["stages"]):
+            ch = n["c_in"] if s == 0 else n["c_out"]
+            for sub, shape in (("vertical", (ch, n["k"])), ("horizontal", (ch, n["k"])),
+                               ("lateral", (n["c_out"], ch))):
+                shapes[f"stage{s + 1}.{sub}.weight"] = shape
+                shapes[f"stage{s + 1}.{sub}.bias"] = shape[:1]
+        return shapes
 
     def __init__(self, c_in, c_out, k, stages=2, init="glorot", rng=None, dtype=np.float32):
         c_in, c_out = _positive_int("Flattened", "c_in", c_in), _positive_int("Flattened", "c_out", c_out)
@@ -568,6 +658,7 @@ class Flattened(Sequential):
 
 # ------------------------------------------------------------------------------- other layers
 
+@register
 class MaxPool2d(Layer):
     """Max-pooling over k x k windows with a stride (overlapping when stride < k), no padding.
 
@@ -575,6 +666,9 @@ class MaxPool2d(Layer):
     ceil_mode=True ceil(...) + 1 where the last window, clipped at the border, still
     starts inside the input (the rule of Torch and PyTorch).
     """
+
+    kind = "pool"
+    config_keys = ("k", "stride", "ceil_mode")
 
     def __init__(self, k, stride=None, ceil_mode=False, dtype=np.float32):
         super().__init__(dtype)
@@ -631,8 +725,11 @@ class _AnyShape(Layer):
         return in_shape
 
 
+@register
 class ReLU(_AnyShape):
     """max(x, 0), element-wise, any shape."""
+
+    kind = "relu"
 
     def forward(self, x):
         x = self._check_input(x)
@@ -647,12 +744,16 @@ class ReLU(_AnyShape):
         return ops.relu_backward(self._y, dy, self._workspace("dx", dy.shape))
 
 
+@register
 class Dropout(_AnyShape):
     """Inverted dropout: in training, zero each element with probability p and scale the rest by 1/(1-p).
 
     The mask comes from `rng` (a numpy Generator or a seed), so a run is reproducible
     and its state can be saved. In eval mode the layer is the identity.
     """
+
+    kind = "dropout"
+    config_keys = ("p",)
 
     def __init__(self, p=0.5, rng=None, dtype=np.float32):
         super().__init__(dtype)
@@ -682,8 +783,11 @@ class Dropout(_AnyShape):
         return ops.mask_scale(dy, self._mask, 1.0 / (1.0 - self.p), self._workspace("dx", dy.shape))
 
 
+@register
 class Flatten(_AnyShape):
     """(N, ...) -> (N, prod(...)), a view."""
+
+    kind = "flatten"
 
     def output_shape(self, in_shape):
         return (in_shape[0], int(np.prod(in_shape[1:])))
@@ -700,11 +804,19 @@ class Flatten(_AnyShape):
         return self._check_grad(dy).reshape(self._in_shape)
 
 
+@register
 class Linear(Layer):
     """Fully-connected layer, y = x @ weight.T + bias, as one GEMM.
 
     x (N, n_in) -> y (N, n_out); weight (n_out, n_in), bias (n_out,).
     """
+
+    kind = "linear"
+    config_keys = ("n_in", "n_out")
+
+    @classmethod
+    def param_shapes(cls, config):
+        return _weight_and_bias("Linear", config, ("n_out", "n_in"), ("n_out",))
 
     def __init__(self, n_in, n_out, init="lecun", rng=None, dtype=np.float32):
         super().__init__(dtype)

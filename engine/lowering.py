@@ -21,11 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels
-from .layers import Conv2d, Dropout, Flatten, Horizontal, Lateral, Linear, MaxPool2d, ReLU, Sequential, Vertical
+from .layers import Sequential
 
-# layer type -> op kind (Sequential and Flattened are opened, not lowered)
-KIND_OF = {Conv2d: "conv", Lateral: "lateral", Vertical: "vertical", Horizontal: "horizontal", MaxPool2d: "pool",
-           ReLU: "relu", Dropout: "dropout", Flatten: "flatten", Linear: "linear"}
+IMAGE_KINDS = ("conv", "lateral", "vertical", "horizontal", "pool")  # ops that take (C, H, W) input
 
 FIELDS = tuple(_kernels.op_fields())                    # the columns of a C op row, in order (engine/_ops.h)
 COL = {name: i for i, name in enumerate(FIELDS)}
@@ -71,18 +69,13 @@ def lower(net, in_shape):
         raise UnsupportedNetwork(f"in_shape must be (C, H, W) of positive sizes, got {in_shape}")
     ops = []
     for name, layer in leaves(net):
-        kind = KIND_OF.get(type(layer))
+        kind = layer.kind
         if kind is None:
             raise UnsupportedNetwork(f"{name}: no compiled op for {type(layer).__name__}")
-        expected = {"conv": "c_in", "lateral": "c_in", "vertical": "channels", "horizontal": "channels"}.get(kind)
-        if expected is not None:
-            if len(shape) != 3:
-                raise UnsupportedNetwork(f"{name}: {layer!r} after Flatten is not supported")
-            if shape[0] != getattr(layer, expected):
-                raise UnsupportedNetwork(f"{name}: {layer!r} expects {getattr(layer, expected)} channels, "
-                                         f"gets {shape[0]}")
-        if kind == "pool" and len(shape) != 3:
+        if kind in IMAGE_KINDS and len(shape) != 3:
             raise UnsupportedNetwork(f"{name}: {layer!r} after Flatten is not supported")
+        if layer.in_channels is not None and shape[0] != layer.in_channels:
+            raise UnsupportedNetwork(f"{name}: {layer!r} expects {layer.in_channels} channels, gets {shape[0]}")
         if kind == "linear" and int(np.prod(shape)) != layer.n_in:
             raise UnsupportedNetwork(f"{name}: {layer!r} gets {int(np.prod(shape))} inputs")
         if kind == "linear":

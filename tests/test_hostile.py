@@ -26,7 +26,8 @@ import engine
 from engine import Conv2d, Flatten, Flattened, Linear, MaxPool2d, ReLU, Sequential
 from engine import data, npzfile
 from engine.data import DatasetError
-from engine.inference import ModelFileError, _layer_shapes
+from engine.inference import ModelFileError
+from engine.layers import LAYER_TYPES
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.trainer import Trainer
 
@@ -326,7 +327,7 @@ def test_layer_shapes_from_configs_match_the_built_layers():
         for layer in (Conv2d(a, b, k, padding=k // 2), engine.Lateral(a, b), engine.Vertical(a, k),
                       engine.Horizontal(a, k), Flattened(a, b, k, stages=s), Linear(a, b), MaxPool2d(k), ReLU()):
             want = {name: p.shape for name, p in layer.params.items()}
-            assert _layer_shapes(type(layer).__name__, layer.config()) == want
+            assert LAYER_TYPES[type(layer).__name__].param_shapes(layer.config()) == want
 
 
 def test_cifar_archive_with_a_bad_crc_is_refused(tmp_path):

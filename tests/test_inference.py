@@ -238,7 +238,7 @@ def test_onnx_export_matches_the_engine(tmp_path, model_name, shape, kw):
 def test_filter_reconstruction_equals_the_composed_rank_one_filters(stages):
     from scipy.signal import convolve2d
 
-    from engine.filters import reconstruct
+    from engine.filterbank import reconstruct
     rng = np.random.default_rng(3)
     layer = engine.Flattened(3, 4, 3, stages=stages, dtype=np.float64)
     for p in layer.params.values():

@@ -607,7 +607,7 @@ def bench_latency(args):
             try:
                 import onnxruntime as ort
 
-                from engine.export import to_onnx
+                from engine.onnx_export import to_onnx
                 import onnx
                 onnx.save(to_onnx(model), f"{tmp}/{name}.onnx")
                 opts = ort.SessionOptions()

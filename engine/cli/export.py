@@ -1,4 +1,4 @@
-"""python -m engine.export MODEL.npz OUT.onnx: a model file as an ONNX graph (engine.export.to_onnx).
+"""python -m engine.export MODEL.npz OUT.onnx: a model file as an ONNX graph (engine.onnx_export.to_onnx).
 
 The graph takes preprocessed float32 NCHW input (as `model.predict(..., preprocessed=True)`)
 and returns class probabilities. Needs the `onnx` package (pip install onnx).
@@ -6,7 +6,7 @@ and returns class probabilities. Needs the `onnx` package (pip install onnx).
 import argparse
 import sys
 
-from ..export import to_onnx
+from ..onnx_export import to_onnx
 from .common import load_model, needs, writable_file
 
 

@@ -57,8 +57,9 @@ from models.recipes import RECIPES, complete_settings, recipe, setting_text
 from ..npzfile import check_writable_folder
 from ..checkpoint import CHECKPOINT_FILE
 
-# Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned
-# epochs and the recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same experiment.
+# Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned epochs and the
+# recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same
+# experiment, the seeds that one line of Figure 3 averages.
 NOT_THE_EXPERIMENT = ("seed", "epochs", "recipe", "data_dir", "cache_dir", "no_download", "eval_batch_size", "backend",
                       "threads", "plot", "quiet", "step", "zca_storage", "compress_model")
 # Table 1 of the paper: the two flattened layers (C input channels, F filters, k x k) and their weights.
@@ -373,7 +374,7 @@ def figure3(runs, list_path, out, band):
 
 def figure4(runs, found, out, chosen=None):
     """The first layer's filters of a --flatten-first CIFAR-10 run (the best final test accuracy if several)."""
-    from ..filters import reconstruct
+    from ..filterbank import reconstruct
     from .filters import draw
     from ..inference import ModelFileError, load
     from ..layers import Flattened

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from ..filters import reconstruct
+from ..filterbank import reconstruct
 from ..layers import Flattened
 from .common import fail, load_model, needs, writable_file
 
