@@ -105,7 +105,7 @@ extensions = [
         "engine._kernels",
         ["engine/_kernels.pyx"],
         include_dirs=[numpy.get_include(), "engine"],
-        depends=["engine/_ops.h", "engine/_infer.h", "engine/_train.h"],
+        depends=["engine/_ops.h", "engine/_infer.h", "engine/_train.h", "engine/dropout_hash.h"],
         libraries=[] if sys.platform == "win32" else ["m"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

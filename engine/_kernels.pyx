@@ -57,7 +57,7 @@ def omp_max_threads():
     return omp_get_max_threads()
 
 
-def threads_seen(int num_threads):
+def testing_threads_seen(int num_threads):
     """Run a parallel region with `num_threads` and return how many threads took part."""
     cdef int seen[1024]
     cdef int i, total = 0
@@ -571,15 +571,10 @@ def dropout_mask(unsigned char[::1] mask, unsigned long long seed, unsigned long
     same masks from the same seed.
     """
     cdef Py_ssize_t n = mask.shape[0], blk, i, i1
-    cdef unsigned long long z
     for blk in prange((n + CHUNK - 1) // CHUNK, nogil=True, schedule='static', num_threads=num_threads):
         i1 = _imin(n, (blk + 1) * CHUNK)
         for i in range(blk * CHUNK, i1):
-            z = seed + (<unsigned long long> i + 1) * 0x9E3779B97F4A7C15ULL
-            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-            z = z ^ (z >> 31)
-            mask[i] = 1 if (z >> 32) >= threshold else 0
+            mask[i] = 1 if (fl_splitmix64(seed, <unsigned long long> i) >> 32) >= threshold else 0
 
 
 # ----------------------------------------------------------------------------- BLAS
@@ -672,6 +667,10 @@ def batched_gemm(bint trans_a, bint trans_b, double alpha,
 # ----------------------------------------------------------------------------- fused inference
 
 from libc.stdint cimport int64_t
+
+cdef extern from "dropout_hash.h" nogil:
+    unsigned long long fl_splitmix64(unsigned long long seed, unsigned long long i)
+
 
 cdef extern from "_ops.h" nogil:
     ctypedef struct fl_op:

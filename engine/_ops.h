@@ -38,7 +38,8 @@ static const char *const fl_op_field_names[] = {
 static int fl_nfields(void) { return FL_NFIELDS; }
 static const char *fl_field_name(int i) { return i >= 0 && i < FL_NFIELDS ? fl_op_field_names[i] : ""; }
 
-/* Op kinds (same list, by name, in engine/lowering.py's KINDS: checked at import). */
+/* Op kinds. Python reads their names through _kernels.op_kinds() (engine/lowering.py, CKIND), so a row
+ * built there by kind name is the kind C switches on. */
 #define FL_OP_KINDS(X) X(GEMM) X(CONV) X(VH) X(POOL) X(LINEAR) X(RELU) X(TO_NHWC) X(TO_NCHW) X(SOFTMAX) X(DROPOUT)
 enum {
 #define FL_KIND_ENUM(name) FL_##name,

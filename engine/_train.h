@@ -37,6 +37,7 @@
 #endif
 #include "_ops.h"
 #include "_infer.h"  /* the SIMD vector type and loads of the inference kernels */
+#include "dropout_hash.h"
 
 /* What a step needs besides the op table; all buffers are owned by the caller (Python). */
 typedef struct {
@@ -561,7 +562,7 @@ static void ft_pool_backward_image(const fl_op *op, const float *dy, const int32
 /* ---------------------------------------------------------------- dropout */
 
 /* The mask of one image, by the element's index in the NCHW tensor of the layer path (the
- * same splitmix64 hash of (seed, index) as _kernels.dropout_mask and the CUDA kernel), for
+ * hash of dropout_hash.h, as _kernels.dropout_mask and the CUDA kernel), for
  * a channels-last (H, W, C) activation (H = W = 1 for a flat one). */
 static void ft_dropout_forward_image(const fl_op *op, long img, const float *x, float *y, uint8_t *mask) {
     long C = op->c_in, H = op->h_in, W = op->w_in;
@@ -572,11 +573,7 @@ static void ft_dropout_forward_image(const fl_op *op, long img, const float *x, 
     for (long p = 0; p < H * W; p++)
         for (long ch = 0; ch < C; ch++) {
             uint64_t idx = (uint64_t)((img * C + ch) * H * W + p);
-            uint64_t z = seed + (idx + 1) * 0x9E3779B97F4A7C15ULL;
-            z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-            z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-            z = z ^ (z >> 31);
-            uint8_t m = (z >> 32) >= thresh;
+            uint8_t m = (fl_splitmix64(seed, idx) >> 32) >= thresh;
             mask[p * C + ch] = m;
             y[p * C + ch] = m ? x[p * C + ch] * scale : 0.f;
         }

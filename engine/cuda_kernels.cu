@@ -1,4 +1,4 @@
-// CUDA kernels of flatnet's CuPy backend (engine/backend_cupy.py), mirroring engine/_kernels.pyx.
+// CUDA kernels of flatnet's CuPy backend (engine/runtime/cuda.py), mirroring engine/_kernels.pyx.
 //
 // Compiled at run time by CuPy (RawModule, NVRTC) once per element type, with -DFLATNET_REAL=float
 // or -DFLATNET_REAL=double. The tests compile this same file to PTX with nvcc (syntax and types), and as
@@ -16,6 +16,8 @@
 #define FLATNET_REAL float
 #endif
 typedef FLATNET_REAL real;
+
+#include "dropout_hash.h"  // the dropout mask's hash, shared with the CPU kernels
 
 #ifndef FLATNET_EMULATION
 #define KERNEL extern "C" __global__ void
@@ -201,7 +203,7 @@ KERNEL mask_scale(const real* __restrict__ x, const unsigned char* __restrict__ 
     GRID_STRIDE(i, n) out[i] = mask[i] ? x[i] * scale : (real)0;
 }
 
-// Dropout mask: mask[i] = 1 when the top 32 bits of splitmix64(seed, i) are >= threshold
+// Dropout mask: mask[i] = 1 when the top 32 bits of fl_splitmix64(seed, i) (dropout_hash.h) are >= threshold
 // (threshold = p * 2^32, so an element is kept with probability 1 - p). A counter-based
 // hash: the mask depends only on (seed, i), whatever the launch shape, and the seed comes
 // from the layer's numpy Generator, so checkpoints hold the same state on every backend.
@@ -209,10 +211,6 @@ KERNEL dropout_mask(unsigned char* __restrict__ mask, long long n, unsigned long
                     unsigned long long threshold)
 {
     GRID_STRIDE(i, n) {
-        unsigned long long z = seed + ((unsigned long long)i + 1ULL) * 0x9E3779B97F4A7C15ULL;
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-        z ^= z >> 31;
-        mask[i] = (z >> 32) >= threshold ? 1 : 0;
+        mask[i] = (fl_splitmix64(seed, (unsigned long long)i) >> 32) >= threshold ? 1 : 0;
     }
 }

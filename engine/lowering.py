@@ -1,22 +1,23 @@
 """One description of a network's operations, shared by every executor.
 
-    ops = lower(net, in_shape)     # [Op(kind, name, layer, in_shape, out_shape), ...], one per layer
-    ops = fuse(ops)                # the same with V+H pairs as one "vh" op and ReLUs folded
+    ops = lower(net, in_shape)       # [Op(kind, name, layer, in_shape, out_shape), ...], one per layer
+    ops = fuse(ops)                  # the same with V+H pairs as one "vh" op and ReLUs folded
+    rows = layout(ops, training)     # the C rows: GEMM forms, NCHW/NHWC changes, identity V/H halves
 
-``lower`` is the one place that maps each layer type to an operation kind and works
-out the per-image shapes; ``fuse`` the one place that decides what the compiled
-executors fuse. The executors are built from these lists, each in one place: the
-compiled inference plan (engine/plan.py) and the compiled training step
-(engine/trainstep.py) from ``fuse(lower(...))``, the ONNX export (engine/export.py)
-from ``lower(...)``. A new layer type needs one line in ``KIND_OF`` here and one case
-per executor that supports it.
+``lower`` reads each layer's declared ``kind`` (engine/layers.py) and works out the per-image
+shapes; ``fuse`` is the one place that decides what the compiled executors fuse; ``layout`` the
+one place that decides how they run it: which ops are GEMMs, where activations change between
+NCHW and channels-last, what an absent V or H half is. The executors only size buffers and fill
+in pointers: the compiled inference plan (engine/plan.py) from ``layout(..., training=False)``,
+the compiled training step (engine/trainstep.py) from ``layout(..., training=True)``; the ONNX
+export (engine/onnx_export.py) takes ``lower(...)`` as it is, since ONNX keeps NCHW and its own ops.
 
 The compiled executors pass their ops to C as rows of an int64 table whose columns are
 the fields of the C struct ``fl_op`` (engine/_ops.h). ``op_table(rows)`` builds that
 table by field name, with the names read from the compiled module, so the Python and
 C sides of the format are declared once, in the header.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -115,6 +116,115 @@ def fuse(ops):
             out.append(op)
         i += 1
     return out
+
+
+@dataclass
+class Placed:
+    """One row of a compiled executor's op table, as the layout pass decides it.
+
+    `kind` is the C op kind (engine/_ops.h: GEMM, CONV, VH, POOL, LINEAR, RELU, DROPOUT, TO_NHWC,
+    TO_NCHW); `op` the lowered op it runs (None for a layout change); shapes are per image as the
+    C row reads them ((C, H, W), or (n, 1, 1) for LINEAR and a flat DROPOUT); `fields` the C fields
+    that follow from the shapes (kernel sizes, strides, padding, taps). A LINEAR with `nhwc_from`
+    reads a channels-last (C, H, W) activation flattened: its weight columns must be permuted to it.
+    A VH op whose `op.parts` half is None runs the identity filter there (one tap, no padding)."""
+    kind: str
+    name: str
+    in_shape: tuple
+    out_shape: tuple
+    op: Op = None
+    relu: bool = False
+    fields: dict = field(default_factory=dict)
+    nhwc_from: tuple = None
+    channels_last: bool = False  # the row's output is an (H, W, C) activation
+
+
+def is_gemm(op):
+    """True for an op that is one GEMM over channels-last pixels: a lateral or a 1x1, stride-1, unpadded convolution."""
+    layer = op.layer
+    return op.kind == "lateral" or (op.kind == "conv" and layer.k == 1 and layer.stride == 1 and layer.padding == 0)
+
+
+def vh_taps(op):
+    """The C fields of a "vh" op: taps and leading padding of each half (the identity: 1 and 0) and the rows of v."""
+    v, hz = op.parts
+    kv, vb = (v.layer.k, v.layer.before) if v is not None else (1, 0)
+    kh, hb = (hz.layer.k, hz.layer.before) if hz is not None else (1, 0)
+    return dict(kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=v.out_shape[1] if v is not None else op.in_shape[1])
+
+
+def identity_half(c):
+    """The parameters of an absent V or H half of a "vh" op on `c` channels: one tap of 1, no bias."""
+    return {"weight": np.ones((c, 1), np.float32), "bias": np.zeros(c, np.float32)}
+
+
+def layout(ops, training):
+    """The rows of a compiled executor for `ops` (from ``fuse``), with every layout decision made here, once.
+
+    Every image op (GEMM, CONV, VH, POOL, and DROPOUT on images) reads and writes channels-last
+    activations, so the input is transposed (TO_NHWC) before the first one. A 1x1 convolution and a
+    lateral are one GEMM. In training (``training=True``) dropout runs and an activation is turned back
+    to NCHW before Flatten, so a Linear layer reads the engine's flattening order; for inference
+    dropout is the identity and is dropped, Flatten is free (the next Linear's weight columns are
+    permuted instead, ``nhwc_from``), and an image-shaped output is turned back to NCHW at the end.
+    """
+    rows, shape, nhwc, flat_from = [], ops[0].in_shape, False, None
+
+    def put(row):
+        row.channels_last = nhwc and len(row.out_shape) == 3 and row.kind != "LINEAR"
+        rows.append(row)
+
+    def change(kind, at):
+        nonlocal nhwc
+        nhwc = kind == "TO_NHWC"
+        put(Placed(kind, "(to channels-last)" if nhwc else "(to NCHW)", at, at))
+
+    for op in ops:
+        layer, relu = op.layer, op.relu
+        if op.kind == "dropout":
+            if training and layer.p > 0:
+                if len(shape) == 3 and not nhwc:
+                    change("TO_NHWC", shape)
+                flat = (tuple(shape) + (1, 1))[:3] if len(shape) == 3 else (shape[0], 1, 1)
+                put(Placed("DROPOUT", op.name, flat, flat, op))
+            continue
+        if op.kind == "flatten":
+            if len(shape) == 3 and nhwc:
+                if training:
+                    change("TO_NCHW", shape)
+                else:
+                    flat_from = shape
+            shape = op.out_shape
+            continue
+        if op.kind == "relu":
+            put(Placed("RELU", op.name, shape, shape, op, relu=True))
+            continue
+        if op.kind == "linear":
+            src = flat_from if len(shape) == 1 else (shape if nhwc else None)
+            if training and src is not None:
+                change("TO_NCHW", shape)
+                src = None
+            nhwc = False
+            put(Placed("LINEAR", op.name, (layer.n_in, 1, 1), (layer.n_out, 1, 1), op, relu, nhwc_from=src))
+            shape, flat_from = op.out_shape, None
+            continue
+        if not nhwc:
+            change("TO_NHWC", shape)
+        if op.kind == "vh":
+            put(Placed("VH", op.name, shape, op.out_shape, op, relu, vh_taps(op)))
+        elif is_gemm(op):
+            put(Placed("GEMM", op.name, shape, op.out_shape, op, relu))
+        elif op.kind == "conv":
+            put(Placed("CONV", op.name, shape, op.out_shape, op, relu,
+                               dict(k=layer.k, stride=layer.stride, pad=layer.padding)))
+        elif op.kind == "pool":
+            put(Placed("POOL", op.name, shape, op.out_shape, op, relu, dict(k=layer.k, stride=layer.stride)))
+        else:
+            raise UnsupportedNetwork(f"{op.name}: no compiled op for {type(layer).__name__}")
+        shape = op.out_shape
+    if not training and (nhwc and len(shape) == 3 or flat_from is not None):
+        change("TO_NCHW", shape if len(shape) == 3 else flat_from)
+    return rows
 
 
 def op_row(kind, in_shape, out_shape, **fields):

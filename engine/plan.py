@@ -34,7 +34,7 @@ import numpy as np
 from . import _kernels
 from .runtime.memory import aligned_copy, aligned_empty
 from .runtime.threads import get_num_threads, run_threads
-from .lowering import COL, UnsupportedNetwork, fuse, lower, op_row, op_table
+from .lowering import COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 
 NR, VL = _kernels.infer_layout()
 POINTERS = ("w", "b", "wv", "bv", "wh", "bh")  # columns holding addresses of the plan's own arrays
@@ -59,16 +59,6 @@ def _padded_bias(bias):
     return out
 
 
-def vh_fields(v, hz, c):
-    """Taps, padding and parameter arrays of a fused VH op (an absent half is the identity)."""
-    ident = (1, 0, np.ones((1, c), np.float32), np.zeros(c, np.float32))
-    kv, vb, wv, bv = (v.layer.k, v.layer.before, v.layer.params["weight"].T, v.layer.params["bias"]) \
-        if v is not None else ident
-    kh, hb, wh, bh = (hz.layer.k, hz.layer.before, hz.layer.params["weight"].T, hz.layer.params["bias"]) \
-        if hz is not None else ident
-    return kv, vb, wv, bv, kh, hb, wh, bh
-
-
 class Plan:
     """A compiled network: ``plan(x)`` -> outputs for float32 x (N, C, H, W); see the module docstring."""
 
@@ -81,89 +71,55 @@ class Plan:
         self._rows = []
         self.names = []      # per op: the layers it runs
         self._act = self._cols = self._scratch = 1
-        shape, nhwc = self.in_shape, False   # activations: the input is NCHW, every op's output channels-last
-        flat_from = None                     # (C, H, W) of a flattened channels-last activation
-        for op in ops:
-            layer, self._name, relu = op.layer, op.name, int(op.relu)
-            if op.kind == "dropout":  # inference: the identity
-                continue
-            if op.kind == "flatten":
-                if len(shape) == 3:
-                    flat_from, shape = (shape if nhwc else None), op.out_shape
-                continue
-            if op.kind == "relu":
-                self._add("RELU", shape, shape)
-                continue
-            if op.kind == "linear":
-                n_in = layer.n_in
+        for row in layout(ops, training=False):
+            op, relu = row.op, int(row.relu)
+            layer = op.layer if op is not None else None
+            fields = dict(row.fields, relu=relu)
+            if row.kind == "LINEAR":
                 weight = layer.params["weight"]
-                src = flat_from if len(shape) == 1 else (shape if nhwc else None)
-                if src is not None:  # the engine flattens (C, H, W); here the activation is (H, W, C)
-                    weight = weight.reshape(layer.n_out, *src).transpose(0, 2, 3, 1).reshape(layer.n_out, n_in)
-                shape, flat_from, nhwc = op.out_shape, None, True
-                self._add("LINEAR", (n_in, 1, 1), (layer.n_out, 1, 1), relu=relu, w=self._ptr(weight),
-                          b=self._ptr(layer.params["bias"]))
-                continue
-            c, h, w = shape
-            if not nhwc:  # every op below reads channels-last input
-                self._to_nhwc(shape)
-                nhwc = True
-            if op.kind == "conv" and not (layer.k == 1 and layer.stride == 1 and layer.padding == 0):
-                f = layer.c_out
+                if row.nhwc_from is not None:  # the engine flattens (C, H, W); this activation is (H, W, C)
+                    weight = weight.reshape(layer.n_out, *row.nhwc_from).transpose(0, 2, 3, 1).reshape(layer.n_out, -1)
+                fields.update(w=self._ptr(weight), b=self._ptr(layer.params["bias"]))
+            elif row.kind == "CONV":
+                c, h, w = row.in_shape
                 # rows of the packed weights in the order the GEMM reads the taps: (ky, kx, c)
-                weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(f, -1)
-                self._add("CONV", shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride, pad=layer.padding,
-                          w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
+                weight = layer.params["weight"].transpose(0, 2, 3, 1).reshape(layer.c_out, -1)
+                fields.update(w=self._ptr(_pack(weight.T)), b=self._ptr(_padded_bias(layer.params["bias"])))
                 self._cols = max(self._cols, c * (h + 2 * layer.padding) * (w + 2 * layer.padding))  # padded input
-            elif op.kind == "vh":
-                v, hz = op.parts
-                hm = v.out_shape[1] if v is not None else h
-                kv, vb, wv, bv, kh, hb, wh, bh = vh_fields(v, hz, c)
-                self._add("VH", shape, op.out_shape, relu=relu, kv=kv, vbefore=vb, kh=kh, hbefore=hb, h_mid=hm,
-                          wv=self._ptr(wv), bv=self._ptr(bv), wh=self._ptr(wh), bh=self._ptr(bh))
+            elif row.kind == "VH":
+                c, h, w = row.in_shape
+                for half, (wkey, bkey) in zip(op.parts, (("wv", "bv"), ("wh", "bh"))):
+                    p = half.layer.params if half is not None else identity_half(c)
+                    fields.update({wkey: self._ptr(p["weight"].T), bkey: self._ptr(p["bias"])})
                 # this thread's planes of one vector of channels (see fp_vh in _infer.h)
-                wo = op.out_shape[2]
+                kv, kh, hm, wo = fields["kv"], fields["kh"], fields["h_mid"], row.out_shape[2]
                 self._scratch = max(self._scratch, ((hm + kv - 1) * w + hm * (wo + kh - 1)) * VL, wo + kh - 1)
-            elif op.kind in ("lateral", "conv"):  # conv here: a 1x1 convolution
-                f = op.out_shape[0]
-                self._add("GEMM", shape, op.out_shape, relu=relu,
-                          w=self._ptr(_pack(layer.params["weight"].reshape(f, c).T)),
-                          b=self._ptr(_padded_bias(layer.params["bias"])))
-            elif op.kind == "pool":
-                self._add("POOL", shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride)
-            else:
-                raise UnsupportedNetwork(f"the compiled path has no op for {type(layer).__name__}")
-            shape = op.out_shape
+            elif row.kind == "GEMM":
+                f, c = row.out_shape[0], row.in_shape[0]
+                fields.update(w=self._ptr(_pack(layer.params["weight"].reshape(f, c).T)),
+                              b=self._ptr(_padded_bias(layer.params["bias"])))
+            self._add(row.kind, row.name, row.in_shape, row.out_shape, **fields)
         if not self._rows:
             raise UnsupportedNetwork("the network has no op the compiled path runs (only dropout/flatten)")
-        if nhwc and (len(shape) == 3 or flat_from is not None):  # give the caller NCHW order back
-            src = shape if len(shape) == 3 else flat_from
-            self._name = "(to NCHW)"
-            self._add("TO_NCHW", src, src)
+        shape = ops[-1].out_shape
         if softmax:
             if len(shape) != 1:
                 raise UnsupportedNetwork(f"softmax needs a flat output, the network gives {shape}")
-            self._name = "softmax"
-            self._add("SOFTMAX", shape, shape)
+            self._add("SOFTMAX", "softmax", shape, shape)
         self.out_shape = tuple(shape)
         self.ops = op_table(self._rows)
         self.act_floats = _round16(self._act)
         self.ctx_floats = 2 * self.act_floats + _round16(self._cols)
         self.scratch_floats = _round16(self._scratch)
-        del self._rows, self._name, self._act, self._cols, self._scratch  # construction state, now in the table
+        del self._rows, self._act, self._cols, self._scratch  # construction state, now in the table
         self._arena = aligned_empty(0)
         self._lock = threading.Lock()
         self.last_threads = 0  # threads that ran the last call
 
-    def _to_nhwc(self, shape):
-        name, self._name = self._name, "(to channels-last)"
-        self._add("TO_NHWC", shape, shape)
-        self._name = name
-
-    def _add(self, kind, in_shape, out_shape, **fields):
+    def _add(self, kind, name, in_shape, out_shape, **fields):
         self._rows.append(op_row(kind, in_shape, out_shape, **fields))
         self._act = max(self._act, int(np.prod(out_shape)))
-        self.names.append(self._name)
+        self.names.append(name)
 
     def __deepcopy__(self, memo=None):
         """A copy with its own weights, buffers and lock; the op table's pointers are moved to the copies."""

@@ -4,7 +4,7 @@
     loss, correct = step.loss(x, y)                 # forward and loss of a batch
     step.apply(velocity, lr, momentum, weight_decay, dampening)   # backward() then update(): gradients
                                                                   # into the layers' grads, then SGD
-    loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity)   # both, for tests
+    loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity)   # both: one whole step
 
 ``LayerStep`` is the reference: ``net.forward``, the loss, ``net.backward`` and
 ``optim.sgd_momentum``, each layer its own call. ``CompiledStep`` runs the same
@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _kernels
 from .losses import SoftmaxCrossEntropy
-from .lowering import CKIND, COL, UnsupportedNetwork, fuse, lower, op_row, op_table
+from .lowering import CKIND, COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 from .optim import sgd_momentum
 from .runtime.dropout import dropout_seed, dropout_threshold
 from .runtime.memory import aligned_empty
@@ -113,50 +113,27 @@ class CompiledStep:
         """The op table and every buffer, for up to `cap` images."""
         self.capacity = cap
         self._keep, self._rows, self.names, self._dropouts = [], [], [], []
-        self._saved = []  # per row: (output array, argmax/mask array or None), for saved()
+        self._saved = []  # per row: (output array, argmax/mask array or None), for testing_saved()
         self._act = int(np.prod(self.in_shape))
         self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = 1
         self._has_params = False  # whether an op with parameters came before (the first computes no input gradient)
-        shape, self._nhwc, self._layouts = self.in_shape, False, []
-        for op in self.ops:
-            layer, relu = op.layer, int(op.relu)
-            if op.kind == "flatten":
-                if self._nhwc and len(shape) == 3:
-                    self._nhwc = False
-                    self._add("TO_NCHW", "(to NCHW)", shape, shape)
-                shape = op.out_shape
-                continue
-            if op.kind == "relu":
-                self._add("RELU", op.name, shape, shape, relu=1)
-                continue
-            if op.kind == "dropout":
-                if layer.p > 0:
-                    if len(shape) == 3 and not self._nhwc:  # the kernel indexes a channels-last activation
-                        self._to_nhwc(op.name, shape)
-                    c, h, w = self._hwc(shape)
-                    mask = self._buf(cap * c * h * w, np.uint8)
-                    self._dropouts.append((len(self._rows), layer))
-                    self._add("DROPOUT", op.name, (c, h, w), (c, h, w), aux=mask,
-                              thresh=dropout_threshold(layer.p),
-                              scale=_float_bits(1.0 / (1.0 - layer.p)))
-                continue
-            if op.kind == "linear":
-                if self._nhwc and len(shape) == 3:
-                    self._nhwc = False
-                    self._add("TO_NCHW", "(to NCHW)", shape, shape)
-                self._gemm_row("LINEAR", op, (layer.n_in, 1, 1), (layer.n_out, 1, 1), relu=relu)
-                shape = op.out_shape
-                continue
-            if len(shape) != 3:
-                raise UnsupportedNetwork(f"{op.name}: {op.kind} after Flatten is not supported")
-            if not self._nhwc:
-                self._to_nhwc(op.name, shape)
-            if op.kind == "lateral" or (op.kind == "conv" and layer.k == 1 and layer.stride == 1
-                                        and layer.padding == 0):
-                self._gemm_row("GEMM", op, shape, op.out_shape, relu=relu)
-            elif op.kind == "conv":
-                c, h, w = shape
-                f, ho, wo = op.out_shape
+        self._layouts = []
+        for row in layout(self.ops, training=True):
+            op, relu = row.op, int(row.relu)
+            layer = op.layer if op is not None else None
+            self._channels_last = row.channels_last
+            if row.kind in ("TO_NHWC", "TO_NCHW", "RELU"):
+                self._add(row.kind, row.name, row.in_shape, row.out_shape, relu=relu)
+            elif row.kind == "DROPOUT":
+                mask = self._buf(cap * int(np.prod(row.out_shape)), np.uint8)
+                self._dropouts.append((len(self._rows), layer))
+                self._add("DROPOUT", row.name, row.in_shape, row.out_shape, aux=mask,
+                          thresh=dropout_threshold(layer.p), scale=_float_bits(1.0 / (1.0 - layer.p)))
+            elif row.kind in ("LINEAR", "GEMM"):
+                self._gemm_row(row.kind, op, row.in_shape, row.out_shape, relu=relu)
+            elif row.kind == "CONV":
+                c, h, w = row.in_shape
+                f, ho, wo = row.out_shape
                 kkc, p = layer.k * layer.k * c, ho * wo
                 chunk = max(1, min(cap, COLUMN_FLOATS // (p * kkc)))
                 own = {}
@@ -172,16 +149,16 @@ class CompiledStep:
                     self._wpack = max(self._wpack, _panels(c) * layer.k * layer.k * f)
                 self._wbuf = max(self._wbuf, f * kkc)
                 self._part = max(self._part, f)
-                self._gemm_row("CONV", op, shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride,
-                               pad=layer.padding, mid=self._buf(f * kkc), chunk=chunk, **own)
-            elif op.kind == "vh":
-                self._vh_row(op, shape)
-            elif op.kind == "pool":
-                self._add("POOL", op.name, shape, op.out_shape, relu=relu, k=layer.k, stride=layer.stride,
-                          aux=self._buf(cap * int(np.prod(op.out_shape)), np.int32))
+                self._gemm_row("CONV", op, row.in_shape, row.out_shape, relu=relu, **row.fields,
+                               mid=self._buf(f * kkc), chunk=chunk, **own)
+            elif row.kind == "VH":
+                self._vh_row(row)
+            elif row.kind == "POOL":
+                self._add("POOL", row.name, row.in_shape, row.out_shape, relu=relu, **row.fields,
+                          aux=self._buf(cap * int(np.prod(row.out_shape)), np.int32))
             else:
-                raise UnsupportedNetwork(f"{op.name}: the compiled step has no op for {type(layer).__name__}")
-            shape = op.out_shape
+                raise UnsupportedNetwork(f"{row.name}: the compiled step has no op {row.kind}")
+        shape = self.ops[-1].out_shape
         if len(shape) != 1:
             raise UnsupportedNetwork(f"the network's output {shape} is not flat (N, classes): nothing to train on")
         self.out_shape = shape
@@ -195,14 +172,6 @@ class CompiledStep:
         self._scratch = max(self._scratch, _kernels.train_wgrad_scratch())
         self._scratch_buf = np.empty((0, self._scratch), np.float32)
         del self._rows
-
-    def _to_nhwc(self, name, shape):
-        self._nhwc = True
-        self._add("TO_NHWC", "(to channels-last)", shape, shape)
-
-    @staticmethod
-    def _hwc(shape):
-        return (tuple(shape) + (1, 1))[:3] if len(shape) == 3 else (shape[0], 1, 1)
 
     def _buf(self, n, dtype=np.float32):
         a = aligned_empty(max(1, n), dtype)
@@ -223,7 +192,7 @@ class CompiledStep:
             self._last_out = self._keep[-1]
         aux = fields.get("aux")
         c, h, w = (tuple(out_shape) + (1, 1))[:3]
-        self._layouts.append((h, w, c) if self._nhwc and len(out_shape) == 3 else tuple(out_shape))
+        self._layouts.append((h, w, c) if self._channels_last else tuple(out_shape))
         kept = aux if kind in ("POOL", "DROPOUT") else None  # argmax / mask
         self._saved.append((self._keep[-1], next((a for a in self._keep if kept and a.ctypes.data == kept), None)))
         self._rows.append(op_row(kind, in_shape, out_shape, **fields))
@@ -241,32 +210,27 @@ class CompiledStep:
                   db=self._ptr(layer.grads["bias"]), **fields)
         self._has_params = True
 
-    def _vh_row(self, op, shape):
-        c, h, w = shape
-        v, hz = op.parts
-        hm = v.out_shape[1] if v is not None else h
-        ones, zeros = np.ones((c, 1), np.float32), np.zeros(c, np.float32)
+    def _vh_row(self, row):
+        c, h, w = row.in_shape
         halves = []
-        for half in (v, hz):
+        for half in row.op.parts:
             if half is None:  # the identity filter; its gradients go to scratch arrays
-                halves += [self._ptr(ones), self._ptr(zeros), self._ptr(np.empty_like(ones)),
-                           self._ptr(np.empty_like(zeros))]
+                p = identity_half(c)
+                g = {k: np.empty_like(v) for k, v in p.items()}
             else:
                 p, g = half.layer.params, half.layer.grads
-                halves += [self._ptr(p["weight"]), self._ptr(p["bias"]), self._ptr(g["weight"]),
-                           self._ptr(g["bias"])]
+            halves += [self._ptr(p["weight"]), self._ptr(p["bias"]), self._ptr(g["weight"]), self._ptr(g["bias"])]
         wv, bv, dwv, dbv, wh, bh, dwh, dbh = halves
-        kv, vb = (v.layer.k, v.layer.before) if v is not None else (1, 0)
-        kh, hb = (hz.layer.k, hz.layer.before) if hz is not None else (1, 0)
+        kv, kh, hm = row.fields["kv"], row.fields["kh"], row.fields["h_mid"]
         self._wbuf = max(self._wbuf, (kv + kh) * c)
         self._part = max(self._part, (kv + kh + 2) * c)
         self._scratch = max(self._scratch, hm * w * c)
-        self._add("VH", op.name, shape, op.out_shape, relu=int(op.relu), kv=kv, vbefore=vb, kh=kh, hbefore=hb,
-                  h_mid=hm, wv=wv, bv=bv, wh=wh, bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh,
+        self._add("VH", row.name, row.in_shape, row.out_shape, relu=int(row.relu), **row.fields,
+                  wv=wv, bv=bv, wh=wh, bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh,
                   mid=self._buf(self.capacity * hm * w * c))
         self._has_params = True
 
-    def saved(self, row, n):
+    def testing_saved(self, row, n):
         """What the last forward kept for op `row` on its n images: (output, argmax or mask or None),
         each (n, H, W, C) for channels-last ops, (n, C, H, W) / (n, F) for the others."""
         shape = self._layouts[row]

@@ -10,8 +10,8 @@ import engine  # noqa: E402
 import engine.runtime.select  # noqa: E402
 import emulated_cupy  # noqa: E402
 
-# FLATNET_TEST_EMULATED_CUPY=1: the emulation is `cupy` for the whole session, so `auto` selects
-# it and every test runs as it would on a machine where CuPy works (tests/test_emulated_gpu.py).
+# FLATNET_TEST_EMULATED_CUPY=1: the emulation is `cupy` for the whole test run, so `auto` selects
+# it and every test runs as it would on a machine where CuPy works (tests/test_selftest.py starts such a run).
 EMULATED_SESSION = os.environ.get("FLATNET_TEST_EMULATED_CUPY") == "1"
 if EMULATED_SESSION:
     emulated_cupy.install()
@@ -78,7 +78,7 @@ def _backend(name):
         if emulated_cupy.real_cupy_installed():
             pytest.skip("the real CuPy is installed: its cases run instead of the emulation")
         if EMULATED_SESSION:
-            pytest.skip("the emulation is `cupy` for this session: the `cupy` cases run on it")
+            pytest.skip("the emulation is `cupy` for this test run: the `cupy` cases run on it")
         why = emulated_cupy.available()
         if why:
             pytest.skip(f"cannot emulate CuPy: {why}")

@@ -1,7 +1,7 @@
 """A CPU stand-in for CuPy, so flatnet's CuPy backend runs (slowly) where there is no GPU.
 
 Installed as ``sys.modules["cupy"]`` by the ``backend`` fixture (conftest.py) only when the
-real CuPy is not installed (``real_cupy_installed()``), and for a whole test session with
+real CuPy is not installed (``real_cupy_installed()``), and for a whole test run with
 FLATNET_TEST_EMULATED_CUPY=1, where `auto` then selects it as it would a GPU. It mimics what
 matters to the engine's glue code:
 

@@ -225,7 +225,7 @@ def test_the_emulation_puts_back_the_cupy_it_replaced(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", real)
     assert emulated_cupy.real_cupy_installed()  # seen even once imported (not only through the path)
     emulated_cupy.install()
-    emulated_cupy.install()  # nested, as a fixture inside an emulated session
+    emulated_cupy.install()  # nested, as a fixture inside an emulated test run
     assert emulated_cupy.is_emulated(sys.modules["cupy"])
     emulated_cupy.uninstall()
     assert emulated_cupy.is_emulated(sys.modules["cupy"])

@@ -122,11 +122,13 @@ def test_parse_reads_back_what_compare_runs_prints():
     """The reader above, on an output whose every figure is known: a figure it misread would pass unnoticed."""
     out = parse(compare_runs(["docs/runs/long-flattened-cifar10", "docs/runs/wd5e-4-flattened-cifar10", "--epochs",
                               "60", "--ranges", "41-60", "--reach", "80,99", "--loss", "--spread", "--speed"]))
-    assert out["rows"] == {"60": {"lr": 0.0003, "long-flattened-cifar10": {"train": 93.58, "test": 82.34, "loss": 0.618},
+    assert out["rows"] == {"60": {"lr": 0.0003,
+                                  "long-flattened-cifar10": {"train": 93.58, "test": 82.34, "loss": 0.618},
                                   "wd5e-4-flattened-cifar10": {"train": 92.56, "test": 83.10, "loss": 0.569}}}
     run = out["runs"]["long-flattened-cifar10"]
     assert run["final"] == [82.34, 60] and run["best"] == [82.46, 55] and run["reach"] == {"80": 39, "99": None}
-    assert run["ranges"]["41-60"]["test"] == 82.26 and out["runs"]["wd5e-4-flattened-cifar10"]["reach"] == {"80": 41, "99": None}
+    assert run["ranges"]["41-60"]["test"] == 82.26
+    assert out["runs"]["wd5e-4-flattened-cifar10"]["reach"] == {"80": 41, "99": None}
     assert set(run["speed"]) == {"minutes", "images_per_s", "s_per_epoch"} and "speed_ranges" in run
     assert out["final"]["runs"] == 2
     with pytest.raises(AssertionError):

@@ -60,7 +60,7 @@ def ops(request, monkeypatch):
         yield bc.CupyOps
         return
     if emulated_cupy.real_cupy_installed() or emulated_cupy.is_emulated(sys.modules.get("cupy")):
-        pytest.skip("CuPy (real, or emulated for this session) is installed: the `cupy` cases run instead")
+        pytest.skip("CuPy (real, or emulated for this test run) is installed: the `cupy` cases run instead")
     why = emulated_cupy.available()
     if why:
         pytest.skip(f"cannot emulate CuPy: {why}")

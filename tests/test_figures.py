@@ -15,7 +15,7 @@ import pytest
 import engine
 from engine import Conv2d, Flattened
 from engine.cli import bench, figures
-from engine.filters import reconstruct
+from engine.filterbank import reconstruct
 from models.paper import build
 from models.recipes import recipe
 

@@ -226,7 +226,7 @@ def _run_all(rng_seed):
 
 @pytest.mark.skipif(not engine.openmp_enabled(), reason="kernels built without OpenMP")
 def test_two_threads_equal_one(threads, monkeypatch):
-    assert engine._kernels.threads_seen(2) == 2, "OpenMP did not start a second thread"
+    assert engine._kernels.testing_threads_seen(2) == 2, "OpenMP did not start a second thread"
     monkeypatch.setattr(engine.runtime.threads, "SERIAL_BELOW", 0)  # small test shapes must still run in parallel
     engine.set_num_threads(1)
     one = _run_all(0)
@@ -237,7 +237,7 @@ def test_two_threads_equal_one(threads, monkeypatch):
 
 
 def test_thread_count_follows_omp_num_threads():
-    code = "import engine; print(engine.get_num_threads(), engine._kernels.threads_seen(engine.get_num_threads()))"
+    code = "import engine; print(engine.get_num_threads(), engine._kernels.testing_threads_seen(engine.get_num_threads()))"
     for n in (1, 2):
         env = dict(os.environ, OMP_NUM_THREADS=str(n))
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -61,11 +61,11 @@ def test_a_failing_step_fails_the_check(monkeypatch, capsys):
 
 
 def test_the_suite_with_the_emulation_as_cupy():
-    """As on a machine where CuPy works: the emulation is `cupy` for a whole pytest session, so `auto`
+    """As on a machine where CuPy works: the emulation is `cupy` for a whole pytest run, so `auto`
     selects it (the benchmark's default then times it beside the CPU). The backend, benchmark and
     kernel tests pass; the layer suite's `cupy` cases run in the emulated self-test above."""
     if os.environ.get("FLATNET_TEST_EMULATED_CUPY") == "1":
-        pytest.skip("already inside such a session")
+        pytest.skip("already inside such a run")
     if emulated_cupy.available():
         pytest.skip(emulated_cupy.available())
     env = dict(os.environ, FLATNET_TEST_EMULATED_CUPY="1")

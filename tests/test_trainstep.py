@@ -40,10 +40,10 @@ def routing_differences(step, twin, n):
     assert len(pools) == len(pool_rows) and len(relus) == len(relu_rows)
     differ = 0
     for row, layer in zip(pool_rows, pools):
-        _, argmax = step.saved(row, n)
+        _, argmax = step.testing_saved(row, n)
         differ += int(np.sum(argmax.transpose(0, 3, 1, 2) != layer._argmax))
     for row, layer in zip(relu_rows, relus):
-        out, _ = step.saved(row, n)
+        out, _ = step.testing_saved(row, n)
         on = out > 0
         on = on.transpose(0, 3, 1, 2) if on.ndim == 4 and on.shape[1:] != layer._y.shape[1:] else on
         differ += int(np.sum(on.reshape(layer._y.shape) != (layer._y > 0)))

@@ -31,7 +31,8 @@ def _module(dtype):
     if dtype not in _modules:
         if dtype not in _REAL:
             raise TypeError(f"the CUDA kernels take float32 or float64 arrays, not {dtype}")
-        _modules[dtype] = cp.RawModule(code=SOURCE_PATH.read_text(), options=(f"-DFLATNET_REAL={_REAL[dtype]}",))
+        _modules[dtype] = cp.RawModule(code=SOURCE_PATH.read_text(),  # it includes dropout_hash.h beside it
+                                       options=(f"-DFLATNET_REAL={_REAL[dtype]}", f"-I{SOURCE_PATH.parent}"))
     return _modules[dtype]
 
 
