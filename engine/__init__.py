@@ -35,7 +35,8 @@ from .layers import (
     Vertical,
     conv1d_padding,
 )
-from .inference import Model, ModelFileError, load, save_model
+from .model import Model, load
+from .modelfile import ModelFileError, save_model
 from .losses import SoftmaxCrossEntropy, softmax
 
 __version__ = "0.1.0"

@@ -27,7 +27,7 @@ beyond the next call.
 """
 import numpy as np
 
-from .runtime import get_ops, is_array, ops_for, to_numpy
+from .runtime import get_ops, is_array, ops_for
 
 # im2col works on chunks of the batch so its column buffer stays below this size.
 COLUMN_BUFFER_BYTES = 64 * 2**20

@@ -15,7 +15,7 @@ import numpy as np
 from . import augment, npzfile
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from .optim import lr_at
-from .runtime import ops_for, to_numpy
+from .runtime import ops_for
 from .losses import SoftmaxCrossEntropy
 from .trainstep import make_step
 

@@ -14,7 +14,7 @@ from formats import idx_bytes
 import engine
 from engine import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from engine.data import DatasetError, _read_idx
-from engine.inference import ModelFileError
+from engine.modelfile import ModelFileError
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.trainer import Trainer
 

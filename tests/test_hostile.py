@@ -26,9 +26,9 @@ import engine
 from engine import Conv2d, Flatten, Flattened, Linear, MaxPool2d, ReLU, Sequential
 from engine import data, npzfile
 from engine.data import DatasetError
-from engine.inference import ModelFileError
+from engine.modelfile import ModelFileError
 from engine.layers import LAYER_TYPES
-from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.checkpoint import CheckpointError
 from engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

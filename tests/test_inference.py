@@ -11,7 +11,7 @@ import pytest
 
 import engine
 from engine.data import ZCA, global_contrast_normalize
-from engine.inference import ModelFileError
+from engine.modelfile import ModelFileError
 from engine.plan import compile_network
 from models.paper import build
 

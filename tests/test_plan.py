@@ -14,7 +14,7 @@ import pytest
 import engine
 from engine import (Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Layer, Linear, MaxPool2d, ReLU,
                     Sequential, Vertical)
-from engine.inference import Model
+from engine.model import Model
 from engine.lowering import leaves as _leaves
 from engine.plan import UnsupportedNetwork, compile_network
 from models.paper import build

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine import Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Linear, MaxPool2d, ReLU, Sequential, \
+from engine import Conv2d, Dropout, Flatten, Flattened, Lateral, Linear, MaxPool2d, ReLU, Sequential, \
     Vertical
 from engine.lowering import CKIND, COL, UnsupportedNetwork, leaves
 from engine.trainer import Trainer

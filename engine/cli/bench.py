@@ -591,7 +591,7 @@ def bench_latency(args):
     """
     import tempfile
 
-    from engine.inference import load, save_model
+    from engine import load, save_model
     from models.paper import build
     engine.set_num_threads(args.threads)
     print_environment(environment(args.threads))

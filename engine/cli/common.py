@@ -1,5 +1,6 @@
 """What every command shares: one-line errors, loading a model file, checking an output path."""
-from ..inference import ModelFileError, load
+from ..model import load
+from ..modelfile import ModelFileError
 from ..npzfile import check_writable_file
 
 

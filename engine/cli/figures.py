@@ -376,7 +376,8 @@ def figure4(runs, found, out, chosen=None):
     """The first layer's filters of a --flatten-first CIFAR-10 run (the best final test accuracy if several)."""
     from ..filterbank import reconstruct
     from .filters import draw
-    from ..inference import ModelFileError, load
+    from ..model import load
+    from ..modelfile import ModelFileError
     from ..layers import Flattened
     if chosen is not None:
         candidates = [chosen]
