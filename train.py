@@ -266,12 +266,13 @@ def main(argv=None):
 def run(args, dist=None):
     """The run of main(); `dist` (engine.distributed.Distributed): one rank of a data-parallel job."""
     import engine
-    from engine.distributed import DistributedError
-    from engine.data import DatasetError, default_cache_dir, default_data_dir, load_dataset
-    from engine.npzfile import check_writable_folder
     from engine.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+    from engine.cli.figures import plot_history
+    from engine.data import DatasetError, default_cache_dir, default_data_dir, load_dataset
+    from engine.distributed import DistributedError
+    from engine.npzfile import check_writable_folder
     from engine.runtime.select import BackendUnavailable, select_backend
-    from engine.trainer import Trainer, TrainingDiverged, plot_history
+    from engine.trainer import Trainer, TrainingDiverged
     from models.paper import build, format_summary
 
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")

@@ -14,7 +14,8 @@ from formats import write_mnist
 
 from engine.checkpoint import load_checkpoint
 from engine.optim import lr_at, sgd_momentum
-from engine.trainer import Trainer, TrainingDiverged, evaluate, plot_history
+from engine.cli.figures import plot_history
+from engine.trainer import Trainer, TrainingDiverged, evaluate
 from models.paper import build
 
 ROOT = Path(__file__).resolve().parents[1]

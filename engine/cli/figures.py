@@ -47,6 +47,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -606,6 +607,38 @@ def figure7(bench, timing, out):
 
 
 # ----------------------------------------------------------------------------- CLI
+
+def plot_history(history, path, title=""):
+    """Learning curves (train and test accuracy per epoch, like the paper's Figure 3) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    style = dict(marker="o", markersize=4)  # a one-epoch run is a single point: a line alone would not show it
+    axes[0].plot(epochs, [100 * h["train_acc"] for h in history], label="train", **style)
+    axes[0].plot(epochs, [100 * h["test_acc"] for h in history], label="test", **style)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    axes[1].plot(epochs, [h["train_loss"] for h in history], label="train", **style)
+    axes[1].plot(epochs, [h["test_loss"] for h in history], label="test", **style)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("loss")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
 
 def figure_list(s):
     try:
