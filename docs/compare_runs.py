@@ -5,12 +5,13 @@ docs/results.md quotes when it compares runs.
     python docs/compare_runs.py docs/runs/long-flattened-cifar10 docs/runs/wd5e-4-flattened-cifar10 \\
         --epochs 1,10,20,30,40,41,44,48,52,56,60 --ranges 21-40,41-60 --loss
 
-prints a Markdown table (per chosen epoch: lr, then each run's train and test accuracy, and with
---loss its test loss), then each run's mean test and train accuracy over each range of epochs,
-its best test accuracy, and the first epoch at which it reached each --reach accuracy; with --final,
-its last epoch's test accuracy and, over two or more runs (seeds), their mean and standard deviation;
-with --speed, its wall time, images/s and seconds per epoch, over the whole run and over each range
-(a run continued on another machine has one range per machine).
+prints a Markdown table (per chosen epoch: the first run's lr and each run's train and test
+accuracy, and with --loss its test loss), followed by each run's mean test and train accuracy over
+each range of epochs, its best test accuracy, and the first epoch at which it reached each --reach
+accuracy; with --final, its last epoch's test accuracy (with --spread also the mean and standard
+deviation of those over the runs: seeds of one setting); with --speed, its wall time, images/s and
+seconds per epoch, over the whole run and over each range (a run continued on another machine has
+one range per machine).
 
 docs/results.json holds the arguments of every comparison docs/results.md quotes, with the figures
 this prints for them (tests/test_compare_runs.py runs each one).
@@ -49,12 +50,15 @@ def main(argv=None):
     p.add_argument("--reach", type=_ints, default=[], help="test accuracies in %% whose first epoch to print, e.g. 80")
     p.add_argument("--loss", action="store_true", help="add each run's test loss to the table")
     p.add_argument("--final", action="store_true",
-                   help="print each run's last logged epoch and its test accuracy, and over two or more runs the "
-                        "mean and standard deviation (n-1) of those accuracies")
+                   help="print each run's last logged epoch and its test accuracy")
+    p.add_argument("--spread", action="store_true",
+                   help="--final, and the mean and standard deviation (n-1) of those accuracies over the runs "
+                        "(two or more seeds of one setting)")
     p.add_argument("--speed", action="store_true",
                    help="print each run's wall time (training and evaluation, minutes), images/s and seconds per "
                         "epoch of training (min, median, max), over the whole run and over each --ranges range")
     args = p.parse_args(argv)
+    args.final = args.final or args.spread
     try:
         logs = [{r["epoch"]: r for r in read_log(run)} for run in args.runs]
     except ValueError as e:
@@ -89,7 +93,7 @@ def main(argv=None):
             print(f"{name}: {_speed(log.values())}")
             for label, recs in spans:
                 print(f"{name}: {label}: {_speed(recs)}")
-    if args.final and len(logs) > 1:
+    if args.spread and len(logs) > 1:
         finals = [100 * log[max(log)]["test_acc"] for log in logs]
         print(f"final test, {len(finals)} runs: mean {statistics.mean(finals):.2f}%, sd {statistics.stdev(finals):.2f}")
     return 0

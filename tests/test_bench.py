@@ -4,6 +4,7 @@ import json
 import pytest
 
 from engine.cli import bench
+from engine.cli.bench.layers import layer_flops
 from engine.runtime.select import select_backend
 
 
@@ -46,7 +47,7 @@ def test_bench_model_runs(capsys):
 def test_flops_of_the_flattened_layer():
     from engine import Flattened
     # 2 stages, 128 channels, k=5, 80x80, batch 1: V,H full on 80->84, L on 84x84, then V,H valid, L on 80x80
-    f = bench.layer_flops(Flattened(128, 128, 5), (1, 128, 80, 80))
+    f = layer_flops(Flattened(128, 128, 5), (1, 128, 80, 80))
     macs = 128 * 5 * (84 * 80 + 84 * 84) + 128 * 128 * 84 * 84 + 128 * 5 * (80 * 84 + 80 * 80) + 128 * 128 * 80 * 80
     assert f == 2 * macs
 

@@ -659,9 +659,9 @@ def parser():
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"folder to write the figures and their data files into (created if missing). "
                         f"Default: {DEFAULT_OUT}, which git ignores; --out docs/figures redraws the committed ones")
-    p.add_argument("--bench", default="docs/bench-layers.json",
+    p.add_argument("--bench", default="docs/raw/bench-layers.json",
                    help="JSON records of `python -m engine.bench layers --json F` (add --memory for Figure 6). "
-                        "Default: docs/bench-layers.json. Missing: Figures 6 and 7 are skipped")
+                        "Default: docs/raw/bench-layers.json. Missing: Figures 6 and 7 are skipped")
     p.add_argument("--fig3-runs", default=None, metavar="FILE",
                    help=f"Figure 3's run list: a JSON file naming, per panel (data set) and model, the run folders "
                         f"to average (format above). Default: {DEFAULT_RUN_LIST}, the runs of the default recipe "
