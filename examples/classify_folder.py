@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Classify every image in a folder with a flatnet model file and write a CSV.
 
-    python examples/classify_folder.py runs/flattened-cifar10/model.npz photos/ predictions.csv
+    python examples/classify_folder.py pretrained/flattened-cifar10.npz examples/samples/cifar10 runs/samples.csv
 
 Needs only numpy, the compiled engine and Pillow (to read PNG/JPEG).
 """
