@@ -22,6 +22,7 @@ from .augment import mirror
 from .losses import softmax
 from .modelfile import read_model, save_model
 from .plan import UnsupportedNetwork, compile_network
+from .preprocess import global_contrast_normalize
 from .runtime import ops_for, to_numpy
 
 
@@ -79,7 +80,6 @@ class Model:
         images are read as 0..255, and refused when every value lies in 0..1 (the 0..1 convention
         or a nearly black image? say which with float_max=1.0 or float_max=255.0).
         """
-        from .data import global_contrast_normalize
         x = np.asarray(images)
         c, h, w = self.input_shape
         if c == 1 and x.shape[-2:] == (h, w) and x.ndim in (2, 3):

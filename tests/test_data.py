@@ -11,7 +11,8 @@ import pytest
 from formats import evil_pickle, write_cifar10, write_cifar100, write_mnist, write_pickle
 
 from engine import data
-from engine.data import DatasetError, ZCA, global_contrast_normalize, load_cifar, load_dataset, load_mnist
+from engine.data import DatasetError, load_cifar, load_dataset, load_mnist
+from engine.preprocess import ZCA, global_contrast_normalize
 
 
 def _images(d):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.data import ZCA, global_contrast_normalize
+from engine.preprocess import ZCA, global_contrast_normalize
 from engine.modelfile import ModelFileError
 from engine.plan import compile_network
 from models.paper import build
