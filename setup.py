@@ -6,6 +6,7 @@ scikit-learn's old ``_build_utils/openmp_helpers.py``). When the test fails
 is set, the extension is built serially and a warning says so; the kernels
 then run on one thread and ``engine.openmp_enabled()`` returns False.
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -105,7 +106,8 @@ extensions = [
         "engine._kernels",
         ["engine/_kernels.pyx"],
         include_dirs=[numpy.get_include(), "engine"],
-        depends=["engine/_ops.h", "engine/_infer.h", "engine/_train.h", "engine/dropout_hash.h"],
+        depends=["engine/_ops.h", "engine/_infer.h", "engine/_train.h", "engine/dropout_hash.h",
+                 *glob.glob("engine/kernels/*.pxi")],
         libraries=[] if sys.platform == "win32" else ["m"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
