@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _kernels
+from ._kernels import op_fields, op_kinds
 from .layers import Sequential
 
 IMAGE_KINDS = ("conv", "lateral", "vertical", "horizontal", "pool")  # ops that take (C, H, W) input
 
-FIELDS = tuple(_kernels.op_fields())                    # the columns of a C op row, in order (engine/_ops.h)
+FIELDS = tuple(op_fields())                    # the columns of a C op row, in order (engine/_ops.h)
 COL = {name: i for i, name in enumerate(FIELDS)}
-CKIND = {name: i for i, name in enumerate(_kernels.op_kinds())}  # C op kinds by name: GEMM, CONV, VH, ...
+CKIND = {name: i for i, name in enumerate(op_kinds())}  # C op kinds by name: GEMM, CONV, VH, ...
 
 
 class UnsupportedNetwork(ValueError):

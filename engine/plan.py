@@ -31,12 +31,12 @@ import threading
 
 import numpy as np
 
-from . import _kernels
+from ._kernels import infer_layout, infer_run
 from .runtime.memory import aligned_copy, aligned_empty
 from .runtime.threads import get_num_threads, run_threads
 from .lowering import COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 
-NR, VL = _kernels.infer_layout()
+NR, VL = infer_layout()
 POINTERS = ("w", "b", "wv", "bv", "wh", "bh")  # columns holding addresses of the plan's own arrays
 
 
@@ -184,7 +184,7 @@ class Plan:
         with self._lock:
             if self._arena.size < threads * (self.ctx_floats + self.scratch_floats):
                 self._arena = aligned_empty(threads * (self.ctx_floats + self.scratch_floats))
-            self.last_threads = _kernels.infer_run(self.ops, x, out, self._arena, self.act_floats, self.ctx_floats,
+            self.last_threads = infer_run(self.ops, x, out, self._arena, self.act_floats, self.ctx_floats,
                                                    self.scratch_floats, threads, times)
 
 

@@ -23,7 +23,7 @@ with one step resumes on the other, and their results agree to float32 rounding
 """
 import numpy as np
 
-from . import _kernels
+from ._kernels import infer_layout, sgd_run, train_run, train_wgrad_scratch
 from .losses import SoftmaxCrossEntropy
 from .lowering import CKIND, COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 from .optim import sgd_momentum
@@ -38,7 +38,7 @@ STEPS = ("auto", "compiled", "layers")
 
 def _panels(n):
     """n rounded up to whole panels of the GEMM micro-kernel's filters."""
-    nr = _kernels.infer_layout()[0]
+    nr = infer_layout()[0]
     return -(-n // nr) * nr
 
 
@@ -169,7 +169,7 @@ class CompiledStep:
         self._bpad_buf = np.zeros(2 * self._bpad, np.float32)
         self._part_buf = np.empty((cap, self._part), np.float32)
         self._g = [aligned_empty(cap * self._act) for _ in range(2)]
-        self._scratch = max(self._scratch, _kernels.train_wgrad_scratch())
+        self._scratch = max(self._scratch, train_wgrad_scratch())
         self._scratch_buf = np.empty((0, self._scratch), np.float32)
         del self._rows
 
@@ -268,7 +268,7 @@ class CompiledStep:
             self.table[row, COL["seed"]] = dropout_seed(layer.rng, layer.p)[0]  # < 2**63
         threads = self._threads(num_threads)
         self._x = x
-        self.last_threads = _kernels.train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
+        self.last_threads = train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
                                                self._part_buf, self._scratch_buf, self._g[0], self._g[1],
                                                self._wpack_buf, self._bpad_buf, threads, times)
         n_out = self.out_shape[0]
@@ -282,7 +282,7 @@ class CompiledStep:
             raise ValueError(f"dlogits of shape {dlogits.shape} do not match the last forward "
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
-        self.last_threads = _kernels.train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
+        self.last_threads = train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
                                                self._part_buf, self._scratch_buf, self._g[0], self._g[1],
                                                self._wpack_buf, self._bpad_buf, threads, times)
 
@@ -298,7 +298,7 @@ class CompiledStep:
                 v = velocity[name] = np.empty_like(w)
             rows.append((w.ctypes.data, grads[name].ctypes.data, v.ctypes.data, w.size,
                          int(bool(weight_decay) and name.endswith("weight")), int(first)))
-        _kernels.sgd_run(np.array(rows, np.int64).reshape(-1, 6), lr, momentum, dampening, weight_decay,
+        sgd_run(np.array(rows, np.int64).reshape(-1, 6), lr, momentum, dampening, weight_decay,
                          self._threads(num_threads))
         return velocity
 
