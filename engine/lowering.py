@@ -216,7 +216,7 @@ def layout(ops, training):
             put(Placed("GEMM", op.name, shape, op.out_shape, op, relu))
         elif op.kind == "conv":
             put(Placed("CONV", op.name, shape, op.out_shape, op, relu,
-                               dict(k=layer.k, stride=layer.stride, pad=layer.padding)))
+                       dict(k=layer.k, stride=layer.stride, pad=layer.padding)))
         elif op.kind == "pool":
             put(Placed("POOL", op.name, shape, op.out_shape, op, relu, dict(k=layer.k, stride=layer.stride)))
         else:

@@ -6,11 +6,12 @@
 The layer-by-layer ``net.forward`` is written for training: each layer checks its
 input, returns its own buffer and runs its own parallel region. For a single image
 those fixed costs are most of the time (a 32x32 image is about 50 MFLOP). A plan
-instead runs the whole network in one compiled call (``engine/_infer.h``):
+instead runs the whole network in one compiled call (``engine/_infer.h``), in the rows that
+``lowering.layout(..., training=False)`` decides; this module packs the weights and sizes the buffers:
 
 * activations are channels-last, (H, W, C), so per-channel ops run on whole SIMD vectors
   of channels; the first op transposes the NCHW input, and a Linear layer after Flatten
-  gets its weight columns permuted here, so Flatten itself is free;
+  gets its weight columns permuted, so Flatten itself is free;
 * dropout is dropped (eval mode); each ReLU, and optionally the softmax, is folded into
   the op before it;
 * a vertical convolution and the horizontal one after it are one op, channel by channel;
@@ -32,9 +33,9 @@ import threading
 import numpy as np
 
 from ._kernels import infer_layout, infer_run
+from .lowering import COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 from .runtime.memory import aligned_copy, aligned_empty
 from .runtime.threads import get_num_threads, run_threads
-from .lowering import COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 
 NR, VL = infer_layout()
 POINTERS = ("w", "b", "wv", "bv", "wh", "bh")  # columns holding addresses of the plan's own arrays

@@ -1,4 +1,4 @@
-"""The one-command GPU check (engine/selftest.py), and the suite as a machine where CuPy works runs it.
+"""The one-command GPU check (engine/cli/selftest.py), and the suite as a machine where CuPy works runs it.
 
 No GPU here: the check runs as a dry run on the CPU and on the emulation (tests/emulated_cupy.py),
 with tiny benchmark sizes (no timing is asserted). Where CuPy cannot run it must say why and fail.

@@ -1,6 +1,6 @@
 """python -m engine.filters MODEL.npz --out filters.png [--layer conv1]: draw a flattened layer's 3D filters.
 
-The filters are reconstructed from the layer's 1D filters (engine.filters.reconstruct) and sorted
+The filters are reconstructed from the layer's 1D filters (engine.filterbank.reconstruct) and sorted
 by variance, largest first. For a first layer (3 input channels) each filter is drawn as a colour
 patch; otherwise, each filter's strongest input channel in grey. Needs matplotlib.
 """
