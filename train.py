@@ -38,7 +38,7 @@ NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test")  # None: Torch7's
 RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backend", "threads", "plot", "quiet",
                "step", "zca_storage", "compress_model")
 # How model.npz stores the ZCA matrix (engine.save_model): packed16, its upper triangle in float16, changed
-# no prediction of a 75% CIFAR-10 network on the 10,000 test images (docs/results.md, "Compact ZCA").
+# no prediction of a 75% CIFAR-10 network on the 10,000 test images (docs/results.md, "Model files").
 DEFAULT_ZCA_STORAGE = "packed16"
 INITS = ("auto", "lecun", "glorot", "delta")  # models.paper.INITS, without importing the engine for --help
 
@@ -270,6 +270,7 @@ def run(args, dist=None):
     from engine.cli.figures import plot_history
     from engine.data import DatasetError, default_cache_dir, default_data_dir, load_dataset
     from engine.distributed import DistributedError
+    from engine.lowering import UnsupportedNetwork
     from engine.npzfile import check_writable_folder
     from engine.runtime.select import BackendUnavailable, select_backend
     from engine.trainer import Trainer, TrainingDiverged
@@ -391,7 +392,7 @@ def run(args, dist=None):
     try:
         trainer = Trainer(model, data, config, out, settings=settings, progress=not args.quiet,
                           on_epoch=plot if args.plot and is_root else None, dist=dist)
-    except engine.plan.UnsupportedNetwork as e:
+    except UnsupportedNetwork as e:
         sys.exit(f"error: --step compiled: {e}")
     except DistributedError as e:
         sys.exit(f"error: {e}")

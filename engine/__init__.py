@@ -19,25 +19,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from .runtime.threads import get_num_threads, kernels_path, openmp_enabled, set_num_threads
-from .layers import (
-    Conv2d,
-    Dropout,
-    Flatten,
-    Flattened,
-    Horizontal,
-    Lateral,
-    Layer,
-    Linear,
-    MaxPool2d,
-    ReLU,
-    Sequential,
-    Vertical,
-    conv1d_padding,
-)
+from .layers import (Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Layer, Linear, MaxPool2d, ReLU,
+                      Sequential, Vertical, conv1d_padding)
+from .losses import SoftmaxCrossEntropy, softmax
 from .model import Model, load
 from .modelfile import ModelFileError, save_model
-from .losses import SoftmaxCrossEntropy, softmax
+from .runtime.threads import get_num_threads, kernels_path, openmp_enabled, set_num_threads
 
 __version__ = "0.1.0"
 

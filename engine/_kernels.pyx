@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""Compiled kernels of the engine: 1D convolutions, im2col/col2im, pooling, ReLU, dropout, GEMM.
+"""Compiled kernels of the engine: 1D convolutions, im2col/col2im, pooling, ReLU, dropout, GEMM, and the
+bindings of the compiled inference plan and training step (_infer.h, _train.h). One file per family
+in engine/kernels/, included below.
 
 Conventions
 -----------

@@ -1,4 +1,4 @@
-"""`python -m engine.bench`: the command lives in engine/cli/bench.py (importing this module runs nothing)."""
+"""`python -m engine.bench`: the command lives in engine/cli/bench/ (importing this module runs nothing)."""
 if __name__ == "__main__":
     import sys
 

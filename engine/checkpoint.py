@@ -23,7 +23,7 @@ def save_checkpoint(path, model, velocity, meta, perm=None):
 
     Compressed losslessly (npzfile.save's byte shuffle and deflate), so that a run's checkpoint can be
     carried to another machine to be continued there: the CIFAR-10 baseline's takes 15.5 MB instead
-    of 18.5 (84%), for 0.76 s of writing instead of 0.03 (docs/results.md, checkpoint compression).
+    of 18.5 (84%), for 0.76 s of writing instead of 0.03 (docs/results.md, "Checkpoints").
     """
     arrays = {f"param/{k}": to_numpy(v) for k, v in model.params.items()}
     arrays.update({f"velocity/{k}": to_numpy(v) for k, v in velocity.items()})

@@ -1,4 +1,4 @@
-// CUDA kernels of flatnet's CuPy backend (engine/runtime/cuda.py), mirroring engine/_kernels.pyx.
+// CUDA kernels of flatnet's CuPy backend (engine/runtime/cuda.py), mirroring the CPU kernels (engine/kernels/*.pxi).
 //
 // Compiled at run time by CuPy (RawModule, NVRTC) once per element type, with -DFLATNET_REAL=float
 // or -DFLATNET_REAL=double. The tests compile this same file to PTX with nvcc (syntax and types), and as

@@ -110,35 +110,24 @@ def fingerprint(data):
     return h.hexdigest()
 
 
-def _grad_slots(layer):
-    for name in layer._grads:
-        yield layer, name
-    for _, child in layer.children:
-        yield from _grad_slots(child)
-
-
 def flatten_grads(model, tail=TAIL):
     """Make every gradient array of `model` a view of one contiguous float32 buffer; returns (buffer, n).
 
     The views start on 64-byte boundaries (the padding between them stays zero); `tail` floats
     follow at buffer[n:]. The current gradient values are kept. Build a compiled step after
     this (it stores the gradient arrays' addresses)."""
-    slots = list(_grad_slots(model))
-    offsets, n = [], 0
-    for layer, name in slots:
-        g = layer._grads[name]
+    grads = model.grads
+    offsets, n = {}, 0
+    for name, g in grads.items():
         if not isinstance(g, np.ndarray) or g.dtype != np.float32:
             raise DistributedError(f"distributed training needs float32 gradients in host memory; "
-                                   f"{type(layer).__name__}.{name} is {type(g).__name__} of {g.dtype}")
-        offsets.append(n)
+                                   f"{name} is {type(g).__name__} of {g.dtype}")
+        offsets[name] = n
         n += -(-g.size // ALIGN) * ALIGN
     buf = aligned_empty(n + tail)
     buf[...] = 0
-    for (layer, name), off in zip(slots, offsets):
-        g = layer._grads[name]
-        view = buf[off:off + g.size].reshape(g.shape)
-        view[...] = g
-        layer._grads[name] = view
+    model.grad_views({name: buf[off:off + grads[name].size].reshape(grads[name].shape)
+                      for name, off in offsets.items()})
     return buf, n
 
 

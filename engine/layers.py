@@ -90,6 +90,28 @@ class Layer:
             d.update({f"{cname}.{k}": v for k, v in child.grads.items()})
         return d
 
+    def grad_views(self, views):
+        """Make each gradient array (name -> array, names as in `grads`) the given array of its shape and
+        dtype, with its current values copied in: e.g. views of one buffer that a single Allreduce sums."""
+        own = self.grads
+        for name, view in views.items():
+            if name not in own or view.shape != own[name].shape or view.dtype != own[name].dtype:
+                raise ValueError(f"{self!r}: no gradient {name} of shape {getattr(view, 'shape', None)} "
+                                 f"and dtype {getattr(view, 'dtype', None)}")
+        for name, view in views.items():
+            view[...] = own[name]
+            layer, own_name = self._owner(name)
+            layer._grads[own_name] = view
+
+    def _owner(self, name):
+        """(layer, its own name) of parameter `name` of this layer or a descendant."""
+        if name in self._grads:
+            return self, name
+        for cname, child in self.children:  # a child's name may hold dots itself (a Flattened's "stage1.vertical")
+            if name.startswith(cname + ".") and name[len(cname) + 1:] in child.grads:
+                return child._owner(name[len(cname) + 1:])
+        raise KeyError(name)
+
     def load_params(self, arrays):
         """Copy arrays (name -> array, names as in `params`) into this layer's parameters, in place."""
         own = self.params
@@ -299,7 +321,8 @@ class Conv2d(Layer):
         wo = (w + 2 * self.padding - self.k) // self.stride + 1
         return (n, self.c_out, ho, wo)
 
-    def _chunk(self, n, p):
+    def column_chunk(self, n, p):
+        """Images per im2col chunk of a batch of n with p output pixels each (the columns stay within a bound)."""
         per_image = self.c_in * self.k * self.k * p * self.dtype.itemsize
         return max(1, min(n, COLUMN_BUFFER_BYTES // max(per_image, 1)))
 
@@ -315,7 +338,7 @@ class Conv2d(Layer):
         y3 = y.reshape(N, F, P)
         y3[...] = self._params["bias"][:, None]
         w2 = self._params["weight"].reshape(1, F, CKK)
-        chunk = self._chunk(N, P)
+        chunk = self.column_chunk(N, P)
         cols = self._workspace("cols", (chunk, CKK, P))
         for n0 in range(0, N, chunk):
             n = min(chunk, N - n0)
@@ -335,7 +358,7 @@ class Conv2d(Layer):
         dw2 = self._grads["weight"].reshape(1, F, CKK)
         ops.channel_sum(dy3, self._grads["bias"])
         dx = self._workspace("dx", x.shape) if self.input_grad else None
-        chunk = self._chunk(N, P)
+        chunk = self.column_chunk(N, P)
         cols = self._workspace("cols", (chunk, CKK, P))
         dcols = self._workspace("dcols", (chunk, CKK, P)) if self.input_grad else None
         for n0 in range(0, N, chunk):

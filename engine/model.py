@@ -20,8 +20,9 @@ import numpy as np
 
 from .augment import mirror
 from .losses import softmax
+from .lowering import UnsupportedNetwork
 from .modelfile import read_model, save_model
-from .plan import UnsupportedNetwork, compile_network
+from .plan import compile_network
 from .preprocess import global_contrast_normalize
 from .runtime import ops_for, to_numpy
 

@@ -12,7 +12,7 @@ A compressed file (save(..., compress=True)) stores each numeric array of more t
 byte per value byte-shuffled before deflating it: a uint8 member of shape (itemsize, n)
 whose row i holds byte i of every value, so that the exponent bytes of weights, which
 vary little, compress apart from their mantissas, which hardly compress at all (a float32
-checkpoint shrinks to 84% of its size instead of 92%: docs/results.md, checkpoint compression). The JSON document names those members with
+checkpoint shrinks to 84% of its size instead of 92%: docs/results.md, "Checkpoints"). The JSON document names those members with
 their dtype and shape under SHUFFLED; `load` checks the entry against the format's
 reader and the member's header against the entry, and returns the arrays as written.
 numpy's own loader sees the uint8 rows, never wrong values.

@@ -33,12 +33,11 @@ import threading
 import numpy as np
 
 from ._kernels import infer_layout, infer_run
-from .lowering import COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
+from .lowering import UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 from .runtime.memory import aligned_copy, aligned_empty
 from .runtime.threads import get_num_threads, run_threads
 
 NR, VL = infer_layout()
-POINTERS = ("w", "b", "wv", "bv", "wh", "bh")  # columns holding addresses of the plan's own arrays
 
 
 def _pack(wt):
@@ -129,10 +128,9 @@ class Plan:
         new.names = list(self.names)
         new._keep = [aligned_copy(a) for a in self._keep]
         moved = {a.ctypes.data: b.ctypes.data for a, b in zip(self._keep, new._keep)}
-        new.ops = self.ops.copy()
-        for name in POINTERS:
-            col = new.ops[:, COL[name]]
-            col[...] = [moved.get(int(v), 0) if v else 0 for v in col]
+        # every cell holding the address of one of the plan's arrays, whichever field it is
+        new.ops = np.array([[moved.get(int(v), int(v)) for v in row] for row in self.ops], np.int64).reshape(
+            self.ops.shape)
         new._arena, new._lock = aligned_empty(0), threading.Lock()
         return new
 
@@ -186,7 +184,7 @@ class Plan:
             if self._arena.size < threads * (self.ctx_floats + self.scratch_floats):
                 self._arena = aligned_empty(threads * (self.ctx_floats + self.scratch_floats))
             self.last_threads = infer_run(self.ops, x, out, self._arena, self.act_floats, self.ctx_floats,
-                                                   self.scratch_floats, threads, times)
+                                          self.scratch_floats, threads, times)
 
 
 def compile_network(net, in_shape=None, softmax=False):

@@ -13,9 +13,11 @@ import numpy as np
 
 from . import augment, npzfile
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from .optim import lr_at
-from .runtime import ops_for
 from .losses import SoftmaxCrossEntropy
+from .lowering import UnsupportedNetwork
+from .optim import lr_at
+from .plan import compile_network
+from .runtime import ops_for
 from .trainstep import make_step
 
 READ_EVERY = 20  # steps between reads of the running loss and count from a device (from the CPU: every step)
@@ -35,7 +37,6 @@ def evaluate(model, x, y, batch_size=500, progress=False):
     weights, the same outputs up to float32 rounding, several times faster, no layer buffers);
     otherwise layer by layer. progress=True shows a progress bar with the rate (images/s).
     """
-    from .plan import UnsupportedNetwork, compile_network
     ops = ops_for(model.backend)
     was_training = model.training
     model.eval()

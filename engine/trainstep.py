@@ -36,10 +36,12 @@ OWN_COLUMN_FLOATS = 12 * 2**20  # a convolution whose columns for the whole batc
 STEPS = ("auto", "compiled", "layers")
 
 
+NR = infer_layout()[0]  # filters per panel of the GEMM micro-kernel
+
+
 def _panels(n):
     """n rounded up to whole panels of the GEMM micro-kernel's filters."""
-    nr = infer_layout()[0]
-    return -(-n // nr) * nr
+    return -(-n // NR) * NR
 
 
 def _float_bits(v):
@@ -269,8 +271,8 @@ class CompiledStep:
         threads = self._threads(num_threads)
         self._x = x
         self.last_threads = train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
-                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                               self._wpack_buf, self._bpad_buf, threads, times)
+                                      self._part_buf, self._scratch_buf, self._g[0], self._g[1],
+                                      self._wpack_buf, self._bpad_buf, threads, times)
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
@@ -283,8 +285,8 @@ class CompiledStep:
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
         self.last_threads = train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
-                                               self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                               self._wpack_buf, self._bpad_buf, threads, times)
+                                      self._part_buf, self._scratch_buf, self._g[0], self._g[1],
+                                      self._wpack_buf, self._bpad_buf, threads, times)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
         """SGD with momentum on every parameter (optim.sgd_momentum's rule), compiled."""
@@ -299,7 +301,7 @@ class CompiledStep:
             rows.append((w.ctypes.data, grads[name].ctypes.data, v.ctypes.data, w.size,
                          int(bool(weight_decay) and name.endswith("weight")), int(first)))
         sgd_run(np.array(rows, np.int64).reshape(-1, 6), lr, momentum, dampening, weight_decay,
-                         self._threads(num_threads))
+                self._threads(num_threads))
         return velocity
 
     def loss(self, x, y):

@@ -12,8 +12,8 @@ import emulated_cupy  # noqa: E402
 
 # FLATNET_TEST_EMULATED_CUPY=1: the emulation is `cupy` for the whole test run, so `auto` selects
 # it and every test runs as it would on a machine where CuPy works (tests/test_selftest.py starts such a run).
-EMULATED_SESSION = os.environ.get("FLATNET_TEST_EMULATED_CUPY") == "1"
-if EMULATED_SESSION:
+EMULATED_RUN = os.environ.get("FLATNET_TEST_EMULATED_CUPY") == "1"
+if EMULATED_RUN:
     emulated_cupy.install()
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
@@ -77,7 +77,7 @@ def _backend(name):
     else:
         if emulated_cupy.real_cupy_installed():
             pytest.skip("the real CuPy is installed: its cases run instead of the emulation")
-        if EMULATED_SESSION:
+        if EMULATED_RUN:
             pytest.skip("the emulation is `cupy` for this test run: the `cupy` cases run on it")
         why = emulated_cupy.available()
         if why:

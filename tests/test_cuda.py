@@ -214,8 +214,8 @@ def test_launch_refuses_strided_views_and_widens_integers(ops):
         bc._launch("mask_scale", np.float32, 4, x, x, 2.0, x, 4)
     for v in (7, np.int32(7), np.uint8(7), True):
         assert type(bc._kernel_arg("k", 0, v)) is np.int64 and bc._kernel_arg("k", 0, v) == int(v)
-    assert bc._function("relu_forward", np.float32) is bc._function("relu_forward", np.float32)  # looked up once
-    assert bc._function("relu_forward", np.float64) is not bc._function("relu_forward", np.float32)
+    assert bc.kernel("relu_forward", np.float32) is bc.kernel("relu_forward", np.float32)  # looked up once
+    assert bc.kernel("relu_forward", np.float64) is not bc.kernel("relu_forward", np.float32)
 
 
 def test_gemms_with_shared_and_transposed_operands(ops):

@@ -154,9 +154,9 @@ class Scale(Layer):
 
 
 @pytest.fixture
-def scale_registered(monkeypatch):
-    monkeypatch.setitem(LAYER_TYPES, "Scale", Scale)
+def scale_registered():
     yield register(Scale)
+    LAYER_TYPES.pop("Scale", None)
 
 
 def small_net():

@@ -385,7 +385,7 @@ def test_every_recipe_gives_every_setting_for_every_dataset_and_model():
     assert {recipe("paper", d, m)["augment"] for d in ("cifar10", "cifar100", "mnist")
             for m in ("baseline", "flattened")} == {"none"}
     # both networks gained from a longer schedule on MNIST, the flattened network on CIFAR-10 from 120 epochs
-    # against 60, and the baseline too (docs/results.md, schedule length)
+    # against 60, and the baseline too (docs/results.md, "Schedule length")
     assert {(d, m): (recipe("reproduce", d, m)["epochs"], recipe("reproduce", d, m)["lr_drop_epochs"])
             for d in ("cifar10", "mnist") for m in ("baseline", "flattened")} == {
         ("cifar10", "baseline"): (120, [80, 104]), ("cifar10", "flattened"): (180, [120, 156]),

@@ -1,4 +1,5 @@
-"""The command-line tools: one module per command, each a thin layer over the library.
+"""The command-line tools: one module per command (bench: a package, one module per subcommand), each a
+thin layer over the library.
 
     python -m engine.predict   classify image files or a .npy batch with a model file
     python -m engine.evaluate  test accuracy of a model file on a data set

@@ -1,4 +1,6 @@
-"""What every command shares: one-line errors, loading a model file, checking an output path."""
+"""What every command shares: one-line errors and notes, loading a model file, checking an output path."""
+import sys
+
 from ..model import load
 from ..modelfile import ModelFileError
 from ..npzfile import check_writable_file
@@ -9,12 +11,17 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+def say(line):
+    """A note for the user on stderr (stdout carries the command's results)."""
+    print(line, file=sys.stderr)
+
+
 def load_model(path):
     """The model file at `path` (engine.Model), or exit with a one-line error saying why it cannot be read."""
     try:
         return load(path)
     except (FileNotFoundError, ModelFileError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(e)
 
 
 def writable_file(path):
@@ -22,7 +29,7 @@ def writable_file(path):
     try:
         check_writable_file(path)
     except OSError as e:
-        raise SystemExit(f"error: cannot write {path}: {e}") from None
+        fail(f"cannot write {path}: {e}")
     return path
 
 
@@ -31,4 +38,4 @@ def needs(module, purpose, install):
     try:
         return __import__(module)
     except ImportError:
-        raise SystemExit(f"error: {purpose} needs {module}: {install}") from None
+        fail(f"{purpose} needs {module}: {install}")

@@ -23,7 +23,7 @@ import numpy as np
 from ..augment import mirror, parse_spec
 from ..data import DatasetError, default_data_dir, load_cifar, load_mnist
 from ..losses import softmax
-from .common import load_model
+from .common import fail, load_model
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 
@@ -90,7 +90,7 @@ def _trained_without_flips(model):
     """True when the model file records (train.py's `augment`) that its training images were never mirrored."""
     try:
         return not parse_spec(_recorded(model, "augment"))[0]
-    except ValueError:  # nothing recorded (files from before), or not a spec
+    except ValueError:  # no `augment` recorded in the model file, or not a spec
         return False
 
 
@@ -100,7 +100,7 @@ def _dataset_name(args, model):
     recorded = _recorded(model, "dataset")
     if recorded in DATASETS:
         return recorded
-    raise SystemExit(f"error: {args.model} does not say which data set it was trained on: pass --dataset "
+    fail(f"{args.model} does not say which data set it was trained on: pass --dataset "
                      f"({', '.join(DATASETS)})")
 
 
@@ -111,22 +111,22 @@ def main(argv=None):
     name = _dataset_name(args, model)
     label_mode = args.label_mode or ("coarse" if len(model.classes) == 20 else "fine")
     if args.label_mode and name != "cifar100":
-        raise SystemExit(f"error: --label-mode is for cifar100, not {name}")
+        fail(f"--label-mode is for cifar100, not {name}")
     data_dir = args.data_dir or default_data_dir()
     try:
         raw = (load_mnist(data_dir, download_ok=not args.no_download) if name == "mnist"
                else load_cifar(data_dir, name, label_mode, download_ok=not args.no_download))
     except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     x, y = raw["test_x"][:args.limit], raw["test_y"][:args.limit]
     what = f"the {name} test images" + (f" ({label_mode} labels)" if name == "cifar100" else "")
     for path, m in ((args.model, model), (args.compare, other)):
         if m is None:
             continue
         if m.input_shape != x.shape[1:]:
-            raise SystemExit(f"error: {path} takes images of shape {m.input_shape}; {what} are {x.shape[1:]}")
+            fail(f"{path} takes images of shape {m.input_shape}; {what} are {x.shape[1:]}")
         if len(m.classes) != len(raw["classes"]):
-            raise SystemExit(f"error: {path} has {len(m.classes)} classes; {what} have {len(raw['classes'])}")
+            fail(f"{path} has {len(m.classes)} classes; {what} have {len(raw['classes'])}")
         if m.classes != raw["classes"]:
             print(f"note: {path}: its class names differ from the data set's ({', '.join(m.classes[:3])}, ... "
                   f"against {', '.join(raw['classes'][:3])}, ...); classes are compared by index", file=sys.stderr)
@@ -134,7 +134,7 @@ def main(argv=None):
             print(f"note: {path} was trained without flipped images (augmentation {_recorded(m, 'augment')!r}): "
                   f"--flip may lower its accuracy", file=sys.stderr)
     if not len(x):
-        raise SystemExit(f"error: {raw['source']}: the test set is empty")
+        fail(f"{raw['source']}: the test set is empty")
 
     print(f"{args.model}: {len(x):,} {name} test images from {raw['source']}")
     models = [model] + ([other] if other else [])

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..onnx_export import to_onnx
-from .common import load_model, needs, writable_file
+from .common import fail, load_model, needs, writable_file
 
 
 def main(argv=None):
@@ -23,7 +23,7 @@ def main(argv=None):
     try:
         onnx.save(proto, args.out)
     except OSError as e:
-        raise SystemExit(f"error: cannot write {args.out}: {e}") from None
+        fail(f"cannot write {args.out}: {e}")
     print(f"wrote {args.out}: {len(proto.graph.node)} nodes, input (N, {', '.join(map(str, model.input_shape))}) "
           f"preprocessed, output probabilities over {len(model.classes)} classes")
     return 0

@@ -12,7 +12,7 @@ Each figure is a PNG beside the file holding the numbers it was drawn from (same
                              numbers: per panel, model and epoch, n and the mean and sd (--band minmax:
                              min and max) of the training and test accuracy in percent
   fig4-filters.png / .npy    first-layer filters of a --flatten-first CIFAR-10 run, rebuilt as 3D
-                             filters from the 1D ones (engine.filters), sorted by variance
+                             filters from the 1D ones (engine.filterbank), sorted by variance
   fig5-params.png / .csv     parameter reduction of one layer (3D weights / flattened weights) against
                              the channel ratio F/C, counted as engine.Flattened builds the layer, with
                              Table 1's layers 2 and 3 marked
@@ -55,8 +55,9 @@ import numpy as np
 
 from models.recipes import RECIPES, complete_settings, recipe, setting_text
 
-from ..npzfile import check_writable_folder
 from ..checkpoint import CHECKPOINT_FILE
+from ..npzfile import check_writable_folder
+from .common import fail
 
 # Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned epochs and the
 # recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same
@@ -376,10 +377,10 @@ def figure3(runs, list_path, out, band):
 def figure4(runs, found, out, chosen=None):
     """The first layer's filters of a --flatten-first CIFAR-10 run (the best final test accuracy if several)."""
     from ..filterbank import reconstruct
-    from .filters import draw
+    from ..layers import Flattened
     from ..model import load
     from ..modelfile import ModelFileError
-    from ..layers import Flattened
+    from .filters import draw
     if chosen is not None:
         candidates = [chosen]
     else:
@@ -683,32 +684,32 @@ def main(argv=None):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit("error: drawing the figures needs matplotlib: pip install matplotlib "
-                         "(or pip install -e '.[plot]')") from None
+        fail("drawing the figures needs matplotlib: pip install matplotlib "
+                         "(or pip install -e '.[plot]')")
     out, runs, bench = Path(args.out), Path(args.runs), Path(args.bench)
     if runs.exists() and not runs.is_dir():
-        raise SystemExit(f"error: --runs {runs} is a file, not a folder of run folders")
+        fail(f"--runs {runs} is a file, not a folder of run folders")
     if bench.is_dir():
-        raise SystemExit(f"error: --bench {bench} is a folder, not a benchmark JSON file")
+        fail(f"--bench {bench} is a folder, not a benchmark JSON file")
     filters_run = Path(args.filters_run) if args.filters_run else None
     if filters_run is not None and not (filters_run / "model.npz").is_file() and not filters_run.is_file():
-        raise SystemExit(f"error: --filters-run {filters_run}: no model file there")
+        fail(f"--filters-run {filters_run}: no model file there")
     wanted = set(args.figures)
     run_list = Path(args.fig3_runs) if args.fig3_runs else DEFAULT_RUN_LIST
     if 3 in wanted:
         if args.fig3_runs and not run_list.is_file():
-            raise SystemExit(f"error: --fig3-runs {run_list}: no such file")
+            fail(f"--fig3-runs {run_list}: no such file")
         if not run_list.is_file():
             run_list = None  # the default list is missing: Figure 3 is skipped with a line
         else:
             try:
                 read_run_list(run_list)
             except ValueError as e:
-                raise SystemExit(f"error: --fig3-runs {e}") from None
+                fail(f"--fig3-runs {e}")
     try:
         check_writable_folder(out)
     except OSError as e:
-        raise SystemExit(f"error: cannot write to --out {out}: {e}") from None
+        fail(f"cannot write to --out {out}: {e}")
     found = None
     if runs.is_dir() and 4 in wanted:
         found = scan_runs(runs)

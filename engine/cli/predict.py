@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..images import ImageError, read_image
-from .common import fail, load_model
+from .common import fail, load_model, say
 
 
 def main(argv=None):
@@ -37,19 +37,19 @@ def main(argv=None):
             # mapped, not read: a header that claims more than the file holds is refused, not allocated
             batch = np.array(np.load(args.inputs[0], mmap_mode="r", allow_pickle=False))
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read {args.inputs[0]}: {e}") from None
+            fail(f"cannot read {args.inputs[0]}: {e}")
         preprocessed = batch.dtype.kind == "f" and batch.ndim == 4 and batch.shape[1:] == model.input_shape
         names = [f"{args.inputs[0]}[{i}]" for i in range(len(batch))]
     else:
         try:
-            batch = np.stack([read_image(Path(f), model.input_shape) for f in args.inputs])
+            batch = np.stack([read_image(Path(f), model.input_shape, note=say) for f in args.inputs])
         except ImageError as e:
             fail(e)
         names = args.inputs
     try:
         probs = model.predict(batch, preprocessed=preprocessed, float_max=args.float_max, flip=args.flip)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     k = max(1, min(args.top, len(model.classes)))
     for name, pr in zip(names, probs):
         top = np.argsort(-pr)[:k]

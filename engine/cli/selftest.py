@@ -65,7 +65,7 @@ def compile_modules(backend):
     names = re.findall(r"^KERNEL (\w+)\(", bc.SOURCE_PATH.read_text(), re.M)
     for dtype in (np.float32, np.float64):
         for name in names:
-            bc._function(name, dtype)
+            bc.kernel(name, dtype)
     return f"{len(names)} kernels x float32, float64"
 
 
@@ -103,8 +103,8 @@ def compare_with_cpu(backend):
     """The same models give the same predictions, and Dropout the same masks, on the CPU and on `backend`."""
     from models.paper import build
 
-    from ..runtime import ops_for, to_numpy
     from ..layers import Dropout
+    from ..runtime import ops_for, to_numpy
     ops = ops_for(backend)
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     worst = 0.0

@@ -36,7 +36,7 @@ def _module(dtype):
     return _modules[dtype]
 
 
-def _function(name, dtype):
+def kernel(name, dtype):
     """The kernel `name` of the module for `dtype`, looked up once (a lookup builds a new RawKernel)."""
     key = (name, np.dtype(dtype))
     f = _functions.get(key)
@@ -68,7 +68,7 @@ def _launch(name, dtype, n, *args):
     if n == 0:
         return
     blocks = min((n + BLOCK - 1) // BLOCK, MAX_BLOCKS)
-    _function(name, dtype)((blocks,), (BLOCK,), tuple(_kernel_arg(name, i, a) for i, a in enumerate(args)))
+    kernel(name, dtype)((blocks,), (BLOCK,), tuple(_kernel_arg(name, i, a) for i, a in enumerate(args)))
 
 
 def _swap(a, trans):

@@ -1,7 +1,7 @@
 """Dropout masks' seeds: one definition for every backend and executor.
 
 A mask element is kept when 32 bits of splitmix64(seed + index) are at least p * 2^32
-(the hash is engine/csrc/dropout_hash.h, shared by the C, Cython and CUDA kernels), so the
+(the hash is engine/dropout_hash.h, shared by the C, Cython and CUDA kernels), so the
 masks depend only on the seed, never on the thread count or the device.
 """
 

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+
 class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here; the message says why."""
 

@@ -4,6 +4,7 @@
     python -m engine.bench layers --memory --json F   # + memory records ("kind": "memory") for engine.figures
     python -m engine.bench model --model flattened --dataset cifar10 [--compare torch]
     python -m engine.bench latency           # inference of both CIFAR-10 models, engine vs onnxruntime
+    python -m engine.bench threads           # the compiled paths on 1 thread and on --threads, alternating
     mpirun -np 2 --bind-to none python -m engine.bench distributed --threads 1   # MPI: Allreduce, N x T vs 1 x N*T
 
 `layers` and `model` time every usable backend (the CPU, and CuPy where a GPU passes the

@@ -1,11 +1,12 @@
 """`bench distributed` (under mpirun -np N): one Allreduce of the gradients, and training images/s of
 N ranks x --threads against 1 rank x N*threads."""
 import statistics
-import sys
 
 import numpy as np
 
 import engine
+
+from ..common import fail
 from .timing import environment, print_environment, timeit
 
 
@@ -17,7 +18,7 @@ def bench_distributed(args):
     try:
         dist = init()
     except DistributedError as e:
-        sys.exit(f"error: {e}")
+        fail(f"{e}")
     return dist.guard(_bench_distributed, args, dist)
 
 
@@ -26,7 +27,7 @@ def _bench_distributed(args, dist):
     from models.paper import build
     n, threads, batch = dist.size, args.threads, args.batch
     if batch % n:
-        sys.exit(f"error: --batch {batch} is not a multiple of the {n} ranks")
+        fail(f"--batch {batch} is not a multiple of the {n} ranks")
     shape = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}[args.dataset]
     n_classes = {"cifar10": 10, "cifar100": 100, "mnist": 10}[args.dataset]
     rng = np.random.default_rng(0)

@@ -5,6 +5,7 @@ import time
 import numpy as np
 
 import engine
+
 from .timing import environment, print_environment, timeit
 
 
@@ -31,10 +32,10 @@ def bench_latency(args):
             runners = [("engine", lambda x: model.predict(x, preprocessed=True)),
                        ("engine-layers", lambda x: layered.predict(x, preprocessed=True))]
             try:
+                import onnx
                 import onnxruntime as ort
 
                 from engine.onnx_export import to_onnx
-                import onnx
                 onnx.save(to_onnx(model), f"{tmp}/{name}.onnx")
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = args.threads

@@ -8,7 +8,9 @@ import numpy as np
 
 import engine
 from engine import Conv2d, Flattened, Lateral, Sequential
-from .timing import backends_to_time, environment, per_layer_times, print_environment, print_per_layer, stats_ms, timeit
+
+from .timing import (backends_to_time, environment, per_layer_times, print_environment, print_per_layer, stats_ms,
+                      timeit)
 
 
 def layer_flops(layer, in_shape):
@@ -247,7 +249,7 @@ def bench_memory(args):
             bwd = peak_extra_bytes(lambda: layer.backward(dy))
             if name == "baseline":
                 p = dy.shape[2] * dy.shape[3]
-                chunk = layer._chunk(args.batch, p)
+                chunk = layer.column_chunk(args.batch, p)
                 cols = chunk * layer.c_in * layer.k ** 2 * p * 4
                 t_fwd, t_bwd = dy.nbytes + cols, x.nbytes + cols
             else:

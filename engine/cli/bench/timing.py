@@ -3,12 +3,13 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
 
 import engine
+
+from ..common import fail
 
 
 def timeit(fn, repeat, warmup=1, sync=None):
@@ -36,7 +37,7 @@ def backends_to_time(choice):
         try:
             select_backend("cupy")
         except BackendUnavailable as e:
-            sys.exit(f"error: {e}")
+            fail(f"{e}")
         return ["cupy"]
     name, why = select_backend("auto")
     if why:
