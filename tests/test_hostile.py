@@ -569,9 +569,8 @@ def test_inconsistent_checkpoints_are_refused_before_a_step(interrupted_run, tmp
 
 
 def test_train_py_checks_a_checkpoints_settings_and_says_so_in_one_line(interrupted_run, tmp_path):
-    sys.path.insert(0, str(ROOT))
+    from engine.cli.train import RUN_SETTINGS, settings_problem
     from models.recipes import LATER_SETTINGS
-    from train import RUN_SETTINGS, settings_problem
     good = dict(model="flattened", dataset="mnist", label_mode="fine", batch_size=16, lr=0.05, momentum=0.9,
                 dampening=None, weight_decay=1e-4, lr_drop_epochs=[1], lr_drop_factor=0.1, seed=1, limit_train=None,
                 limit_test=None, pool=[3, 2], pool_mode="ceil", flatten_first=False, stages=2, init="auto")
@@ -603,8 +602,7 @@ def test_a_failed_write_leaves_no_temporary_file_and_train_py_says_why(tmp_path,
         npzfile.save(tmp_path / "c.npz", {}, {})
     assert list(tmp_path.iterdir()) == []
 
-    sys.path.insert(0, str(ROOT))
-    import train
+    from engine.cli import train
     write_mnist(tmp_path / "data", np.random.default_rng(0), n_train=40, n_test=8)
     with pytest.raises(SystemExit) as e:
         train.main(["--dataset", "mnist", "--epochs", "1", "--batch-size", "20", "--quiet", "--out",

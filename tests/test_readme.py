@@ -179,9 +179,7 @@ def train_py_commands():
 
 
 def test_train_py_commands_parse(capsys):
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    from engine.cli import train
     commands = train_py_commands()
     assert len(commands) >= 5 and ["--out", "runs/flattened-cifar10", "--resume"] in commands
     for args in commands:

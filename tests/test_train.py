@@ -1,5 +1,4 @@
 """train.py and the trainer end to end on tiny data sets the tests write."""
-import importlib.util
 import json
 import os
 import shlex
@@ -260,10 +259,8 @@ def test_ctrl_c_prints_the_command_that_continues_and_it_alone_does(tiny_mnist, 
 
 
 def _load_train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from engine.cli import train
+    return train
 
 
 def test_the_test_set_is_evaluated_once_per_epoch(tiny_mnist, monkeypatch, capsys):
