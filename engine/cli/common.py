@@ -1,9 +1,17 @@
 """What every command shares: one-line errors and notes, loading a model file, checking an output path."""
+import argparse
 import sys
 
 from ..model import load
 from ..modelfile import ModelFileError
 from ..npzfile import check_writable_file
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a wrong flag or value is one line naming it, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def fail(message):

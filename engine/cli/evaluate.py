@@ -23,7 +23,7 @@ import numpy as np
 from ..augment import mirror, parse_spec
 from ..data import DatasetError, default_data_dir, load_cifar, load_mnist
 from ..losses import softmax
-from .common import fail, load_model
+from .common import Parser, fail, load_model
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 
@@ -39,7 +39,7 @@ def positive_int(s):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__,
+    p = Parser(prog="python -m engine.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model file written by train.py (OUT/model.npz) or engine.save_model")
     p.add_argument("--dataset", choices=DATASETS, default=None,

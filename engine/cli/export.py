@@ -7,11 +7,11 @@ import argparse
 import sys
 
 from ..onnx_export import to_onnx
-from .common import fail, load_model, needs, writable_file
+from .common import Parser, fail, load_model, needs, writable_file
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__,
+    p = Parser(prog="python -m engine.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model file written by train.py (model.npz)")
     p.add_argument("out", help="ONNX file to write")

@@ -57,7 +57,7 @@ from models.recipes import RECIPES, complete_settings, recipe, setting_text
 
 from ..checkpoint import CHECKPOINT_FILE
 from ..npzfile import check_writable_folder
-from .common import fail
+from .common import Parser, fail
 
 # Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned epochs and the
 # recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same
@@ -652,7 +652,7 @@ def figure_list(s):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m engine.figures", description=__doc__,
+    p = Parser(prog="python -m engine.figures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="docs/runs",
                    help="folder of train.py run folders (each with settings.json and log.jsonl; model.npz for "

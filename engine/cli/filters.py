@@ -11,7 +11,7 @@ import numpy as np
 
 from ..filterbank import reconstruct
 from ..layers import Flattened
-from .common import fail, load_model, needs, writable_file
+from .common import Parser, fail, load_model, needs, writable_file
 
 
 def draw(filters, path, title=""):
@@ -40,7 +40,7 @@ def draw(filters, path, title=""):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine.filters", description=__doc__,
+    p = Parser(prog="python -m engine.filters", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model file written by train.py")
     p.add_argument("--out", default="filters.png", help="PNG to write")

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..images import ImageError, read_image
-from .common import fail, load_model, say
+from .common import Parser, fail, load_model, say
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine.predict", description=__doc__,
+    p = Parser(prog="python -m engine.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model file written by train.py (model.npz)")
     p.add_argument("inputs", nargs="+", help="PNG/JPEG files, or one .npy batch")

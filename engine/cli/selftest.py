@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import Parser
+
 ROOT = Path(__file__).resolve().parents[2]
 TEST_FILES = ("tests/test_cuda.py", "tests/test_layers.py", "tests/test_backend.py")
 BENCH = {  # (layers arguments, model arguments) per --bench
@@ -135,7 +137,7 @@ def run_benchmarks(backend, size, json_path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine.selftest", description=__doc__,
+    p = Parser(prog="python -m engine.selftest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["cupy", "cpu"], default="cupy",
                    help="the backend to check (cpu: a dry run of the same steps)")

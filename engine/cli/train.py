@@ -25,6 +25,8 @@ import numpy as np
 
 from models.recipes import DEFAULT_RECIPE, RECIPES, complete_settings, describe, help_text, recipe, setting_text
 
+from .common import Parser
+
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 # Settings that define the run; on --resume they come from the checkpoint.
 RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "dampening", "weight_decay",
@@ -103,7 +105,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Train the baseline or flattened CNN of Jin et al. (2014) with the flatnet engine.",
         epilog="Example (the README's main run): python train.py --model flattened --dataset cifar10 "
                "--data-dir ../shared/data",
@@ -245,6 +247,18 @@ def given_flags(argv=None):
     for action in p._actions:
         action.default = argparse.SUPPRESS
     return set(vars(p.parse_args(argv)))
+
+
+def how_started():
+    """The command line that started this process, to repeat it: `python train.py`, `python -m engine.X`,
+    or an installed command's name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name}"
+    script = sys.argv[0] if sys.argv and sys.argv[0] else "train.py"
+    if script.endswith(".py"):
+        return f"python {shlex.quote(os.path.relpath(script))}"
+    return shlex.quote(os.path.basename(script))
 
 
 def main(argv=None):
@@ -406,8 +420,7 @@ def run(args, dist=None):
         status = trainer.run()
         if status == "interrupted":
             launch = f"mpirun -np {dist.size} " if dist is not None else ""  # (or any number of ranks, or none)
-            print(f"continue with: {launch}python {shlex.quote(os.path.relpath(__file__))} "
-                  f"--out {shlex.quote(str(out))} --resume")
+            print(f"continue with: {launch}{how_started()} --out {shlex.quote(str(out))} --resume")
             # 130 after Ctrl-C, 143 after SIGTERM, 138 after SIGUSR1 (distributed: on every rank, the signal they agreed on)
             return 128 + int(trainer.stop_signal or signal.SIGINT)
         acc = trainer.history[-1]["test_acc"]  # the last epoch's evaluation saw these very weights

@@ -19,6 +19,7 @@ import argparse
 import engine
 from engine.npzfile import check_writable_file
 
+from ..common import Parser
 from .distributed import bench_distributed
 from .latency import bench_latency
 from .layers import bench_layers
@@ -27,7 +28,7 @@ from .timing import int_list, positive_int
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__,
+    p = Parser(prog="python -m engine.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     common = argparse.ArgumentParser(add_help=False)

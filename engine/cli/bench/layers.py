@@ -9,8 +9,7 @@ import numpy as np
 import engine
 from engine import Conv2d, Flattened, Lateral, Sequential
 
-from .timing import (backends_to_time, environment, per_layer_times, print_environment, print_per_layer, stats_ms,
-                      timeit)
+from .timing import backends_to_time, environment, per_layer_times, print_environment, print_per_layer, stats_ms, timeit
 
 
 def layer_flops(layer, in_shape):

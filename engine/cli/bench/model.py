@@ -7,8 +7,15 @@ import numpy as np
 
 import engine
 
-from .timing import (backends_to_time, environment, peak_rss_mib, per_layer_times, print_environment, print_per_layer,
-                      timeit)
+from .timing import (
+    backends_to_time,
+    environment,
+    peak_rss_mib,
+    per_layer_times,
+    print_environment,
+    print_per_layer,
+    timeit,
+)
 
 
 def bench_model(args):
