@@ -6,9 +6,10 @@
 * MNIST: the four IDX files, gzipped or not.
 
 Files found on disk are validated by structure (shapes, counts that agree, label
-ranges), not by checksum, so a user's own copy works. Missing files are downloaded
-from their official location, checked against the published MD5 and written
-atomically; when that is impossible the error names the files and where to put them.
+ranges), not by checksum, so a user's own copy works. Missing files are downloaded only when
+asked (``download_ok=True``; the commands' --download) from their official location, checked
+against the published MD5 and written atomically; otherwise the error names the files and the
+folder to put them in.
 
 ``load_dataset`` preprocesses them as the paper does (engine/preprocess.py: contrast
 normalization, then ZCA whitening on CIFAR) and caches the arrays on disk as .npy.
@@ -176,9 +177,11 @@ def _fetch_or_explain(candidates, what, data_dir, download_ok):
                 return download(url, dest, md5)
             except Exception as e:  # network down, 404, bad checksum: try the next, then explain
                 errors.append(f"{url}: {e}")
-    why = ("; ".join(errors)) if errors else "downloads disabled"
+    if not download_ok:
+        raise DatasetError(f"{what} not found in {data_dir}. Put the official files there (or pass --data-dir / "
+                           f"set {DATA_ENV}), or pass --download to fetch them from their official location")
     raise DatasetError(
-        f"{what} not found in {data_dir} and could not be downloaded ({why}). "
+        f"{what} not found in {data_dir} and could not be downloaded ({'; '.join(errors)}). "
         f"Put the official files there (or pass --data-dir / set {DATA_ENV}): {what}"
     )
 
@@ -258,7 +261,7 @@ def _cifar_batch(data, source, label_key, n_classes):
     return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
-def load_cifar(data_dir, which="cifar10", label_mode="fine", download_ok=True):
+def load_cifar(data_dir, which="cifar10", label_mode="fine", download_ok=False):
     """Raw CIFAR as uint8 (N, 3, 32, 32) images, int64 labels and class names.
 
     Returns dict(train_x, train_y, test_x, test_y, classes, source).
@@ -326,7 +329,7 @@ def _find_mnist_file(data_dir, name, md5, download_ok):
                              f"mnist/{name}[.gz]", data_dir, download_ok)
 
 
-def load_mnist(data_dir, download_ok=True):
+def load_mnist(data_dir, download_ok=False):
     """Raw MNIST: uint8 (N, 1, 28, 28) images, int64 labels."""
     data_dir = Path(data_dir)
     arrays = {}
@@ -369,7 +372,7 @@ def _save_atomic_npy(path, array):
     os.replace(tmp, path)
 
 
-def load_dataset(name, data_dir=None, cache_dir=None, label_mode="fine", download_ok=True, log=print,
+def load_dataset(name, data_dir=None, cache_dir=None, label_mode="fine", download_ok=False, log=print,
                  use_cache=True):
     """Preprocessed dataset: float32 NCHW train/test arrays, int64 labels, class names.
 

@@ -27,6 +27,10 @@ from .preprocess import global_contrast_normalize
 from .runtime import ops_for, to_numpy
 
 
+class AmbiguousFloatImages(ValueError):
+    """Float images whose every value lies in 0..1: 0..1 pixels, or nearly black 0..255 ones? float_max says."""
+
+
 class Model:
     """A loaded network with its preprocessing: predict() and classify(), thread-safe."""
 
@@ -94,8 +98,8 @@ class Model:
         is_float = x.dtype.kind == "f"
         x = x.transpose(0, 3, 1, 2).reshape(len(x), -1).astype(np.float32)
         if is_float and float_max is None and x.size and np.abs(x).max() <= 1.0:
-            raise ValueError("float images with every value in 0..1: pass float_max=1.0 if white is 1.0, "
-                             "or float_max=255.0 if they are 0..255 pixels (uint8 images need neither)")
+            raise AmbiguousFloatImages("float images with every value in 0..1: pass float_max=1.0 if white is "
+                                       "1.0, or float_max=255.0 if they are 0..255 pixels (uint8 images need neither)")
         if is_float and float_max is not None:
             if not 0 < float_max < np.inf:
                 raise ValueError(f"float_max must be a positive number (the value of white), got {float_max!r}")

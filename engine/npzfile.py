@@ -18,6 +18,7 @@ reader and the member's header against the entry, and returns the arrays as writ
 numpy's own loader sees the uint8 rows, never wrong values.
 """
 import json
+import re
 import math
 import os
 import tempfile
@@ -29,6 +30,7 @@ import numpy as np
 
 MAX_BYTES = 2 << 30        # all arrays of one file together
 MAX_META_BYTES = 16 << 20  # the JSON document (a string array of 4-byte characters)
+MAX_META_DEPTH = 64        # nesting of its arrays and objects (Python's decoder recurses per level)
 MAX_MEMBERS = 100_000
 SHUFFLED = "byte_shuffled"  # the JSON document's entry {member: [dtype, shape]} of a compressed file's shuffled members
 SHUFFLE_DTYPES = {f"<{k}{n}" for k in "fiu" for n in (2, 4, 8)}
@@ -117,6 +119,17 @@ def _kinds(kinds):
     return " or ".join(names[k] for k in kinds)
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(text):
+    """How deeply the arrays and objects of a JSON text nest (brackets inside strings do not count),
+    in one pass without recursion, so a hostile document is measured before a decoder descends into it."""
+    bare = np.frombuffer(_JSON_STRING.sub('""', text).encode("utf-8", "replace"), np.uint8)
+    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int64) - np.isin(bare, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
 class _Refused(Exception):
     """A member the format does not accept (a problem stated as is, not as corruption)."""
 
@@ -162,7 +175,10 @@ def load(path, what, error, members, max_bytes=MAX_BYTES):
             info = dict(zip(names, infos))
             if "meta" not in info:
                 raise _Refused(f"not a flatnet {what} (no 'meta')")
-            meta = json.loads(str(_member(z, info["meta"], "meta", Member((), "U"), MAX_META_BYTES)))
+            text = str(_member(z, info["meta"], "meta", Member((), "U"), MAX_META_BYTES))
+            if json_depth(text) > MAX_META_DEPTH:
+                raise _Refused(f"its JSON document nests deeper than {MAX_META_DEPTH} levels")
+            meta = json.loads(text)
             if not isinstance(meta, dict):
                 raise _Refused(f"not a flatnet {what}")
             table = meta.pop(SHUFFLED, {})

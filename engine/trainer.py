@@ -23,6 +23,16 @@ from .trainstep import make_step
 READ_EVERY = 20  # steps between reads of the running loss and count from a device (from the CPU: every step)
 
 
+def duration(seconds):
+    """A time a person reads at a glance: '2 h 3 min', '14 min', '40 s'."""
+    minutes = round(seconds / 60)
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -102,6 +112,8 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.perm = 0, 0, None
         self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
         self.history = []
+        self.epoch_walls = []  # wall seconds (training and evaluation) of each whole epoch this process ran
+        self.estimated = False  # the first whole-run estimate, from the first steps' rate, was given
         self.stop_requested, self.stop_signal = False, None
         self.dist = dist
         if dist is not None:  # same data, rank 0's weights, one gradient buffer (before the step takes its pointers)
@@ -207,12 +219,22 @@ class Trainer:
                 if handler is not None:  # None: a handler not installed from Python, which cannot be put back
                     signal.signal(signum, handler)
 
+    def seconds_left(self, steps_done=0, seconds_per_step=None):
+        """The run's remaining wall time: the median whole epoch this process ran times the epochs left,
+        or, before one has finished, `seconds_per_step` times the steps left (evaluation not counted)."""
+        epochs_left = self.cfg["epochs"] - self.epoch
+        if self.epoch_walls:
+            return epochs_left * float(np.median(self.epoch_walls))
+        steps = math.ceil(len(self.data["train_x"]) / self.cfg["batch_size"])
+        return (epochs_left * steps - steps_done) * (seconds_per_step or 0.0)
+
     def _run_epoch(self):
         x, y = self.data["train_x"], self.data["train_y"]
         bs, n = self.cfg["batch_size"], len(x)
         steps = math.ceil(n / bs)
         if self._stopping():
             return False
+        wall0, whole = time.perf_counter(), self.perm is None and self.step_in_epoch == 0
         if self.perm is None:  # a new epoch (a resumed one keeps its saved order)
             self.perm = self.data_rng.permutation(n)
             self.step_in_epoch = 0
@@ -253,6 +275,7 @@ class Trainer:
         check_finite = getattr(self.model, "check_finite", False)
         self.model.check_finite = False  # each batch is checked on the host, before it is copied
         last_note = time.perf_counter()
+        steps0, timed0 = self.step_in_epoch, None
         try:
             while self.step_in_epoch < steps:
                 if self._stopping():
@@ -275,11 +298,27 @@ class Trainer:
                                 self.cfg.get("dampening"))
                 self.step_in_epoch += 1
                 r["seconds"] += time.perf_counter() - t0
+                done = self.step_in_epoch - steps0
+                if done == 2:  # the first steps allocate and warm up: time from here
+                    timed0 = time.perf_counter()
+                per_step = (time.perf_counter() - timed0) / (done - 2) if timed0 and done > 2 else None
+                if not self.estimated and done == 12 and per_step:
+                    self.estimated = True
+                    left = self.seconds_left(self.step_in_epoch, per_step)
+                    message = (f"estimate: about {duration(left)} for the {self.cfg['epochs'] - self.epoch} "
+                               f"epoch(s) left (training at the first steps' rate; each evaluation adds to it)")
+                    if bar:
+                        with bar.external_write_mode():
+                            self.log(message)
+                    else:
+                        self.log(message)
                 if bar:
                     bar.update(1)
                     if not pending:
+                        left = self.seconds_left(self.step_in_epoch, per_step) if (per_step or self.epoch_walls) \
+                            else None
                         bar.set_postfix(loss=f"{r['loss'] / r['seen']:.3f}", acc=f"{r['correct'] / r['seen']:.3f}",
-                                        img_s=f"{rate():.0f}")
+                                        img_s=f"{rate():.0f}", **({"run_left": duration(left)} if left else {}))
                 elif not pending and time.perf_counter() - last_note > 60:  # no bar (--quiet, a log file): each minute
                     last_note = time.perf_counter()
                     self.log(f"  epoch {self.epoch + 1} step {self.step_in_epoch}/{steps}  loss {r['loss'] / r['seen']:.4f} "
@@ -299,13 +338,17 @@ class Trainer:
                       images_per_s=rate(), eval_seconds=time.perf_counter() - t0)
         self.history.append(record)
         self.epoch, self.step_in_epoch, self.perm = self.epoch + 1, 0, None
+        if whole:
+            self.epoch_walls.append(time.perf_counter() - wall0)
         self.save()
         self._write_log()
+        left = f"; about {duration(self.seconds_left())} left" if self.epoch < self.cfg["epochs"] and \
+            self.epoch_walls else ""
         self.log(f"epoch {record['epoch']:3d}  lr {lr:.4g}  train loss {record['train_loss']:.4f} "
                  f"acc {100 * record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
                  f"{record['seconds']:.0f}s ({record['images_per_s']:.0f} img/s), "
                  f"evaluation {record['eval_seconds']:.0f}s "
-                 f"({len(self.data['test_x']) / max(record['eval_seconds'], 1e-9):.0f} img/s)")
+                 f"({len(self.data['test_x']) / max(record['eval_seconds'], 1e-9):.0f} img/s){left}")
         if self.on_epoch:
             self.on_epoch(self)
         return True

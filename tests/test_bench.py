@@ -52,6 +52,7 @@ def test_flops_of_the_flattened_layer():
     assert f == 2 * macs
 
 
+@pytest.mark.slow
 def test_bench_latency_runs(capsys):
     bench.main(["latency", "--batch", "2", "--repeat", "1"])
     text = capsys.readouterr().out

@@ -198,7 +198,7 @@ def test_errors_are_one_line(mnist, tmp_path):
     line = one_error_line(evaluate(tmp_path / "cut.npz", "--dataset", "mnist", "--data-dir", data))
     assert "truncated or corrupt model file" in line
     line = one_error_line(evaluate(path, "--dataset", "mnist", "--data-dir", tmp_path / "nowhere", "--no-download"))
-    assert "not found in" in line and "downloads disabled" in line
+    assert "not found in" in line and "pass --download" in line
     unnamed = engine.save_model(tmp_path / "unnamed.npz", small_net((1, 28, 28), 10), (1, 28, 28),
                                 [str(i) for i in range(10)], dict(gcn=GCN))
     line = one_error_line(evaluate(unnamed, "--data-dir", data, "--no-download"))

@@ -122,7 +122,7 @@ def test_float_images_are_read_as_told(saved, tmp_path):
     np.save(tmp_path / "floats.npy", raw[:2] / 255.0)
     cli = [sys.executable, "-m", "engine.predict", str(path), str(tmp_path / "floats.npy")]
     r = subprocess.run(cli, capture_output=True, text=True)
-    assert r.returncode == 1 and "float_max" in r.stderr
+    assert r.returncode == 1 and "pass --float-max 1" in r.stderr and len(r.stderr.splitlines()) == 1
     r = subprocess.run(cli + ["--float-max", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert [line.split(": ")[1].split()[0] for line in r.stdout.splitlines()] == \

@@ -60,6 +60,7 @@ def test_a_failing_step_fails_the_check(monkeypatch, capsys):
     assert last.startswith("selftest FAIL (cpu") and last.endswith("CPU and device agree")
 
 
+@pytest.mark.slow
 def test_the_suite_with_the_emulation_as_cupy():
     """As on a machine where CuPy works: the emulation is `cupy` for a whole pytest run, so `auto`
     selects it (the benchmark's default then times it beside the CPU). The backend, benchmark and

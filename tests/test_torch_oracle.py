@@ -9,7 +9,7 @@ import pytest
 from engine import Conv2d, Flattened, Linear, MaxPool2d, SoftmaxCrossEntropy
 from models.paper import build
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="PyTorch is an optional oracle here: pip install torch (its CPU build)")
 F = torch.nn.functional
 
 

@@ -195,6 +195,7 @@ def test_sgd_matches_torch7_update_rule():
     assert lr_at(0, 0.1, [8]) == 0.1 and lr_at(7, 0.1, [8]) == 0.1 and lr_at(8, 0.1, [8]) == pytest.approx(0.01)
 
 
+@pytest.mark.slow
 def test_train_py_with_backend_cupy_on_the_emulation(tiny_mnist):
     """`train.py --backend cupy` end to end, with CuPy emulated on the CPU (tests/emulated_cupy.py):
     the run trains, and its checkpoint and model file are the same format the CPU reads."""

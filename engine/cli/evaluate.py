@@ -51,9 +51,10 @@ def parser():
     p.add_argument("--label-mode", choices=["fine", "coarse"], default=None,
                    help="CIFAR-100 only: 100 fine classes or 20 coarse superclasses (default: from the model's "
                         "number of classes)")
-    p.add_argument("--no-download", action="store_true",
-                   help="never download missing data set files (by default they are fetched from their "
-                        "official location and checked against the published MD5, as train.py does)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch missing data set files from their official location, checked against the published "
+                        "MD5 (without it a missing file is an error naming the folder and the files)")
+    p.add_argument("--no-download", action="store_true", help="never download (the default; kept for scripts)")
     p.add_argument("--limit", metavar="N", type=positive_int, default=None,
                    help="evaluate the first N test images only (default: all)")
     p.add_argument("--batch-size", metavar="N", type=positive_int, default=500,
@@ -114,8 +115,9 @@ def main(argv=None):
         fail(f"--label-mode is for cifar100, not {name}")
     data_dir = args.data_dir or default_data_dir()
     try:
-        raw = (load_mnist(data_dir, download_ok=not args.no_download) if name == "mnist"
-               else load_cifar(data_dir, name, label_mode, download_ok=not args.no_download))
+        download = args.download and not args.no_download
+        raw = (load_mnist(data_dir, download_ok=download) if name == "mnist"
+               else load_cifar(data_dir, name, label_mode, download_ok=download))
     except DatasetError as e:
         fail(f"{e}")
     x, y = raw["test_x"][:args.limit], raw["test_y"][:args.limit]

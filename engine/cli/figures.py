@@ -62,7 +62,7 @@ from .common import Parser, fail
 # Settings that do not change what a run trains (train.py's RUN_OPTIONS, the seed, the planned epochs and the
 # recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same
 # experiment, the seeds that one line of Figure 3 averages.
-NOT_THE_EXPERIMENT = ("seed", "epochs", "recipe", "data_dir", "cache_dir", "no_download", "eval_batch_size", "backend",
+NOT_THE_EXPERIMENT = ("seed", "epochs", "recipe", "data_dir", "cache_dir", "download", "no_download", "eval_batch_size", "backend",
                       "threads", "plot", "quiet", "step", "zca_storage", "compress_model")
 # Table 1 of the paper: the two flattened layers (C input channels, F filters, k x k) and their weights.
 TABLE1 = (("layer 2", 96, 128, 5, 307200, 30912), ("layer 3", 128, 256, 5, 819200, 102144))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..images import ImageError, read_image
+from ..model import AmbiguousFloatImages
 from .common import Parser, fail, load_model, say
 
 
@@ -48,6 +49,9 @@ def main(argv=None):
         names = args.inputs
     try:
         probs = model.predict(batch, preprocessed=preprocessed, float_max=args.float_max, flip=args.flip)
+    except AmbiguousFloatImages:
+        fail(f"{args.inputs[0]} holds float images with every value in 0..1: pass --float-max 1 if white is 1.0, "
+             f"or --float-max 255 if they are 0..255 pixels")
     except (ValueError, TypeError) as e:
         fail(f"{e}")
     k = max(1, min(args.top, len(model.classes)))

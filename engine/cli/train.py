@@ -36,8 +36,8 @@ RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum"
 NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test")  # None: Torch7's dampening; all the images
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
-RUN_OPTIONS = ("data_dir", "cache_dir", "no_download", "eval_batch_size", "backend", "threads", "plot", "quiet",
-               "step", "zca_storage", "compress_model")
+RUN_OPTIONS = ("data_dir", "cache_dir", "download", "no_download", "eval_batch_size", "backend", "threads", "plot",
+               "quiet", "step", "zca_storage", "compress_model")
 # How model.npz stores the ZCA matrix (engine.save_model): packed16, its upper triangle in float16, changed
 # no prediction of a 75% CIFAR-10 network on the 10,000 test images (docs/results.md, "Model files").
 DEFAULT_ZCA_STORAGE = "packed16"
@@ -120,7 +120,11 @@ def parser():
                    help="folder with the official dataset files (default: $FLATNET_DATA, else ~/.cache/flatnet/data)")
     g.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="folder for preprocessed arrays (default: $FLATNET_CACHE, else ~/.cache/flatnet/preprocessed)")
-    g.add_argument("--no-download", action="store_true", default=None, help="never download missing dataset files")
+    g.add_argument("--download", action="store_true", default=None,
+                   help="fetch missing data set files from their official location into --data-dir, checked against "
+                        "the published MD5 (without it a missing file is an error naming the folder and the files)")
+    g.add_argument("--no-download", action="store_true", default=None,
+                   help="never download (the default; kept for scripts that pass it)")
     g.add_argument("--flatten-first", action="store_true", help="flattened model: flatten layer 1 as well")
     g.add_argument("--stages", metavar="N", type=positive_int, default=2, help="V-H-L stages per flattened layer")
     g.add_argument("--init", choices=INITS, default=None,
@@ -376,8 +380,8 @@ def run(args, dist=None):
     def load():
         try:
             return load_dataset(args.dataset, args.data_dir, args.cache_dir, label_mode=args.label_mode,
-                                download_ok=not args.no_download and not (remembered_data
-                                                                          and Path(args.data_dir).is_dir()))
+                                download_ok=bool(args.download) and not args.no_download
+                                and not (remembered_data and Path(args.data_dir).is_dir()))
         except DatasetError as e:
             sys.exit(f"error: {e}")
     data = load() if dist is None else dist.in_turn(load)  # one rank after another fills a shared cache
@@ -392,6 +396,12 @@ def run(args, dist=None):
         line, warnings = dist.startup(engine.get_num_threads())
         print("\n".join([line, *warnings]))
 
+    late = [e for e in args.lr_drop_epochs if e >= args.epochs]
+    if late and is_root:  # e.g. --resume --epochs N that cuts a run short of its drops
+        never = "the rate stays at --lr for the whole run" if len(late) == len(args.lr_drop_epochs) else \
+            "they never happen"
+        print(f"warning: the learning-rate drop(s) after epoch(s) {', '.join(map(str, late))} fall at or after the "
+              f"last epoch ({args.epochs}): {never} (see --lr-drop-epochs)", file=sys.stderr)
     config = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                   dampening=args.dampening,
                   weight_decay=args.weight_decay, lr_drop_epochs=args.lr_drop_epochs,
