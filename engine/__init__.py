@@ -4,6 +4,7 @@ Layers (NCHW float32): Conv2d, Lateral, Vertical, Horizontal, Flattened, MaxPool
 ReLU, Dropout, Linear, Flatten, Sequential; loss: SoftmaxCrossEntropy.
 Threads: openmp_enabled(), get_num_threads(), set_num_threads(n).
 Trained models: engine.load(path) -> Model with predict() / classify().
+Pretrained models by name: engine.pretrained("flattened-cifar10") (names: engine.PRETRAINED).
 """
 import os
 
@@ -19,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from .catalog import PRETRAINED, pretrained, pretrained_path
 from .layers import (Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Layer, Linear, MaxPool2d, ReLU,
                       Sequential, Vertical, conv1d_padding)
 from .losses import SoftmaxCrossEntropy, softmax
@@ -32,5 +34,5 @@ __all__ = [
     "Conv2d", "Dropout", "Flatten", "Flattened", "Horizontal", "Lateral", "Layer", "Linear",
     "MaxPool2d", "ReLU", "Sequential", "Vertical", "conv1d_padding", "SoftmaxCrossEntropy", "softmax",
     "get_num_threads", "set_num_threads", "openmp_enabled", "kernels_path",
-    "Model", "ModelFileError", "load", "save_model",
+    "Model", "ModelFileError", "load", "save_model", "PRETRAINED", "pretrained", "pretrained_path",
 ]

@@ -107,3 +107,33 @@ def load_checkpoint(path, shapes=None, n_train=None):
     if perm is None and meta["step_in_epoch"]:
         raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch without its batch order")
     return params, velocity, meta, perm
+
+
+class _Peeked(Exception):
+    pass
+
+
+def is_checkpoint(path):
+    """True when `path` is an .npz whose JSON document is a checkpoint's (only that document is read)."""
+    found = []
+
+    def members(meta, names):
+        found.append(isinstance(meta, dict) and meta.get("version") == CHECKPOINT_VERSION
+                     and all(k in meta for k in ("epoch", "settings", "config")))
+        raise _Peeked
+
+    try:
+        npzfile.load(path, "checkpoint", CheckpointError, members)
+    except (CheckpointError, OSError):
+        pass
+    return bool(found and found[0])
+
+
+def checkpoint_weights(path):
+    """(params, meta) of the checkpoint at `path`: the weights a model made from it runs with, and its JSON document.
+
+    The one place that chooses them: an averaged copy of the weights where a checkpoint holds one (train.py
+    writes none), else the parameters the optimizer reached. Raises CheckpointError naming the file.
+    """
+    params, _, meta, _ = load_checkpoint(path)
+    return params, meta

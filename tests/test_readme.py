@@ -1,11 +1,11 @@
 """The README's examples work as pasted, from the repository root, on the files the repository ships.
 
 Its Python blocks run (and print what their comments say they print); every `python -m engine.predict`,
-`engine.evaluate`, `engine.export`, `engine.filters` and `python examples/...` line of its bash blocks
+`engine.evaluate`, `engine.export`, `engine.filters`, `engine.makemodel` and `python examples/...` line of its bash blocks
 runs and exits 0 (the evaluations of the real test sets skip when ../shared/data is missing); its
 train.py commands parse. The commands run in a copy of the repository root made of links to the
 shipped files, plus the model file that the README's first run writes (an untrained network written
-here), so that nothing is written into the checkout.
+here) and a checkpoint (of one epoch on a tiny MNIST), so that nothing is written into the checkout.
 """
 import csv
 import importlib.util
@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 
 import engine
+from formats import write_mnist
 from models.paper import build
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SHARED_DATA = ROOT.parent / "shared" / "data"
 ACCURACY = json.loads((ROOT / "pretrained" / "accuracy.json").read_text())
-RUN_COMMANDS = ("engine.predict", "engine.evaluate", "engine.export", "engine.filters")
+RUN_COMMANDS = ("engine.predict", "engine.evaluate", "engine.export", "engine.filters", "engine.makemodel")
 # what each shipped sample shows, as a class name of the models it is for
 SAMPLE_CLASSES = {"ship.png": "ship", "airplane.png": "airplane", "car.png": "automobile",
                   **{f"digit-{i}.png": str(i) for i in range(10)}}
@@ -63,6 +64,14 @@ def repo(tmp_path_factory):
         (top / "shared" / "data").symlink_to(SHARED_DATA)
     # the first run's model file: `train.py --model flattened --dataset mnist ... --out runs/first`
     (repo / "runs" / "first").mkdir(parents=True)
+    # and its checkpoint: of one epoch on a tiny MNIST written here, which the checkpoint names as its data
+    write_mnist(top / "tiny", np.random.default_rng(0), n_train=64, n_test=16, learnable=True)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "flattened", "--dataset", "mnist",
+                        "--data-dir", str(top / "tiny"), "--cache-dir", str(top / "cache"), "--epochs", "1",
+                        "--batch-size", "32", "--quiet", "--no-plot", "--out", str(top / "first")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (top / "first" / "checkpoint.npz").rename(repo / "runs" / "first" / "checkpoint.npz")
     engine.save_model(repo / "runs" / "first" / "model.npz", build("flattened", (1, 28, 28), 10, seed=0),
                       (1, 28, 28), [str(i) for i in range(10)], dict(gcn=dict(scale=1.0, sqrt_bias=10.0, use_std=True)))
     return repo
@@ -124,7 +133,9 @@ def test_command_runs_as_pasted(words, repo):
     r = subprocess.run([sys.executable] + words[1:], cwd=repo, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, f"{shlex.join(words)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
-    model = next((w for w in words if w.endswith(".npz")), "")
+    model = next((w for w in words if w.endswith(".npz") or w in engine.PRETRAINED), "")
+    if model in engine.PRETRAINED:  # a pretrained model by name: its file's checks
+        model = f"pretrained/{model}.npz"
     if words[2:3] == ["engine.predict"] and model.startswith("pretrained/"):
         checked = list(expected_classes(words, r.stdout))
         assert checked, r.stdout

@@ -1,9 +1,12 @@
-"""What every command shares: one-line errors and notes, loading a model file, checking an output path."""
+"""What every command shares: one-line errors and notes, loading a model (a file, a name or a checkpoint), checking
+an output path."""
 import argparse
 import sys
+from pathlib import Path
 
+from ..catalog import PRETRAINED, pretrained
+from ..checkpoint import is_checkpoint
 from ..model import load
-from ..modelfile import ModelFileError
 from ..npzfile import check_writable_file
 
 
@@ -24,11 +27,29 @@ def say(line):
     print(line, file=sys.stderr)
 
 
-def load_model(path):
-    """The model file at `path` (engine.Model), or exit with a one-line error saying why it cannot be read."""
+MODEL_HELP = ("a model file (train.py's OUT/model.npz), a pretrained model's name (" + ", ".join(PRETRAINED) +
+              ") or a training checkpoint (OUT/checkpoint.npz: its data set gives the preprocessing)")
+
+
+def load_model(spec, data_dir=None, cache_dir=None):
+    """The model `spec` names (engine.Model), or exit with a one-line error saying why it cannot be read.
+
+    `spec`: a model file; a pretrained model's name (engine.PRETRAINED), unless a file of that name
+    exists; or a training checkpoint, whose model is built in memory (cli/checkpoints.py) with the
+    preprocessing of its data set, read from `data_dir` and `cache_dir` (default: the run's folders).
+    """
     try:
-        return load(path)
-    except (FileNotFoundError, ModelFileError) as e:
+        if spec in PRETRAINED and not Path(spec).exists():
+            return pretrained(spec)
+        if not is_checkpoint(spec):
+            return load(spec)
+        from ..data import DatasetError  # (loaded for checkpoints only, as the paper's networks are)
+        from .checkpoints import checkpoint_model
+        try:
+            return checkpoint_model(spec, data_dir, cache_dir, log=say)
+        except DatasetError as e:
+            fail(f"{spec}: a checkpoint's model takes its preprocessing from its data set: {e}")
+    except (OSError, ValueError) as e:  # FileNotFoundError, PretrainedNotFound, ModelFileError, CheckpointError
         fail(e)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from ..augment import mirror, parse_spec
 from ..data import DatasetError, default_data_dir, load_cifar, load_mnist
 from ..losses import softmax
-from .common import Parser, fail, load_model
+from .common import MODEL_HELP, Parser, fail, load_model
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 
@@ -41,7 +41,7 @@ def positive_int(s):
 def parser():
     p = Parser(prog="python -m engine.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model file written by train.py (OUT/model.npz) or engine.save_model")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="the data set whose test set to use (default: the one train.py recorded in the model "
                         "file; required when it recorded none)")
@@ -107,8 +107,8 @@ def _dataset_name(args, model):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    model = load_model(args.model)
-    other = load_model(args.compare) if args.compare else None
+    model = load_model(args.model, data_dir=args.data_dir)
+    other = load_model(args.compare, data_dir=args.data_dir) if args.compare else None
     name = _dataset_name(args, model)
     label_mode = args.label_mode or ("coarse" if len(model.classes) == 20 else "fine")
     if args.label_mode and name != "cifar100":

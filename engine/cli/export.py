@@ -7,13 +7,13 @@ import argparse
 import sys
 
 from ..onnx_export import to_onnx
-from .common import Parser, fail, load_model, needs, writable_file
+from .common import MODEL_HELP, Parser, fail, load_model, needs, writable_file
 
 
 def main(argv=None):
     p = Parser(prog="python -m engine.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model file written by train.py (model.npz)")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("out", help="ONNX file to write")
     args = p.parse_args(argv)
     writable_file(args.out)

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.recipes import RECIPES, complete_settings, recipe, setting_text
+from engine.models.recipes import RECIPES, complete_settings, recipe, setting_text
 
 from ..checkpoint import CHECKPOINT_FILE
 from ..npzfile import check_writable_folder

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..filterbank import reconstruct
 from ..layers import Flattened
-from .common import Parser, fail, load_model, needs, writable_file
+from .common import MODEL_HELP, Parser, fail, load_model, needs, writable_file
 
 
 def draw(filters, path, title=""):
@@ -42,7 +42,7 @@ def draw(filters, path, title=""):
 def main(argv=None):
     p = Parser(prog="python -m engine.filters", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model file written by train.py")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", default="filters.png", help="PNG to write")
     p.add_argument("--layer", default=None, help="name of the flattened layer (default: the first one)")
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@
     python -m engine.predict MODEL.npz batch.npy --top 3      # a .npy batch: uint8 NHWC, or float NCHW preprocessed
     python -m engine.predict MODEL.npz floats.npy --float-max 1   # float NHWC pixels where white is 1.0
     python -m engine.predict MODEL.npz cat.png --flip         # probabilities averaged with the mirror image's
+    python -m engine.predict flattened-mnist digit.png        # a pretrained model by name (or a checkpoint.npz)
 
 Prints the top-k classes with their probabilities for each image. An image file of another
 size or colour mode than the model's input is converted, with a note on stderr saying so.
@@ -16,13 +17,13 @@ import numpy as np
 
 from ..images import ImageError, read_image
 from ..model import AmbiguousFloatImages
-from .common import Parser, fail, load_model, say
+from .common import MODEL_HELP, Parser, fail, load_model, say
 
 
 def main(argv=None):
     p = Parser(prog="python -m engine.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model file written by train.py (model.npz)")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", help="PNG/JPEG files, or one .npy batch")
     p.add_argument("--top", type=int, default=3, help="how many classes to print per image")
     p.add_argument("--float-max", type=float, default=None,

@@ -103,7 +103,7 @@ def run_tests(backend):
 
 def compare_with_cpu(backend):
     """The same models give the same predictions, and Dropout the same masks, on the CPU and on `backend`."""
-    from models.paper import build
+    from engine.models.paper import build
 
     from ..layers import Dropout
     from ..runtime import ops_for, to_numpy

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.recipes import DEFAULT_RECIPE, RECIPES, complete_settings, describe, help_text, recipe, setting_text
+from engine.models.recipes import DEFAULT_RECIPE, RECIPES, complete_settings, describe, help_text, recipe, setting_text
 
 from .common import Parser
 
@@ -291,7 +291,7 @@ def run(args, dist=None):
     from engine.npzfile import check_writable_folder
     from engine.runtime.select import BackendUnavailable, select_backend
     from engine.trainer import Trainer, TrainingDiverged
-    from models.paper import build, format_summary
+    from engine.models.paper import build, format_summary
 
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     ckpt = out / CHECKPOINT_FILE

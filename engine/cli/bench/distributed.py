@@ -24,7 +24,7 @@ def bench_distributed(args):
 
 def _bench_distributed(args, dist):
     from engine.trainstep import make_step
-    from models.paper import build
+    from engine.models.paper import build
     n, threads, batch = dist.size, args.threads, args.batch
     if batch % n:
         fail(f"--batch {batch} is not a multiple of the {n} ranks")

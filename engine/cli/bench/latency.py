@@ -19,7 +19,7 @@ def bench_latency(args):
     import tempfile
 
     from engine import load, save_model
-    from models.paper import build
+    from engine.models.paper import build
     engine.set_num_threads(args.threads)
     print_environment(environment(args.threads))
     rng = np.random.default_rng(0)

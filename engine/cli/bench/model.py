@@ -26,7 +26,7 @@ def bench_model(args):
     from engine.losses import SoftmaxCrossEntropy
     from engine.optim import sgd_momentum
     from engine.trainstep import CompiledStep
-    from models.paper import build
+    from engine.models.paper import build
     backends = backends_to_time(args.backend)
     engine.set_num_threads(args.threads)
     print_environment(environment(args.threads))
@@ -98,7 +98,7 @@ def bench_threads(args):
     engine.runtime.threads.run_threads), in --rounds alternating rounds (medians over the rounds)."""
     from engine.plan import compile_network
     from engine.trainstep import CompiledStep
-    from models.paper import build
+    from engine.models.paper import build
     print_environment(environment(args.threads))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
@@ -155,7 +155,7 @@ def torch_model_cases(args, shape, n_classes):
         return []
     torch.set_num_threads(args.threads)
     nn = torch.nn
-    from models.paper import build
+    from engine.models.paper import build
     ref = build(args.model, shape, n_classes)
     mods = []
     for name, layer in ref.children:
