@@ -53,7 +53,10 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
 - Failure: ``guard`` and the installed ``sys.excepthook`` turn an exception or a non-zero
   exit of any rank into ``MPI_Abort`` after printing that rank's message, so the launcher
   stops every rank within seconds instead of leaving them waiting in a collective. A killed
-  rank is detected by the launcher itself. Checkpoints are written through a temporary
+  rank is detected by the launcher itself, and so is a host that drops off the network, by
+  its daemon's TCP keepalive (Open MPI: mpirun --mca oob_tcp_keepalive_time 5 --mca
+  oob_tcp_keepalive_intvl 2 --mca oob_tcp_keepalive_probes 3 ends the job in about 10 s, naming
+  the host; the defaults take 8 minutes). Checkpoints are written through a temporary
   file and a rename, so the last one stays intact.
 - Threads: --threads is per rank; by default a rank takes its host's cores divided by the
   ranks on that host.

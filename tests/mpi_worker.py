@@ -2,6 +2,7 @@
 
     mpirun -np 2 python tests/mpi_worker.py OUT [--epochs N] [--no-dropout] [--resume] [--fail raise|kill|nan]
                                                 [--signal-at EPOCH,STEP] [--send RANK,SIGNAL,EPOCH,STEP ...]
+                                                [--pause SECONDS]
     python tests/mpi_worker.py OUT --plain ...       # the same run in one process, without MPI
 
 Every rank writes into OUT/rank<r> (so a test sees which ranks wrote anything); with --plain,
@@ -11,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,6 +52,8 @@ def main(args, dist):
                      step=args.step, dist=dist, n_train=args.n_train, augment=args.augment)
 
     def fail(t):
+        if args.pause:  # a slower step, for tests that act on a job while it runs (tests/multihost.py)
+            time.sleep(args.pause)
         if rank == 0 and args.signal_at and [t.epoch, t.step_in_epoch] == args.signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)  # this rank only: the others learn it at the next reduction
         for to, signum, epoch, step in args.send:
@@ -91,6 +95,7 @@ if __name__ == "__main__":
     p.add_argument("--augment", default="none", help="engine.augment spec")
     p.add_argument("--record-inputs", action="store_true", help="write the images of each step to OUT/rankR/inputs.npz")
     p.add_argument("--fail", choices=["raise", "kill", "nan"], default=None)
+    p.add_argument("--pause", type=float, default=0.0, help="seconds every rank sleeps after each step")
     p.add_argument("--plain", action="store_true", help="one process, no MPI")
     p.add_argument("--signal-at", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="EPOCH,STEP (0-based epoch): rank 0 sends itself SIGUSR1 after that step")

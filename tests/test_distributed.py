@@ -10,16 +10,22 @@ off (p = 0), the weights, momentum buffers and training losses after every step,
 summation-order tolerance (each rank sums its shard's gradients, the shards' sums are then
 added). With dropout on, the ranks draw their own masks, so only the test accuracy after a few
 epochs agrees, within the noise of 64 test images. A 1-rank MPI run equals a plain run exactly.
+
+The last section runs jobs across hosts: network namespaces joined over TCP (tests/multihost.py),
+one rank per host, as root; they skip with the reason where namespaces cannot be made.
 """
 import importlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import multihost
 import numpy as np
 import pytest
 from formats import write_mnist
@@ -175,8 +181,14 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(mpi, tmp_path):
     assert not any((tmp_path / "two" / "rank1").iterdir())  # only rank 0 wrote files
     r = plain_worker(tmp_path / "one", "--epochs", "2", "--no-dropout", "--n-train", "67")
     assert r.returncode == 0, r.stderr
-    (p2, v2, m2, _), (p1, v1, m1, _) = ckpt(tmp_path / "two"), ckpt(tmp_path / "one")
-    assert m2["ranks"]["count"] == 2 and "ranks" not in m1
+    assert_like_one_process(ckpt(tmp_path / "two"), ckpt(tmp_path / "one"), 2)
+
+
+def assert_like_one_process(ranks, one, n):
+    """The checkpoints of n ranks and of one process (dropout off, same global batch) agree to float32
+    summation-order tolerance: weights, momentum, and each epoch's losses and accuracies."""
+    (p2, v2, m2, _), (p1, v1, m1, _) = ranks, one
+    assert m2["ranks"]["count"] == n and "ranks" not in m1
     init = build("flattened", (1, 28, 28), 10, seed=1).params
     for name in p1:
         scale = float(np.abs(p1[name]).max())
@@ -186,6 +198,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(mpi, tmp_path):
         assert moved > 100 * err, f"{name}: training moved the weights by only {moved:.2e}"
         np.testing.assert_allclose(v2[name], v1[name], rtol=1e-3, atol=1e-4 * float(np.abs(v1[name]).max()),
                                    err_msg=name)
+    assert len(m2["history"]) == len(m1["history"]) > 0
     for h2, h1 in zip(m2["history"], m1["history"]):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
         assert h2["train_acc"] == h1["train_acc"] and abs(h2["test_acc"] - h1["test_acc"]) <= 1 / 32
@@ -349,3 +362,158 @@ def test_bench_distributed_runs(mpi):
     assert "allreduce of the gradients:" in r.stdout and "MiB in" in r.stdout
     assert "2 rank(s) x 1 thread(s)" in r.stdout and "1 rank x 2 thread(s)" in r.stdout
     assert r.stdout.count("# environment") == 1  # rank 0 alone reports
+
+
+# ----------------------------------------------------------------------------- across hosts
+# Hosts are network namespaces on one machine joined by a bridge (tests/multihost.py): one rank per
+# host, TCP only (no shared memory), each host with its own disk (a tmpfs) at the same path, the
+# daemons started by mpirun through an agent in place of ssh. Needs root and iproute2.
+
+@pytest.fixture(scope="module")
+def netns(mpi):
+    why = multihost.problem()
+    if why:
+        pytest.skip(f"hosts as network namespaces: {why}")
+
+
+@pytest.fixture
+def hosts(netns, tmp_path):
+    """hosts(n, rate=None): a Cluster of n hosts, closed after the test whatever its outcome; the test
+    then fails if a namespace, link or process of it is left behind."""
+    made = []
+
+    def make(n, rate=None):
+        made.append(multihost.Cluster(n, rate, workdir=tmp_path))
+        return made[-1]
+    yield make
+    for c in made:
+        c.close()
+    listed = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], check=False, capture_output=True, text=True).stdout
+    for c in made:
+        assert not any(name in listed for name in c.names), listed
+        assert c.bridge not in links and not any(f"{link}@" in links or f"{link}:" in links for link in c.links)
+
+
+def host_worker(c, out, *args, hosts=None, wait=True):
+    return c.mpirun([sys.executable, WORKER, out, *args], hosts=hosts, env={"PYTHONPATH": str(ROOT)},
+                    timeout=TIMEOUT, wait=wait)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_hosts_learn_like_one_process_over_tcp(hosts, tmp_path, n):
+    """n hosts, one rank each, reducing over TCP at 1 Gbit/s: dropout off, 2 epochs of 67 images (the
+    last batch of 3 split 1 + 2, or 0 + 1 + 1 + 1), equal to one process to float32 tolerance. The
+    ranks run on their own hosts, and only the first host's disk holds files."""
+    c = hosts(n, rate="1gbit")
+    r = host_worker(c, c.shared_disk / "w", "--epochs", "2", "--no-dropout", "--n-train", "67")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("epoch   2") == 1 and f"rank {n - 1} of {n}: done" in r.stdout, r.stdout
+    assert (c.disk(0) / "w" / "rank0" / "checkpoint.npz").is_file()
+    for i in range(1, n):
+        assert not any((c.disk(i) / "w" / f"rank{i}").iterdir())  # created by the worker, left empty
+        assert not (c.disk(0) / "w" / f"rank{i}").exists()  # each rank on its own host
+    r = plain_worker(tmp_path / "one", "--epochs", "2", "--no-dropout", "--n-train", "67")
+    assert r.returncode == 0, r.stderr
+    assert_like_one_process(ckpt(c.disk(0) / "w"), ckpt(tmp_path / "one"), n)
+
+
+def write_host_data(c, hosts, seed=0):
+    for i in hosts:
+        write_mnist(c.disk(i) / "data", np.random.default_rng(seed), n_train=256, n_test=64, learnable=True)
+
+
+def test_train_py_across_hosts_writes_on_the_first_hosts_disk_and_resumes_on_other_host_counts(hosts):
+    """train.py on 2 hosts, the same command on each, --data-dir, --cache-dir and --out on each host's own
+    disk (a different file system per host): only the first host's disk gets the run; the checkpoint
+    resumes on 4 hosts, then on 1, and the run learns."""
+    c = hosts(4)
+    write_host_data(c, range(4))
+    d = c.shared_disk
+    common = [*COMMON, "--data-dir", d / "data", "--cache-dir", d / "cache", "--out", d / "run"]
+    train = [sys.executable, ROOT / "train.py"]
+    r = c.mpirun([*train, *common, "--epochs", "2"], hosts=2, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"2 ranks on 2 hosts ({c.names[0]} x1, {c.names[1]} x1)" in r.stdout, r.stdout
+    assert r.stdout.count("epoch   2") == 1
+    assert {p.name for p in (c.disk(0) / "run").iterdir()} == {"checkpoint.npz", "log.jsonl", "model.npz",
+                                                              "settings.json"}
+    assert not (c.disk(1) / "run").exists() and (c.disk(1) / "cache").is_dir()  # host 1 read its own data
+    r = c.mpirun([*train, "--resume", "--epochs", "3", "--out", d / "run", "--quiet"], hosts=4, timeout=TIMEOUT)
+    assert r.returncode == 0 and "4 ranks on 4 hosts" in r.stdout, r.stdout + r.stderr
+    assert load_checkpoint(c.disk(0) / "run" / "checkpoint.npz")[2]["ranks"]["count"] == 4
+    r = c.mpirun([*train, "--resume", "--epochs", "4", "--out", d / "run", "--quiet"], hosts=1, timeout=TIMEOUT)
+    assert r.returncode == 0 and "1 rank on 1 host" in r.stdout, r.stdout + r.stderr
+    assert not any((c.disk(i) / "run").exists() for i in (1, 2, 3))
+    log = [json.loads(line) for line in (c.disk(0) / "run" / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in log] == [1, 2, 3, 4]
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.5 and log[-1]["test_acc"] > 0.6, log
+
+
+@pytest.mark.parametrize("case", ["different", "missing"])
+def test_a_host_with_other_data_or_none_is_refused_at_start(hosts, case):
+    """The same command on 2 hosts, the data on each host's own disk: host 1 holds another MNIST (the
+    fingerprints differ), or no data at all. The job stops at start naming host 1, nothing trained."""
+    c = hosts(2)
+    write_host_data(c, [0])
+    if case == "different":
+        write_host_data(c, [1], seed=1)
+    d = c.shared_disk
+    t0 = time.monotonic()
+    r = c.mpirun([sys.executable, ROOT / "train.py", *COMMON, "--epochs", "1", "--no-download", "--data-dir",
+                  d / "data", "--cache-dir", d / "cache", "--out", d / "run"], timeout=TIMEOUT)
+    assert r.returncode != 0 and time.monotonic() - t0 < 60
+    if case == "different":
+        assert f"rank 1 on {c.names[1]} holds different data from rank 0 on {c.names[0]}" in r.stderr, r.stderr
+    else:
+        assert f"rank 1 of 2 ({c.names[1]}): error:" in r.stderr and "mnist" in r.stderr, r.stderr
+    assert not (c.disk(0) / "run" / "checkpoint.npz").exists() and "epoch   1" not in r.stdout
+
+
+@pytest.mark.parametrize("how", ["cut", "kill"])
+def test_a_host_lost_mid_run_ends_the_job_naming_it_and_the_checkpoint_resumes(hosts, how):
+    """2 hosts training (a pause after each step keeps the job running); once the first checkpoints are
+    written, host 1's link goes down (its packets are dropped, nothing tells TCP) or its rank is
+    killed. The whole job ends within 60 s, non-zero, with a line naming host 1 (mpirun's: the
+    daemons' TCP keepalive of tests/multihost.py notices a cut link in about 10 s), host 1 runs
+    nothing of it afterwards, and the checkpoint is whole and resumes on both hosts once the link is back."""
+    c = hosts(2)
+    out = c.shared_disk / "w"
+    saved = c.disk(0) / "w" / "rank0" / "checkpoint.npz"
+    p = host_worker(c, out, "--epochs", "300", "--pause", "0.05", wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and p.poll() is None and \
+                not (saved.exists() and load_checkpoint(saved)[2]["epoch"] >= 2):
+            time.sleep(0.1)
+        assert p.poll() is None, p.communicate()
+        if how == "cut":
+            c.cut(1)
+        else:
+            ranks = [pid for pid in c.pids(1) if "mpi_worker" in Path(f"/proc/{pid}/cmdline").read_text()]
+            assert len(ranks) == 1, ranks
+            os.kill(ranks[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        _, stderr = p.communicate(timeout=90)
+        seconds = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert p.returncode != 0 and seconds < 60, (p.returncode, seconds, stderr)
+    for _ in range(300):  # the lost host's daemon and rank end too (they lost mpirun)
+        if not c.pids(1):
+            break
+        time.sleep(0.1)
+    assert not c.pids(1), [Path(f"/proc/{pid}/cmdline").read_text() for pid in c.pids(1)]
+    if how == "cut":
+        assert re.search(rf"Remote daemon: .* on node {c.names[1]}$", stderr, re.MULTILINE), stderr
+    else:
+        assert re.search(rf"rank 1 with PID \d+ on node {c.names[1]} exited on signal 9", stderr), stderr
+    meta = load_checkpoint(saved)[2]
+    assert 2 <= meta["epoch"] < 300 and meta["step_in_epoch"] == 0, meta["epoch"]
+    if how == "cut":
+        c.restore(1)
+    r = host_worker(c, out, "--epochs", meta["epoch"] + 1, "--pause", "0.05", "--resume")
+    assert r.returncode == 0 and "rank 0 of 2: done" in r.stdout, r.stdout + r.stderr
+    assert load_checkpoint(saved)[2]["epoch"] == meta["epoch"] + 1
