@@ -2,7 +2,8 @@
 
 Layers (NCHW float32): Conv2d, Lateral, Vertical, Horizontal, Flattened, MaxPool2d,
 ReLU, Dropout, Linear, Flatten, Sequential; loss: SoftmaxCrossEntropy.
-Threads: openmp_enabled(), get_num_threads(), set_num_threads(n).
+Threads: openmp_enabled(), get_num_threads(), set_num_threads(n). CPU target of the compiled
+kernels: cpu_target() ('baseline', 'avx2' or 'avx512'; FLATNET_CPU_TARGET forces a lower one).
 Trained models: engine.load(path) -> Model with predict() / classify().
 Pretrained models by name: engine.pretrained("flattened-cifar10") (names: engine.PRETRAINED).
 """
@@ -20,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from ._kernels import cpu_target
 from .catalog import PRETRAINED, pretrained, pretrained_path
 from .layers import (Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Layer, Linear, MaxPool2d, ReLU,
                       Sequential, Vertical, conv1d_padding)
@@ -33,6 +35,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Conv2d", "Dropout", "Flatten", "Flattened", "Horizontal", "Lateral", "Layer", "Linear",
     "MaxPool2d", "ReLU", "Sequential", "Vertical", "conv1d_padding", "SoftmaxCrossEntropy", "softmax",
-    "get_num_threads", "set_num_threads", "openmp_enabled", "kernels_path",
+    "get_num_threads", "set_num_threads", "openmp_enabled", "kernels_path", "cpu_target",
     "Model", "ModelFileError", "load", "save_model", "PRETRAINED", "pretrained", "pretrained_path",
 ]

@@ -41,8 +41,8 @@ def describe(backend):
     import engine
     device = f"CPU, {engine.get_num_threads()} threads"
     lines = [f"python {sys.version.split()[0]}, numpy {np.__version__}, flatnet {engine.__version__}",
-             f"CPU kernels {engine.kernels_path()} (OpenMP {'on' if engine.openmp_enabled() else 'off'}, "
-             f"{engine.get_num_threads()} threads)"]
+             f"CPU kernels {engine.kernels_path()} (CPU target {engine.cpu_target()}, "
+             f"OpenMP {'on' if engine.openmp_enabled() else 'off'}, {engine.get_num_threads()} threads)"]
     if backend == "cupy":
         import cupy
         rt = cupy.cuda.runtime

@@ -116,5 +116,5 @@ def threads_for(n_elements):
 
 
 def kernels_path():
-    """File of the compiled kernel module actually imported (CI checks it is a built extension)."""
-    return os.path.abspath(_kernels.__file__)
+    """File of the compiled kernel extension actually used, the CPU target's (CI checks it is a built extension)."""
+    return os.path.abspath(_kernels.module.__file__)

@@ -76,10 +76,11 @@ def print_per_layer(rows, title):
 
 
 def environment(threads):
-    """What the numbers depend on: threads, BLAS (threadpoolctl), allocator settings, CPU."""
+    """What the numbers depend on: threads, the kernels' CPU target, BLAS (threadpoolctl), allocator settings, CPU."""
     info = dict(python=platform.python_version(), numpy=np.__version__, kernel_threads=threads,
-                openmp=engine.openmp_enabled(), machine=platform.machine(), cpus=os.cpu_count())
-    for var in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE",
+                openmp=engine.openmp_enabled(), cpu_target=engine.cpu_target(), machine=platform.machine(),
+                cpus=os.cpu_count())
+    for var in ("FLATNET_CPU_TARGET", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE",
                 "OPENBLAS_L2_SIZE", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         info[var] = os.environ.get(var, "(unset)")
     try:

@@ -1,7 +1,12 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""Compiled kernels of the engine: 1D convolutions, im2col/col2im, pooling, ReLU, dropout, GEMM, and the
-bindings of the compiled inference plan and training step (_infer.h, _train.h). One file per family
-in engine/kernels/, included below.
+# The shared source of the compiled kernels: 1D convolutions, im2col/col2im, pooling, ReLU, dropout,
+# GEMM, and the bindings of the compiled inference plan and training step (_infer.h, _train.h). One
+# file per family in engine/kernels/, included below.
+#
+# setup.py compiles this source once per CPU target (baseline, avx2, avx512) into the extensions
+# engine._kernels_<target>, each from a generated .pyx that only includes this file; engine/_kernels.py
+# picks one at import. The directives (language_level=3, boundscheck=False, wraparound=False,
+# initializedcheck=False, cdivision=True) are setup.py's.
+"""
 
 Conventions
 -----------
@@ -58,11 +63,12 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 
 # One file per kernel family (engine/kernels/); they compile into this one extension.
-include "kernels/threads.pxi"
-include "kernels/conv1d.pxi"
-include "kernels/im2col.pxi"
-include "kernels/pool.pxi"
-include "kernels/elementwise.pxi"
-include "kernels/blas.pxi"
-include "kernels/infer.pxi"
-include "kernels/train.pxi"
+include "threads.pxi"
+include "cpu.pxi"
+include "conv1d.pxi"
+include "im2col.pxi"
+include "pool.pxi"
+include "elementwise.pxi"
+include "blas.pxi"
+include "infer.pxi"
+include "train.pxi"
