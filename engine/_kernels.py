@@ -1,6 +1,6 @@
 """The compiled kernels, in the build for the best CPU target this machine runs (run-time dispatch).
 
-setup.py compiles the same kernel source (engine/kernels/kernels.pxi) once per CPU target into
+setup.py compiles the same kernel source (engine/_kernels.pyx) once per CPU target into
 the extensions ``engine._kernels_<target>``:
 
     baseline   x86-64 with SSE2 (on other machines: the compiler's default, e.g. NEON on aarch64)

@@ -62,7 +62,7 @@ def imports(path, modules):
 @pytest.fixture(scope="module")
 def graph():
     files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    # engine._kernels_<target> (built from engine/kernels/kernels.pxi): imports nothing of ours; engine/_kernels.py
+    # engine._kernels_<target> (built from engine/_kernels.pyx): imports nothing of ours; engine/_kernels.py
     # imports them by name at run time
     compiled = {f"engine._kernels_{t}" for t in ("baseline", "avx2", "avx512")}
     return {**{name: imports(path, files.keys() | compiled) for name, path in files.items()},

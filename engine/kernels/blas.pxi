@@ -1,5 +1,5 @@
 # GEMM through scipy's BLAS, row-major, single and batched.
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 cdef void _gemm(bint trans_a, bint trans_b, int m, int n, int k, floating alpha,
                 const floating *a, int lda, const floating *b, int ldb,

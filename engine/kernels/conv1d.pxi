@@ -1,5 +1,5 @@
 # The vertical and horizontal 1D convolutions (forward, input and parameter gradients) and channel sums.
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 cdef enum:
     BLOCK = 1024   # elements per cache block of a plane in the 1D-convolution kernels

@@ -1,6 +1,6 @@
 # Which CPU target this extension was compiled for, and what the CPU it runs on can do: the
 # dispatcher (engine/_kernels.py) asks the baseline build, which runs on every CPU.
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 cdef extern from *:
     """

@@ -1,5 +1,5 @@
 # ReLU, dropout masks (dropout_hash.h) and the masked scale.
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 cdef extern from "dropout_hash.h" nogil:
     unsigned long long fl_splitmix64(unsigned long long seed, unsigned long long i)

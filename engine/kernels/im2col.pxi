@@ -1,5 +1,5 @@
 # im2col / col2im: the columns of the baseline convolution and their scatter back.
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 def im2col(const floating[:, :, :, ::1] x,    # IN  (N, C, H, W)
            Py_ssize_t n0,                      # first image of the chunk

@@ -1,5 +1,5 @@
 # Bindings of the compiled inference plan (_infer.h, the op table of _ops.h).
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 from libc.stdint cimport int64_t
 

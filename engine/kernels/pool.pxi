@@ -1,5 +1,5 @@
 # Max-pooling forward (with its argmax) and backward.
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 def maxpool_forward(const floating[:, :, :, ::1] x,   # IN  (N, C, H, W)
                     Py_ssize_t k, Py_ssize_t stride,

@@ -1,5 +1,5 @@
 # OpenMP: whether it is compiled in, its default team size, and a probe for the tests.
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 def openmp_enabled():
     """True when the kernels were compiled with OpenMP."""

@@ -1,5 +1,5 @@
 # Bindings of the compiled training step and SGD update (_train.h).
-# Included by engine/kernels/kernels.pxi (its directives, cimports and helpers apply here).
+# Included by engine/_kernels.pyx (its directives, cimports and helpers apply here).
 
 cdef extern from "_train.h" nogil:
     ctypedef struct ft_ctx:

@@ -63,12 +63,12 @@ cdef inline Py_ssize_t _imin(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 
 # One file per kernel family (engine/kernels/); they compile into this one extension.
-include "threads.pxi"
-include "cpu.pxi"
-include "conv1d.pxi"
-include "im2col.pxi"
-include "pool.pxi"
-include "elementwise.pxi"
-include "blas.pxi"
-include "infer.pxi"
-include "train.pxi"
+include "kernels/threads.pxi"
+include "kernels/cpu.pxi"
+include "kernels/conv1d.pxi"
+include "kernels/im2col.pxi"
+include "kernels/pool.pxi"
+include "kernels/elementwise.pxi"
+include "kernels/blas.pxi"
+include "kernels/infer.pxi"
+include "kernels/train.pxi"
