@@ -166,10 +166,11 @@ class BuildExt(build_ext):
         elif not use_openmp:
             warnings.warn("\n*** flatnet: FLATNET_DISABLE_OPENMP is set: building the kernels serially. ***\n")
         # A stale single-target build (engine/_kernels.*.so, before the targets) would shadow the
-        # dispatcher engine/_kernels.py: remove it.
-        for stale in glob.glob(os.path.join(HERE, "engine", "_kernels.*.so")) + glob.glob(
-                os.path.join(HERE, "engine", "_kernels.*.pyd")) + glob.glob(os.path.join(HERE, "engine", "_kernels.c")):
-            os.remove(stale)
+        # dispatcher engine/_kernels.py, in the checkout or in the build folder a wheel is made from: remove it.
+        for folder in (os.path.join(HERE, "engine"), os.path.join(os.path.abspath(self.build_lib), "engine")):
+            for pattern in ("_kernels.*.so", "_kernels.*.pyd", "_kernels.c"):
+                for stale in glob.glob(os.path.join(folder, pattern)):
+                    os.remove(stale)
         built = []
         for ext in list(self.extensions):
             target = ext.name.rpartition("_kernels_")[2]
