@@ -291,7 +291,9 @@ def run(args, dist=None):
     from engine.npzfile import check_writable_folder
     from engine.runtime.select import BackendUnavailable, select_backend
     from engine.trainer import Trainer, TrainingDiverged
-    from engine.models.paper import build, format_summary
+    from engine.models.paper import format_summary
+
+    from .checkpoints import network_of
 
     out = Path(args.out or f"runs/{args.model}-{args.dataset}")
     ckpt = out / CHECKPOINT_FILE
@@ -344,8 +346,7 @@ def run(args, dist=None):
 
     in_shape = IN_SHAPES[args.dataset]
     n_classes = 10 if args.dataset != "cifar100" else (100 if args.label_mode == "fine" else 20)
-    model = build(args.model, in_shape, n_classes, pool=tuple(args.pool), pool_ceil=args.pool_mode == "ceil",
-                  flatten_first=args.flatten_first, stages=args.stages, init=args.init, seed=args.seed)
+    model = network_of(vars(args), in_shape, n_classes)  # as engine.makemodel rebuilds it from a checkpoint
     if args.summary:  # needs neither data nor a device
         print(format_summary(model, f"{args.model} model, input {in_shape}, {n_classes} classes"))
         return 0
