@@ -20,9 +20,8 @@ import numpy as np
 
 from .augment import mirror
 from .losses import softmax
-from .lowering import UnsupportedNetwork
 from .modelfile import read_model, save_model
-from .plan import compile_network
+from .plan import compiled_or_reason
 from .preprocess import global_contrast_normalize
 from .runtime import ops_for, to_numpy
 
@@ -60,14 +59,7 @@ class Model:
         Returns the plan, or None when the network runs layer by layer (not on the CPU,
         not float32, or a layer the compiled path lacks: ``model.why_not_compiled`` says which).
         """
-        self.plan, self.why_not_compiled = None, None
-        if self.net.dtype != np.float32:
-            self.why_not_compiled = f"the network is {self.net.dtype}, the compiled path float32"
-            return None
-        try:
-            self.plan = compile_network(self.net, self.input_shape, softmax=True)
-        except UnsupportedNetwork as e:
-            self.why_not_compiled = str(e)
+        self.plan, self.why_not_compiled = compiled_or_reason(self.net, self.input_shape, softmax=True)
         return self.plan
 
     def save(self, path, zca_storage="full", compress=False, weights="float32", zca_file=None):

@@ -187,6 +187,17 @@ class Plan:
                                           self.scratch_floats, threads, times)
 
 
+def compiled_or_reason(net, in_shape=None, softmax=False):
+    """(plan, None) for a float32 network the compiled path runs, else (None, why it runs layer by layer):
+    not float32 (float64 is the reference), not on the CPU, no input shape, or a layer it lacks."""
+    if net.dtype != np.float32:
+        return None, f"the network is {net.dtype}, the compiled path float32"
+    try:
+        return compile_network(net, in_shape, softmax), None
+    except UnsupportedNetwork as e:
+        return None, str(e)
+
+
 def compile_network(net, in_shape=None, softmax=False):
     """Compile `net` (engine layers, float32, on the CPU) for inputs of `in_shape` (C, H, W).
 

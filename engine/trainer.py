@@ -14,9 +14,8 @@ import numpy as np
 from . import augment, npzfile
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from .losses import SoftmaxCrossEntropy
-from .lowering import UnsupportedNetwork
 from .optim import lr_at
-from .plan import compile_network
+from .plan import compiled_or_reason
 from .runtime import ops_for
 from .trainstep import make_step
 
@@ -50,12 +49,7 @@ def evaluate(model, x, y, batch_size=500, progress=False):
     ops = ops_for(model.backend)
     was_training = model.training
     model.eval()
-    forward = model.forward
-    if model.backend == "cpu" and model.dtype == np.float32 and getattr(model, "in_shape", None):
-        try:
-            forward = compile_network(model)
-        except UnsupportedNetwork:
-            pass
+    forward = compiled_or_reason(model)[0] or model.forward  # compiled on the CPU in float32, else the layers
     loss_fn = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
     bar = None

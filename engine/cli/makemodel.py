@@ -17,8 +17,10 @@ import engine
 
 from ..checkpoint import is_checkpoint
 from ..data import DatasetError
+from ..modelfile import ZCA_STORAGE
 from .checkpoints import checkpoint_parts, describe
 from .common import Parser, fail, say, writable_file
+from .train import DEFAULT_ZCA_STORAGE
 
 
 def main(argv=None):
@@ -31,7 +33,7 @@ def main(argv=None):
                         "$FLATNET_DATA, else ~/.cache/flatnet/data)")
     p.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="folder of preprocessed arrays (default: the one the run used)")
-    p.add_argument("--zca-storage", choices=["full", "packed", "packed16"], default=None,
+    p.add_argument("--zca-storage", choices=ZCA_STORAGE, default=None,
                    help="how the model file stores the ZCA matrix, as train.py's flag (default: the run's, else "
                         "packed16)")
     p.add_argument("--compress", action="store_true", help="compress the model file losslessly, as "
@@ -48,9 +50,8 @@ def main(argv=None):
         fail(e)
     except DatasetError as e:
         fail(f"{args.checkpoint}: the model takes its preprocessing from the run's data set: {e}")
-    storage = args.zca_storage or settings.get("zca_storage")
-    if storage is None:  # a checkpoint of a version that did not record it: train.py's default
-        from .train import DEFAULT_ZCA_STORAGE as storage
+    # a checkpoint of a version that did not record it: train.py's default
+    storage = args.zca_storage or settings.get("zca_storage") or DEFAULT_ZCA_STORAGE
     try:
         engine.save_model(args.out, parts["net"], parts["in_shape"], parts["classes"], parts["preprocessing"],
                           parts["zca_mean"], parts["zca_matrix"], extra=parts["extra"],

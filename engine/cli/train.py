@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.models.recipes import DEFAULT_RECIPE, RECIPES, complete_settings, describe, help_text, recipe, setting_text
+from engine.models.recipes import (DEFAULT_RECIPE, RECIPES, complete_settings, describe, help_text, recipe,
+                                   setting_text)
 
+from ..modelfile import ZCA_STORAGE
 from .common import Parser
 
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
@@ -205,7 +207,7 @@ def parser():
                         "is installed)")
     g.add_argument("--quiet", action="store_true", default=None,
                    help="no progress bars (a line a minute instead)")
-    g.add_argument("--zca-storage", choices=["full", "packed", "packed16"], default=None,
+    g.add_argument("--zca-storage", choices=ZCA_STORAGE, default=None,
                    help="how model.npz stores the ZCA matrix (CIFAR): full = d x d float32 (38 MB for CIFAR), "
                         "packed = its upper triangle in float32 (19 MB, the same matrix), packed16 = the upper "
                         "triangle in float16 (9.4 MB; on a 75%% CIFAR-10 network no test prediction changed, "
