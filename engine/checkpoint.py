@@ -1,7 +1,7 @@
 """Checkpoints that resume exactly.
 
 A checkpoint is one .npz written with allow_pickle=False (never a pickle): every
-parameter and momentum buffer, the position inside the epoch (with that epoch's
+parameter and momentum buffer (and the average of the weights of a run that keeps one), the position inside the epoch (with that epoch's
 shuffling order), and a JSON document holding the generators' states, the
 history and the run's settings. It is written to a temporary file and renamed,
 so an interruption never leaves a half-written checkpoint. ``load_checkpoint``
@@ -18,8 +18,9 @@ CHECKPOINT_FILE = "checkpoint.npz"  # in the run folder, beside log.jsonl: what 
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(path, model, velocity, meta, perm=None):
-    """Write weights, momentum, epoch order and `meta` (JSON-able) atomically to `path` (.npz), compressed.
+def save_checkpoint(path, model, velocity, meta, perm=None, average=None):
+    """Write weights, momentum, epoch order, the average of the weights where the run keeps one ({name: array})
+    and `meta` (JSON-able) atomically to `path` (.npz), compressed.
 
     Compressed losslessly (npzfile.save's byte shuffle and deflate), so that a run's checkpoint can be
     carried to another machine to be continued there: the CIFAR-10 baseline's takes 15.5 MB instead
@@ -27,6 +28,7 @@ def save_checkpoint(path, model, velocity, meta, perm=None):
     """
     arrays = {f"param/{k}": to_numpy(v) for k, v in model.params.items()}
     arrays.update({f"velocity/{k}": to_numpy(v) for k, v in velocity.items()})
+    arrays.update({f"average/{k}": to_numpy(v) for k, v in (average or {}).items()})
     if perm is not None:
         arrays["perm"] = perm
     npzfile.save(path, arrays, dict(meta, version=CHECKPOINT_VERSION), compress=True)
@@ -78,7 +80,8 @@ def _check_meta(meta):
 
 
 def load_checkpoint(path, shapes=None, n_train=None):
-    """Read and validate a checkpoint without executing anything from it: (params, velocity, meta, perm).
+    """Read and validate a checkpoint without executing anything from it: (params, velocity, meta, perm, average),
+    `average` the average of the weights ({name: array}) or None where the run keeps none.
 
     `shapes` ({name: shape} of the model's parameters) and `n_train` (the training set's size),
     when given, are what the checkpoint must fit: parameters exactly, momentum buffers a subset
@@ -88,25 +91,29 @@ def load_checkpoint(path, shapes=None, n_train=None):
     def members(meta, names):
         _check_meta(meta)
         if shapes is None:
-            spec = {n: npzfile.Member() for n in names if n.startswith(("param/", "velocity/"))}
+            spec = {n: npzfile.Member() for n in names if n.startswith(("param/", "velocity/", "average/"))}
         else:
             spec = {f"param/{k}": npzfile.Member(tuple(v)) for k, v in shapes.items()}
-            spec.update({f"velocity/{k}": npzfile.Member(tuple(v), required=False) for k, v in shapes.items()})
+            spec.update({f"{group}/{k}": npzfile.Member(tuple(v), required=False) for k, v in shapes.items()
+                         for group in ("velocity", "average")})
         spec["perm"] = npzfile.Member(None if n_train is None else (n_train,), "iu", required=False)
         return spec
 
     arrays, meta = npzfile.load(path, "checkpoint", CheckpointError, members)
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
     velocity = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}
+    average = {k[len("average/"):]: v for k, v in arrays.items() if k.startswith("average/")} or None
     perm = arrays.get("perm")
-    for name, a in list(params.items()) + list(velocity.items()):
+    if average is not None and set(average) != set(params):
+        raise CheckpointError(path, "its average of the weights does not cover every parameter")
+    for name, a in list(params.items()) + list(velocity.items()) + list((average or {}).items()):
         if not np.isfinite(a).all():
             raise CheckpointError(path, f"array {name} is not finite")
     if perm is not None and (perm.ndim != 1 or not np.array_equal(np.sort(perm), np.arange(len(perm)))):
         raise CheckpointError(path, "the epoch's batch order is not a permutation of the training set")
     if perm is None and meta["step_in_epoch"]:
         raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch without its batch order")
-    return params, velocity, meta, perm
+    return params, velocity, meta, perm, average
 
 
 class _Peeked(Exception):
@@ -132,8 +139,8 @@ def is_checkpoint(path):
 def checkpoint_weights(path):
     """(params, meta) of the checkpoint at `path`: the weights a model made from it runs with, and its JSON document.
 
-    The one place that chooses them: an averaged copy of the weights where a checkpoint holds one (train.py
-    writes none), else the parameters the optimizer reached. Raises CheckpointError naming the file.
+    The one place that chooses them: the average of the weights where a checkpoint holds one (a run with
+    --ema), else the parameters the optimizer reached. Raises CheckpointError naming the file.
     """
-    params, _, meta, _ = load_checkpoint(path)
-    return params, meta
+    params, _, meta, _, average = load_checkpoint(path)
+    return average or params, meta

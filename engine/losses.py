@@ -5,12 +5,20 @@ from .runtime import get_ops, is_array
 
 
 class SoftmaxCrossEntropy:
-    """Mean cross-entropy of softmax(logits) against integer labels.
+    """Mean cross-entropy of softmax(logits) against integer labels, optionally smoothed.
 
     ``loss = forward(logits (N, K), labels (N,))`` subtracts each row's maximum
     before exponentiating (log-sum-exp), so large logits neither overflow nor
-    lose precision; ``dlogits = backward()`` is (softmax - onehot) / N.
+    lose precision; ``dlogits = backward()`` is (softmax - target) / N. The target
+    is the one-hot label, or with ``smoothing`` e (label smoothing, Szegedy et al.
+    2016) (1 - e) * onehot + e / K: the loss is then
+    -(1 - e) * log p[label] - e/K * sum_k log p[k].
     """
+
+    def __init__(self, smoothing=0.0):
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"SoftmaxCrossEntropy: smoothing must lie in [0, 1), got {smoothing!r}")
+        self.smoothing = float(smoothing)
 
     def forward(self, logits, labels, as_array=False):
         """The mean loss, a float (read back from a device), or with `as_array` a float64 scalar
@@ -40,14 +48,20 @@ class SoftmaxCrossEntropy:
         self._p = xp.exp(logp)
         self.labels = labels
         self._dtype = logits.dtype
+        e = self.smoothing
         loss = -logp[xp.arange(n), labels].astype(np.float64).mean()
+        if e:
+            loss = (1.0 - e) * loss - e / k * logp.astype(np.float64).sum(axis=1).mean()
         return loss if as_array else float(loss)
 
     def backward(self):
-        n = self._p.shape[0]
+        n, k = self._p.shape
         xp = get_ops(self._p).xp
+        e = self.smoothing
         d = self._p.copy()
-        d[xp.arange(n), self.labels] -= 1
+        if e:
+            d -= e / k
+        d[xp.arange(n), self.labels] -= 1 - e
         d /= n
         return d.astype(self._dtype, copy=False)
 

@@ -1,4 +1,6 @@
-"""The update rule and the learning-rate schedule, below the training loop and both training steps."""
+"""The update rule, the learning-rate schedules and the weight average, below the training loop and both steps."""
+import math
+from contextlib import contextmanager
 
 
 def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay, dampening=None):
@@ -29,3 +31,67 @@ def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay, dampening=
 def lr_at(epoch, base_lr, drop_epochs, factor=0.1):
     """Learning rate of a 0-based epoch: base_lr times `factor` for each drop epoch already reached."""
     return base_lr * factor ** sum(epoch >= d for d in drop_epochs)
+
+
+SCHEDULES = ("step", "cosine")
+
+
+def scheduled_lr(base_lr, epoch, step, steps_per_epoch, epochs, schedule="step", drop_epochs=(), factor=0.1,
+                 warmup_epochs=0):
+    """Learning rate of update `step` (0-based) of 0-based `epoch`, for a run of `epochs` epochs.
+
+    A linear warm-up over the first round(warmup_epochs * steps_per_epoch) updates, update t taking
+    base_lr * (t + 1) / W; then `schedule`:
+      step    base_lr times `factor` for each of `drop_epochs` already reached (lr_at), the warm-up
+              scaling the rate of its updates;
+      cosine  base_lr * (1 + cos(pi * u / U)) / 2 for update u after the warm-up of the U after it
+              (Loshchilov & Hutter 2017, without restarts): from base_lr down towards 0 at the end.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
+    t = epoch * steps_per_epoch + step
+    warm = round(warmup_epochs * steps_per_epoch)
+    scale = (t + 1) / warm if t < warm else 1.0
+    if schedule == "step":
+        return lr_at(epoch, base_lr, drop_epochs, factor) * scale
+    if t < warm:
+        return base_lr * scale
+    after = max(epochs * steps_per_epoch - warm, 1)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(t - warm, after) / after))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters (Polyak averaging as in TensorFlow's
+    ExponentialMovingAverage): after each update, average = decay * average + (1 - decay) * weights,
+    starting from the weights given.
+
+    ``update(params)`` runs in place with no allocation; ``swapped_in(params)`` is a context in which the
+    parameters hold the average (copied into the same buffers, so compiled steps and plans holding their
+    addresses see it) and after which they hold the weights again."""
+
+    def __init__(self, params, decay, average=None):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"weight average: decay must lie in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.average = {k: (w.copy() if average is None else average[k].astype(w.dtype, copy=True))
+                        for k, w in params.items()}
+        self._scratch = {k: w.copy() for k, w in params.items()}
+
+    def update(self, params):
+        for k, w in params.items():
+            a, tmp = self.average[k], self._scratch[k]
+            a *= self.decay
+            tmp[...] = w
+            tmp *= 1.0 - self.decay
+            a += tmp
+
+    @contextmanager
+    def swapped_in(self, params):
+        for k, w in params.items():
+            self._scratch[k][...] = w
+            w[...] = self.average[k]
+        try:
+            yield
+        finally:
+            for k, w in params.items():
+                w[...] = self._scratch[k]

@@ -3,6 +3,7 @@
 The update rule is engine/optim.py, the step engine/trainstep.py, the checkpoint format
 engine/checkpoint.py; a run stopped by a signal writes its checkpoint first, so nothing is lost.
 """
+import contextlib
 import json
 import math
 import signal
@@ -14,7 +15,7 @@ import numpy as np
 from . import augment, npzfile
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from .losses import SoftmaxCrossEntropy
-from .optim import lr_at
+from .optim import WeightAverage, scheduled_lr
 from .plan import compiled_or_reason
 from .runtime import ops_for
 from .trainstep import make_step
@@ -81,7 +82,10 @@ class Trainer:
     config keys: epochs, batch_size, lr, momentum, weight_decay, dampening (None: Torch7's,
     equal to momentum), lr_drop_epochs, lr_drop_factor, seed, eval_batch_size, step ('auto',
     'compiled' or 'layers': see engine.trainstep; default 'auto', the compiled step where it
-    runs), augment (a spec of engine.augment for the training images; default 'none'); `out`
+    runs), augment (a spec of engine.augment for the training images; default 'none'),
+    schedule and warmup_epochs (engine.optim.scheduled_lr; default 'step', 0), label_smoothing
+    (engine.losses.SoftmaxCrossEntropy; default 0), ema (the decay of an average of the weights,
+    engine.optim.WeightAverage, which evaluation and `final_weights()` use; default 0: none); `out`
     is the run folder (checkpoint.npz, log.jsonl). `settings` (JSON-able) is
     stored in the checkpoint. `trainer.step` is the step in use, `trainer.step_note` why
     'auto' fell back to the layer path (None if it did not).
@@ -116,6 +120,8 @@ class Trainer:
                 self.log, self.progress = (lambda message: None), False
         self.step, self.step_note = make_step(model, self.cfg.get("step", "auto"),
                                               -(-self.cfg["batch_size"] // (dist.size if dist else 1)))
+        self.step.loss_fn.smoothing = float(self.cfg.get("label_smoothing", 0.0))
+        self.average = WeightAverage(model.params, self.cfg["ema"]) if self.cfg.get("ema") else None
         if dist is not None:
             self.step = dist.wrap(self.step, self._requested_signal)
 
@@ -134,10 +140,17 @@ class Trainer:
     def save(self):
         meta = self._meta()
         if self.dist is not None:  # collective; rank 0 alone writes
-            meta = self.dist.checkpoint_meta(self.model, self.velocity, meta)
+            meta = self.dist.checkpoint_meta(self.model, self.velocity, meta,
+                                             self.average.average if self.average else None)
             if meta is None:
                 return
-        save_checkpoint(self.checkpoint_path, self.model, self.velocity, meta, self.perm)
+        save_checkpoint(self.checkpoint_path, self.model, self.velocity, meta, self.perm,
+                        self.average.average if self.average else None)
+
+    def final_weights(self):
+        """A context in which the model holds the weights that evaluation sees and the model file keeps: the
+        average of the weights where the run keeps one (config ema), else the weights the optimizer reached."""
+        return self.average.swapped_in(self.model.params) if self.average else contextlib.nullcontext()
 
     def _requested_signal(self):
         """The signal this process was asked to stop by (SIGINT when stop_requested was set without one), or None."""
@@ -159,7 +172,7 @@ class Trainer:
         def load():
             return load_checkpoint(path, {k: v.shape for k, v in self.model.params.items()}, len(self.data["train_x"]))
         # distributed: rank 0 reads the checkpoint, every rank gets it
-        params, velocity, meta, perm = load() if self.dist is None else self.dist.share_checkpoint(load)
+        params, velocity, meta, perm, average = load() if self.dist is None else self.dist.share_checkpoint(load)
         steps = math.ceil(len(self.data["train_x"]) / self.cfg["batch_size"])
         if meta["step_in_epoch"] > steps:
             raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch of {steps} steps")
@@ -168,6 +181,12 @@ class Trainer:
         self.model.load_params(params)
         ops = ops_for(self.model.backend)
         self.velocity = {k: ops.asarray(v.astype(self.model.dtype)) for k, v in velocity.items()}
+        if (average is not None) != (self.average is not None):
+            raise CheckpointError(path, "holds an average of the weights, the run keeps none" if average is not None
+                                  else "holds no average of the weights, the run keeps one (ema)")
+        if average is not None:
+            self.average = WeightAverage(self.model.params, self.cfg["ema"],
+                                         {k: ops.asarray(v) for k, v in average.items()})
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.running, self.history = meta["running"], meta["history"]
         self.data_rng.bit_generator.state = meta["data_rng"]
@@ -233,7 +252,11 @@ class Trainer:
             self.perm = self.data_rng.permutation(n)
             self.step_in_epoch = 0
             self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
-        lr = lr_at(self.epoch, self.cfg["lr"], self.cfg["lr_drop_epochs"], self.cfg.get("lr_drop_factor", 0.1))
+        def lr_of(step):
+            return scheduled_lr(self.cfg["lr"], self.epoch, step, steps, self.cfg["epochs"],
+                                self.cfg.get("schedule", "step"), self.cfg["lr_drop_epochs"],
+                                self.cfg.get("lr_drop_factor", 0.1), self.cfg.get("warmup_epochs", 0))
+        lr = lr_of(self.step_in_epoch)
         draws = augment.epoch_draws(self.cfg.get("augment", "none"), n, self.cfg["seed"], self.epoch, x.shape[2:])
         self.model.train()
         bar = None
@@ -288,8 +311,11 @@ class Trainer:
                 pending.append((self.step_in_epoch + 1, len(idx), loss, correct))
                 if len(pending) >= read_every or self.step_in_epoch + 1 == steps:
                     read_back()  # on the CPU every step, so a bad loss stops the run before its update
+                lr = lr_of(self.step_in_epoch)
                 self.step.apply(self.velocity, lr, self.cfg["momentum"], self.cfg["weight_decay"],
                                 self.cfg.get("dampening"))
+                if self.average:
+                    self.average.update(self.model.params)
                 self.step_in_epoch += 1
                 r["seconds"] += time.perf_counter() - t0
                 done = self.step_in_epoch - steps0
@@ -324,10 +350,11 @@ class Trainer:
             if bar:
                 bar.close()
         t0 = time.perf_counter()
-        test_loss, test_acc = (evaluate if self.dist is None else self.dist.evaluate)(  # distributed: a share each
-            self.model, self.data["test_x"], self.data["test_y"], self.cfg.get("eval_batch_size", 500),
-            progress=self.progress)
-        record = dict(epoch=self.epoch + 1, lr=lr, train_loss=r["loss"] / r["seen"], train_acc=r["correct"] / r["seen"],
+        with self.final_weights():
+            test_loss, test_acc = (evaluate if self.dist is None else self.dist.evaluate)(  # distributed: a share each
+                self.model, self.data["test_x"], self.data["test_y"], self.cfg.get("eval_batch_size", 500),
+                progress=self.progress)
+        record = dict(epoch=self.epoch + 1, lr=lr_of(0), train_loss=r["loss"] / r["seen"], train_acc=r["correct"] / r["seen"],
                       test_loss=test_loss, test_acc=test_acc, seconds=r["seconds"],
                       images_per_s=rate(), eval_seconds=time.perf_counter() - t0)
         self.history.append(record)
@@ -338,8 +365,9 @@ class Trainer:
         self._write_log()
         left = f"; about {duration(self.seconds_left())} left" if self.epoch < self.cfg["epochs"] and \
             self.epoch_walls else ""
-        self.log(f"epoch {record['epoch']:3d}  lr {lr:.4g}  train loss {record['train_loss']:.4f} "
-                 f"acc {100 * record['train_acc']:.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
+        split = self.cfg.get("eval_split", "test")
+        self.log(f"epoch {record['epoch']:3d}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f} "
+                 f"acc {100 * record['train_acc']:.2f}%  {split} loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
                  f"{record['seconds']:.0f}s ({record['images_per_s']:.0f} img/s), "
                  f"evaluation {record['eval_seconds']:.0f}s "
                  f"({len(self.data['test_x']) / max(record['eval_seconds'], 1e-9):.0f} img/s){left}")

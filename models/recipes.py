@@ -38,7 +38,7 @@ reproduce
 """
 
 RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init",
-               "augment")
+               "augment", "schedule", "warmup_epochs", "label_smoothing", "ema")
 # a value of these may be a dict {model: value}
 PER_MODEL_KEYS = ("epochs", "lr_drop_epochs", "weight_decay", "init", "augment")
 
@@ -59,28 +59,34 @@ _MNIST_AUGMENT = {"baseline": "crop2", "flattened": "none"}
 # Schedule on MNIST: 30 epochs, drops after epochs 20 and 26; both networks ended higher than with 16 epochs (drops
 # after 10 and 14), everything else equal (docs/results.md, "Schedule length").
 
+# What the paper's recipe and the long one leave out: a stepped rate from the first step, hard labels, the weights the
+# optimizer reached (no average).
+_PLAIN = dict(schedule="step", warmup_epochs=0, label_smoothing=0.0, ema=0.0)
 _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1,
-              weight_decay=_PAPER_DECAY, init="auto", augment="none")
+              weight_decay=_PAPER_DECAY, init="auto", augment="none", **_PLAIN)
 # Schedule on CIFAR, per model, the rate held for two thirds of the run: neither network was overfit after 60 epochs;
 # the flattened network gained with 120 and again with 180 (where overfitting after the first drop sets the
 # limit), the baseline with 120 (docs/results.md, "Schedule length").
 _CIFAR_EPOCHS = {"baseline": 120, "flattened": 180}
 _CIFAR_DROPS = {"baseline": (80, 104), "flattened": (120, 156)}
 _CIFAR = dict(epochs=_CIFAR_EPOCHS, lr=0.03, momentum=0.9, dampening=0.0, lr_drop_epochs=_CIFAR_DROPS,
-              lr_drop_factor=0.1, weight_decay=_PAPER_DECAY, init=_CIFAR_INIT, augment=_CIFAR_AUGMENT)
+              lr_drop_factor=0.1, weight_decay=_PAPER_DECAY, init=_CIFAR_INIT, augment=_CIFAR_AUGMENT, **_PLAIN)
 RECIPES = {  # per recipe and dataset; a value of PER_MODEL_KEYS per model where the models differ
     "paper": {"cifar10": _PAPER, "cifar100": _PAPER, "mnist": _PAPER},
     "reproduce": {
         "cifar10": _CIFAR,
         "cifar100": _CIFAR,
         "mnist": dict(epochs=30, lr=0.02, momentum=0.9, dampening=0.0, lr_drop_epochs=(20, 26),
-                      lr_drop_factor=0.1, weight_decay=_PAPER_DECAY, init="auto", augment=_MNIST_AUGMENT),
+                      lr_drop_factor=0.1, weight_decay=_PAPER_DECAY, init="auto", augment=_MNIST_AUGMENT,
+                      **_PLAIN),
     },
 }
 DEFAULT_RECIPE = "reproduce"
-# Settings that runs of older versions did not record, with the value those runs had (no flips or shifts):
+# Settings that runs of older versions did not record, with the value those runs had (no flips or shifts, a stepped
+# rate, hard labels, no average, evaluation on the test set):
 # train.py --resume and engine.figures read a run without them as one with these (complete_settings).
-LATER_SETTINGS = {"augment": "none"}
+LATER_SETTINGS = {"augment": "none", "schedule": "step", "warmup_epochs": 0, "label_smoothing": 0.0, "ema": 0.0,
+                  "validation": None}
 
 
 def complete_settings(settings):
@@ -118,11 +124,18 @@ def describe(settings):
             return fmt(next(iter(value.values())))
         return " / ".join(f"{fmt(v)} ({model})" for model, v in value.items())
 
+    settings = complete_settings(settings)
+    if settings["schedule"] == "cosine":
+        schedule = "lr decayed to 0 along a half cosine"
+    else:
+        schedule = (f"lr x{settings['lr_drop_factor']:g} after epochs "
+                    f"{per_model(settings['lr_drop_epochs'], lambda drops: setting_text(drops) or 'none')}")
+    extras = "".join([f", {settings['warmup_epochs']:g} warm-up epoch(s)" if settings["warmup_epochs"] else "",
+                      f", label smoothing {settings['label_smoothing']:g}" if settings["label_smoothing"] else "",
+                      f", weight average (EMA) {settings['ema']:g}" if settings["ema"] else ""])
     return (f"{per_model(settings['epochs'], str)} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, "
-            f"dampening {damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, lr "
-            f"x{settings['lr_drop_factor']:g} after epochs "
-            f"{per_model(settings['lr_drop_epochs'], lambda drops: setting_text(drops) or 'none')}, "
-            f"init {per_model(settings['init'], str)}, augment {per_model(settings['augment'], str)}")
+            f"dampening {damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, {schedule}, "
+            f"init {per_model(settings['init'], str)}, augment {per_model(settings['augment'], str)}{extras}")
 
 
 def help_text(name):

@@ -34,8 +34,9 @@ IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 2
 RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "dampening", "weight_decay",
                 "lr_drop_epochs",
                 "lr_drop_factor", "seed", "limit_train", "limit_test", "pool", "pool_mode", "flatten_first", "stages",
-                "init", "augment")
-NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test")  # None: Torch7's dampening; all the images
+                "init", "augment", "schedule", "warmup_epochs", "label_smoothing", "ema", "validation")
+# None: Torch7's dampening; all the images; evaluation on the test set
+NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test", "validation")
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
 RUN_OPTIONS = ("data_dir", "cache_dir", "download", "no_download", "eval_batch_size", "backend", "threads", "plot",
@@ -70,6 +71,14 @@ def non_negative_float(s):
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
     if not np.isfinite(v) or v < 0:
         raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {s!r}")
+    return v
+
+
+def fraction(s):
+    """An argparse type: a number in [0, 1)."""
+    v = non_negative_float(s)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
     return v
 
 
@@ -140,9 +149,14 @@ def parser():
                    help="pooled size rounding (ceil as cuda-convnet: 32 -> 16 -> 8 -> 4)")
     g.add_argument("--limit-train", metavar="N", type=positive_int, default=None, help="use only the first N training images")
     g.add_argument("--limit-test", metavar="N", type=positive_int, default=None, help="use only the first N test images")
+    g.add_argument("--validation", metavar="N", type=positive_int, default=None,
+                   help="hold out the last N training images (after --limit-train) and evaluate on them after each "
+                        "epoch instead of the test set, which the run then never reads: for choosing settings "
+                        "(docs/results.md); the model file records a validation accuracy")
 
     g = p.add_argument_group("optimization", "The recipe sets --epochs, --lr, --momentum, --dampening, "
-                             "--weight-decay, --lr-drop-epochs, --lr-drop-factor, --init and --augment; a flag "
+                             "--weight-decay, --lr-drop-epochs, --lr-drop-factor, --schedule, --warmup-epochs, "
+                             "--label-smoothing, --ema, --init and --augment; a flag "
                              "given replaces its recipe value (models/recipes.py, docs/results.md)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help=" | ".join(help_text(name) for name in RECIPES) + f" (default: {DEFAULT_RECIPE})")
@@ -168,6 +182,20 @@ def parser():
                         "a random crop of the image padded by P); cutoutK (after those, set a KxK square centred "
                         "on a random pixel to zero, K//2 rows and columns before it, K = 1..32); or several, e.g. flip,crop4 or flip,crop4,cutout8. Drawn per image and epoch "
                         "from --seed; test images are never augmented (engine/augment.py, docs/results.md)")
+    g.add_argument("--schedule", choices=["step", "cosine"], default=None,
+                   help="learning-rate schedule (default: the recipe's): step = --lr multiplied by "
+                        "--lr-drop-factor after each of --lr-drop-epochs; cosine = --lr decayed to 0 over the run "
+                        "along a half cosine, updated every step (--lr-drop-epochs unused)")
+    g.add_argument("--warmup-epochs", metavar="E", type=non_negative_float, default=None,
+                   help="raise the rate linearly from --lr/W to --lr over the first W = E epochs' steps, then "
+                        "follow --schedule (default: the recipe's)")
+    g.add_argument("--label-smoothing", metavar="E", type=fraction, default=None,
+                   help="train against (1-E) x the one-hot label + E/classes (label smoothing; evaluation "
+                        "losses stay plain cross-entropy) (default: the recipe's)")
+    g.add_argument("--ema", metavar="DECAY", type=fraction, default=None,
+                   help="keep an exponential moving average of the weights, updated after each step with this "
+                        "decay (e.g. 0.999); evaluation and the model file use the average, and the checkpoint "
+                        "holds it; 0 = none (default: the recipe's)")
     g.add_argument("--seed", metavar="N", type=non_negative_int, default=0, help="seed of weights, dropout masks, batch order and augmentation draws")
     g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=None,
                    help="batch size for test evaluation (default: 500)")
@@ -315,7 +343,7 @@ def run(args, dist=None):
         meta = None
         if is_root:
             try:
-                _, _, meta, _ = load_checkpoint(ckpt)
+                meta = load_checkpoint(ckpt)[2]
             except CheckpointError as e:
                 sys.exit(f"error: {e}")
         if dist is not None:
@@ -391,7 +419,16 @@ def run(args, dist=None):
     for split, limit in (("train", args.limit_train), ("test", args.limit_test)):
         if limit:
             data[f"{split}_x"], data[f"{split}_y"] = data[f"{split}_x"][:limit], data[f"{split}_y"][:limit]
-    print(f"{args.dataset}: {len(data['train_x'])} training, {len(data['test_x'])} test images "
+    evaluated = "test"
+    if args.validation:  # the last N training images stand in for the test set, which is dropped
+        keep = len(data["train_x"]) - args.validation
+        if keep < 1:
+            sys.exit(f"error: --validation {args.validation} leaves no training images (there are "
+                     f"{len(data['train_x'])})")
+        data["test_x"], data["test_y"] = data["train_x"][keep:], data["train_y"][keep:]
+        data["train_x"], data["train_y"] = data["train_x"][:keep], data["train_y"][:keep]
+        evaluated = "validation (held out of the training set; the test set is not used)"
+    print(f"{args.dataset}: {len(data['train_x'])} training, {len(data['test_x'])} {evaluated} images "
           f"from {data['source']} ({time.time() - t0:.1f}s); backend {backend}"
           f"{f' (GPU not used: {why_not_gpu})' if why_not_gpu else ''}; "
           f"kernels on {engine.get_num_threads()} thread(s), OpenMP {'on' if engine.openmp_enabled() else 'off'}")
@@ -399,7 +436,7 @@ def run(args, dist=None):
         line, warnings = dist.startup(engine.get_num_threads())
         print("\n".join([line, *warnings]))
 
-    late = [e for e in args.lr_drop_epochs if e >= args.epochs]
+    late = [e for e in args.lr_drop_epochs if e >= args.epochs] if args.schedule == "step" else []
     if late and is_root:  # e.g. --resume --epochs N that cuts a run short of its drops
         never = "the rate stays at --lr for the whole run" if len(late) == len(args.lr_drop_epochs) else \
             "they never happen"
@@ -409,7 +446,9 @@ def run(args, dist=None):
                   dampening=args.dampening,
                   weight_decay=args.weight_decay, lr_drop_epochs=args.lr_drop_epochs,
                   lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size,
-                  step=args.step or "auto", augment=args.augment)
+                  step=args.step or "auto", augment=args.augment, schedule=args.schedule,
+                  warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, ema=args.ema,
+                  eval_split="validation" if args.validation else "test")
     settings = {key: getattr(args, key) for key in RUN_SETTINGS + RUN_OPTIONS}
     settings["recipe"] = args.recipe  # what filled the optimization settings (older runs: None)
     def plot(t):
@@ -437,13 +476,15 @@ def run(args, dist=None):
             # 130 after Ctrl-C, 143 after SIGTERM, 138 after SIGUSR1 (distributed: on every rank, the signal they agreed on)
             return 128 + int(trainer.stop_signal or signal.SIGINT)
         acc = trainer.history[-1]["test_acc"]  # the last epoch's evaluation saw these very weights
+        accuracy_key = "validation_accuracy" if args.validation else "test_accuracy"
         if is_root:
-            engine.save_model(out / "model.npz", model, in_shape, data["classes"],
-                              preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
-                              zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
-                              extra=dict(dataset=args.dataset, model=args.model, test_accuracy=acc,
-                                         augment=args.augment),
-                              zca_storage=args.zca_storage, compress=bool(args.compress_model))
+            with trainer.final_weights():  # the average of the weights where the run keeps one
+                engine.save_model(out / "model.npz", model, in_shape, data["classes"],
+                                  preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
+                                  zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
+                                  extra={"dataset": args.dataset, "model": args.model, accuracy_key: acc,
+                                         "augment": args.augment},
+                                  zca_storage=args.zca_storage, compress=bool(args.compress_model))
     except (CheckpointError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a folder gone read-only: the last checkpoint written is kept
@@ -451,7 +492,7 @@ def run(args, dist=None):
     except KeyboardInterrupt:
         sys.exit("aborted without saving (a second interrupt); the last checkpoint is kept")
     print(f"run folder: {out} ({time.time() - t0:.0f}s); model file: {out / 'model.npz'}")
-    print(f"test accuracy: {100 * acc:.2f}%")
+    print(f"{'validation' if args.validation else 'test'} accuracy: {100 * acc:.2f}%")
     return 0
 
 

@@ -1,0 +1,23 @@
+#!/bin/bash
+# The trials behind the `short` recipe (docs/results.md, "A recipe for 30 minutes"), one after another, each in its
+# own folder here with its train.log. Settings are chosen on 5,000 training images held out (--validation 5000);
+# the test set is read only by the final runs (final.sh).
+#   bash docs/runs/short-recipe/trials.sh [NAME...]     # all trials, or the named ones
+set -u
+cd "$(dirname "$0")/../../.."
+DATA=${FLATNET_DATA:-../shared/data}
+common=(--model flattened --dataset cifar10 --data-dir "$DATA" --validation 5000 --epochs 20 --quiet --no-plot)
+declare -A trial=(
+  [step-s1]="--lr-drop-epochs 13,17 --seed 1"
+  [step-s2]="--lr-drop-epochs 13,17 --seed 2"
+  [cosine-ls-ema-s1]="--schedule cosine --warmup-epochs 1 --label-smoothing 0.1 --ema 0.999 --seed 1"
+  [cosine-ls-ema-s2]="--schedule cosine --warmup-epochs 1 --label-smoothing 0.1 --ema 0.999 --seed 2"
+)
+names=("$@")
+[ ${#names[@]} -eq 0 ] && names=(step-s1 cosine-ls-ema-s1 step-s2 cosine-ls-ema-s2)
+for name in "${names[@]}"; do
+  out=docs/runs/short-recipe/$name
+  mkdir -p "$out"
+  # shellcheck disable=SC2086
+  python train.py "${common[@]}" ${trial[$name]} --out "$out" --overwrite > "$out/train.log" 2>&1
+done

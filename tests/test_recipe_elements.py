@@ -1,0 +1,197 @@
+"""The recipe's elements beyond the paper's SGD: label smoothing, learning-rate warm-up and cosine decay, an
+average of the weights; each against a plain reference, and a run using all of them resumed exactly."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from formats import write_mnist
+
+from engine.checkpoint import checkpoint_weights, load_checkpoint
+from engine.losses import SoftmaxCrossEntropy
+from engine.optim import WeightAverage, scheduled_lr
+from engine.trainer import Trainer
+from models.paper import build
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoothed_loss_reference(logits, labels, e):
+    """Plain loops in float64: -sum_k q_k log softmax_k, q = (1-e) onehot + e/K, averaged over the batch."""
+    n, k = logits.shape
+    total = 0.0
+    for i in range(n):
+        row = [float(v) for v in logits[i]]
+        m = max(row)
+        lse = m + math.log(sum(math.exp(v - m) for v in row))
+        for j in range(k):
+            q = (1 - e) * (j == labels[i]) + e / k
+            total -= q * (row[j] - lse)
+    return total / n
+
+
+@pytest.mark.parametrize("e", [0.0, 0.1, 0.5])
+def test_label_smoothed_loss_and_gradient_against_plain_loops_and_finite_differences(e):
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((5, 7)) * 3).astype(np.float64)
+    labels = rng.integers(0, 7, 5)
+    fn = SoftmaxCrossEntropy(smoothing=e)
+    assert fn(logits, labels) == pytest.approx(smoothed_loss_reference(logits, labels, e), rel=1e-12)
+    grad = fn.backward()
+    h, fd = 1e-6, np.zeros_like(logits)
+    for idx in np.ndindex(*logits.shape):
+        up, down = logits.copy(), logits.copy()
+        up[idx] += h
+        down[idx] -= h
+        fd[idx] = (smoothed_loss_reference(up, labels, e) - smoothed_loss_reference(down, labels, e)) / (2 * h)
+    np.testing.assert_allclose(grad, fd, atol=1e-8)
+    # a confident right answer (p ~ 1) is still pulled back towards the target 1 - e + e/3: its gradient is 2e/3
+    sure = np.array([[30.0, 0, 0]])
+    g = SoftmaxCrossEntropy(smoothing=e)
+    g(sure, np.array([0]))
+    assert g.backward()[0, 0] == pytest.approx(2 * e / 3, abs=1e-9)
+
+
+def test_label_smoothing_outside_its_range_is_refused():
+    for e in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="smoothing must lie in"):
+            SoftmaxCrossEntropy(smoothing=e)
+
+
+def test_schedules_at_their_boundaries():
+    def lr(epoch, step, **kw):
+        return scheduled_lr(0.1, epoch, step, steps_per_epoch=10, epochs=5, **kw)
+    # linear warm-up over 2 epochs = 20 updates: update t takes (t + 1) / 20 of the rate, then the schedule
+    assert lr(0, 0, warmup_epochs=2) == pytest.approx(0.1 / 20)
+    assert lr(1, 9, warmup_epochs=2) == pytest.approx(0.1)
+    assert lr(2, 0, warmup_epochs=2) == pytest.approx(0.1)
+    assert lr(0, 0, warmup_epochs=0.3) == pytest.approx(0.1 / 3)  # 3 updates of warm-up
+    # the stepped rate: x0.1 from each drop epoch on, the warm-up scaling the updates inside it
+    assert [lr(e, 0, drop_epochs=[2, 4]) for e in range(5)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])
+    assert lr(0, 4, drop_epochs=[0], warmup_epochs=1) == pytest.approx(0.01 * 5 / 10)
+    # cosine over the 30 updates after a 2-epoch warm-up: full rate after the warm-up, half at the middle,
+    # down towards 0 at the last update
+    c = dict(schedule="cosine", warmup_epochs=2)
+    assert lr(2, 0, **c) == pytest.approx(0.1)
+    assert lr(3, 5, **c) == pytest.approx(0.05)
+    assert lr(4, 9, **c) == pytest.approx(0.05 * (1 + math.cos(math.pi * 29 / 30)))
+    assert lr(0, 0, schedule="cosine") == pytest.approx(0.1)
+    rates = [lr(e, s, schedule="cosine") for e in range(5) for s in range(10)]
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr(0, 0, schedule="linear")
+
+
+def test_weight_average_against_hand_computed_steps_and_swapping():
+    w = {"a.weight": np.array([1.0, 2.0], np.float32), "a.bias": np.array([0.0], np.float32)}
+    avg = WeightAverage(w, 0.9)
+    w["a.weight"][...] = [2.0, 0.0]
+    avg.update(w)
+    np.testing.assert_allclose(avg.average["a.weight"], [0.9 * 1 + 0.1 * 2, 0.9 * 2 + 0.1 * 0], rtol=1e-6)
+    w["a.weight"][...] = [3.0, 1.0]
+    avg.update(w)
+    np.testing.assert_allclose(avg.average["a.weight"], [0.9 * 1.1 + 0.1 * 3, 0.9 * 1.8 + 0.1 * 1], rtol=1e-6)
+    buffer = w["a.weight"]
+    with avg.swapped_in(w):
+        assert w["a.weight"] is buffer  # the same buffers: compiled code holding their addresses sees the average
+        np.testing.assert_allclose(w["a.weight"], [1.29, 1.72], rtol=1e-6)
+    np.testing.assert_array_equal(w["a.weight"], [3.0, 1.0])
+    with pytest.raises(ValueError, match="decay must lie in"):
+        WeightAverage(w, 1.0)
+
+
+def _data(n=64):
+    rng = np.random.default_rng(0)
+    return dict(train_x=rng.standard_normal((n, 1, 28, 28)).astype(np.float32), train_y=rng.integers(0, 10, n),
+                test_x=rng.standard_normal((16, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 16))
+
+
+def _trainer(data, out):
+    cfg = dict(epochs=3, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[], seed=1,
+               schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, ema=0.8, augment="flip,crop2")
+    return Trainer(build("flattened", (1, 28, 28), 10, seed=1), data, cfg, out, log=lambda m: None, progress=False)
+
+
+def test_a_run_with_every_element_interrupted_and_resumed_equals_the_uninterrupted_one(tmp_path):
+    data = _data()
+    straight = _trainer(data, tmp_path / "a")
+    assert straight.run() == "done"
+
+    def stop(t):
+        if (t.epoch, t.step_in_epoch) in ((0, 1), (1, 3), (2, 2)):
+            t.stop_requested = True  # what Ctrl-C does
+
+    t = _trainer(data, tmp_path / "b")
+    t.on_step = stop
+    while t.run() == "interrupted":
+        t = _trainer(data, tmp_path / "b")
+        t.on_step = stop
+        t.resume()
+    for name, w in straight.model.params.items():
+        np.testing.assert_array_equal(w, t.model.params[name], err_msg=name)
+        np.testing.assert_array_equal(straight.average.average[name], t.average.average[name], err_msg=name)
+    assert straight.history == [dict(h, seconds=s["seconds"], images_per_s=s["images_per_s"],
+                                     eval_seconds=s["eval_seconds"]) for h, s in zip(t.history, straight.history)]
+    # the rate of each epoch's first update follows the cosine after half an epoch (2 updates) of warm-up
+    assert [h["lr"] for h in straight.history] == pytest.approx(
+        [0.05 / 2, 0.05 * 0.5 * (1 + math.cos(math.pi * 2 / 10)), 0.05 * 0.5 * (1 + math.cos(math.pi * 6 / 10))])
+    # evaluation saw the average, not the last weights: the trainer's evaluation on the average agrees
+    from engine.trainer import evaluate
+    with straight.final_weights():
+        assert evaluate(straight.model, data["test_x"], data["test_y"])[1] == straight.history[-1]["test_acc"]
+    params, _, _, _, average = load_checkpoint(tmp_path / "a" / "checkpoint.npz")
+    assert not all(np.array_equal(params[k], average[k]) for k in params)
+    chosen, _ = checkpoint_weights(tmp_path / "a" / "checkpoint.npz")
+    assert all(np.array_equal(chosen[k], average[k]) for k in params)  # a model from the checkpoint: the average
+
+
+def test_a_checkpoint_without_the_average_does_not_resume_a_run_that_keeps_one(tmp_path):
+    data = _data(32)
+    plain = Trainer(build("flattened", (1, 28, 28), 10, seed=1), data,
+                    dict(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0, lr_drop_epochs=[], seed=1),
+                    tmp_path, log=lambda m: None, progress=False)
+    plain.run()
+    keeps = _trainer(data, tmp_path)
+    with pytest.raises(Exception, match="holds no average of the weights"):
+        keeps.resume()
+
+
+def train_py(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_model_file(tmp_path):
+    write_mnist(tmp_path / "data", np.random.default_rng(0), n_train=192, n_test=64, learnable=True)
+    out = tmp_path / "run"
+    r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--cache-dir",
+                 tmp_path / "cache", "--quiet", "--no-plot", "--batch-size", "32", "--epochs", "2", "--out", out,
+                 "--validation", "64", "--schedule", "cosine", "--warmup-epochs", "1", "--label-smoothing", "0.1",
+                 "--ema", "0.9")
+    assert r.returncode == 0, r.stderr
+    assert "128 training, 64 validation" in r.stdout and "validation accuracy: " in r.stdout
+    assert "lr decayed to 0 along a half cosine" in r.stdout and "weight average (EMA) 0.9" in r.stdout
+    settings = json.loads((out / "settings.json").read_text())
+    assert (settings["validation"], settings["schedule"], settings["ema"]) == (64, "cosine", 0.9)
+    import engine
+    model = engine.load(out / "model.npz")
+    assert "validation_accuracy" in model.meta["extra"] and "test_accuracy" not in model.meta["extra"]
+    average = load_checkpoint(out / "checkpoint.npz")[4]
+    for name, w in model.net.params.items():
+        np.testing.assert_array_equal(w, average[name], err_msg=name)
+    # the held-out images are the last 64 of the training set: evaluating the model on them repeats the log's figure
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    from engine.data import load_dataset
+    data = load_dataset("mnist", tmp_path / "data", tmp_path / "cache")
+    from engine.trainer import evaluate
+    assert evaluate(model.net, data["train_x"][128:], data["train_y"][128:])[1] == log[-1]["test_acc"]
+    r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--validation", "192",
+                 "--out", tmp_path / "other", "--epochs", "1")
+    assert r.returncode == 1 and "--validation 192 leaves no training images" in r.stderr
+    for flags, message in ((["--ema", "1"], "in [0, 1)"), (["--label-smoothing", "-0.1"], "non-negative"),
+                           (["--schedule", "linear"], "invalid choice")):
+        r = train_py(*flags)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
