@@ -187,7 +187,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(mpi, tmp_path):
 def assert_like_one_process(ranks, one, n):
     """The checkpoints of n ranks and of one process (dropout off, same global batch) agree to float32
     summation-order tolerance: weights, momentum, and each epoch's losses and accuracies."""
-    (p2, v2, m2, _), (p1, v1, m1, _) = ranks, one
+    (p2, v2, m2, _, _), (p1, v1, m1, _, _) = ranks, one
     assert m2["ranks"]["count"] == n and "ranks" not in m1
     init = build("flattened", (1, 28, 28), 10, seed=1).params
     for name in p1:
@@ -240,7 +240,7 @@ def test_one_rank_equals_a_plain_run_exactly_and_resume_with_two_ranks_is_exact(
     assert (meta["epoch"], meta["step_in_epoch"]) == (1, 3)  # rank 1 stopped after the same step as rank 0
     r = worker(tmp_path / "resumed", "--epochs", "2", "--n-train", "65", "--resume")
     assert r.returncode == 0 and "rank 0 of 2: done" in r.stdout, r.stdout + r.stderr
-    (ps, _, ms, _), (pr, _, mr, _) = ckpt(tmp_path / "straight"), ckpt(tmp_path / "resumed")
+    (ps, _, ms, _, _), (pr, _, mr, _, _) = ckpt(tmp_path / "straight"), ckpt(tmp_path / "resumed")
     assert len(ms["ranks"]["model_rng"]) == 1 and ms["ranks"]["model_rng"] == mr["ranks"]["model_rng"]
     assert ms["ranks"]["model_rng"][0] != ms["model_rng"]  # rank 1 draws its own masks
     for name in ps:
@@ -331,6 +331,28 @@ def test_train_py_two_ranks_writes_from_rank_0_only_and_resumes_with_another_ran
     # dropout masks move it like another seed would (measured: 80-89% after these 3 epochs)
     assert min(acc) > 0.6 and abs(acc[0] - acc[1]) <= 0.2, acc
     assert all(log[-1]["train_loss"] < log[0]["train_loss"] - 0.5 for log in logs)
+
+
+def test_two_ranks_keep_the_average_of_the_weights_in_the_checkpoint_and_the_model_file(mpi, mnist):
+    """--ema under MPI: every rank averages the same weights; rank 0 writes the average, which a single
+    process resumes and the model file holds."""
+    d, c = mnist / "data", mnist / "cache"
+    common = [*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "2", "--ema", "0.9", "--schedule", "cosine",
+              "--label-smoothing", "0.1", "--out", mnist / "E"]
+    r = _mpirun(["-np", "2", sys.executable, ROOT / "train.py", *common])
+    assert r.returncode == 0, r.stdout + r.stderr
+    params, _, meta, _, average = load_checkpoint(mnist / "E" / "checkpoint.npz")
+    assert meta["ranks"]["count"] == 2 and average is not None
+    import engine
+    model = engine.load(mnist / "E" / "model.npz")
+    for name, w in model.net.params.items():
+        np.testing.assert_array_equal(w, average[name], err_msg=name)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--epochs", "3", "--out", mnist / "E",
+                        "--quiet"], capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = [json.loads(line) for line in (mnist / "E" / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in log] == [1, 2, 3] and log[-1]["test_acc"] > 0.5
 
 
 @pytest.mark.parametrize("case", ["different", "missing"])
