@@ -6,6 +6,7 @@
     python -m engine.bench latency           # inference of both CIFAR-10 models, engine vs onnxruntime
     python -m engine.bench threads           # the compiled paths on 1 thread and on --threads, alternating
     mpirun -np 2 --bind-to none python -m engine.bench distributed --threads 1   # MPI: Allreduce, N x T vs 1 x N*T
+    python -m engine.bench winograd --data-dir ../shared/data   # Winograd's float32 error on the trained baseline
 
 `layers` and `model` time every usable backend (the CPU, and CuPy where a GPU passes the
 smoke test; --backend picks one). GPU times are taken after a device synchronization.
@@ -25,6 +26,7 @@ from .latency import bench_latency
 from .layers import bench_layers
 from .model import bench_model, bench_threads
 from .timing import int_list, positive_int
+from .winograd import bench_winograd
 
 
 def main(argv=None):
@@ -68,6 +70,16 @@ def main(argv=None):
                               "x --threads against 1 rank x N*threads")
     dis.add_argument("--model", choices=["baseline", "flattened"], default="flattened")
     dis.add_argument("--dataset", choices=["cifar10", "cifar100", "mnist"], default="cifar10")
+    win = sub.add_parser("winograd", help="the float32 rounding error of Winograd's F(m x m, 5 x 5) for each tile "
+                                          "size m, on the trained baseline's 5x5 layers (forward and input "
+                                          "gradient), against float64 direct convolution")
+    win.add_argument("--model-file", default=None,
+                     help="a baseline model file or pretrained name (default: the shipped baseline-cifar10)")
+    win.add_argument("--data-dir", default=None,
+                     help="folder holding cifar-10-batches-py/: whitened test images as inputs (default: standard "
+                          "normal images)")
+    win.add_argument("--tiles", type=int_list, default=[2, 3, 4], help="output tile sizes m")
+    win.add_argument("--batch", type=positive_int, default=32, help="images")
     args = p.parse_args(argv)
     for flag in ("json", "plot"):  # checked before the benchmark runs, whose results would be lost
         path = getattr(args, flag, None)
@@ -86,6 +98,8 @@ def main(argv=None):
         return bench_distributed(args)
     elif args.what == "threads":
         bench_threads(args)
+    elif args.what == "winograd":
+        bench_winograd(args)
     else:
         bench_latency(args)
     return 0

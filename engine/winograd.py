@@ -1,0 +1,110 @@
+"""Winograd's minimal filtering F(m x m, r x r) for stride-1 convolutions: the transforms, and a numpy
+reference used to measure each tile size's rounding error before a kernel uses it.
+
+An m x m output tile of an r x r filter takes (m + r - 1)^2 multiplications instead of m^2 r^2
+(Winograd 1980; Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"):
+
+    Y = AT [ (G g GT) * (BT d B) ] A        d: an (m+r-1)^2 input tile, g: the filter, * elementwise
+
+The transforms come from the Cook-Toom construction on the interpolation points 0, 1, -1, 2, -2,
+1/2, -1/2, 3, -3, ... and the point at infinity (the choice of Lavin & Gray's wincnn, which keeps
+the entries small); BT is solved exactly from AT and G (``transforms``). Larger tiles save more
+multiplications and round more: ``conv2d`` computes in a chosen dtype so that the error of each
+tile size can be measured against float64 direct convolution (``python -m engine.bench winograd``).
+"""
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+
+POINTS = (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2),
+          Fraction(3), Fraction(-3), Fraction(1, 3), Fraction(-1, 3))
+
+
+def _solve(rows, rhs):
+    """The exact solution x of rows @ x = rhs (Fractions; rows may be more than the unknowns, consistent)."""
+    n = len(rows[0])
+    a = [list(r) + [b] for r, b in zip(rows, rhs)]
+    pivots, r = [], 0
+    for c in range(n):
+        p = next((i for i in range(r, len(a)) if a[i][c] != 0), None)
+        if p is None:
+            continue
+        a[r], a[p] = a[p], a[r]
+        inv = 1 / a[r][c]
+        a[r] = [v * inv for v in a[r]]
+        for i in range(len(a)):
+            if i != r and a[i][c] != 0:
+                f = a[i][c]
+                a[i] = [u - f * v for u, v in zip(a[i], a[r])]
+        pivots.append(c)
+        r += 1
+    if len(pivots) != n or any(row[-1] != 0 for row in a[r:]):
+        raise ArithmeticError("no exact transform for these points")
+    return [a[i][-1] for i in range(n)]
+
+
+@lru_cache(maxsize=None)
+def transforms(m, r):
+    """(AT (m, n), G (n, r), BT (n, n)) of F(m, r), n = m + r - 1, as float64 arrays whose entries are exact
+    fractions: for every 1D signal d of n values and filter g of r, AT @ ((G @ g) * (BT @ d)) is the
+    correlation y[i] = sum_k g[k] d[i + k], i < m."""
+    if m < 1 or r < 1 or m + r - 2 > len(POINTS):
+        raise ValueError(f"F({m}, {r}) needs {m + r - 2} finite points; {len(POINTS)} are defined")
+    n = m + r - 1
+    pts = POINTS[:n - 1]
+    at = [[p ** i for p in pts] + [Fraction(int(i == m - 1))] for i in range(m)]
+    g = []
+    for j, p in enumerate(pts):
+        scale = Fraction(1)
+        for q in pts[:j] + pts[j + 1:]:
+            scale *= p - q
+        g.append([p ** k / scale for k in range(r)])
+    g.append([Fraction(int(k == r - 1)) for k in range(r)])
+    # BT column by column: sum_j AT[i, j] G[j, k] BT[j, l] = [l == i + k] for every i < m, k < r
+    rows = [[at[i][j] * g[j][k] for j in range(n)] for i in range(m) for k in range(r)]
+    cols = [_solve(rows, [Fraction(int(l == i + k)) for i in range(m) for k in range(r)]) for l in range(n)]
+    bt = [[cols[l][j] for l in range(n)] for j in range(n)]
+    return tuple(np.array([[float(v) for v in row] for row in mat]) for mat in (at, g, bt))
+
+
+def multiplications(m, r):
+    """Multiplications per output pixel and channel pair: ((m + r - 1) / m)^2, against r^2 directly."""
+    return ((m + r - 1) / m) ** 2
+
+
+def conv2d(x, w, m, padding=0, dtype=np.float32):
+    """Stride-1 cross-correlation of x (N, C, H, W) with w (K, C, r, r) by F(m x m, r x r), every operation in
+    `dtype` (the transforms, the channel sums and the output transform): (N, K, H + 2p - r + 1, W + 2p - r + 1).
+
+    Tiles overhanging the output's bottom and right edges read zeros and are cropped."""
+    n_img, c, h, wd = x.shape
+    k, c2, r, r2 = w.shape
+    if c2 != c or r2 != r:
+        raise ValueError(f"conv2d: filters {w.shape} do not fit input {x.shape}")
+    oh, ow = h + 2 * padding - r + 1, wd + 2 * padding - r + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"conv2d: a {r}x{r} filter does not fit input {x.shape} with padding {padding}")
+    at, g, bt = (t.astype(dtype) for t in transforms(m, r))
+    n = m + r - 1
+    th, tw = -(-oh // m), -(-ow // m)
+    xp = np.zeros((n_img, c, th * m + r - 1, tw * m + r - 1), dtype)
+    xp[:, :, padding:padding + h, padding:padding + wd] = x
+    s = xp.strides
+    tiles = np.lib.stride_tricks.as_strided(xp, (n_img, c, th, tw, n, n), (*s[:2], s[2] * m, s[3] * m, *s[2:]))
+    v = np.einsum("ia,nctuab,jb->ijcntu", bt, tiles, bt, optimize=True).astype(dtype, copy=False)
+    u = np.einsum("ia,kcab,jb->ijkc", g, w.astype(dtype), g, optimize=True).astype(dtype, copy=False)
+    prod = np.matmul(u, v.reshape(n, n, c, -1)).reshape(n, n, k, n_img, th, tw)  # a GEMM per transformed point
+    y = np.einsum("ai,ijkntu,bj->nktaub", at, prod, at, optimize=True).astype(dtype, copy=False)
+    return y.reshape(n_img, k, th * m, tw * m)[:, :, :oh, :ow]
+
+
+def direct_conv2d(x, w, padding=0, dtype=np.float64):
+    """Stride-1 cross-correlation computed directly (im2col and one matrix product) in `dtype`: the reference."""
+    n_img, c, h, wd = x.shape
+    k, _, r, _ = w.shape
+    xp = np.pad(x.astype(dtype), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    oh, ow = xp.shape[2] - r + 1, xp.shape[3] - r + 1
+    s = xp.strides
+    cols = np.lib.stride_tricks.as_strided(xp, (n_img, c, r, r, oh, ow), (*s[:2], *s[2:], *s[2:]))
+    return np.einsum("kcab,ncabhw->nkhw", w.astype(dtype), cols, optimize=True).astype(dtype, copy=False)
