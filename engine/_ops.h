@@ -20,7 +20,9 @@
     X(dw) X(db) X(dwv) X(dbv) X(dwh) X(dbh)  /* training: their gradients */                  \
     X(out) X(mid) X(aux)                  /* training: output; VH's v or CONV's packed weights; argmax/mask or CONV's columns */ \
     X(thresh) X(seed) X(scale)            /* training: dropout keep threshold, seed, float32 bits of 1/(1-p) */ \
-    X(chunk)                              /* training: CONV images per im2col chunk */
+    X(chunk)                              /* training: CONV images per im2col chunk */              \
+    X(tile)                               /* CONV: Winograd output tile m (0: direct), lowering.conv_tile */ \
+    X(wt) X(tv) X(tm)                     /* training, tile > 0: transforms AT|G|BT; transformed input; products */
 
 typedef struct {
 #define FL_FIELD_MEMBER(name) int64_t name;

@@ -401,6 +401,238 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
             for (long t = 0; t < k * k; t++) dw[(f * C + ch) * k * k + t] = dwp[f * KKC + t * C + ch];
 }
 
+/* ---------------------------------------------------------------- k x k convolution (Winograd)
+ * F(m x m, k x k) (engine/winograd.py; Lavin & Gray 2016) for a stride-1 CONV whose row has tile = m:
+ * the output is cut into m x m tiles; each tile's (m+k-1)^2 input patch d becomes V = BT d B, each filter
+ * g becomes U = G g GT, and for each of the n^2 = (m+k-1)^2 transformed points e one GEMM over the batch's
+ * tiles, M_e (tiles x F) = V_e (tiles x C) U_e (C x F), replaces the k^2 taps; Y = AT M A per tile.
+ * Backward: the weight gradient in the transformed domain, dU_e (F x C) = dM_e^T V_e with dM = A dY AT,
+ * then dg = GT dU G; the input gradient by the same forward algorithm on dy with the filters flipped and
+ * transposed. Each image's transforms are done by one thread, the GEMMs are ft_gemm_packed and
+ * ft_gemm_wgrad: the results do not depend on the thread count.
+ * Buffers (trainstep.py sizes them): op->tv the transformed input, n^2 x (n images x tiles) x C, kept
+ * from forward to backward, then the transformed output gradient of the input gradient; op->tm the
+ * products (and dM); op->mid the packed U; c->wbuf dU; per-thread scratch 2 n^2 max(C, F) floats. */
+typedef struct { long m, k, n; const float *at, *g, *bt; } ft_wino;
+
+static inline ft_wino ft_wino_of(const fl_op *op) {
+    ft_wino t;
+    t.m = op->tile; t.k = op->k; t.n = t.m + t.k - 1;
+    t.at = fl_cptr(op->wt); t.g = t.at + t.m * t.n; t.bt = t.g + t.n * t.k;
+    return t;
+}
+
+/* U_e = (G g GT)_e packed for ft_gemm_packed as B (Cin x Fout), e = 0 .. n^2 - 1, each panels(Fout) x Cin x FP_NR:
+ * g = w[fo][ci] (w: Fout x Cin x k x k), or with flip the input gradient's g = w[ci][fo] rotated by 180 degrees
+ * (w: Cin x Fout x k x k, the forward's F x C). */
+static void ft_wino_pack(const ft_wino *t, const float *w, long Cin, long Fout, int flip, float *up, ft_ctx *c) {
+    long k = t->k, n = t->n, panels = (Fout + FP_NR - 1) / FP_NR, per_e = panels * Cin * FP_NR;
+    #pragma omp parallel for schedule(static) num_threads(c->threads)
+    for (long fo = 0; fo < panels * FP_NR; fo++) {
+        float gk[8 * 8], tmp[8 * 8];
+        long p = fo / FP_NR, j = fo % FP_NR;
+        for (long ci = 0; ci < Cin; ci++) {
+            float *dst = up + (p * Cin + ci) * FP_NR + j;
+            if (fo >= Fout) {
+                for (long e = 0; e < n * n; e++) dst[e * per_e] = 0.f;
+                continue;
+            }
+            for (long y = 0; y < k; y++)
+                for (long x = 0; x < k; x++)
+                    gk[y * k + x] = flip ? w[((ci * Fout + fo) * k + (k - 1 - y)) * k + (k - 1 - x)]
+                                         : w[((fo * Cin + ci) * k + y) * k + x];
+            for (long a = 0; a < n; a++)  /* tmp = G g (n x k) */
+                for (long x = 0; x < k; x++) {
+                    float s = 0.f;
+                    for (long y = 0; y < k; y++) s += t->g[a * k + y] * gk[y * k + x];
+                    tmp[a * k + x] = s;
+                }
+            for (long a = 0; a < n; a++)  /* U = tmp GT (n x n) */
+                for (long b = 0; b < n; b++) {
+                    float s = 0.f;
+                    for (long x = 0; x < k; x++) s += tmp[a * k + x] * t->g[b * k + x];
+                    dst[(a * n + b) * per_e] = s;
+                }
+        }
+    }
+}
+
+/* V[e][row0 + tile][c] = (BT d B)[e] for each tile of one channels-last image x (H x W x C) whose output is
+ * th x tw tiles, d the (n x n x C) patch at (ty m - pad, tx m - pad), zero outside; V's blocks are R x C. */
+static void ft_wino_in(const ft_wino *t, const float *x, long H, long W, long C, long pad, long th, long tw,
+                       float *V, long R, long row0, float *scr) {
+    long n = t->n, m = t->m;
+    float *d = scr, *tmp = scr + n * n * C;
+    for (long ty = 0; ty < th; ty++)
+        for (long tx = 0; tx < tw; tx++) {
+            for (long a = 0; a < n; a++) {
+                long iy = ty * m + a - pad;
+                for (long b = 0; b < n; b++) {
+                    long ix = tx * m + b - pad;
+                    float *dst = d + (a * n + b) * C;
+                    if (iy < 0 || iy >= H || ix < 0 || ix >= W) memset(dst, 0, C * sizeof(float));
+                    else memcpy(dst, x + (iy * W + ix) * C, C * sizeof(float));
+                }
+            }
+            for (long a = 0; a < n; a++)  /* tmp[a][b] = sum_u BT[a][u] d[u][b] */
+                for (long b = 0; b < n; b++) {
+                    float *o = tmp + (a * n + b) * C;
+                    memset(o, 0, C * sizeof(float));
+                    for (long u = 0; u < n; u++) {
+                        float f = t->bt[a * n + u];
+                        if (f == 0.f) continue;
+                        const float *s = d + (u * n + b) * C;
+                        for (long ch = 0; ch < C; ch++) o[ch] += f * s[ch];
+                    }
+                }
+            long row = row0 + ty * tw + tx;
+            for (long a = 0; a < n; a++)  /* V[a][b] = sum_u tmp[a][u] BT[b][u] */
+                for (long b = 0; b < n; b++) {
+                    float *o = V + ((a * n + b) * R + row) * C;
+                    memset(o, 0, C * sizeof(float));
+                    for (long u = 0; u < n; u++) {
+                        float f = t->bt[b * n + u];
+                        if (f == 0.f) continue;
+                        const float *s = tmp + (a * n + u) * C;
+                        for (long ch = 0; ch < C; ch++) o[ch] += f * s[ch];
+                    }
+                }
+        }
+}
+
+/* y (Ho x Wo x F, channels-last) = AT M[tile] A + bias (and ReLU) for each tile of one image; M's blocks R x F. */
+static void ft_wino_out(const ft_wino *t, const float *M, long R, long row0, long th, long tw, long F, long Ho,
+                        long Wo, const float *bias, int relu, float *y, float *scr) {
+    long n = t->n, m = t->m;
+    float *tmp = scr, *acc = scr + m * n * F;
+    for (long ty = 0; ty < th; ty++)
+        for (long tx = 0; tx < tw; tx++) {
+            long row = row0 + ty * tw + tx;
+            for (long a = 0; a < m; a++)  /* tmp[a][b] = sum_u AT[a][u] M[u][b] */
+                for (long b = 0; b < n; b++) {
+                    float *o = tmp + (a * n + b) * F;
+                    memset(o, 0, F * sizeof(float));
+                    for (long u = 0; u < n; u++) {
+                        float f = t->at[a * n + u];
+                        if (f == 0.f) continue;
+                        const float *s = M + ((u * n + b) * R + row) * F;
+                        for (long j = 0; j < F; j++) o[j] += f * s[j];
+                    }
+                }
+            for (long a = 0; a < m; a++) {
+                long oy = ty * m + a;
+                if (oy >= Ho) break;
+                for (long b = 0; b < m; b++) {
+                    long ox = tx * m + b;
+                    if (ox >= Wo) break;
+                    for (long j = 0; j < F; j++) acc[j] = bias ? bias[j] : 0.f;
+                    for (long u = 0; u < n; u++) {
+                        float f = t->at[b * n + u];
+                        if (f == 0.f) continue;
+                        const float *s = tmp + (a * n + u) * F;
+                        for (long j = 0; j < F; j++) acc[j] += f * s[j];
+                    }
+                    float *o = y + (oy * Wo + ox) * F;
+                    if (relu) for (long j = 0; j < F; j++) o[j] = acc[j] > 0.f ? acc[j] : 0.f;
+                    else memcpy(o, acc, F * sizeof(float));
+                }
+            }
+        }
+}
+
+/* dM[e][row0 + tile][f] = (A dY AT)[e], the adjoint of ft_wino_out, for each tile of one image's output
+ * gradient dy (Ho x Wo x F), zero past its edges. */
+static void ft_wino_dout(const ft_wino *t, const float *dy, long Ho, long Wo, long F, long th, long tw, float *dM,
+                         long R, long row0, float *scr) {
+    long n = t->n, m = t->m;
+    float *tmp = scr;
+    for (long ty = 0; ty < th; ty++)
+        for (long tx = 0; tx < tw; tx++) {
+            long row = row0 + ty * tw + tx;
+            for (long a = 0; a < n; a++)  /* tmp[a][b] = sum_u AT[u][a] dY[u][b] (n x m) */
+                for (long b = 0; b < m; b++) {
+                    float *o = tmp + (a * m + b) * F;
+                    memset(o, 0, F * sizeof(float));
+                    long ox = tx * m + b;
+                    if (ox >= Wo) continue;
+                    for (long u = 0; u < m; u++) {
+                        long oy = ty * m + u;
+                        float f = t->at[u * n + a];
+                        if (oy >= Ho || f == 0.f) continue;
+                        const float *s = dy + (oy * Wo + ox) * F;
+                        for (long j = 0; j < F; j++) o[j] += f * s[j];
+                    }
+                }
+            for (long a = 0; a < n; a++)  /* dM[a][b] = sum_u tmp[a][u] AT[u][b] */
+                for (long b = 0; b < n; b++) {
+                    float *o = dM + ((a * n + b) * R + row) * F;
+                    memset(o, 0, F * sizeof(float));
+                    for (long u = 0; u < m; u++) {
+                        float f = t->at[u * n + b];
+                        if (f == 0.f) continue;
+                        const float *s = tmp + (a * m + u) * F;
+                        for (long j = 0; j < F; j++) o[j] += f * s[j];
+                    }
+                }
+        }
+}
+
+/* A stride-1 convolution of n channels-last images x (H x W x Cin) into y (Ho x Wo x Fout) by Winograd, with
+ * U packed by ft_wino_pack: input transforms into V, one GEMM per transformed point into M, output transforms. */
+static void ft_wino_conv(const ft_wino *t, const float *x, long H, long W, long Cin, long pad, long Ho, long Wo,
+                         long Fout, const float *up, float *V, float *M, const float *bias, int relu, float *y, long n,
+                         ft_ctx *c) {
+    long th = (Ho + t->m - 1) / t->m, tw = (Wo + t->m - 1) / t->m, T = th * tw, R = n * T;
+    long per_e = (Fout + FP_NR - 1) / FP_NR * Cin * FP_NR;
+    FT_PER_IMAGE(c, n, ft_wino_in(t, x + i * H * W * Cin, H, W, Cin, pad, th, tw, V, R, i * T, scr));
+    for (long e = 0; e < t->n * t->n; e++)
+        ft_gemm_packed(c, R, Fout, Cin, V + e * R * Cin, up + e * per_e, c->bpad + c->bpad_floats / 2,
+                       M + e * R * Fout, 0);
+    FT_PER_IMAGE(c, n, ft_wino_out(t, M, R, i * T, th, tw, Fout, Ho, Wo, bias, relu, y + i * Ho * Wo * Fout, scr));
+}
+
+static void ft_wino_forward(const fl_op *op, const float *x, long n, ft_ctx *c) {
+    ft_wino t = ft_wino_of(op);
+    float *up = fl_ptr(op->mid);
+    ft_wino_pack(&t, fl_cptr(op->w), op->c_in, op->c_out, 0, up, c);
+    ft_wino_conv(&t, x, op->h_in, op->w_in, op->c_in, op->pad, op->h_out, op->w_out, op->c_out, up, fl_ptr(op->tv),
+                 fl_ptr(op->tm), fl_cptr(op->b), (int)op->relu, fl_ptr(op->out), n, c);
+}
+
+static void ft_wino_backward(const fl_op *op, float *dy, float *dx, long n, ft_ctx *c) {
+    ft_wino t = ft_wino_of(op);
+    long C = op->c_in, F = op->c_out, Ho = op->h_out, Wo = op->w_out, P = Ho * Wo, k = t.k, nn = t.n * t.n;
+    long th = (Ho + t.m - 1) / t.m, tw = (Wo + t.m - 1) / t.m, R = n * th * tw;
+    float *V = fl_ptr(op->tv), *dM = fl_ptr(op->tm), *dU = c->wbuf, *dw = fl_ptr(op->dw);
+    const float *y = fl_cptr(op->out);
+    FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, y + i * P * F, (int)op->relu, P, F, c->part + i * c->part_floats));
+    ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
+    FT_PER_IMAGE(c, n, ft_wino_dout(&t, dy + i * P * F, Ho, Wo, F, th, tw, dM, R, i * th * tw, scr));
+    for (long e = 0; e < nn; e++)  /* dU_e (F x C) = dM_e^T V_e */
+        ft_gemm_wgrad(c, R, F, C, dM + e * R * F, V + e * R * C, dU + e * F * C, 0);
+    #pragma omp parallel for schedule(static) num_threads(c->threads)
+    for (long fc = 0; fc < F * C; fc++) {  /* dg = GT dU G (k x k) */
+        float tmp[8 * 8];
+        for (long y0 = 0; y0 < k; y0++)
+            for (long b = 0; b < t.n; b++) {
+                float s = 0.f;
+                for (long a = 0; a < t.n; a++) s += t.g[a * k + y0] * dU[(a * t.n + b) * F * C + fc];
+                tmp[y0 * t.n + b] = s;
+            }
+        for (long y0 = 0; y0 < k; y0++)
+            for (long x0 = 0; x0 < k; x0++) {
+                float s = 0.f;
+                for (long b = 0; b < t.n; b++) s += tmp[y0 * t.n + b] * t.g[b * k + x0];
+                dw[fc * k * k + y0 * k + x0] = s;
+            }
+    }
+    if (dx) {  /* the input gradient: dy (Ho x Wo x F) correlated with the flipped, transposed filters */
+        float *up = fl_ptr(op->mid);
+        ft_wino_pack(&t, fl_cptr(op->w), F, C, 1, up, c);
+        ft_wino_conv(&t, dy, Ho, Wo, F, k - 1 - op->pad, op->h_in, op->w_in, C, up, V, dM, NULL, 0, dx, n, c);
+    }
+}
+
 /* ---------------------------------------------------------------- vertical + horizontal 1D convolutions
  * v[i, x, c] = bv[c] + sum_t wv[t, c] in[i + t - vb, x, c]   (rows outside the input are zero)
  * y[i, j, c] = bh[c] + sum_t wh[t, c] v[i, j + t - hb, c]    (columns likewise)
@@ -612,7 +844,8 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
                            y, (int)op->relu);
             break;
         case FL_CONV:
-            ft_conv_forward(op, in, n, c);
+            if (op->tile) ft_wino_forward(op, in, n, c);
+            else ft_conv_forward(op, in, n, c);
             break;
         case FL_VH:
             ft_vh_forward(op, in, n, c);
@@ -683,7 +916,8 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
             break;
         }
         case FL_CONV:
-            ft_conv_backward(op, in, dy, d, n, c);
+            if (op->tile) ft_wino_backward(op, dy, d, n, c);
+            else ft_conv_backward(op, in, dy, d, n, c);
             break;
         case FL_VH:
             ft_vh_backward(op, in, dy, d, n, c);

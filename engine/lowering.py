@@ -6,8 +6,9 @@
 
 ``lower`` reads each layer's declared ``kind`` (engine/layers.py) and works out the per-image
 shapes; ``fuse`` is the one place that decides what the compiled executors fuse; ``layout`` the
-one place that decides how they run it: which ops are GEMMs, where activations change between
-NCHW and channels-last, what an absent V or H half is. The executors only size buffers and fill
+one place that decides how they run it: which ops are GEMMs, which convolutions run by Winograd's
+algorithm (``conv_tile``), where activations change between NCHW and channels-last, what an absent
+V or H half is. The executors only size buffers and fill
 in pointers: the compiled inference plan (engine/plan.py) from ``layout(..., training=False)``,
 the compiled training step (engine/trainstep.py) from ``layout(..., training=True)``; the ONNX
 export (engine/onnx_export.py) takes ``lower(...)`` as it is, since ONNX keeps NCHW and its own ops.
@@ -17,6 +18,7 @@ the fields of the C struct ``fl_op`` (engine/_ops.h). ``op_table(rows)`` builds 
 table by field name, with the names read from the compiled module, so the Python and
 C sides of the format are declared once, in the header.
 """
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,6 +54,30 @@ class Op:
 
 
 FUSES_RELU = ("conv", "lateral", "vh", "pool", "linear")  # ops that apply a ReLU to their output themselves
+
+CONV_ENV = "FLATNET_CONV"  # auto (default), direct, or winogradM: how a stride-1 k x k convolution runs
+CONV_CHOICES = ("auto", "direct", "winograd2", "winograd3", "winograd4")
+AUTO_TILE = 4  # F(4x4, k x k): see conv_tile
+
+
+def conv_tile(layer, in_shape, choice=None):
+    """The Winograd output tile m with which a CONV op runs in the compiled executors, or 0 for direct convolution.
+
+    `choice` (default: $FLATNET_CONV, else auto): direct always 0; winogradM, m = M wherever Winograd applies (stride 1,
+    3x3 or 5x5 filters, padding below k); auto, AUTO_TILE where it applies and both channel counts are at least 16,
+    and direct elsewhere: a first layer's 3 input channels leave nothing for the transforms to save (the GEMMs are
+    then short and the transforms' memory passes dominate). The float32 error of each tile size on the trained
+    baseline is `python -m engine.bench winograd` (docs/benchmarks.md)."""
+    choice = choice or os.environ.get(CONV_ENV) or "auto"
+    if choice not in CONV_CHOICES:
+        raise ValueError(f"{CONV_ENV}={choice!r}: expected one of {', '.join(CONV_CHOICES)}")
+    k, pad = layer.k, layer.padding
+    c, h, w = in_shape
+    if choice == "direct" or layer.stride != 1 or k not in (3, 5) or pad > k - 1 or min(h, w) + 2 * pad < k:
+        return 0
+    if choice != "auto":
+        return int(choice[-1])
+    return AUTO_TILE if min(c, layer.c_out) >= 16 else 0
 
 
 def leaves(layer, name=""):
@@ -216,7 +242,7 @@ def layout(ops, training):
             put(Placed("GEMM", op.name, shape, op.out_shape, op, relu))
         elif op.kind == "conv":
             put(Placed("CONV", op.name, shape, op.out_shape, op, relu,
-                       dict(k=layer.k, stride=layer.stride, pad=layer.padding)))
+                       dict(k=layer.k, stride=layer.stride, pad=layer.padding, tile=conv_tile(layer, shape))))
         elif op.kind == "pool":
             put(Placed("POOL", op.name, shape, op.out_shape, op, relu, dict(k=layer.k, stride=layer.stride)))
         else:

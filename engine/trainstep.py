@@ -23,6 +23,7 @@ with one step resumes on the other, and their results agree to float32 rounding
 """
 import numpy as np
 
+from . import winograd
 from ._kernels import infer_layout, sgd_run, train_run, train_wgrad_scratch
 from .losses import SoftmaxCrossEntropy
 from .lowering import CKIND, COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
@@ -133,6 +134,8 @@ class CompiledStep:
                           thresh=dropout_threshold(layer.p), scale=_float_bits(1.0 / (1.0 - layer.p)))
             elif row.kind in ("LINEAR", "GEMM"):
                 self._gemm_row(row.kind, op, row.in_shape, row.out_shape, relu=relu)
+            elif row.kind == "CONV" and row.fields["tile"]:
+                self._winograd_row(row, relu)
             elif row.kind == "CONV":
                 c, h, w = row.in_shape
                 f, ho, wo = row.out_shape
@@ -211,6 +214,23 @@ class CompiledStep:
                   b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
                   db=self._ptr(layer.grads["bias"]), **fields)
         self._has_params = True
+
+    def _winograd_row(self, row, relu):
+        """A CONV by Winograd's F(m x m, k x k) (_train.h, ft_wino_*): the transforms, the transformed input kept for
+        backward (and reused by the input gradient), the products, the packed transformed filters."""
+        (c, h, w), (f, ho, wo) = row.in_shape, row.out_shape
+        m, k = row.fields["tile"], row.fields["k"]
+        n, cap = m + k - 1, self.capacity
+        tiles, tiles_in = -(-ho // m) * -(-wo // m), -(-h // m) * -(-w // m)  # forward; input gradient
+        wt = np.concatenate([t.astype(np.float32).ravel() for t in winograd.transforms(m, k)])
+        self._keep.append(wt)
+        self._wbuf = max(self._wbuf, n * n * f * c)
+        self._scratch = max(self._scratch, 2 * n * n * max(c, f) + max(c, f))
+        self._bpad = max(self._bpad, _panels(f), _panels(c))
+        self._gemm_row("CONV", row.op, row.in_shape, row.out_shape, relu=relu, **row.fields, wt=wt.ctypes.data,
+                       tv=self._buf(n * n * cap * max(tiles * c, tiles_in * f)),
+                       tm=self._buf(n * n * cap * max(tiles * f, tiles_in * c)),
+                       mid=self._buf(n * n * max(_panels(f) * c, _panels(c) * f)), chunk=cap)
 
     def _vh_row(self, row):
         c, h, w = row.in_shape

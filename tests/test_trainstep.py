@@ -286,3 +286,93 @@ def test_evaluation_runs_compiled_and_agrees_with_the_layer_path(rng):
     assert len(calls) == 3 and net.training  # three batches through the plan; training mode restored
     loss64, acc64 = evaluate(copy.deepcopy(net).astype(np.float64), x.astype(np.float64), y, batch_size=16)
     assert acc32 == acc64 and loss32 == pytest.approx(loss64, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- Winograd convolutions
+
+@pytest.mark.parametrize("tile", ["winograd2", "winograd3", "winograd4"])
+@pytest.mark.parametrize("k,pad,c_mid,size,batch", [
+    (5, 2, 17, (11, 13), 3),   # 'same', odd sizes not divisible by the tile, channels off the vector width
+    (5, 0, 16, (12, 9), 1),    # 'valid', batch 1
+    (3, 1, 33, (7, 10), 2),    # 3x3
+    (5, 4, 8, (6, 6), 2),      # padding k - 1: an output larger than the input
+])
+def test_winograd_convolutions_step_like_the_layer_path(tile, k, pad, c_mid, size, batch, rng, monkeypatch):
+    monkeypatch.setenv("FLATNET_CONV", tile)
+    in_shape = (3, *size)
+    net = Sequential(Conv2d(3, c_mid, 3, padding=1, rng=rng), ReLU(), Conv2d(c_mid, 19, k, padding=pad, rng=rng),
+                     ReLU(), Conv2d(19, 6, k, padding=pad, rng=rng))
+    net = with_logits(net, in_shape, rng)
+    step = run_both(net, in_shape, rng, batch=batch, steps=2)
+    assert list(step.table[step.table[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [int(tile[-1])] * 3
+
+
+def test_winograd_gradients_match_float64_finite_differences(rng, monkeypatch):
+    monkeypatch.setenv("FLATNET_CONV", "winograd4")
+    net = Sequential(Conv2d(2, 6, 5, padding=2, rng=rng), ReLU(), Conv2d(6, 7, 5, padding=1, rng=rng), ReLU(),
+                     Flatten(), Linear(7 * 7 * 6, 5, rng=rng))
+    for name, v in net.params.items():
+        if name.endswith("bias"):
+            v[...] = rng.uniform(-0.3, 0.3, v.shape)
+    x = rng.standard_normal((2, 2, 9, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 2)
+    step = CompiledStep(net, (2, 9, 8), batch_size=2)
+    assert list(step.table[step.table[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [4, 4]
+    step.loss_fn(step.forward(x), y)
+    step.backward(step.loss_fn.backward())
+    net64 = copy.deepcopy(net).astype(np.float64)
+    h = 1e-7
+    for name, w in net64.params.items():
+        d = rng.standard_normal(w.shape)
+        w0 = w.copy()
+        w[...] = w0 + h * d
+        up = reference_loss(net64, x, y)
+        w[...] = w0 - h * d
+        down = reference_loss(net64, x, y)
+        w[...] = w0
+        numeric, analytic = (up - down) / (2 * h), float(np.sum(net.grads[name] * d))
+        assert analytic == pytest.approx(numeric, rel=2e-3, abs=1e-5), name
+
+
+@pytest.mark.parametrize("tile", ["winograd2", "winograd4"])
+def test_winograd_is_bit_identical_for_any_thread_count(tile, rng, monkeypatch):
+    monkeypatch.setenv("FLATNET_CONV", tile)
+    base = with_logits(Sequential(Conv2d(3, 20, 3, padding=1, rng=rng), ReLU(), Conv2d(20, 24, 5, padding=2, rng=rng),
+                                  ReLU()), (3, 10, 9), rng)
+    x = rng.standard_normal((5, 3, 10, 9)).astype(np.float32)
+    y = rng.integers(0, 3, 5)
+    results = []
+    for threads in (1, 2, 3):
+        net = copy.deepcopy(base)
+        step, velocity = CompiledStep(net, (3, 10, 9), batch_size=5), {}
+        engine.set_num_threads(threads)
+        try:
+            for _ in range(2):
+                loss, logits = step.step(x, y, 0.05, 0.9, 1e-4, None, velocity)
+        finally:
+            engine.set_num_threads(None)
+        results.append((loss, logits.copy(), {k: v.copy() for k, v in net.params.items()}))
+    for loss, logits, params in results[1:]:
+        assert loss == results[0][0]
+        np.testing.assert_array_equal(logits, results[0][1])
+        for name in params:
+            np.testing.assert_array_equal(params[name], results[0][2][name], err_msg=name)
+
+
+def test_which_convolutions_run_by_winograd(monkeypatch):
+    from engine.lowering import conv_tile
+    monkeypatch.delenv("FLATNET_CONV", raising=False)
+    rng = np.random.default_rng(0)
+    assert conv_tile(Conv2d(3, 64, 5, padding=2, rng=rng), (3, 32, 32)) == 0  # a first layer: direct
+    assert conv_tile(Conv2d(64, 64, 5, padding=2, rng=rng), (64, 16, 16)) == 4
+    assert conv_tile(Conv2d(64, 64, 5, stride=2, padding=2, rng=rng), (64, 16, 16)) == 0  # strided
+    assert conv_tile(Conv2d(64, 64, 4, padding=2, rng=rng), (64, 16, 16)) == 0  # an even filter
+    assert conv_tile(Conv2d(64, 64, 5, rng=rng), (64, 4, 4)) == 0  # the filter does not fit
+    assert conv_tile(Conv2d(64, 8, 5, padding=2, rng=rng), (64, 16, 16)) == 0  # few output channels
+    monkeypatch.setenv("FLATNET_CONV", "direct")
+    assert conv_tile(Conv2d(64, 64, 5, padding=2, rng=rng), (64, 16, 16)) == 0
+    monkeypatch.setenv("FLATNET_CONV", "winograd2")
+    assert conv_tile(Conv2d(3, 64, 5, padding=2, rng=rng), (3, 32, 32)) == 2
+    monkeypatch.setenv("FLATNET_CONV", "fft")
+    with pytest.raises(ValueError, match="FLATNET_CONV='fft'"):
+        conv_tile(Conv2d(64, 64, 5, padding=2, rng=rng), (64, 16, 16))
