@@ -58,26 +58,27 @@ FUSES_RELU = ("conv", "lateral", "vh", "pool", "linear")  # ops that apply a ReL
 CONV_ENV = "FLATNET_CONV"  # auto (default), direct, or winogradM: how a stride-1 k x k convolution runs
 CONV_CHOICES = ("auto", "direct", "winograd2", "winograd3", "winograd4")
 AUTO_TILE = 4  # F(4x4, k x k): see conv_tile
+WINOGRAD_MIN_CHANNELS = 16
 
 
 def conv_tile(layer, in_shape, choice=None):
     """The Winograd output tile m with which a CONV op runs in the compiled executors, or 0 for direct convolution.
 
-    `choice` (default: $FLATNET_CONV, else auto): direct always 0; winogradM, m = M wherever Winograd applies (stride 1,
-    3x3 or 5x5 filters, padding below k); auto, AUTO_TILE where it applies and both channel counts are at least 16,
-    and direct elsewhere: a first layer's 3 input channels leave nothing for the transforms to save (the GEMMs are
-    then short and the transforms' memory passes dominate). The float32 error of each tile size on the trained
-    baseline is `python -m engine.bench winograd` (docs/benchmarks.md)."""
+    Winograd applies to a stride-1 convolution with 3x3 or 5x5 filters, padding below k, and at least
+    WINOGRAD_MIN_CHANNELS input and output channels: a first layer's 3 input channels leave the transforms
+    nothing to save (its GEMMs are short and the transforms' memory passes dominate). Where it applies, `choice`
+    (default: $FLATNET_CONV, else auto) picks the tile: auto AUTO_TILE, winogradM m = M, direct none. The float32
+    error of each tile size on the trained baseline is `python -m engine.bench winograd`, its speed
+    `FLATNET_CONV=... python -m engine.bench model --model baseline` (docs/benchmarks.md)."""
     choice = choice or os.environ.get(CONV_ENV) or "auto"
     if choice not in CONV_CHOICES:
         raise ValueError(f"{CONV_ENV}={choice!r}: expected one of {', '.join(CONV_CHOICES)}")
     k, pad = layer.k, layer.padding
     c, h, w = in_shape
-    if choice == "direct" or layer.stride != 1 or k not in (3, 5) or pad > k - 1 or min(h, w) + 2 * pad < k:
+    if (choice == "direct" or layer.stride != 1 or k not in (3, 5) or pad > k - 1 or min(h, w) + 2 * pad < k
+            or min(c, layer.c_out) < WINOGRAD_MIN_CHANNELS):
         return 0
-    if choice != "auto":
-        return int(choice[-1])
-    return AUTO_TILE if min(c, layer.c_out) >= 16 else 0
+    return AUTO_TILE if choice == "auto" else int(choice[-1])
 
 
 def leaves(layer, name=""):

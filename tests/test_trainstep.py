@@ -295,29 +295,30 @@ def test_evaluation_runs_compiled_and_agrees_with_the_layer_path(rng):
     (5, 2, 17, (11, 13), 3),   # 'same', odd sizes not divisible by the tile, channels off the vector width
     (5, 0, 16, (12, 9), 1),    # 'valid', batch 1
     (3, 1, 33, (7, 10), 2),    # 3x3
-    (5, 4, 8, (6, 6), 2),      # padding k - 1: an output larger than the input
+    (5, 4, 16, (6, 6), 2),     # padding k - 1: an output larger than the input
 ])
 def test_winograd_convolutions_step_like_the_layer_path(tile, k, pad, c_mid, size, batch, rng, monkeypatch):
     monkeypatch.setenv("FLATNET_CONV", tile)
     in_shape = (3, *size)
     net = Sequential(Conv2d(3, c_mid, 3, padding=1, rng=rng), ReLU(), Conv2d(c_mid, 19, k, padding=pad, rng=rng),
-                     ReLU(), Conv2d(19, 6, k, padding=pad, rng=rng))
+                     ReLU(), Conv2d(19, 16, k, padding=pad, rng=rng))
     net = with_logits(net, in_shape, rng)
     step = run_both(net, in_shape, rng, batch=batch, steps=2)
-    assert list(step.table[step.table[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [int(tile[-1])] * 3
+    # the first layer's 3 channels: direct
+    assert list(step.table[step.table[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [0] + [int(tile[-1])] * 2
 
 
 def test_winograd_gradients_match_float64_finite_differences(rng, monkeypatch):
     monkeypatch.setenv("FLATNET_CONV", "winograd4")
-    net = Sequential(Conv2d(2, 6, 5, padding=2, rng=rng), ReLU(), Conv2d(6, 7, 5, padding=1, rng=rng), ReLU(),
-                     Flatten(), Linear(7 * 7 * 6, 5, rng=rng))
+    net = Sequential(Conv2d(2, 16, 3, padding=1, rng=rng), ReLU(), Conv2d(16, 17, 5, padding=2, rng=rng), ReLU(),
+                     Conv2d(17, 16, 5, padding=1, rng=rng), ReLU(), Flatten(), Linear(16 * 7 * 6, 5, rng=rng))
     for name, v in net.params.items():
         if name.endswith("bias"):
             v[...] = rng.uniform(-0.3, 0.3, v.shape)
     x = rng.standard_normal((2, 2, 9, 8)).astype(np.float32)
     y = rng.integers(0, 5, 2)
     step = CompiledStep(net, (2, 9, 8), batch_size=2)
-    assert list(step.table[step.table[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [4, 4]
+    assert list(step.table[step.table[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [0, 4, 4]
     step.loss_fn(step.forward(x), y)
     step.backward(step.loss_fn.backward())
     net64 = copy.deepcopy(net).astype(np.float64)
@@ -372,7 +373,8 @@ def test_which_convolutions_run_by_winograd(monkeypatch):
     monkeypatch.setenv("FLATNET_CONV", "direct")
     assert conv_tile(Conv2d(64, 64, 5, padding=2, rng=rng), (64, 16, 16)) == 0
     monkeypatch.setenv("FLATNET_CONV", "winograd2")
-    assert conv_tile(Conv2d(3, 64, 5, padding=2, rng=rng), (3, 32, 32)) == 2
+    assert conv_tile(Conv2d(64, 64, 5, padding=2, rng=rng), (64, 16, 16)) == 2
+    assert conv_tile(Conv2d(3, 64, 5, padding=2, rng=rng), (3, 32, 32)) == 0
     monkeypatch.setenv("FLATNET_CONV", "fft")
     with pytest.raises(ValueError, match="FLATNET_CONV='fft'"):
         conv_tile(Conv2d(64, 64, 5, padding=2, rng=rng), (64, 16, 16))
