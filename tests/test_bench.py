@@ -34,6 +34,18 @@ def test_bench_layers_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+def test_bench_layers_times_the_baseline_layer_by_winograd_and_by_direct_convolution(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    bench.main(["layers", "--sizes", "9", "--batch", "2", "--channels", "16", "--repeat", "1", "--backend", "cpu",
+                "--json", str(out)])
+    records = json.loads(out.read_text())
+    compiled = {(r["layer"], r["pass"], r["backend"]) for r in records if r["backend"].startswith("cpu compiled")}
+    assert compiled == {(layer, p, "cpu compiled") for layer in ("baseline", "flattened") for p in ("forward", "backward")
+                        } | {("baseline", p, "cpu compiled direct") for p in ("forward", "backward")}
+    assert all(r["median_ms"] > 0 for r in records)
+    assert "baseline compiled; forward direct/chosen" in capsys.readouterr().out
+
+
 def test_bench_model_runs(capsys):
     bench.main(["model", "--model", "flattened", "--dataset", "mnist", "--batch", "4", "--repeat", "1", "--per-layer"])
     text = capsys.readouterr().out

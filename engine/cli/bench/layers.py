@@ -146,23 +146,39 @@ def bench_compiled_layers(args, layers, records):
     (channels-last in and out: the layout changes at the network's ends are not counted), forward and
     backward (input and weight gradients: a 1-tap vertical filter before the layer makes it compute
     its input's gradient, which the step skips for a network's first layer)."""
+    import os
+
     from engine import Flatten, Linear, Vertical
+    from engine.lowering import CONV_ENV, conv_tile
     from engine.trainstep import CompiledStep
     rng = np.random.default_rng(1)
+    chosen = os.environ.get(CONV_ENV)
     for size in args.sizes:
         x = rng.standard_normal((args.batch, args.channels, size, size)).astype(np.float32)
         y = np.zeros(args.batch, np.int64)
         for name, layer in layers.items():
-            n_out = int(np.prod(layer.output_shape(x.shape)[1:]))
-            net = Sequential(Vertical(args.channels, 1, "valid"), layer, Flatten(), Linear(n_out, 1))
-            step = CompiledStep(net, x.shape[1:], args.batch)
-            mine = [(f, b) for op, f, b in step.profile(x, y, args.repeat) if op.startswith("1")]
-            flops = layer_flops(layer, x.shape)
-            for pas, ms, fl in (("forward", sum(f for f, _ in mine), flops),
-                                ("backward", sum(b for _, b in mine), 2 * flops)):
-                records.append(dict(layer=name, size=size, batch=args.batch, pass_=pas, backend="cpu compiled",
-                                    median_ms=ms, min_ms=ms, max_ms=ms, gflops=fl / ms / 1e6))
-                print_record(records[-1])
+            # the baseline layer as the lowering chooses it (Winograd where it applies), and by direct convolution
+            variants = [("cpu compiled", chosen)]
+            if isinstance(layer, Conv2d) and conv_tile(layer, x.shape[1:]):
+                variants.append(("cpu compiled direct", "direct"))
+            for label, conv in variants:
+                if conv:
+                    os.environ[CONV_ENV] = conv
+                try:
+                    n_out = int(np.prod(layer.output_shape(x.shape)[1:]))
+                    net = Sequential(Vertical(args.channels, 1, "valid"), layer, Flatten(), Linear(n_out, 1))
+                    step = CompiledStep(net, x.shape[1:], args.batch)
+                finally:
+                    os.environ.pop(CONV_ENV, None)
+                    if chosen is not None:
+                        os.environ[CONV_ENV] = chosen
+                mine = [(f, b) for op, f, b in step.profile(x, y, args.repeat) if op.startswith("1")]
+                flops = layer_flops(layer, x.shape)  # direct convolution's count: Winograd's rate is "effective"
+                for pas, ms, fl in (("forward", sum(f for f, _ in mine), flops),
+                                    ("backward", sum(b for _, b in mine), 2 * flops)):
+                    records.append(dict(layer=name, size=size, batch=args.batch, pass_=pas, backend=label,
+                                        median_ms=ms, min_ms=ms, max_ms=ms, gflops=fl / ms / 1e6))
+                    print_record(records[-1])
 
 
 def print_ratios(records):
@@ -188,6 +204,17 @@ def print_ratios(records):
                                  med("baseline", size, "forward", "torch-channels-last")) if t)
             line += (f"; flattened fwd engine/torch-best {f / min(tf):4.2f}; fwd+bwd {fb / tfb:4.2f}; "
                      f"baseline fwd engine/torch-best {b / tb:4.2f}")
+        print(line)
+    for size in sorted({r["size"] for r in records if r["backend"] == "cpu compiled"}):
+        line = f"#   {size:>3}x{size:<3} baseline compiled"
+        for pas in ("forward", "backward"):
+            mine, direct = med("baseline", size, pas, "cpu compiled"), med("baseline", size, pas, "cpu compiled direct")
+            torch = [t for t in (med("baseline", size, pas, "torch-nchw"), med("baseline", size, pas,
+                                                                               "torch-channels-last")) if t]
+            if direct:
+                line += f"; {pas} direct/chosen {direct / mine:4.2f}x"
+            if torch:
+                line += f"; {pas} torch-best/engine {min(torch) / mine:4.2f}x"
         print(line)
 
 
