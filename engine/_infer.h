@@ -220,6 +220,97 @@ static void fp_gemv(long m0, long m1, long K, const float *W, const float *b, co
     }
 }
 
+/* ---------------------------------------------------------------- Winograd tiles
+ * F(m x m, k x k) (engine/winograd.py): a tile's input transform V = BT d B and output transform
+ * Y = AT M A, shared by the inference plan (fp_wino_image) and the training step (_train.h). The
+ * transforms (AT m x n, G n x k, BT n x n, n = m + k - 1, at most 8) follow each other at op->wt. Channels
+ * are innermost (channels-last): each coefficient multiplies a contiguous vector of channels. */
+typedef struct { long m, k, n; const float *at, *g, *bt; } fp_wino;
+
+static inline fp_wino fp_wino_of(const fl_op *op) {
+    fp_wino t;
+    t.m = op->tile; t.k = op->k; t.n = t.m + t.k - 1;
+    t.at = fl_cptr(op->wt); t.g = t.at + t.m * t.n; t.bt = t.g + t.n * t.k;
+    return t;
+}
+
+/* V[e][row][c] = (BT d B)[e], e = a n + b, for the tile (ty, tx) of a channels-last image x (H x W x C): d is
+ * the n x n x C patch at (ty m - pad, tx m - pad), zero outside the image. V's blocks are R rows of C; scr
+ * holds 2 n^2 C floats. */
+static void fp_wino_in_tile(const fp_wino *t, const float *x, long H, long W, long C, long pad, long ty, long tx,
+                            float *V, long R, long row, float *scr) {
+    long n = t->n, m = t->m;
+    float *d = scr, *tmp = scr + n * n * C;
+    for (long a = 0; a < n; a++) {
+        long iy = ty * m + a - pad;
+        for (long b = 0; b < n; b++) {
+            long ix = tx * m + b - pad;
+            float *dst = d + (a * n + b) * C;
+            if (iy < 0 || iy >= H || ix < 0 || ix >= W) memset(dst, 0, C * sizeof(float));
+            else memcpy(dst, x + (iy * W + ix) * C, C * sizeof(float));
+        }
+    }
+    for (long a = 0; a < n; a++)  /* tmp[a][b] = sum_u BT[a][u] d[u][b] */
+        for (long b = 0; b < n; b++) {
+            float *o = tmp + (a * n + b) * C;
+            memset(o, 0, C * sizeof(float));
+            for (long u = 0; u < n; u++) {
+                float f = t->bt[a * n + u];
+                if (f == 0.f) continue;
+                const float *s = d + (u * n + b) * C;
+                for (long ch = 0; ch < C; ch++) o[ch] += f * s[ch];
+            }
+        }
+    for (long a = 0; a < n; a++)  /* V[a][b] = sum_u tmp[a][u] BT[b][u] */
+        for (long b = 0; b < n; b++) {
+            float *o = V + ((a * n + b) * R + row) * C;
+            memset(o, 0, C * sizeof(float));
+            for (long u = 0; u < n; u++) {
+                float f = t->bt[b * n + u];
+                if (f == 0.f) continue;
+                const float *s = tmp + (a * n + u) * C;
+                for (long ch = 0; ch < C; ch++) o[ch] += f * s[ch];
+            }
+        }
+}
+
+/* The outputs of tile (ty, tx) in y (Ho x Wo x F, channels-last): AT M[.][row] A + bias (NULL: none), and ReLU;
+ * positions past the output's edges are not written. M's blocks are R rows of F; scr holds (m n + 1) F floats. */
+static void fp_wino_out_tile(const fp_wino *t, const float *M, long R, long row, long ty, long tx, long F, long Ho,
+                             long Wo, const float *bias, int relu, float *y, float *scr) {
+    long n = t->n, m = t->m;
+    float *tmp = scr, *acc = scr + m * n * F;
+    for (long a = 0; a < m; a++)  /* tmp[a][b] = sum_u AT[a][u] M[u][b] */
+        for (long b = 0; b < n; b++) {
+            float *o = tmp + (a * n + b) * F;
+            memset(o, 0, F * sizeof(float));
+            for (long u = 0; u < n; u++) {
+                float f = t->at[a * n + u];
+                if (f == 0.f) continue;
+                const float *s = M + ((u * n + b) * R + row) * F;
+                for (long j = 0; j < F; j++) o[j] += f * s[j];
+            }
+        }
+    for (long a = 0; a < m; a++) {
+        long oy = ty * m + a;
+        if (oy >= Ho) break;
+        for (long b = 0; b < m; b++) {
+            long ox = tx * m + b;
+            if (ox >= Wo) break;
+            for (long j = 0; j < F; j++) acc[j] = bias ? bias[j] : 0.f;
+            for (long u = 0; u < n; u++) {
+                float f = t->at[b * n + u];
+                if (f == 0.f) continue;
+                const float *s = tmp + (a * n + u) * F;
+                for (long j = 0; j < F; j++) acc[j] += f * s[j];
+            }
+            float *o = y + (oy * Wo + ox) * F;
+            if (relu) for (long j = 0; j < F; j++) o[j] = acc[j] > 0.f ? acc[j] : 0.f;
+            else memcpy(o, acc, F * sizeof(float));
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- zero padding */
 
 /* Rows [r0, r1) of the (H + 2 pad, W + 2 pad, C) zero-padded copy of an (H, W, C) image. */
@@ -362,6 +453,36 @@ static void fp_pool(const fl_op *op, const float *x, float *y, long r0, long r1)
 
 /* ---------------------------------------------------------------- one image */
 
+/* A CONV by Winograd for one image (plan.py packs U, the transformed filters, at op->w: n^2 blocks of
+ * panels(F) x C x FP_NR; op->aux: panels(F) zeros, the GEMMs' bias): the input transforms into V (n^2 x T x C at
+ * cols), then n^2 GEMMs M_e (T x F) = V_e U_e into cols after V, then the output transforms, each phase's work
+ * claimed by the threads (tiles, then (point, tile, panel) units). The caller ends the last phase. */
+static void fp_wino_image(const fl_op *op, const float *in, float *dst, float *cols, float *scratch, int nt,
+                          fp_sync *sync) {
+    fp_wino t = fp_wino_of(op);
+    long C = op->c_in, F = op->c_out, Ho = op->h_out, Wo = op->w_out, nn = t.n * t.n;
+    long th = (Ho + t.m - 1) / t.m, tw = (Wo + t.m - 1) / t.m, T = th * tw, lo, hi;
+    long mp = (T + FP_MR - 1) / FP_MR, np_ = (F + FP_NR - 1) / FP_NR, per_e = np_ * C * FP_NR;
+    float *V = cols, *M = cols + nn * T * C;
+    const float *U = fl_cptr(op->w), *zeros = fl_cptr(op->aux), *arow[FP_MR];
+    while (fp_claim(sync, T, 1, nt, &lo, &hi))
+        for (long q = lo; q < hi; q++) fp_wino_in_tile(&t, in, op->h_in, op->w_in, C, op->pad, q / tw, q % tw, V, T, q,
+                                                       scratch);
+    fp_phase_end(sync);
+    while (fp_claim(sync, nn * mp * np_, 1, nt, &lo, &hi))
+        for (long u = lo; u < hi; u++) {
+            long e = u / (mp * np_), r = u % (mp * np_), jp = r / mp, ip = r % mp, i0 = ip * FP_MR, j0 = jp * FP_NR;
+            int mr = (int)fp_min(FP_MR, T - i0), nr = (int)fp_min(FP_NR, F - j0);
+            for (int i = 0; i < FP_MR; i++) arow[i] = V + (e * T + i0 + (i < mr ? i : 0)) * C;
+            fp_tile(1, C, 0, arow, U + e * per_e + jp * C * FP_NR, zeros + j0, M + (e * T + i0) * F + j0, F, mr, nr,
+                    0);
+        }
+    fp_phase_end(sync);
+    while (fp_claim(sync, T, 1, nt, &lo, &hi))
+        for (long q = lo; q < hi; q++)
+            fp_wino_out_tile(&t, M, T, q, q / tw, q % tw, F, Ho, Wo, fl_cptr(op->b), (int)op->relu, dst, scratch);
+}
+
 static inline double fp_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -384,7 +505,11 @@ static void fp_image(const fl_op *ops, int nops, const float *x, float *out, flo
         case FL_GEMM:  /* 1x1 convolution: position p reads its C channels */
             fp_gemm(H * W, F, W, in, W * C, C, 1, C, 0, w, b, dst, F, relu, sync, nt);
             break;
-        case FL_CONV: {  /* k x k convolution as a GEMM reading the zero-padded input in place */
+        case FL_CONV: {  /* k x k convolution as a GEMM reading the zero-padded input in place, or by Winograd */
+            if (op->tile) {
+                fp_wino_image(op, in, dst, cols, scratch, nt, sync);
+                break;
+            }
             long k = op->k, s = op->stride, pad = op->pad, Wp = W + 2 * pad;
             const float *xp = in;
             if (pad > 0) {
@@ -456,9 +581,9 @@ static int fp_run(const fl_op *ops, int nops, const float *x, long n, long in_si
     float finite = 0.f;  /* stays 0 unless some input is NaN or infinite (then x * 0 is NaN) */
     for (long i = 0; i < n * in_size; i++) finite += x[i] * 0.f;
     if (finite != 0.f) return -1;
-    /* phase counters: at most two phases per op; shared by the threads of a cooperative
+    /* phase counters: at most three phases per op (a Winograd CONV's); shared by the threads of a cooperative
      * run (all its images in a row), one set per thread when threads take whole images */
-    long phases = 2L * nops, sets = per_image ? threads : 1, per_set = per_image ? phases : phases * n;
+    long phases = 3L * nops, sets = per_image ? threads : 1, per_set = per_image ? phases : phases * n;
     fp_phase *ph = (fp_phase *)calloc((size_t)(sets * per_set), sizeof(fp_phase));
     if (!ph) return -2;
 #ifdef _OPENMP

@@ -18,11 +18,12 @@
     X(kv) X(vbefore) X(kh) X(hbefore) X(h_mid)  /* VH: taps, leading zero padding, rows of v */ \
     X(w) X(b) X(wv) X(bv) X(wh) X(bh)     /* parameters (addresses; layouts per op below) */ \
     X(dw) X(db) X(dwv) X(dbv) X(dwh) X(dbh)  /* training: their gradients */                  \
-    X(out) X(mid) X(aux)                  /* training: output; VH's v or CONV's packed weights; argmax/mask or CONV's columns */ \
+    X(out) X(mid) X(aux)                  /* training: output; VH's v or CONV's packed weights; argmax/mask or CONV's columns; \
+                                             inference: aux of a Winograd CONV, its GEMMs' zero bias */ \
     X(thresh) X(seed) X(scale)            /* training: dropout keep threshold, seed, float32 bits of 1/(1-p) */ \
     X(chunk)                              /* training: CONV images per im2col chunk */              \
     X(tile)                               /* CONV: Winograd output tile m (0: direct), lowering.conv_tile */ \
-    X(wt) X(tv) X(tm)                     /* training, tile > 0: transforms AT|G|BT; transformed input; products */
+    X(wt) X(tv) X(tm)                     /* tile > 0: transforms AT|G|BT; training: transformed input, products */
 
 typedef struct {
 #define FL_FIELD_MEMBER(name) int64_t name;

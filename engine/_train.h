@@ -413,14 +413,8 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
  * Buffers (trainstep.py sizes them): op->tv the transformed input, n^2 x (n images x tiles) x C, kept
  * from forward to backward, then the transformed output gradient of the input gradient; op->tm the
  * products (and dM); op->mid the packed U; c->wbuf dU; per-thread scratch 2 n^2 max(C, F) floats. */
-typedef struct { long m, k, n; const float *at, *g, *bt; } ft_wino;
-
-static inline ft_wino ft_wino_of(const fl_op *op) {
-    ft_wino t;
-    t.m = op->tile; t.k = op->k; t.n = t.m + t.k - 1;
-    t.at = fl_cptr(op->wt); t.g = t.at + t.m * t.n; t.bt = t.g + t.n * t.k;
-    return t;
-}
+typedef fp_wino ft_wino;
+#define ft_wino_of fp_wino_of
 
 /* U_e = (G g GT)_e packed for ft_gemm_packed as B (Cin x Fout), e = 0 .. n^2 - 1, each panels(Fout) x Cin x FP_NR:
  * g = w[fo][ci] (w: Fout x Cin x k x k), or with flip the input gradient's g = w[ci][fo] rotated by 180 degrees
@@ -457,87 +451,17 @@ static void ft_wino_pack(const ft_wino *t, const float *w, long Cin, long Fout, 
     }
 }
 
-/* V[e][row0 + tile][c] = (BT d B)[e] for each tile of one channels-last image x (H x W x C) whose output is
- * th x tw tiles, d the (n x n x C) patch at (ty m - pad, tx m - pad), zero outside; V's blocks are R x C. */
+/* the input transforms of one image's th x tw tiles into rows row0 .. of V (blocks R x C) */
 static void ft_wino_in(const ft_wino *t, const float *x, long H, long W, long C, long pad, long th, long tw,
                        float *V, long R, long row0, float *scr) {
-    long n = t->n, m = t->m;
-    float *d = scr, *tmp = scr + n * n * C;
-    for (long ty = 0; ty < th; ty++)
-        for (long tx = 0; tx < tw; tx++) {
-            for (long a = 0; a < n; a++) {
-                long iy = ty * m + a - pad;
-                for (long b = 0; b < n; b++) {
-                    long ix = tx * m + b - pad;
-                    float *dst = d + (a * n + b) * C;
-                    if (iy < 0 || iy >= H || ix < 0 || ix >= W) memset(dst, 0, C * sizeof(float));
-                    else memcpy(dst, x + (iy * W + ix) * C, C * sizeof(float));
-                }
-            }
-            for (long a = 0; a < n; a++)  /* tmp[a][b] = sum_u BT[a][u] d[u][b] */
-                for (long b = 0; b < n; b++) {
-                    float *o = tmp + (a * n + b) * C;
-                    memset(o, 0, C * sizeof(float));
-                    for (long u = 0; u < n; u++) {
-                        float f = t->bt[a * n + u];
-                        if (f == 0.f) continue;
-                        const float *s = d + (u * n + b) * C;
-                        for (long ch = 0; ch < C; ch++) o[ch] += f * s[ch];
-                    }
-                }
-            long row = row0 + ty * tw + tx;
-            for (long a = 0; a < n; a++)  /* V[a][b] = sum_u tmp[a][u] BT[b][u] */
-                for (long b = 0; b < n; b++) {
-                    float *o = V + ((a * n + b) * R + row) * C;
-                    memset(o, 0, C * sizeof(float));
-                    for (long u = 0; u < n; u++) {
-                        float f = t->bt[b * n + u];
-                        if (f == 0.f) continue;
-                        const float *s = tmp + (a * n + u) * C;
-                        for (long ch = 0; ch < C; ch++) o[ch] += f * s[ch];
-                    }
-                }
-        }
+    for (long q = 0; q < th * tw; q++) fp_wino_in_tile(t, x, H, W, C, pad, q / tw, q % tw, V, R, row0 + q, scr);
 }
 
-/* y (Ho x Wo x F, channels-last) = AT M[tile] A + bias (and ReLU) for each tile of one image; M's blocks R x F. */
+/* the output transforms of one image's tiles from rows row0 .. of M (blocks R x F) into y (Ho x Wo x F) */
 static void ft_wino_out(const ft_wino *t, const float *M, long R, long row0, long th, long tw, long F, long Ho,
                         long Wo, const float *bias, int relu, float *y, float *scr) {
-    long n = t->n, m = t->m;
-    float *tmp = scr, *acc = scr + m * n * F;
-    for (long ty = 0; ty < th; ty++)
-        for (long tx = 0; tx < tw; tx++) {
-            long row = row0 + ty * tw + tx;
-            for (long a = 0; a < m; a++)  /* tmp[a][b] = sum_u AT[a][u] M[u][b] */
-                for (long b = 0; b < n; b++) {
-                    float *o = tmp + (a * n + b) * F;
-                    memset(o, 0, F * sizeof(float));
-                    for (long u = 0; u < n; u++) {
-                        float f = t->at[a * n + u];
-                        if (f == 0.f) continue;
-                        const float *s = M + ((u * n + b) * R + row) * F;
-                        for (long j = 0; j < F; j++) o[j] += f * s[j];
-                    }
-                }
-            for (long a = 0; a < m; a++) {
-                long oy = ty * m + a;
-                if (oy >= Ho) break;
-                for (long b = 0; b < m; b++) {
-                    long ox = tx * m + b;
-                    if (ox >= Wo) break;
-                    for (long j = 0; j < F; j++) acc[j] = bias ? bias[j] : 0.f;
-                    for (long u = 0; u < n; u++) {
-                        float f = t->at[b * n + u];
-                        if (f == 0.f) continue;
-                        const float *s = tmp + (a * n + u) * F;
-                        for (long j = 0; j < F; j++) acc[j] += f * s[j];
-                    }
-                    float *o = y + (oy * Wo + ox) * F;
-                    if (relu) for (long j = 0; j < F; j++) o[j] = acc[j] > 0.f ? acc[j] : 0.f;
-                    else memcpy(o, acc, F * sizeof(float));
-                }
-            }
-        }
+    for (long q = 0; q < th * tw; q++)
+        fp_wino_out_tile(t, M, R, row0 + q, q / tw, q % tw, F, Ho, Wo, bias, relu, y, scr);
 }
 
 /* dM[e][row0 + tile][f] = (A dY AT)[e], the adjoint of ft_wino_out, for each tile of one image's output

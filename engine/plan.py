@@ -32,6 +32,7 @@ import threading
 
 import numpy as np
 
+from . import winograd
 from ._kernels import infer_layout, infer_run
 from .lowering import UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 from .runtime.memory import aligned_copy, aligned_empty
@@ -80,6 +81,18 @@ class Plan:
                 if row.nhwc_from is not None:  # the engine flattens (C, H, W); this activation is (H, W, C)
                     weight = weight.reshape(layer.n_out, *row.nhwc_from).transpose(0, 2, 3, 1).reshape(layer.n_out, -1)
                 fields.update(w=self._ptr(weight), b=self._ptr(layer.params["bias"]))
+            elif row.kind == "CONV" and row.fields["tile"]:  # Winograd (lowering.conv_tile): fp_wino_image
+                (c, h, w), (f, ho, wo) = row.in_shape, row.out_shape
+                m, k = row.fields["tile"], layer.k
+                at, g, bt = winograd.transforms(m, k)
+                n, tiles = m + k - 1, -(-ho // m) * -(-wo // m)
+                u = np.einsum("ay,fcyx,bx->abcf", g, layer.params["weight"].astype(np.float64), g)  # G g GT per filter
+                fields.update(w=self._ptr(np.concatenate([_pack(u[a, b]).ravel() for a in range(n) for b in range(n)])),
+                              b=self._ptr(_padded_bias(layer.params["bias"])),
+                              aux=self._ptr(np.zeros(-(-f // NR) * NR, np.float32)),
+                              wt=self._ptr(np.concatenate([t.ravel() for t in (at, g, bt)]).astype(np.float32)))
+                self._cols = max(self._cols, n * n * tiles * (c + f))  # V, then M
+                self._scratch = max(self._scratch, 2 * n * n * c, (m * n + 1) * f)
             elif row.kind == "CONV":
                 c, h, w = row.in_shape
                 # rows of the packed weights in the order the GEMM reads the taps: (ky, kx, c)

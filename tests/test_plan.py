@@ -234,3 +234,33 @@ def test_copies_own_their_weights_and_pickling_is_refused(rng):
                                   model.predict(x, preprocessed=True))
     with pytest.raises(TypeError, match="cannot be pickled"):
         pickle.dumps(compile_network(net))
+
+
+@pytest.mark.parametrize("tile", ["winograd2", "winograd3", "winograd4"])
+@pytest.mark.parametrize("k,pad,size,batch", [(5, 2, (11, 13), 1), (5, 0, (12, 9), 5), (3, 1, (7, 10), 2),
+                                              (5, 4, (6, 6), 3)])
+def test_winograd_convolutions_match_the_float64_reference(tile, k, pad, size, batch, rng, monkeypatch):
+    """Winograd convolutions (lowering.conv_tile) in the plan: odd sizes not divisible by the tile, 'same' and 'valid'
+    padding, padding k - 1, channels off the vector width, one image (threads share each op) and several."""
+    monkeypatch.setenv("FLATNET_CONV", tile)
+    net = Sequential(Conv2d(3, 17, 3, padding=1, rng=rng), ReLU(), Conv2d(17, 19, k, padding=pad, rng=rng), ReLU(),
+                     Conv2d(19, 16, k, padding=pad, rng=rng))
+    in_shape = (3, *size)
+    plan = compile_network(net, in_shape)
+    from engine.lowering import COL, CKIND
+    assert list(plan.ops[plan.ops[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [0] + [int(tile[-1])] * 2
+    check(net, in_shape, rng, batch=batch)
+    x = rng.standard_normal((5, *in_shape)).astype(np.float32)
+    one = plan(x, num_threads=1)
+    for threads in (2, 3):  # whole images per thread, and threads sharing each op of one image
+        np.testing.assert_array_equal(plan(x, num_threads=threads), one)
+        np.testing.assert_array_equal(plan(x[:1], num_threads=threads), one[:1])
+
+
+def test_the_baseline_model_runs_its_later_convolutions_by_winograd(rng, monkeypatch):
+    monkeypatch.delenv("FLATNET_CONV", raising=False)
+    net = build("baseline", (3, 32, 32), 10, seed=3)
+    from engine.lowering import COL, CKIND
+    tiles = compile_network(net, (3, 32, 32)).ops
+    assert list(tiles[tiles[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [0, 4, 4]
+    check(net, (3, 32, 32), rng, batch=2)
