@@ -414,40 +414,45 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
  * from forward to backward, then the transformed output gradient of the input gradient; op->tm the
  * products (and dM); op->mid the packed U; c->wbuf dU; per-thread scratch 2 n^2 max(C, F) floats. */
 typedef fp_wino ft_wino;
+#define FT_WINO_BLOCK 64  /* filters whose weight gradients are transformed back together */
 #define ft_wino_of fp_wino_of
 
 /* U_e = (G g GT)_e packed for ft_gemm_packed as B (Cin x Fout), e = 0 .. n^2 - 1, each panels(Fout) x Cin x FP_NR:
  * g = w[fo][ci] (w: Fout x Cin x k x k), or with flip the input gradient's g = w[ci][fo] rotated by 180 degrees
- * (w: Cin x Fout x k x k, the forward's F x C). */
+ * (w: Cin x Fout x k x k, the forward's F x C). A panel's FP_NR filters are transformed together (the
+ * innermost loops run over them), so each (point, panel, input channel) is one contiguous store. */
 static void ft_wino_pack(const ft_wino *t, const float *w, long Cin, long Fout, int flip, float *up, ft_ctx *c) {
     long k = t->k, n = t->n, panels = (Fout + FP_NR - 1) / FP_NR, per_e = panels * Cin * FP_NR;
     #pragma omp parallel for schedule(static) num_threads(c->threads)
-    for (long fo = 0; fo < panels * FP_NR; fo++) {
-        float gk[8 * 8], tmp[8 * 8];
-        long p = fo / FP_NR, j = fo % FP_NR;
-        for (long ci = 0; ci < Cin; ci++) {
-            float *dst = up + (p * Cin + ci) * FP_NR + j;
-            if (fo >= Fout) {
-                for (long e = 0; e < n * n; e++) dst[e * per_e] = 0.f;
-                continue;
+    for (long item = 0; item < panels * Cin; item++) {
+        float gk[5 * 5 * FP_NR], tmp[8 * 5 * FP_NR];  /* k <= 5, n <= 8 (lowering.conv_tile) */
+        long p = item / Cin, ci = item % Cin;
+        for (long y = 0; y < k; y++)
+            for (long x = 0; x < k; x++)
+                for (long j = 0; j < FP_NR; j++) {
+                    long fo = p * FP_NR + j;
+                    gk[(y * k + x) * FP_NR + j] = fo >= Fout ? 0.f
+                        : flip ? w[((ci * Fout + fo) * k + (k - 1 - y)) * k + (k - 1 - x)]
+                               : w[((fo * Cin + ci) * k + y) * k + x];
+                }
+        for (long a = 0; a < n; a++)  /* tmp = G g (n x k), per filter */
+            for (long x = 0; x < k; x++) {
+                float *o = tmp + (a * k + x) * FP_NR;
+                for (long j = 0; j < FP_NR; j++) o[j] = 0.f;
+                for (long y = 0; y < k; y++) {
+                    float f = t->g[a * k + y];
+                    for (long j = 0; j < FP_NR; j++) o[j] += f * gk[(y * k + x) * FP_NR + j];
+                }
             }
-            for (long y = 0; y < k; y++)
-                for (long x = 0; x < k; x++)
-                    gk[y * k + x] = flip ? w[((ci * Fout + fo) * k + (k - 1 - y)) * k + (k - 1 - x)]
-                                         : w[((fo * Cin + ci) * k + y) * k + x];
-            for (long a = 0; a < n; a++)  /* tmp = G g (n x k) */
+        for (long a = 0; a < n; a++)  /* U = tmp GT (n x n), per filter */
+            for (long b = 0; b < n; b++) {
+                float *o = up + (a * n + b) * per_e + (p * Cin + ci) * FP_NR;
+                for (long j = 0; j < FP_NR; j++) o[j] = 0.f;
                 for (long x = 0; x < k; x++) {
-                    float s = 0.f;
-                    for (long y = 0; y < k; y++) s += t->g[a * k + y] * gk[y * k + x];
-                    tmp[a * k + x] = s;
+                    float f = t->g[b * k + x];
+                    for (long j = 0; j < FP_NR; j++) o[j] += f * tmp[(a * k + x) * FP_NR + j];
                 }
-            for (long a = 0; a < n; a++)  /* U = tmp GT (n x n) */
-                for (long b = 0; b < n; b++) {
-                    float s = 0.f;
-                    for (long x = 0; x < k; x++) s += tmp[a * k + x] * t->g[b * k + x];
-                    dst[(a * n + b) * per_e] = s;
-                }
-        }
+            }
     }
 }
 
@@ -535,20 +540,26 @@ static void ft_wino_backward(const fl_op *op, float *dy, float *dx, long n, ft_c
     for (long e = 0; e < nn; e++)  /* dU_e (F x C) = dM_e^T V_e */
         ft_gemm_wgrad(c, R, F, C, dM + e * R * F, V + e * R * C, dU + e * F * C, 0);
     #pragma omp parallel for schedule(static) num_threads(c->threads)
-    for (long fc = 0; fc < F * C; fc++) {  /* dg = GT dU G (k x k) */
-        float tmp[8 * 8];
+    for (long fc0 = 0; fc0 < F * C; fc0 += FT_WINO_BLOCK) {  /* dg = GT dU G (k x k), a block of filters at a time */
+        float tmp[5 * 8 * FT_WINO_BLOCK];
+        long nb = F * C - fc0 < FT_WINO_BLOCK ? F * C - fc0 : FT_WINO_BLOCK;
         for (long y0 = 0; y0 < k; y0++)
             for (long b = 0; b < t.n; b++) {
-                float s = 0.f;
-                for (long a = 0; a < t.n; a++) s += t.g[a * k + y0] * dU[(a * t.n + b) * F * C + fc];
-                tmp[y0 * t.n + b] = s;
+                float *o = tmp + (y0 * t.n + b) * FT_WINO_BLOCK;
+                for (long i = 0; i < nb; i++) o[i] = 0.f;
+                for (long a = 0; a < t.n; a++) {
+                    float f = t.g[a * k + y0];
+                    const float *s = dU + (a * t.n + b) * F * C + fc0;
+                    for (long i = 0; i < nb; i++) o[i] += f * s[i];
+                }
             }
-        for (long y0 = 0; y0 < k; y0++)
-            for (long x0 = 0; x0 < k; x0++) {
-                float s = 0.f;
-                for (long b = 0; b < t.n; b++) s += tmp[y0 * t.n + b] * t.g[b * k + x0];
-                dw[fc * k * k + y0 * k + x0] = s;
-            }
+        for (long i = 0; i < nb; i++)
+            for (long y0 = 0; y0 < k; y0++)
+                for (long x0 = 0; x0 < k; x0++) {
+                    float acc = 0.f;
+                    for (long b = 0; b < t.n; b++) acc += tmp[(y0 * t.n + b) * FT_WINO_BLOCK + i] * t.g[b * k + x0];
+                    dw[(fc0 + i) * k * k + y0 * k + x0] = acc;
+                }
     }
     if (dx) {  /* the input gradient: dy (Ho x Wo x F) correlated with the flipped, transposed filters */
         float *up = fl_ptr(op->mid);
