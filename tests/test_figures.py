@@ -165,7 +165,13 @@ def test_every_figure_and_its_numbers(tmp_path, runs, capsys):
 
     # Figure 7: baseline ms / flattened ms of the engine's backends (not torch's), per size and pass
     rows = read_csv(out / "fig7-speedup.csv")
-    assert {r["backend"] for r in rows} == {"cpu", "cpu compiled"} and len(rows) == 8
+    assert {r["backend"] for r in rows} == {"cpu", "cpu compiled"} and len(rows) == 8 + 4
+    against_torch = [r for r in rows if r["baseline"] == figures.TORCH_BEST]
+    rows = [r for r in rows if r["baseline"] == r["backend"]]  # each executor's own baseline
+    assert len(against_torch) == 4 and len(rows) == 8
+    for r in against_torch:  # PyTorch's baseline layer against the engine's compiled flattened layer
+        base, flat = ms[("torch-nchw", int(r["size"]), r["pass"])][0], ms[("cpu compiled", int(r["size"]), r["pass"])][1]
+        assert float(r["speedup"]) == pytest.approx(base / flat, rel=1e-12)
     for r in rows:
         base, flat = ms[(r["backend"], int(r["size"]), r["pass"])]
         assert (float(r["baseline_ms"]), float(r["flattened_ms"])) == (base, flat)
@@ -311,6 +317,30 @@ def test_bench_memory_json_feeds_figure6(tmp_path, capsys):
     assert sorted((r["layer"], r["pass"], float(r["theory_mib"])) for r in rows) == sorted(
         (r["layer"], r["pass"], r["theory_bytes"] / 2 ** 20) for r in memory)
     assert {r["backend"] for r in read_csv(tmp_path / "o" / "fig7-speedup.csv")} == {"cpu", "cpu compiled"}
+
+
+def test_figure7_reads_the_flattened_layer_against_the_fastest_baseline(tmp_path, capsys):
+    """Beside each executor's own baseline: the compiled flattened layer against the baseline by direct
+    convolution and against PyTorch's faster layout, case by case."""
+    def rec(layer, backend, size, pas, ms):
+        return dict(layer=layer, size=size, batch=8, backend=backend, median_ms=ms, min_ms=ms, max_ms=ms, gflops=1.0,
+                    **{"pass": pas})
+    times = {("baseline", "cpu compiled"): 10.0, ("baseline", "cpu compiled direct"): 30.0,
+             ("flattened", "cpu compiled"): 4.0, ("baseline", "torch-nchw"): 25.0,
+             ("baseline", "torch-channels-last"): 20.0, ("flattened", "torch-nchw"): 9.0}
+    records = [rec(layer, backend, size, pas, ms * size / 16 * (2 if pas == "backward" else 1))
+               for (layer, backend), ms in times.items() for size in (16, 32) for pas in ("forward", "backward")]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(records))
+    run(["--out", tmp_path / "o", "--bench", path, "--figures", "7"], capsys)
+    rows = read_csv(tmp_path / "o" / "fig7-speedup.csv")
+    got = {(r["baseline"], r["size"], r["pass"]): float(r["speedup"]) for r in rows}
+    assert {r["backend"] for r in rows} == {"cpu compiled"} and len(rows) == 12
+    for size in ("16", "32"):
+        for pas in ("forward", "backward"):
+            assert got[("cpu compiled", size, pas)] == pytest.approx(10 / 4)
+            assert got[("cpu compiled direct", size, pas)] == pytest.approx(30 / 4)
+            assert got[(figures.TORCH_BEST, size, pas)] == pytest.approx(20 / 4)  # the faster layout
 
 
 def recipe_run(folder, dataset, model, seed, rng, logged=None, **kw):

@@ -19,7 +19,9 @@ Each figure is a PNG beside the file holding the numbers it was drawn from (same
   fig6-memory.png / .csv     extra memory of one baseline and one flattened layer, forward and
                              backward: measured beside the theory (`bench layers --memory --json F`)
   fig7-speedup.png / .csv    speed-up of the flattened over the baseline layer (baseline ms /
-                             flattened ms), forward and backward, per image size (`bench layers --json F`)
+                             flattened ms), forward and backward, per image size (`bench layers --json F`):
+                             each executor against its own baseline, and the compiled flattened layer
+                             against the baseline by direct convolution and against PyTorch's (--compare torch)
 
 Figure 3's run list (--fig3-runs, default docs/figures/fig3-runs.json) is a JSON file:
 
@@ -63,7 +65,7 @@ from .common import Parser, fail
 # recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same
 # experiment, the seeds that one line of Figure 3 averages.
 NOT_THE_EXPERIMENT = ("seed", "epochs", "recipe", "data_dir", "cache_dir", "download", "no_download", "eval_batch_size", "backend",
-                      "threads", "plot", "quiet", "step", "zca_storage", "compress_model")
+                      "threads", "plot", "quiet", "step", "zca_storage", "compress_model", "conv")
 # Table 1 of the paper: the two flattened layers (C input channels, F filters, k x k) and their weights.
 TABLE1 = (("layer 2", 96, 128, 5, 307200, 30912), ("layer 3", 128, 256, 5, 819200, 102144))
 FIGURES = (3, 4, 5, 6, 7)
@@ -559,47 +561,71 @@ def figure6(bench, memory, out):
     save_figure(fig, out / "fig6-memory.png")
 
 
+# Figure 7's baselines besides each executor's own: the engine's compiled flattened layer against the baseline
+# layer by direct convolution and against PyTorch's fastest layout, so that the speed-up is also read against
+# the fastest baseline available, not only against the engine's own (bench layers --compare torch).
+TORCH_BEST = "PyTorch (faster layout)"
+
+
 def figure7(bench, timing, out):
     engine_rows = [r for r in timing if not r["backend"].startswith("torch")]
     if not engine_rows:
         return skip(7, f"{bench} has no timing records of the engine's layers")
     medians = {}
-    for r in engine_rows:
+    for r in timing:
         medians.setdefault((r["backend"], r.get("batch"), r["size"], r["pass"], r["layer"]), []).append(r["median_ms"])
+    medians = {k: float(np.median(v)) for k, v in medians.items()}
+    for (backend, batch, size, pas, layer), ms in list(medians.items()):  # PyTorch's faster layout per case
+        if backend.startswith("torch"):
+            key = (TORCH_BEST, batch, size, pas, layer)
+            medians[key] = min(medians.get(key, ms), ms)
     rows = []
-    for (backend, batch, size, pas, layer), ms in sorted(medians.items(), key=lambda kv: str(kv[0])):
-        if layer != "baseline" or (backend, batch, size, pas, "flattened") not in medians:
+    for (backend, batch, size, pas, layer), base in sorted(medians.items(), key=lambda kv: str(kv[0])):
+        if layer != "baseline" or backend.startswith("torch"):
             continue
-        base = float(np.median(ms))
-        flat = float(np.median(medians[(backend, batch, size, pas, "flattened")]))
-        rows.append([backend, batch, size, pas, base, flat, base / flat])
+        # the flattened layer of the same executor; against another baseline, the engine's compiled one
+        own = backend in ("cpu", "cpu compiled", "cupy")
+        flat = medians.get((backend if own else "cpu compiled", batch, size, pas, "flattened"))
+        if flat is not None:
+            rows.append([backend if own else "cpu compiled", backend, batch, size, pas, base, flat, base / flat])
     if not rows:
         return skip(7, f"{bench} has no size timed for both the baseline and the flattened layer")
-    rows.sort(key=lambda r: (r[0], str(r[1]), r[3], r[2]))
-    write_csv(out / "fig7-speedup.csv", ["backend", "batch", "size", "pass", "baseline_ms", "flattened_ms",
-                                         "speedup"], rows)
+    rows.sort(key=lambda r: (r[0], r[1], str(r[2]), r[4], r[3]))
+    write_csv(out / "fig7-speedup.csv", ["backend", "baseline", "batch", "size", "pass", "baseline_ms",
+                                         "flattened_ms", "speedup"], rows)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    lines = sorted({(r[0], r[1]) for r in rows}, key=str)
-    batches = {b for _, b in lines}
+    lines = sorted({(r[0], r[1], r[2]) for r in rows}, key=str)
+    batches = {b for _, _, b in lines}
+
+    def label(backend, baseline):
+        if baseline == backend == "cpu compiled":
+            return "engine, cpu compiled: both layers as the lowering compiles them (fastest baseline)"
+        if baseline == backend:
+            return f"engine, {backend}: both layers"
+        if baseline == TORCH_BEST:
+            return f"engine, {backend}, against {TORCH_BEST}'s baseline"
+        return f"engine, {backend}, against its baseline by direct convolution" if baseline.endswith("direct") \
+            else f"engine, {backend}, against {baseline}'s baseline"
     for ax, pas in zip(axes, ("forward", "backward")):
-        for i, (backend, batch) in enumerate(lines):
-            mine = sorted((r for r in rows if (r[0], r[1], r[3]) == (backend, batch, pas)), key=lambda r: r[2])
+        for i, (backend, baseline, batch) in enumerate(lines):
+            mine = sorted((r for r in rows if (r[0], r[1], r[2], r[4]) == (backend, baseline, batch, pas)),
+                          key=lambda r: r[3])
             if mine:
-                ax.plot([r[2] for r in mine], [r[6] for r in mine], "-o", color=f"C{i % 10}",
-                        label=f"engine, {backend}" + (f", batch {batch}" if len(batches) > 1 else ""))
+                ax.plot([r[3] for r in mine], [r[7] for r in mine], "-o", color=f"C{i % 10}",
+                        label=label(backend, baseline) + (f", batch {batch}" if len(batches) > 1 else ""))
                 for r in mine:
-                    ax.annotate(f"{r[6]:.1f}x", (r[2], r[6]), textcoords="offset points", xytext=(0, 6),
+                    ax.annotate(f"{r[7]:.1f}x", (r[3], r[7]), textcoords="offset points", xytext=(0, 6),
                                 ha="center", fontsize=7)
         ax.axhline(1, color="grey", linewidth=0.8)
-        sizes = sorted({r[2] for r in rows})
+        sizes = sorted({r[3] for r in rows})
         ax.set_xticks(sizes, [f"{s}x{s}" for s in sizes])
-        ax.set_ylim(0, 1.12 * max(r[6] for r in rows))  # room for the labels above the points
+        ax.set_ylim(0, 1.12 * max(r[7] for r in rows))  # room for the labels above the points
         ax.set_title(f"{pas} pass")
         ax.set_xlabel("input image size (pixels)")
         ax.set_ylabel("speed-up (baseline time / flattened time)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     batch = f", batch {next(iter(batches))}" if len(batches) == 1 else ""
     fig.suptitle(f"Figure 7: speed-up of one flattened layer over the baseline convolution{batch} "
                  f"(medians from {Path(bench).name})", fontsize=10)
@@ -660,9 +686,9 @@ def parser():
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"folder to write the figures and their data files into (created if missing). "
                         f"Default: {DEFAULT_OUT}, which git ignores; --out docs/figures redraws the committed ones")
-    p.add_argument("--bench", default="docs/raw/bench-layers.json",
+    p.add_argument("--bench", default="docs/raw/bench-layers-epyc512.json",
                    help="JSON records of `python -m engine.bench layers --json F` (add --memory for Figure 6). "
-                        "Default: docs/raw/bench-layers.json. Missing: Figures 6 and 7 are skipped")
+                        "Default: docs/raw/bench-layers-epyc512.json. Missing: Figures 6 and 7 are skipped")
     p.add_argument("--fig3-runs", default=None, metavar="FILE",
                    help=f"Figure 3's run list: a JSON file naming, per panel (data set) and model, the run folders "
                         f"to average (format above). Default: {DEFAULT_RUN_LIST}, the runs of the default recipe "

@@ -40,7 +40,7 @@ NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test", "validation")
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
 RUN_OPTIONS = ("data_dir", "cache_dir", "download", "no_download", "eval_batch_size", "backend", "threads", "plot",
-               "quiet", "step", "zca_storage", "compress_model")
+               "quiet", "step", "zca_storage", "compress_model", "conv")
 # How model.npz stores the ZCA matrix (engine.save_model): packed16, its upper triangle in float16, changed
 # no prediction of a 75% CIFAR-10 network on the 10,000 test images (docs/results.md, "Model files").
 DEFAULT_ZCA_STORAGE = "packed16"
@@ -205,7 +205,7 @@ def parser():
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with the settings and data folders "
                         "it was started with (--epochs may be raised; --data-dir, --cache-dir, --threads, "
-                        "--backend, --step, --eval-batch-size, --plot, --quiet, --zca-storage and "
+                        "--backend, --step, --conv, --eval-batch-size, --plot, --quiet, --zca-storage and "
                         "--compress-model may be changed; a setting of the run, such as --lr, is refused unless "
                         "it repeats the checkpoint's)")
     g.add_argument("--overwrite", action="store_true",
@@ -221,6 +221,11 @@ def parser():
                         "backend; the reference); auto = compiled where it can run, else layers with the reason "
                         "printed. Both give the same results up to float32 rounding, and a checkpoint of one "
                         "resumes on the other (default: auto)")
+    g.add_argument("--conv", choices=["auto", "direct", "winograd2", "winograd3", "winograd4"], default=None,
+                   help="how the compiled step and plan run a stride-1 3x3 or 5x5 convolution with at least 16 input "
+                        "and output channels: auto = Winograd's F(4x4, k x k), winogradM = F(MxM, k x k), direct = "
+                        "im2col and a GEMM; the results agree to float32 rounding (docs/benchmarks.md) "
+                        "(default: $FLATNET_CONV, else auto)")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads for the compiled kernels, per rank when distributed (default: $OMP_NUM_THREADS, "
                         "else all cores less those other processes keep busy, divided by the ranks on a host when distributed)")
@@ -394,6 +399,9 @@ def run(args, dist=None):
         backend, why_not_gpu = select_backend(args.backend)
     except BackendUnavailable as e:
         sys.exit(f"error: {e}")
+    if args.conv:  # read by the lowering when the compiled step and plan are built (engine.lowering.conv_tile)
+        from engine.lowering import CONV_ENV
+        os.environ[CONV_ENV] = args.conv
     threads = args.threads or (dist.default_threads() if dist is not None else None)
     if threads:
         engine.set_num_threads(threads)
