@@ -108,3 +108,35 @@ def direct_conv2d(x, w, padding=0, dtype=np.float64):
     s = xp.strides
     cols = np.lib.stride_tricks.as_strided(xp, (n_img, c, r, r, oh, ow), (*s[:2], *s[2:], *s[2:]))
     return np.einsum("kcab,ncabhw->nkhw", w.astype(dtype), cols, optimize=True).astype(dtype, copy=False)
+
+
+def weight_grad(x, dy, m, r, padding=0, dtype=np.float32):
+    """The gradient of a stride-1 correlation's r x r filters, (K, C, r, r), from its input x (N, C, H, W) and output
+    gradient dy (N, K, Ho, Wo), in the transformed domain as the training step computes it: per tile, V = BT d B and
+    dM = A dY AT; dU_e = sum over tiles and images of dM_e^T V_e; dg = GT dU G. Every operation in `dtype`."""
+    n_img, c, h, wd = x.shape
+    _, k, oh, ow = dy.shape
+    at, g, bt = (t.astype(dtype) for t in transforms(m, r))
+    n = m + r - 1
+    th, tw = -(-oh // m), -(-ow // m)
+    xp = np.zeros((n_img, c, th * m + r - 1, tw * m + r - 1), dtype)
+    xp[:, :, padding:padding + h, padding:padding + wd] = x
+    s = xp.strides
+    tiles = np.lib.stride_tricks.as_strided(xp, (n_img, c, th, tw, n, n), (*s[:2], s[2] * m, s[3] * m, *s[2:]))
+    v = np.einsum("ia,nctuab,jb->ijntuc", bt, tiles, bt, optimize=True).astype(dtype, copy=False)
+    dyp = np.zeros((n_img, k, th * m, tw * m), dtype)
+    dyp[:, :, :oh, :ow] = dy
+    dyt = dyp.reshape(n_img, k, th, m, tw, m)
+    dm = np.einsum("ai,nktaub,bj->ijntuk", at, dyt, at, optimize=True).astype(dtype, copy=False)
+    du = np.matmul(dm.reshape(n, n, -1, k).transpose(0, 1, 3, 2), v.reshape(n, n, -1, c))  # (n, n, K, C)
+    return np.einsum("ai,abkc,bj->kcij", g, du.astype(dtype, copy=False), g, optimize=True).astype(dtype, copy=False)
+
+
+def direct_weight_grad(x, dy, r, padding=0, dtype=np.float64):
+    """The same gradient computed directly in `dtype`: dW[f, c, y, x] = sum over images and outputs of dy times the
+    input at the tap's offset."""
+    xp = np.pad(x.astype(dtype), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    _, _, oh, ow = dy.shape
+    s = xp.strides
+    cols = np.lib.stride_tricks.as_strided(xp, (x.shape[0], x.shape[1], r, r, oh, ow), (*s[:2], *s[2:], *s[2:]))
+    return np.einsum("nkhw,ncabhw->kcab", dy.astype(dtype), cols, optimize=True).astype(dtype, copy=False)

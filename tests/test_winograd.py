@@ -86,7 +86,27 @@ def test_bench_winograd_reports_every_layer_pass_and_tile_with_errors_above_dire
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("conv")]
     assert [(row[0], row[1], row[2]) for row in rows[:3]] == [
         ("conv2", "forward", "direct"), ("conv2", "forward", "F(2x2,5x5)"), ("conv2", "forward", "F(4x4,5x5)")]
-    assert {(row[0], row[1]) for row in rows} == {(c, p) for c in ("conv2", "conv3") for p in ("forward", "input-grad")}
+    assert {(row[0], row[1]) for row in rows} == {(c, p) for c in ("conv2", "conv3")
+                                                  for p in ("forward", "input-grad", "weight-grad")}
     for i in range(0, len(rows), 3):
         direct, f2, f4 = (float(row[-2]) for row in rows[i:i + 3])
         assert 0 < direct < f2 <= f4 < 1e-4  # fewer multiplications, more rounding; all far below float32 noise
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("shape,k,padding,r", [((2, 3, 11, 13), 5, 2, 5), ((1, 17, 8, 9), 3, 0, 5),
+                                               ((2, 4, 7, 10), 6, 1, 3)])
+def test_weight_gradient_in_the_transformed_domain_equals_finite_differences_and_the_direct_one(m, shape, k, padding,
+                                                                                                 r):
+    from engine.winograd import direct_weight_grad, weight_grad
+    rng = np.random.default_rng(m + r)
+    x = rng.standard_normal(shape)
+    w = rng.standard_normal((k, shape[1], r, r))
+    dy = rng.standard_normal(direct_conv2d(x, w, padding).shape)
+    got = weight_grad(x, dy, m, r, padding, dtype=np.float64)
+    np.testing.assert_allclose(got, direct_weight_grad(x, dy, r, padding), atol=1e-9 * np.abs(got).max())
+    # d(sum dy * conv(x, w)) / dw along a random direction, by central differences of the float64 forward
+    d, h = rng.standard_normal(w.shape), 1e-3
+    numeric = (np.sum(dy * scipy_conv2d(x, w + h * d, padding)) - np.sum(dy * scipy_conv2d(x, w - h * d, padding))) / (
+        2 * h)
+    assert float(np.sum(got * d)) == pytest.approx(numeric, rel=1e-8)

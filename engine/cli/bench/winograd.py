@@ -1,8 +1,9 @@
 """`bench winograd`: the rounding error of Winograd's F(m x m, 5 x 5) in float32 on the baseline network's
-trained 5x5 layers and real inputs, against float64 direct convolution, beside float32 direct convolution's."""
+trained 5x5 layers and real inputs (forward, input gradient, weight gradient), against float64 direct
+convolution, beside float32 direct convolution's."""
 import numpy as np
 
-from engine.winograd import conv2d, direct_conv2d, multiplications
+from engine.winograd import conv2d, direct_conv2d, direct_weight_grad, multiplications, weight_grad
 
 
 def _layer_data(model_path, data_dir, n):
@@ -54,11 +55,17 @@ def bench_winograd(args):
         # the input gradient is the correlation of dy with the filters flipped and transposed: the same algorithm
         passes = [("forward", x, w, pad), ("input-grad", dy, np.ascontiguousarray(w[:, :, ::-1, ::-1].swapaxes(0, 1)),
                                            r - 1 - pad)]
-        for what, inp, filt, p in passes:
-            exact = direct_conv2d(inp.astype(np.float64), filt.astype(np.float64), p)
+        cases = [(what, direct_conv2d(inp.astype(np.float64), filt.astype(np.float64), p),
+                  [("direct fp32", r * r, direct_conv2d(inp, filt, p, np.float32))]
+                  + [(f"F({m}x{m},{r}x{r})", multiplications(m, r), conv2d(inp, filt, m, p)) for m in args.tiles])
+                 for what, inp, filt, p in passes]
+        # the weight gradient, in the transformed domain as the training step computes it
+        cases.append(("weight-grad", direct_weight_grad(x.astype(np.float64), dy.astype(np.float64), r, pad),
+                      [("direct fp32", r * r, direct_weight_grad(x, dy, r, pad, np.float32))]
+                      + [(f"F({m}x{m},{r}x{r})", multiplications(m, r), weight_grad(x, dy, m, r, pad))
+                         for m in args.tiles]))
+        for what, exact, runs in cases:
             scale = float(np.sqrt(np.mean(exact ** 2)))
-            runs = [("direct fp32", r * r, direct_conv2d(inp, filt, p, np.float32))]
-            runs += [(f"F({m}x{m},{r}x{r})", multiplications(m, r), conv2d(inp, filt, m, p)) for m in args.tiles]
             for algo, mults, got in runs:
                 diff = got.astype(np.float64) - exact
                 print(f"{name:<8} {what:<11} {algo:<14} {mults:>8.2f} {np.sqrt(np.mean(diff ** 2)) / scale:>10.2e} "
