@@ -268,6 +268,29 @@ def test_interrupted_run_resumes_on_either_step(first, then, tmp_path):
             assert_close(rest.model.params[name], w, name, rtol=1e-4)
 
 
+def test_a_baseline_run_by_winograd_resumes_exactly(tmp_path, monkeypatch):
+    """The MNIST baseline (conv2 and conv3 by Winograd F(4x4, 5x5)): interrupted mid-epoch and resumed, it ends
+    bit-identical to an uninterrupted run."""
+    monkeypatch.delenv("FLATNET_CONV", raising=False)
+    data = _data(n=32)
+
+    def trainer(out):
+        cfg = dict(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[1], seed=1)
+        return Trainer(build("baseline", (1, 28, 28), 10, seed=1), data, cfg, out, log=lambda m: None, progress=False)
+    straight = trainer(tmp_path / "a")
+    tiles = straight.step.table[straight.step.table[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]
+    assert list(tiles) == [0, 4, 4]
+    assert straight.run() == "done"
+    part = trainer(tmp_path / "b")
+    part.on_step = _stop_midway
+    assert part.run() == "interrupted"
+    rest = trainer(tmp_path / "b")
+    rest.resume()
+    assert rest.run() == "done"
+    for name, w in straight.model.params.items():
+        np.testing.assert_array_equal(w, rest.model.params[name], err_msg=name)
+
+
 def test_evaluation_runs_compiled_and_agrees_with_the_layer_path(rng):
     """evaluate() runs the compiled inference plan on a float32 CPU network; the float64 copy runs layer
     by layer: the same accuracy, the loss to float32 rounding, and the network's mode is restored."""
