@@ -188,6 +188,8 @@ def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_mode
     data = load_dataset("mnist", tmp_path / "data", tmp_path / "cache")
     from engine.trainer import evaluate
     assert evaluate(model.net, data["train_x"][128:], data["train_y"][128:])[1] == log[-1]["test_acc"]
+    r = train_py("--out", out, "--resume", "--epochs", "3", "--quiet", "--no-plot")
+    assert r.returncode == 0 and "warning: the cosine schedule was planned over 2 epochs" in r.stderr, r.stderr
     r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--validation", "192",
                  "--out", tmp_path / "other", "--epochs", "1")
     assert r.returncode == 1 and "--validation 192 leaves no training images" in r.stderr

@@ -370,6 +370,10 @@ def run(args, dist=None):
             if getattr(args, key) is None:
                 setattr(args, key, meta["settings"].get(key))
         args.epochs = args.epochs or meta["config"]["epochs"]
+        if args.schedule == "cosine" and args.epochs != meta["config"]["epochs"] and is_root:
+            print(f"warning: the cosine schedule was planned over {meta['config']['epochs']} epochs; its remaining "
+                  f"steps now follow a cosine over {args.epochs} (a run started with --epochs {args.epochs} "
+                  f"would have had other rates before epoch {meta['epoch'] + 1})", file=sys.stderr)
         args.recipe = meta["settings"].get("recipe")
         print(f"resuming {ckpt}: {args.model} on {args.dataset}, epoch {meta['epoch'] + 1}, "
               f"step {meta['step_in_epoch']} (settings from the checkpoint; data from {args.data_dir})")
