@@ -6,7 +6,7 @@
 The reconstructed CIFAR-10 copy ships `cifar10_provenance.npz` beside its folder, whose boolean
 mask `lossless_test` marks the 1,000 test images whose pixels are exact; the other 9,000 were
 recovered from JPEG copies (../shared/data/README.md). This prints each model's accuracy on both
-groups, with the binomial standard error of each, so that the cost of the JPEG artefacts can be
+groups, with the binomial standard error of each (and the 95% Wilson interval on the exact images), so that the cost of the JPEG artefacts can be
 read beside Table 2 (docs/results.md).
 """
 import argparse
@@ -24,6 +24,14 @@ def accuracy(correct):
     """Percent correct and its binomial standard error, in points."""
     p = correct.mean()
     return 100 * p, 100 * np.sqrt(p * (1 - p) / len(correct))
+
+
+def wilson(correct, z=1.96):
+    """The 95% Wilson score interval of the accuracy, in percent (Wilson 1927): valid near 0% and 100% too."""
+    n, p = len(correct), correct.mean()
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre - half), 100 * (centre + half)
 
 
 def main(argv=None):
@@ -48,8 +56,9 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         correct = model.predict(raw["test_x"].transpose(0, 2, 3, 1)).argmax(1) == raw["test_y"]  # NCHW -> NHWC
         (a, sa), (b, sb) = accuracy(correct[exact]), accuracy(correct[~exact])
-        print(f"{path}: exact {a:.2f}% (+-{sa:.2f}), recovered {b:.2f}% (+-{sb:.2f}), "
-              f"all {100 * correct.mean():.2f}%")
+        lo, hi = wilson(correct[exact])
+        print(f"{path}: exact {a:.2f}% (+-{sa:.2f}; 95% interval {lo:.2f}-{hi:.2f}%), recovered {b:.2f}% "
+              f"(+-{sb:.2f}), all {100 * correct.mean():.2f}%")
 
 
 if __name__ == "__main__":

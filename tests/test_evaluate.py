@@ -283,6 +283,15 @@ def test_provenance_script_splits_the_accuracy_by_the_exact_image_mask(tmp_path)
     a, b = 100 * correct[exact].mean(), 100 * correct[~exact].mean()
     assert f"exact {a:.2f}% " in r.stdout and f"recovered {b:.2f}% " in r.stdout
     assert f"all {100 * correct.mean():.2f}%" in r.stdout
+    # the 95% Wilson interval on the exact images: the accuracies p whose score test at 1.96 accepts the count seen
+    from scipy.optimize import brentq
+    k, n = int(correct[exact].sum()), int(exact.sum())
+
+    def score(q):
+        return (k / n - q) / np.sqrt(q * (1 - q) / n)
+    lo = 0.0 if k == 0 else brentq(lambda q: score(q) - 1.96, 1e-12, k / n)
+    hi = 1.0 if k == n else brentq(lambda q: score(q) + 1.96, k / n, 1 - 1e-12)
+    assert f"95% interval {100 * lo:.2f}-{100 * hi:.2f}%" in r.stdout, r.stdout
     np.savez(tmp_path / "data" / "cifar10_provenance.npz", lossless_test=exact[:5])  # a mask of the wrong length
     r = subprocess.run([sys.executable, str(ROOT / "docs" / "provenance_accuracy.py"), str(path),
                         "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
