@@ -61,12 +61,15 @@ def test_help_explains_every_flag():
     assert r.returncode == 0
     for flag in ("--model", "--dataset", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
                  "--lr-drop-epochs", "--seed", "--data-dir", "--out", "--backend", "--threads", "--resume",
-                 "--summary", "--limit-train", "--plot"):
+                 "--summary", "--limit-train", "--plot", "--validation", "--schedule", "--warmup-epochs",
+                 "--label-smoothing", "--ema", "--conv"):
         assert flag in r.stdout
     text = " ".join(r.stdout.split())
     assert "(default: 3,2)" in text and "[3, 2]" not in text and "[80, 104]" not in text
     from models.recipes import RECIPES
     assert "--recipe" in text and "(default: reproduce)" in text and all(f"{name}: " in text for name in RECIPES)
+    assert "120 (baseline) / 40 (flattened) epochs" in text  # the short recipe's schedule per model
+    assert "after epochs 80,104 (baseline) / 27,35 (flattened)" in text
     assert "not implemented" not in text  # the CuPy backend exists
     assert "weight decay 0.0005 (baseline) / 0.0001 (flattened)" in text  # a recipe's decay per model
     assert "mnist: 30 epochs" in text and "after epochs 20,26" in text  # and its schedule
