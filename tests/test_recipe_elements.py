@@ -188,6 +188,11 @@ def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_mode
     data = load_dataset("mnist", tmp_path / "data", tmp_path / "cache")
     from engine.trainer import evaluate
     assert evaluate(model.net, data["train_x"][128:], data["train_y"][128:])[1] == log[-1]["test_acc"]
+    made = subprocess.run([sys.executable, "-m", "engine.makemodel", out / "checkpoint.npz", tmp_path / "made.npz"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert made.returncode == 0 and f"(validation accuracy {100 * log[-1]['test_acc']:.2f}%)" in made.stdout, made
+    for name, w in engine.load(tmp_path / "made.npz").net.params.items():  # the average, as the run's model file
+        np.testing.assert_array_equal(w, average[name], err_msg=name)
     r = train_py("--out", out, "--resume", "--epochs", "3", "--quiet", "--no-plot")
     assert r.returncode == 0 and "warning: the cosine schedule was planned over 2 epochs" in r.stderr, r.stderr
     r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--validation", "192",

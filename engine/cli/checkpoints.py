@@ -72,8 +72,8 @@ def checkpoint_parts(path, data_dir=None, cache_dir=None, log=print):
     history, step = meta["history"], meta["step_in_epoch"]
     extra = dict(dataset=settings["dataset"], model=settings["model"], augment=settings["augment"],
                  checkpoint=dict(epoch=meta["epoch"], step_in_epoch=step, epochs=meta["config"].get("epochs")))
-    if history and not step:  # the weights the last epoch's evaluation saw
-        extra["test_accuracy"] = history[-1].get("test_acc")
+    if history and not step:  # the weights the last epoch's evaluation saw (held-out training images: --validation)
+        extra["validation_accuracy" if settings.get("validation") else "test_accuracy"] = history[-1].get("test_acc")
     parts = dict(net=net.eval(), in_shape=in_shape, classes=data["classes"],
                  preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
                  zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"), extra=extra)
@@ -94,6 +94,7 @@ def describe(extra):
     c = extra["checkpoint"]
     where = (f"after epoch {c['epoch']}" if not c["step_in_epoch"]
              else f"at step {c['step_in_epoch']} of epoch {c['epoch'] + 1}")
-    acc = extra.get("test_accuracy")
+    split = "validation" if "validation_accuracy" in extra else "test"
+    acc = extra.get(f"{split}_accuracy")
     return (f"{extra['model']} on {extra['dataset']}, {where} of {c['epochs']}"
-            + (f" (test accuracy {100 * acc:.2f}%)" if isinstance(acc, (int, float)) else ""))
+            + (f" ({split} accuracy {100 * acc:.2f}%)" if isinstance(acc, (int, float)) else ""))
