@@ -141,7 +141,10 @@ def test_a_run_with_every_element_interrupted_and_resumed_equals_the_uninterrupt
     # evaluation saw the average, not the last weights: the trainer's evaluation on the average agrees
     from engine.trainer import evaluate
     with straight.final_weights():
-        assert evaluate(straight.model, data["test_x"], data["test_y"])[1] == straight.history[-1]["test_acc"]
+        on_average = evaluate(straight.model, data["test_x"], data["test_y"])
+    on_weights = evaluate(straight.model, data["test_x"], data["test_y"])
+    assert on_average == (straight.history[-1]["test_loss"], straight.history[-1]["test_acc"])
+    assert on_weights[0] != on_average[0]
     params, _, _, _, average = load_checkpoint(tmp_path / "a" / "checkpoint.npz")
     assert not all(np.array_equal(params[k], average[k]) for k in params)
     chosen, _ = checkpoint_weights(tmp_path / "a" / "checkpoint.npz")
