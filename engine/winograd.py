@@ -73,6 +73,17 @@ def multiplications(m, r):
     return ((m + r - 1) / m) ** 2
 
 
+def _tiles(x, m, r, padding, th, tw, dtype):
+    """The (N, C, th, tw, n, n) view of x's overlapping input patches, n = m + r - 1, one per m x m output tile
+    (x zero-padded by `padding`, and with zeros past its bottom and right edges for the last tiles), in `dtype`."""
+    n_img, c, h, wd = x.shape
+    n = m + r - 1
+    xp = np.zeros((n_img, c, th * m + r - 1, tw * m + r - 1), dtype)
+    xp[:, :, padding:padding + h, padding:padding + wd] = x
+    s = xp.strides
+    return np.lib.stride_tricks.as_strided(xp, (n_img, c, th, tw, n, n), (*s[:2], s[2] * m, s[3] * m, *s[2:]))
+
+
 def conv2d(x, w, m, padding=0, dtype=np.float32):
     """Stride-1 cross-correlation of x (N, C, H, W) with w (K, C, r, r) by F(m x m, r x r), every operation in
     `dtype` (the transforms, the channel sums and the output transform): (N, K, H + 2p - r + 1, W + 2p - r + 1).
@@ -88,11 +99,8 @@ def conv2d(x, w, m, padding=0, dtype=np.float32):
     at, g, bt = (t.astype(dtype) for t in transforms(m, r))
     n = m + r - 1
     th, tw = -(-oh // m), -(-ow // m)
-    xp = np.zeros((n_img, c, th * m + r - 1, tw * m + r - 1), dtype)
-    xp[:, :, padding:padding + h, padding:padding + wd] = x
-    s = xp.strides
-    tiles = np.lib.stride_tricks.as_strided(xp, (n_img, c, th, tw, n, n), (*s[:2], s[2] * m, s[3] * m, *s[2:]))
-    v = np.einsum("ia,nctuab,jb->ijcntu", bt, tiles, bt, optimize=True).astype(dtype, copy=False)
+    v = np.einsum("ia,nctuab,jb->ijcntu", bt, _tiles(x, m, r, padding, th, tw, dtype), bt,
+                  optimize=True).astype(dtype, copy=False)
     u = np.einsum("ia,kcab,jb->ijkc", g, w.astype(dtype), g, optimize=True).astype(dtype, copy=False)
     prod = np.matmul(u, v.reshape(n, n, c, -1)).reshape(n, n, k, n_img, th, tw)  # a GEMM per transformed point
     y = np.einsum("ai,ijkntu,bj->nktaub", at, prod, at, optimize=True).astype(dtype, copy=False)
@@ -101,8 +109,8 @@ def conv2d(x, w, m, padding=0, dtype=np.float32):
 
 def direct_conv2d(x, w, padding=0, dtype=np.float64):
     """Stride-1 cross-correlation computed directly (im2col and one matrix product) in `dtype`: the reference."""
-    n_img, c, h, wd = x.shape
-    k, _, r, _ = w.shape
+    n_img, c = x.shape[:2]
+    r = w.shape[-1]
     xp = np.pad(x.astype(dtype), ((0, 0), (0, 0), (padding, padding), (padding, padding)))
     oh, ow = xp.shape[2] - r + 1, xp.shape[3] - r + 1
     s = xp.strides
@@ -114,16 +122,13 @@ def weight_grad(x, dy, m, r, padding=0, dtype=np.float32):
     """The gradient of a stride-1 correlation's r x r filters, (K, C, r, r), from its input x (N, C, H, W) and output
     gradient dy (N, K, Ho, Wo), in the transformed domain as the training step computes it: per tile, V = BT d B and
     dM = A dY AT; dU_e = sum over tiles and images of dM_e^T V_e; dg = GT dU G. Every operation in `dtype`."""
-    n_img, c, h, wd = x.shape
+    n_img, c = x.shape[:2]
     _, k, oh, ow = dy.shape
     at, g, bt = (t.astype(dtype) for t in transforms(m, r))
     n = m + r - 1
     th, tw = -(-oh // m), -(-ow // m)
-    xp = np.zeros((n_img, c, th * m + r - 1, tw * m + r - 1), dtype)
-    xp[:, :, padding:padding + h, padding:padding + wd] = x
-    s = xp.strides
-    tiles = np.lib.stride_tricks.as_strided(xp, (n_img, c, th, tw, n, n), (*s[:2], s[2] * m, s[3] * m, *s[2:]))
-    v = np.einsum("ia,nctuab,jb->ijntuc", bt, tiles, bt, optimize=True).astype(dtype, copy=False)
+    v = np.einsum("ia,nctuab,jb->ijntuc", bt, _tiles(x, m, r, padding, th, tw, dtype), bt,
+                  optimize=True).astype(dtype, copy=False)
     dyp = np.zeros((n_img, k, th * m, tw * m), dtype)
     dyp[:, :, :oh, :ow] = dy
     dyt = dyp.reshape(n_img, k, th, m, tw, m)

@@ -142,6 +142,12 @@ def test_gradients_match_float64_finite_differences(rng):
     x = rng.standard_normal((3, 2, 7, 6)).astype(np.float32)
     y = rng.integers(0, 5, 3)
     step = CompiledStep(net, (2, 7, 6), batch_size=3)
+    assert_gradients_match_finite_differences(step, net, x, y, rng)
+
+
+def assert_gradients_match_finite_differences(step, net, x, y, rng):
+    """The compiled step's gradient of each parameter along a random direction, against central differences of
+    the float64 reference loss."""
     step.loss_fn(step.forward(x), y)
     step.backward(step.loss_fn.backward())
     net64 = copy.deepcopy(net).astype(np.float64)
@@ -342,20 +348,7 @@ def test_winograd_gradients_match_float64_finite_differences(rng, monkeypatch):
     y = rng.integers(0, 5, 2)
     step = CompiledStep(net, (2, 9, 8), batch_size=2)
     assert list(step.table[step.table[:, COL["kind"]] == CKIND["CONV"], COL["tile"]]) == [0, 4, 4]
-    step.loss_fn(step.forward(x), y)
-    step.backward(step.loss_fn.backward())
-    net64 = copy.deepcopy(net).astype(np.float64)
-    h = 1e-7
-    for name, w in net64.params.items():
-        d = rng.standard_normal(w.shape)
-        w0 = w.copy()
-        w[...] = w0 + h * d
-        up = reference_loss(net64, x, y)
-        w[...] = w0 - h * d
-        down = reference_loss(net64, x, y)
-        w[...] = w0
-        numeric, analytic = (up - down) / (2 * h), float(np.sum(net.grads[name] * d))
-        assert analytic == pytest.approx(numeric, rel=2e-3, abs=1e-5), name
+    assert_gradients_match_finite_differences(step, net, x, y, rng)
 
 
 @pytest.mark.parametrize("tile", ["winograd2", "winograd4"])

@@ -11,9 +11,9 @@ def _layer_data(model_path, data_dir, n):
     first, from one forward and backward of the layer path on n images (whitened test images when data_dir holds
     CIFAR-10, else standard normal images)."""
     import engine
+    from engine.catalog import pretrained_path
     from engine.layers import Conv2d
     from engine.losses import SoftmaxCrossEntropy
-    from engine.catalog import pretrained_path
     model = engine.load(model_path or pretrained_path("baseline-cifar10"), compiled=False)
     rng = np.random.default_rng(0)
     source = "standard normal images"
