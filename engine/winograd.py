@@ -13,7 +13,7 @@ multiplications and round more: ``conv2d`` computes in a chosen dtype so that th
 tile size can be measured against float64 direct convolution (``python -m engine.bench winograd``).
 """
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def _solve(rows, rhs):
     return [a[i][-1] for i in range(n)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def transforms(m, r):
     """(AT (m, n), G (n, r), BT (n, n)) of F(m, r), n = m + r - 1, as float64 arrays whose entries are exact
     fractions: for every 1D signal d of n values and filter g of r, AT @ ((G @ g) * (BT @ d)) is the
