@@ -413,15 +413,13 @@ static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *
  * Buffers (trainstep.py sizes them): op->tv the transformed input, n^2 x (n images x tiles) x C, kept
  * from forward to backward, then the transformed output gradient of the input gradient; op->tm the
  * products (and dM); op->mid the packed U; c->wbuf dU; per-thread scratch 2 n^2 max(C, F) floats. */
-typedef fp_wino ft_wino;
 #define FT_WINO_BLOCK 64  /* filters whose weight gradients are transformed back together */
-#define ft_wino_of fp_wino_of
 
 /* U_e = (G g GT)_e packed for ft_gemm_packed as B (Cin x Fout), e = 0 .. n^2 - 1, each panels(Fout) x Cin x FP_NR:
  * g = w[fo][ci] (w: Fout x Cin x k x k), or with flip the input gradient's g = w[ci][fo] rotated by 180 degrees
  * (w: Cin x Fout x k x k, the forward's F x C). A panel's FP_NR filters are transformed together (the
  * innermost loops run over them), so each (point, panel, input channel) is one contiguous store. */
-static void ft_wino_pack(const ft_wino *t, const float *w, long Cin, long Fout, int flip, float *up, ft_ctx *c) {
+static void ft_wino_pack(const fp_wino *t, const float *w, long Cin, long Fout, int flip, float *up, ft_ctx *c) {
     long k = t->k, n = t->n, panels = (Fout + FP_NR - 1) / FP_NR, per_e = panels * Cin * FP_NR;
     #pragma omp parallel for schedule(static) num_threads(c->threads)
     for (long item = 0; item < panels * Cin; item++) {
@@ -457,13 +455,13 @@ static void ft_wino_pack(const ft_wino *t, const float *w, long Cin, long Fout, 
 }
 
 /* the input transforms of one image's th x tw tiles into rows row0 .. of V (blocks R x C) */
-static void ft_wino_in(const ft_wino *t, const float *x, long H, long W, long C, long pad, long th, long tw,
+static void ft_wino_in(const fp_wino *t, const float *x, long H, long W, long C, long pad, long th, long tw,
                        float *V, long R, long row0, float *scr) {
     for (long q = 0; q < th * tw; q++) fp_wino_in_tile(t, x, H, W, C, pad, q / tw, q % tw, V, R, row0 + q, scr);
 }
 
 /* the output transforms of one image's tiles from rows row0 .. of M (blocks R x F) into y (Ho x Wo x F) */
-static void ft_wino_out(const ft_wino *t, const float *M, long R, long row0, long th, long tw, long F, long Ho,
+static void ft_wino_out(const fp_wino *t, const float *M, long R, long row0, long th, long tw, long F, long Ho,
                         long Wo, const float *bias, int relu, float *y, float *scr) {
     for (long q = 0; q < th * tw; q++)
         fp_wino_out_tile(t, M, R, row0 + q, q / tw, q % tw, F, Ho, Wo, bias, relu, y, scr);
@@ -471,7 +469,7 @@ static void ft_wino_out(const ft_wino *t, const float *M, long R, long row0, lon
 
 /* dM[e][row0 + tile][f] = (A dY AT)[e], the adjoint of ft_wino_out, for each tile of one image's output
  * gradient dy (Ho x Wo x F), zero past its edges. */
-static void ft_wino_dout(const ft_wino *t, const float *dy, long Ho, long Wo, long F, long th, long tw, float *dM,
+static void ft_wino_dout(const fp_wino *t, const float *dy, long Ho, long Wo, long F, long th, long tw, float *dM,
                          long R, long row0, float *scr) {
     long n = t->n, m = t->m;
     float *tmp = scr;
@@ -508,7 +506,7 @@ static void ft_wino_dout(const ft_wino *t, const float *dy, long Ho, long Wo, lo
 
 /* A stride-1 convolution of n channels-last images x (H x W x Cin) into y (Ho x Wo x Fout) by Winograd, with
  * U packed by ft_wino_pack: input transforms into V, one GEMM per transformed point into M, output transforms. */
-static void ft_wino_conv(const ft_wino *t, const float *x, long H, long W, long Cin, long pad, long Ho, long Wo,
+static void ft_wino_conv(const fp_wino *t, const float *x, long H, long W, long Cin, long pad, long Ho, long Wo,
                          long Fout, const float *up, float *V, float *M, const float *bias, int relu, float *y, long n,
                          ft_ctx *c) {
     long th = (Ho + t->m - 1) / t->m, tw = (Wo + t->m - 1) / t->m, T = th * tw, R = n * T;
@@ -521,7 +519,7 @@ static void ft_wino_conv(const ft_wino *t, const float *x, long H, long W, long 
 }
 
 static void ft_wino_forward(const fl_op *op, const float *x, long n, ft_ctx *c) {
-    ft_wino t = ft_wino_of(op);
+    fp_wino t = fp_wino_of(op);
     float *up = fl_ptr(op->mid);
     ft_wino_pack(&t, fl_cptr(op->w), op->c_in, op->c_out, 0, up, c);
     ft_wino_conv(&t, x, op->h_in, op->w_in, op->c_in, op->pad, op->h_out, op->w_out, op->c_out, up, fl_ptr(op->tv),
@@ -529,7 +527,7 @@ static void ft_wino_forward(const fl_op *op, const float *x, long n, ft_ctx *c) 
 }
 
 static void ft_wino_backward(const fl_op *op, float *dy, float *dx, long n, ft_ctx *c) {
-    ft_wino t = ft_wino_of(op);
+    fp_wino t = fp_wino_of(op);
     long C = op->c_in, F = op->c_out, Ho = op->h_out, Wo = op->w_out, P = Ho * Wo, k = t.k, nn = t.n * t.n;
     long th = (Ho + t.m - 1) / t.m, tw = (Wo + t.m - 1) / t.m, R = n * th * tw;
     float *V = fl_ptr(op->tv), *dM = fl_ptr(op->tm), *dU = c->wbuf, *dw = fl_ptr(op->dw);
