@@ -810,17 +810,25 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
 
 /* Backward from dlogits (n x the last op's output) through the ops in reverse: parameter
  * gradients go to the ops' gradient arrays. Nothing needs the gradient of the input: the
- * first op with parameters computes none, and the ops before it are not run. */
-static int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c) {
+ * first op with parameters computes none, and the ops before it are not run.
+ *
+ * In parts: this call runs ops upper-1 down to lower only. The first part (upper = nops) starts
+ * from dlogits; a later part continues from the output gradient the part before left (op o reads
+ * it from g0 when nops-1-o is even, else from g1), so parts [lower_k, upper_k) that tile [0, nops)
+ * from the top, called in that order, compute what one call with upper = nops, lower = 0 does. */
+static int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c,
+                       int upper, int lower) {
     FT_FTZ_ON();
     double t_prev = c->times ? ft_now() : 0.0;
-    float *dy = c->g0, *dx = c->g1;
-    memcpy(dy, dlogits, n * ft_out_size(ops + nops - 1) * sizeof(float));
+    int even = (nops - upper) % 2 == 0;  /* op upper-1 reads g0 */
+    float *dy = even ? c->g0 : c->g1, *dx = even ? c->g1 : c->g0;
+    if (upper == nops)
+        memcpy(dy, dlogits, n * ft_out_size(ops + nops - 1) * sizeof(float));
     int first = 0;  /* the first op with parameters: nothing below it needs a gradient */
     while (first < nops - 1 && ops[first].kind != FL_GEMM && ops[first].kind != FL_CONV && ops[first].kind != FL_VH
            && ops[first].kind != FL_LINEAR)
         first++;
-    for (int o = nops - 1; o >= first; o--) {
+    for (int o = upper - 1; o >= first && o >= lower; o--) {
         const fl_op *op = ops + o;
         const float *in = o ? fl_cptr(ops[o - 1].out) : x, *y = fl_cptr(op->out);
         long in_sz = ft_in_size(op), out_sz = ft_out_size(op), P = op->h_out * op->w_out;

@@ -21,15 +21,28 @@ What a distributed run does (``Trainer(..., dist=Distributed())``):
   the shards are equal: --batch-size must be a multiple of N; only an epoch's last, partial
   batch can have unequal shards, and the weighting keeps it the gradient of the mean over
   that batch; a rank with an empty shard contributes zeros), writes its share of the loss
-  and its count of correct answers after the gradients, then one in-place
-  ``Allreduce(IN_PLACE, buffer, SUM)`` gives every rank the gradient of the global batch's
-  mean loss, the global loss and count, and whether any rank was asked to stop (SIGINT or SIGTERM, or
+  and its count of correct answers after the gradients, then in-place sums over the ranks
+  (``Iallreduce(IN_PLACE, bucket, SUM)``, one per bucket of the buffer, below) give every rank the
+  gradient of the global batch's mean loss, the global loss and count, and whether any rank was
+  asked to stop (SIGINT or SIGTERM, or
   SIGUSR1, which mpirun forwards to every rank: they all stop after the same step, save
   a checkpoint and end as an interrupted run does, every rank with the exit status of the
   same signal: SIGTERM's if any rank had one, else SIGINT's, else SIGUSR1's; one flag per
   signal in the buffer, so a sum still says which).
   Every rank then applies the same SGD update. A NaN loss on any rank makes the summed
   loss NaN on all of them, and they stop together (TrainingDiverged).
+- Buckets, and the reduction overlapped with the backward pass (as PyTorch's DDP and Horovod
+  do): the buffer is cut, from its end, into buckets of about ``bucket_mib`` MiB at gradient
+  boundaries (the last bucket also holds the tail). The backward runs from the last layer to
+  the first, so the buffer's end is ready first: as soon as every gradient of the next bucket
+  is final (the compiled step's backward runs in parts, one op at a time, and says which
+  gradients it finished), that bucket is scaled by the share and its non-blocking reduction
+  starts, while the backward goes on with the layers below; the calls between the ops drive
+  the reductions on. The buckets start in the same order on every rank (a bucket waits for the
+  ones above it), and the step waits for all of them before the update. ``overlap = False``
+  makes the same calls after the whole backward, so the two give the same sums bit for bit;
+  ``bucket_mib = 0`` is one bucket, the whole buffer. The layer path's backward is one call:
+  its buckets start after it.
 - What agrees with one process: the weights after k steps equal single-process training
   with the same global batch up to float32 summation order (each shard's gradient is a sum
   over its own images, the shards' sums are then added; one process sums the whole batch
@@ -82,6 +95,7 @@ STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, 
 TAIL = 2 + len(STOP_SIGNALS)  # floats after the gradients in the reduced buffer: loss share, number correct, the
 #                               ranks asking for a stop by each of STOP_SIGNALS
 ALIGN = 16  # float32 elements: every gradient view starts on a 64-byte boundary
+BUCKET_MIB = 1.0  # the size of a bucket of the gradient buffer whose reduction starts as soon as it is ready
 
 
 class DistributedError(RuntimeError):
@@ -134,6 +148,18 @@ def flatten_grads(model, tail=TAIL):
     return buf, n
 
 
+def bucket_bounds(spans, end, floats):
+    """Buckets of a buffer of `end` floats holding arrays at `spans` [(offset, size)]: [(lo, hi)] from the
+    buffer's end to its start, each cut at an array's offset once it holds at least `floats` floats
+    (0 or less: one bucket). They tile [0, end); an array lies inside one bucket."""
+    bounds, hi = [], end
+    for off, _ in sorted(spans, reverse=True):
+        if 0 < off and floats > 0 and hi - off >= floats:
+            bounds.append((off, hi))
+            hi = off
+    return bounds + [(0, hi)] if hi > 0 else bounds
+
+
 def init():
     """The Distributed of this process (MPI_COMM_WORLD); DistributedError when mpi4py is missing."""
     try:
@@ -160,6 +186,8 @@ class Distributed:
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self.buf, self.n_grads = None, 0
+        self.bucket_mib, self.overlap = BUCKET_MIB, True  # set them before setup() (train.py: --bucket-mib, ...)
+        self.buckets, self.bucket_of = [], {}  # setup(): [(lo, hi)] from the end; a gradient's address -> bucket
         self.stop_agreed = None  # after each step's reduction: the signal every rank stops for, or None
         self.install_excepthook()
 
@@ -285,6 +313,11 @@ class Distributed:
         for w in model.params.values():
             self.comm.Bcast(w, root=0)
         self.buf, self.n_grads = flatten_grads(model)
+        base = self.buf.ctypes.data
+        spans = {g.ctypes.data: ((g.ctypes.data - base) // 4, g.size) for g in model.grads.values()}
+        self.buckets = bucket_bounds(spans.values(), len(self.buf), int(self.bucket_mib * 2**20 / 4))
+        self.bucket_of = {addr: next(b for b, (lo, hi) in enumerate(self.buckets) if lo <= off < hi)
+                          for addr, (off, _) in spans.items()}
         rng = getattr(model, "rng", None)
         if rng is not None and self.rank > 0:
             rng.bit_generator.state = np.random.default_rng([int(config["seed"]), self.rank]).bit_generator.state
@@ -378,14 +411,16 @@ class DistributedStep:
     """A trainer step (LayerStep or CompiledStep) on this rank's shard, its gradients summed over the ranks.
 
     The trainer asks shard(idx) for this rank's part of a batch's indices, then loss(x, y) on
-    that part: forward, backward, scaling by the shard's share, and the one Allreduce; it returns
-    the global batch's mean loss and number correct. apply() is then the SGD update only."""
+    that part: forward, backward, scaling by the shard's share, and the reductions of the buckets
+    (overlapped with the backward when dist.overlap); it returns the global batch's mean loss and
+    number correct. apply() is then the SGD update only."""
 
     def __init__(self, dist, step, stop_requested):
         self.dist, self.inner, self._stop_requested = dist, step, stop_requested
         self.name = step.name
         self._share = 1.0
         self.signalled = False
+        self.early_buckets = 0
 
     def on_signal(self, signum, frame):
         self.signalled = True
@@ -399,21 +434,47 @@ class DistributedStep:
 
     def loss(self, x, y):
         d = self.dist
-        grads, tail = d.buf[:d.n_grads], d.buf[d.n_grads:]
+        tail = d.buf[d.n_grads:]
+        self._pending = [0] * len(d.buckets)
+        for b in d.bucket_of.values():
+            self._pending[b] += 1
+        self._started, self._requests = 0, []
         if len(x):
             loss, correct = self.inner.loss(x, y)
-            self.inner.backward()
-            if self._share != 1.0:
-                grads *= np.float32(self._share)
             tail[0], tail[1] = float(loss) * self._share, int(correct)
         else:  # an epoch's last batch with fewer images than ranks
-            grads[...] = 0
+            d.buf[:d.n_grads] = 0
             tail[0] = tail[1] = 0
         mine = self._stop_requested() or (signal.SIGUSR1 if self.signalled else None)
         tail[2:] = [float(s == mine) for s in STOP_SIGNALS]
-        d.comm.Allreduce(d.MPI.IN_PLACE, d.buf, op=d.MPI.SUM)
+        if len(x):
+            self.inner.backward(ready=self._ready if d.overlap else None)
+        self.early_buckets = self._started  # started before the backward ended (overlapped)
+        self._start(len(d.buckets))
+        d.MPI.Request.Waitall(self._requests)
         d.stop_agreed = next((s for s, n in zip(STOP_SIGNALS, tail[2:]) if n > 0), None)
         return float(tail[0]), int(round(float(tail[1])))
+
+    def _ready(self, grads):
+        """The backward finished these gradients: start the buckets that are complete, in order."""
+        bucket_of, pending = self.dist.bucket_of, self._pending
+        for g in grads:
+            pending[bucket_of[g.ctypes.data]] -= 1
+        done = self._started
+        while done < len(pending) and pending[done] == 0:
+            done += 1
+        self._start(done)
+        if self._requests:
+            self.dist.MPI.Request.Testall(self._requests)  # drives the started reductions on
+
+    def _start(self, upto):
+        """Scale buckets [started, upto) by this rank's share and start their reductions."""
+        d = self.dist
+        for lo, hi in d.buckets[self._started:upto]:
+            if self._share != 1.0:
+                d.buf[lo:min(hi, d.n_grads)] *= np.float32(self._share)
+            self._requests.append(d.comm.Iallreduce(d.MPI.IN_PLACE, d.buf[lo:hi], op=d.MPI.SUM))
+        self._started = max(self._started, upto)
 
     def backward(self):
         """Nothing: loss() computed and reduced the gradients."""

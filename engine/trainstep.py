@@ -65,9 +65,11 @@ class LayerStep:
         loss = self.loss_fn(self.logits, y, as_array=True)  # host labels are checked on the host
         return loss, (self.logits.argmax(axis=1) == self.loss_fn.labels).sum()
 
-    def backward(self):
-        """Gradients of the last loss into the layers' grads."""
+    def backward(self, ready=None):
+        """Gradients of the last loss into the layers' grads; then ready(every gradient array), if given."""
         self.net.backward(self.loss_fn.backward())
+        if ready is not None:
+            ready(list(self.net.grads.values()))
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None):
         """The SGD update from the layers' grads (optim.sgd_momentum's rule)."""
@@ -116,6 +118,7 @@ class CompiledStep:
         """The op table and every buffer, for up to `cap` images."""
         self.capacity = cap
         self._keep, self._rows, self.names, self._dropouts = [], [], [], []
+        self.row_grads = []  # per row: the layers' gradient arrays it writes (backward(ready=...))
         self._saved = []  # per row: (output array, argmax/mask array or None), for testing_saved()
         self._act = int(np.prod(self.in_shape))
         self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = 1
@@ -201,6 +204,7 @@ class CompiledStep:
         kept = aux if kind in ("POOL", "DROPOUT") else None  # argmax / mask
         self._saved.append((self._keep[-1], next((a for a in self._keep if kept and a.ctypes.data == kept), None)))
         self._rows.append(op_row(kind, in_shape, out_shape, **fields))
+        self.row_grads.append([])
         self._act = max(self._act, n_out, int(np.prod(in_shape)))
         self.names.append(name)
 
@@ -213,6 +217,7 @@ class CompiledStep:
         self._add(kind, op.name, in_shape, out_shape, w=self._ptr(layer.params["weight"]),
                   b=self._ptr(layer.params["bias"]), dw=self._ptr(layer.grads["weight"]),
                   db=self._ptr(layer.grads["bias"]), **fields)
+        self.row_grads[-1] = [layer.grads["weight"], layer.grads["bias"]]
         self._has_params = True
 
     def _winograd_row(self, row, relu):
@@ -234,13 +239,14 @@ class CompiledStep:
 
     def _vh_row(self, row):
         c, h, w = row.in_shape
-        halves = []
+        halves, grads = [], []
         for half in row.op.parts:
             if half is None:  # the identity filter; its gradients go to scratch arrays
                 p = identity_half(c)
                 g = {k: np.empty_like(v) for k, v in p.items()}
             else:
                 p, g = half.layer.params, half.layer.grads
+                grads += [g["weight"], g["bias"]]
             halves += [self._ptr(p["weight"]), self._ptr(p["bias"]), self._ptr(g["weight"]), self._ptr(g["bias"])]
         wv, bv, dwv, dbv, wh, bh, dwh, dbh = halves
         kv, kh, hm = row.fields["kv"], row.fields["kh"], row.fields["h_mid"]
@@ -250,6 +256,7 @@ class CompiledStep:
         self._add("VH", row.name, row.in_shape, row.out_shape, relu=int(row.relu), **row.fields,
                   wv=wv, bv=bv, wh=wh, bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh,
                   mid=self._buf(self.capacity * hm * w * c))
+        self.row_grads[-1] = grads
         self._has_params = True
 
     def testing_saved(self, row, n):
@@ -296,17 +303,27 @@ class CompiledStep:
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
-    def backward(self, dlogits=None, num_threads=None, times=None):
+    def backward(self, dlogits=None, num_threads=None, times=None, ready=None):
         """Gradients of every parameter (into the layers' grads) from dlogits (N, classes) of the last
-        forward (default: the gradient of the last loss())."""
+        forward (default: the gradient of the last loss()).
+
+        ready: None, or a function called between the ops with the list of gradient arrays an op
+        has just finished, op after op from the last (the backward then runs in parts, one per op
+        with parameters; the results are the same bit for bit)."""
         dlogits = np.ascontiguousarray(self.loss_fn.backward() if dlogits is None else dlogits, dtype=np.float32)
         if dlogits.shape != (len(self._x), self.out_shape[0]):
             raise ValueError(f"dlogits of shape {dlogits.shape} do not match the last forward "
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
-        self.last_threads = train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
-                                      self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                      self._wpack_buf, self._bpad_buf, threads, times)
+        upper = len(self.table)
+        parts = [row for row in range(upper - 1, -1, -1) if self.row_grads[row]] if ready is not None else [0]
+        for lower in parts:
+            self.last_threads = train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
+                                          self._part_buf, self._scratch_buf, self._g[0], self._g[1],
+                                          self._wpack_buf, self._bpad_buf, threads, times, upper, lower)
+            upper = lower
+            if ready is not None:
+                ready(self.row_grads[lower])
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
         """SGD with momentum on every parameter (optim.sgd_momentum's rule), compiled."""

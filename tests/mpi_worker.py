@@ -2,7 +2,7 @@
 
     mpirun -np 2 python tests/mpi_worker.py OUT [--epochs N] [--no-dropout] [--resume] [--fail raise|kill|nan]
                                                 [--signal-at EPOCH,STEP] [--send RANK,SIGNAL,EPOCH,STEP ...]
-                                                [--pause SECONDS]
+                                                [--pause SECONDS] [--bucket-mib MIB] [--no-overlap]
     python tests/mpi_worker.py OUT --plain ...       # the same run in one process, without MPI
 
 Every rank writes into OUT/rank<r> (so a test sees which ranks wrote anything); with --plain,
@@ -46,6 +46,8 @@ def make_trainer(out, epochs, dropout=True, lr=0.05, step="auto", dist=None, n_t
 
 def main(args, dist):
     rank = dist.rank if dist is not None else 0
+    if dist is not None:
+        dist.bucket_mib, dist.overlap = args.bucket_mib, not args.no_overlap
     out = Path(args.out) / f"rank{rank}"
     out.mkdir(parents=True, exist_ok=True)
     t = make_trainer(out, args.epochs, dropout=not args.no_dropout, lr=1e12 if args.fail == "nan" else 0.05,
@@ -64,7 +66,13 @@ def main(args, dist):
                 raise RuntimeError("rank 1 fails on purpose")
             if args.fail == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-    t.on_step = fail
+    early = []
+
+    def on_step(t):
+        if dist is not None:
+            early.append(t.step.early_buckets)
+        fail(t)
+    t.on_step = on_step
     seen = []
     if args.record_inputs:  # the images this rank trains on, step by step
         inner = t.step.inner if dist is not None else t.step
@@ -81,6 +89,8 @@ def main(args, dist):
         np.savez(out / "inputs.npz", *seen)
     by = f" by {signal.Signals(t.stop_signal).name}" if t.stop_signal else ""
     print(f"rank {rank} of {dist.size if dist else 1}: {status}{by}, step {t.step.name}, history {len(t.history)}")
+    if dist is not None:
+        print(f"rank {rank}: {len(dist.buckets)} buckets, started during the backward: {min(early)}-{max(early)}")
     return 0
 
 
@@ -92,6 +102,8 @@ if __name__ == "__main__":
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--step", default="auto")
+    p.add_argument("--bucket-mib", type=float, default=1.0, help="MiB per bucket of the gradient reduction")
+    p.add_argument("--no-overlap", action="store_true", help="reduce the buckets after the whole backward")
     p.add_argument("--augment", default="none", help="engine.augment spec")
     p.add_argument("--record-inputs", action="store_true", help="write the images of each step to OUT/rankR/inputs.npz")
     p.add_argument("--fail", choices=["raise", "kill", "nan"], default=None)

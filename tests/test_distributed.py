@@ -31,7 +31,7 @@ import pytest
 from formats import write_mnist
 
 from engine import distributed
-from engine.distributed import fingerprint, flatten_grads, launcher, shard_bounds
+from engine.distributed import bucket_bounds, fingerprint, flatten_grads, launcher, shard_bounds
 from engine.checkpoint import load_checkpoint
 from engine.trainstep import make_step
 from models.paper import build
@@ -86,6 +86,24 @@ def test_shards_partition_every_batch():
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, in rank order
             sizes = [hi - lo for lo, hi in bounds]
             assert max(sizes) - min(sizes) <= 1 and (m % size or len(set(sizes)) == 1)
+
+
+@pytest.mark.parametrize("floats", [0, -1, 1, 40, 100, 10**6])
+def test_buckets_tile_the_buffer_from_its_end_at_array_boundaries(floats):
+    rng = np.random.default_rng(floats % 97)
+    sizes = rng.integers(1, 60, 12)
+    offsets = np.concatenate([[0], np.cumsum(-(-sizes // 16) * 16)[:-1]])  # 16-float aligned, as flatten_grads
+    end = int(offsets[-1] + sizes[-1] + 5)  # and a tail
+    spans = list(zip(offsets.tolist(), sizes.tolist()))
+    b = bucket_bounds(spans[::-1], end, floats)  # any order of the spans
+    assert b[0][1] == end and b[-1][0] == 0 and all(x[0] == y[1] for x, y in zip(b, b[1:]))  # from the end down
+    assert all(lo < hi for lo, hi in b) and {lo for lo, _ in b[:-1]} <= set(offsets.tolist())
+    if floats <= 0:
+        assert b == [(0, end)]
+    else:
+        assert all(hi - lo >= floats for lo, hi in b[:-1])  # each at least `floats`, but the first's rest
+        assert all(hi - lo - floats < 64 for lo, hi in b[:-1])  # cut at the first boundary past it
+        assert len(b) == 1 or floats < end
 
 
 def test_fingerprint_tells_data_apart():
@@ -247,6 +265,28 @@ def test_one_rank_equals_a_plain_run_exactly_and_resume_with_two_ranks_is_exact(
         np.testing.assert_array_equal(ps[name], pr[name], err_msg=name)
 
 
+def test_reduction_overlapped_with_the_backward_sums_what_the_one_after_it_does(mpi, tmp_path):
+    """4 ranks, buckets of 0.02 MiB, dropout on, 2 epochs of 67 images (the last batch of 3 leaves a rank
+    without images): buckets reduced while the backward goes on, and after it, end bit for bit equal
+    (weights and momentum), and with overlap the reductions really started before the backwards ended."""
+    runs = {}
+    for mode in ("overlap", "no-overlap"):
+        extra = ["--no-overlap"] if mode == "no-overlap" else []
+        r = worker(tmp_path / mode, "--epochs", "2", "--n-train", "67", "--bucket-mib", "0.02", *extra, np_=4)
+        assert r.returncode == 0, r.stdout + r.stderr
+        early = {int(m[0]): (int(m[1]), int(m[3])) for m in re.findall(
+            r"rank (\d): (\d+) buckets, started during the backward: (\d+)-(\d+)", r.stdout)}
+        assert sorted(early) == [0, 1, 2, 3], r.stdout
+        buckets = {n for n, _ in early.values()}
+        assert len(buckets) == 1 and buckets.pop() >= 3
+        assert all((most >= 2) if mode == "overlap" else (most == 0) for _, most in early.values()), early
+        runs[mode] = ckpt(tmp_path / mode)
+    (p1, v1, *_), (p2, v2, *_) = runs.values()
+    for name in p1:
+        np.testing.assert_array_equal(p1[name], p2[name], err_msg=name)
+        np.testing.assert_array_equal(v1[name], v2[name], err_msg=name)
+
+
 @pytest.mark.parametrize("sends, agreed", [(["1,SIGUSR1"], "SIGUSR1"), (["0,SIGUSR1", "1,SIGTERM"], "SIGTERM"),
                                            (["0,SIGTERM", "1,SIGINT"], "SIGTERM"), (["1,SIGINT"], "SIGINT")])
 def test_ranks_stopped_by_signals_stop_together_for_one_signal(mpi, tmp_path, sends, agreed):
@@ -322,7 +362,7 @@ def test_train_py_two_ranks_writes_from_rank_0_only_and_resumes_with_another_ran
                        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     r = _mpirun(["-np", "2", sys.executable, ROOT / "train.py", "--resume", "--epochs", "3", "--out", mnist / "P",
-                 "--quiet"])
+                 "--quiet", "--bucket-mib", "0.05", "--no-overlap"])
     assert r.returncode == 0 and "2 ranks" in r.stdout, r.stdout + r.stderr
     logs = [[json.loads(line) for line in (mnist / run / "log.jsonl").read_text().splitlines()] for run in "AP"]
     assert [[h["epoch"] for h in log] for log in logs] == [[1, 2, 3], [1, 2, 3]]
@@ -382,7 +422,9 @@ def test_bench_distributed_runs(mpi):
                  "--repeat", "1", "--threads", "1"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "allreduce of the gradients:" in r.stdout and "MiB in" in r.stdout
-    assert "2 rank(s) x 1 thread(s)" in r.stdout and "1 rank x 2 thread(s)" in r.stdout
+    assert "1 rank x 2 thread(s)" in r.stdout and "bucket(s) of" in r.stdout
+    for how in ("overlapped", "reduced after the backward"):
+        assert re.search(rf"2 rank\(s\) x 1 thread\(s\), {how} +[\d.]+ +[\d.]+ +[\d.]+ +\d+", r.stdout), r.stdout
     assert r.stdout.count("# environment") == 1  # rank 0 alone reports
 
 

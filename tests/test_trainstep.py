@@ -193,6 +193,31 @@ def test_bit_identical_for_any_thread_count(model, rng):
             np.testing.assert_array_equal(params[name], results[0][3][name], err_msg=name)
 
 
+@pytest.mark.parametrize("model,conv", [("flattened", "auto"), ("baseline", "winograd4"), ("baseline", "direct")])
+def test_backward_in_parts_reports_each_gradient_once_from_the_last_layer(model, conv, rng, monkeypatch):
+    """backward(ready=...) runs one part per op with parameters and hands over each op's gradients as it
+    finishes them: every gradient array once, the layers in reverse order, results bit for bit those of
+    one call (what the distributed step's overlapped reduction relies on)."""
+    monkeypatch.setenv("FLATNET_CONV", conv)
+    base = build(model, (3, 32, 32), 10, seed=3)
+    x, y = rng.standard_normal((5, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, 5)
+    grads = []
+    for parts in (False, True):
+        net = copy.deepcopy(base)
+        step, seen = CompiledStep(net, batch_size=5), []
+        step.loss(x, y)
+        step.backward(ready=(lambda g: seen.append([a.ctypes.data for a in g])) if parts else None)
+        grads.append({k: v.copy() for k, v in net.grads.items()})
+    for name in grads[0]:
+        np.testing.assert_array_equal(grads[1][name], grads[0][name], err_msg=name)
+    reported = [a for op in seen for a in op]
+    addresses = {g.ctypes.data: name for name, g in net.grads.items()}
+    assert sorted(reported) == sorted(addresses)  # each once, nothing else (the identity halves' scratch)
+    order = list(net.grads)  # the layers' order
+    firsts = [min(order.index(addresses[a]) for a in op) for op in seen]
+    assert firsts == sorted(firsts, reverse=True) and len(set(firsts)) == len(firsts)
+
+
 def test_dropout_masks_are_the_layer_paths(rng):
     """The same generator state draws the same seed and the same mask, element for element (NCHW order)."""
     net = Sequential(Lateral(4, 6, rng=rng), Dropout(0.5, rng=np.random.default_rng(7)), Flatten(),

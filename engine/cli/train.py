@@ -40,7 +40,7 @@ NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test", "validation")
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
 RUN_OPTIONS = ("data_dir", "cache_dir", "download", "no_download", "eval_batch_size", "backend", "threads", "plot",
-               "quiet", "step", "zca_storage", "compress_model", "conv")
+               "quiet", "step", "zca_storage", "compress_model", "conv", "bucket_mib", "overlap")
 # How model.npz stores the ZCA matrix (engine.save_model): packed16, its upper triangle in float16, changed
 # no prediction of a 75% CIFAR-10 network on the 10,000 test images (docs/results.md, "Model files").
 DEFAULT_ZCA_STORAGE = "packed16"
@@ -205,8 +205,8 @@ def parser():
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with the settings and data folders "
                         "it was started with (--epochs may be raised; --data-dir, --cache-dir, --threads, "
-                        "--backend, --step, --conv, --eval-batch-size, --plot, --quiet, --zca-storage and "
-                        "--compress-model may be changed; a setting of the run, such as --lr, is refused unless "
+                        "--backend, --step, --conv, --eval-batch-size, --plot, --quiet, --zca-storage, "
+                        "--compress-model, --bucket-mib and --overlap may be changed; a setting of the run, such as --lr, is refused unless "
                         "it repeats the checkpoint's)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in --out even if it holds another run's checkpoint and log (they are deleted)")
@@ -233,6 +233,14 @@ def parser():
                    help="train data-parallel over the ranks of an MPI job (mpi4py: pip install '.[mpi]'), each "
                         "rank taking an equal share of every batch; on automatically under mpirun/mpiexec/srun. "
                         "Example: mpirun -np 2 --bind-to none python train.py ...")
+    g.add_argument("--bucket-mib", metavar="MIB", type=non_negative_float, default=None,
+                   help="distributed: the gradients are summed over the ranks in buckets of about this many MiB, "
+                        "each as soon as the backward pass has finished it; 0 = one bucket, the whole buffer "
+                        "(default: 1)")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="distributed: start each bucket's reduction while the backward pass goes on with the "
+                        "layers below it (--no-overlap: all of them after the backward; the sums are the same "
+                        "bit for bit) (default: on)")
     g.add_argument("--summary", action="store_true",
                    help="print the per-layer table (output shapes, weights, biases) and exit, without data")
     g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
@@ -409,6 +417,9 @@ def run(args, dist=None):
     threads = args.threads or (dist.default_threads() if dist is not None else None)
     if threads:
         engine.set_num_threads(threads)
+    if dist is not None:  # how the gradients are summed over the ranks (engine/distributed.py, "Buckets")
+        dist.bucket_mib = dist.bucket_mib if args.bucket_mib is None else args.bucket_mib
+        dist.overlap = dist.overlap if args.overlap is None else args.overlap
     if backend != "cpu":
         model.to(backend)
     if not args.resume and is_root:

@@ -22,7 +22,8 @@ cdef extern from "_train.h" nogil:
     int FT_KC
     int FP_NR
     int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx *c)
-    int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c)
+    int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c,
+                    int upper, int lower)
     double ft_peak(int threads, long iters, int repeat)
     void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd, int threads)
 
@@ -38,10 +39,12 @@ def train_run(bint backward,
               float[::1] wpack,             # a GEMM's packed weights
               float[::1] bpad,              # a padded bias, then as many zeros
               int num_threads,
-              double[::1] times=None):      # OUT (optional, 2 n_ops): seconds per op, forward then backward
+              double[::1] times=None,       # OUT (optional, 2 n_ops): seconds per op, forward then backward
+              int upper=-1, int lower=0):   # backward only: run ops upper-1 down to lower (-1: from the last)
     """Forward (backward=False) or backward of a compiled training step (engine/_train.h) on n images.
 
-    Returns the number of threads of its parallel loops."""
+    The backward can run in parts, from the last op down: [lower, upper) after the part above it
+    (upper = n_ops, or -1, starts from dlogits). Returns the number of threads of its parallel loops."""
     cdef ft_ctx ctx
     cdef int team
     _check_table(ops, "train_run")
@@ -63,6 +66,10 @@ def train_run(bint backward,
     ctx.wpack = &wpack[0]
     ctx.bpad = &bpad[0]
     ctx.bpad_floats = bpad.shape[0]
+    if upper < 0:
+        upper = ops.shape[0]
+    if backward and not 0 <= lower <= upper <= ops.shape[0]:
+        raise ValueError(f"train_run: ops [{lower}, {upper}) are not within the table's {ops.shape[0]}")
     ctx.times = NULL
     if times is not None:
         if times.shape[0] != 2 * ops.shape[0]:
@@ -71,7 +78,7 @@ def train_run(bint backward,
     with nogil:
         if backward:
             team = ft_backward(<const fl_op *> &ops[0, 0], <int> ops.shape[0], &x[0, 0], &dlogits[0, 0],
-                               x.shape[0], &ctx)
+                               x.shape[0], &ctx, upper, lower)
         else:
             team = ft_forward(<const fl_op *> &ops[0, 0], <int> ops.shape[0], &x[0, 0], x.shape[0], &ctx)
     return team

@@ -1,5 +1,6 @@
 """`bench distributed` (under mpirun -np N): one Allreduce of the gradients, and training images/s of
-N ranks x --threads against 1 rank x N*threads."""
+N ranks x --threads (the buckets' reductions overlapped with the backward, and after it) against
+1 rank x N*threads."""
 import statistics
 
 import numpy as np
@@ -9,11 +10,14 @@ import engine
 from ..common import fail
 from .timing import environment, print_environment, timeit
 
+ROUNDS = 3  # alternating rounds of the overlapped and the after-the-backward reduction
+
 
 def bench_distributed(args):
     """Under `mpirun -np N`: the time of one Allreduce of the model's gradient buffer, then training images/s
-    of N ranks x T threads (data-parallel, engine/distributed.py) and of rank 0 alone on N*T threads while
-    the others sleep, in the same run. Global batch --batch, split over the ranks."""
+    of N ranks x T threads (data-parallel, engine/distributed.py), with the buckets' reductions overlapped
+    with the backward and started after it (in alternating rounds), and of rank 0 alone on N*T threads
+    while the others sleep, in the same run. Global batch --batch, split over the ranks."""
     from engine.distributed import DistributedError, init
     try:
         dist = init()
@@ -46,7 +50,11 @@ def _bench_distributed(args, dist):
         step.loss(xs, ys)
         step.apply(velocity, 1e-3, 0.9, 1e-4)
     dist.comm.Barrier()
-    together = timeit(distributed_step, args.repeat, warmup=2)
+    together = {True: [], False: []}  # overlapped, after the backward
+    for _ in range(ROUNDS):
+        for overlap in together:
+            dist.overlap = overlap
+            together[overlap] += timeit(distributed_step, args.repeat, warmup=1)
     dist.wait()
     alone = None
     if dist.is_root:
@@ -66,9 +74,17 @@ def _bench_distributed(args, dist):
     print(f"allreduce of the gradients: {size / 2**20:.2f} MiB in {1e3 * t:.3f} ms median "
           f"(min {1e3 * min(reduce):.3f}, max {1e3 * max(reduce):.3f}); ring bus bandwidth "
           f"2(N-1)/N x size / time = {2 * (n - 1) / n * size / t / 1e9:.2f} GB/s")
-    print(f"{'what':<32} {'median_ms':>9} {'images/s':>10}")
-    for what, times in ((f"{n} rank(s) x {threads} thread(s)", together),
-                        (f"1 rank x {n * threads} thread(s)", alone)):
-        print(f"{what:<32} {1e3 * statistics.median(times):>9.2f} {batch / statistics.median(times):>10.0f}")
-    print(f"# {n} x {threads} against 1 x {n * threads}: {statistics.median(alone) / statistics.median(together):.2f}x")
+    sizes = [4 * (hi - lo) / 2**20 for lo, hi in dist.buckets]
+    print(f"# {len(sizes)} bucket(s) of {min(sizes):.2f}-{max(sizes):.2f} MiB (--bucket-mib {dist.bucket_mib:g}); "
+          f"{ROUNDS} alternating rounds of {args.repeat} steps each way")
+    print(f"{'what':<48} {'median_ms':>9} {'min_ms':>8} {'max_ms':>8} {'images/s':>9}")
+    rows = ((f"{n} rank(s) x {threads} thread(s), overlapped", together[True]),
+            (f"{n} rank(s) x {threads} thread(s), reduced after the backward", together[False]),
+            (f"1 rank x {n * threads} thread(s)", alone))
+    for what, times in rows:
+        t = statistics.median(times)
+        print(f"{what:<48} {1e3 * t:>9.2f} {1e3 * min(times):>8.2f} {1e3 * max(times):>8.2f} {batch / t:>9.0f}")
+    over, after = statistics.median(together[True]), statistics.median(together[False])
+    print(f"# overlapped against after the backward: {after / over:.2f}x ({1e3 * (after - over):+.2f} ms a step)")
+    print(f"# {n} x {threads} (overlapped) against 1 x {n * threads}: {statistics.median(alone) / over:.2f}x")
     return 0
