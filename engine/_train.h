@@ -824,9 +824,8 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
     float *dy = even ? c->g0 : c->g1, *dx = even ? c->g1 : c->g0;
     if (upper == nops)
         memcpy(dy, dlogits, n * ft_out_size(ops + nops - 1) * sizeof(float));
-    int first = 0;  /* the first op with parameters: nothing below it needs a gradient */
-    while (first < nops - 1 && ops[first].kind != FL_GEMM && ops[first].kind != FL_CONV && ops[first].kind != FL_VH
-           && ops[first].kind != FL_LINEAR)
+    int first = 0;  /* the first op with parameters (gradient arrays): nothing below it needs a gradient */
+    while (first < nops - 1 && !ops[first].dw && !ops[first].dwv && !ops[first].dwh)
         first++;
     for (int o = upper - 1; o >= first && o >= lower; o--) {
         const fl_op *op = ops + o;

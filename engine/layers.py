@@ -44,12 +44,16 @@ class Layer:
     * ``config_keys``: the constructor arguments a model file stores (``config()``);
     * ``param_shapes(config)``: its parameters' shapes from those arguments, without building it
       (model files are checked against them before any array is read);
-    * ``in_channels``: the input channels it needs, for image layers that fix them (else None).
+    * ``in_channels``: the input channels it needs, for image layers that fix them (else None);
+    * ``image_input``: it takes (C, H, W) images (not the flat vectors after Flatten);
+    * ``fuses_relu``: its compiled op applies a ReLU that follows it to its own output.
     """
 
     kind = None
     config_keys = ()
     in_channels = None
+    image_input = False
+    fuses_relu = False
 
     @classmethod
     def param_shapes(cls, config):
@@ -285,6 +289,8 @@ class Conv2d(Layer):
     """
 
     kind = "conv"
+    image_input = True
+    fuses_relu = True
     config_keys = ("c_in", "c_out", "k", "stride", "padding")
 
     @classmethod
@@ -381,6 +387,8 @@ class Lateral(Layer):
     """
 
     kind = "lateral"
+    image_input = True
+    fuses_relu = True
     config_keys = ("c_in", "c_out")
 
     @classmethod
@@ -533,6 +541,8 @@ class Vertical(_Conv1d):
 
     axis = 2
     kind = "vertical"
+    image_input = True
+    fuses_relu = True
 
 
 @register
@@ -544,6 +554,8 @@ class Horizontal(_Conv1d):
 
     axis = 3
     kind = "horizontal"
+    image_input = True
+    fuses_relu = True
 
 
 class Sequential(Layer):
@@ -691,6 +703,8 @@ class MaxPool2d(Layer):
     """
 
     kind = "pool"
+    image_input = True
+    fuses_relu = True
     config_keys = ("k", "stride", "ceil_mode")
 
     def __init__(self, k, stride=None, ceil_mode=False, dtype=np.float32):
@@ -835,6 +849,7 @@ class Linear(Layer):
     """
 
     kind = "linear"
+    fuses_relu = True
     config_keys = ("n_in", "n_out")
 
     @classmethod

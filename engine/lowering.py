@@ -26,8 +26,6 @@ import numpy as np
 from ._kernels import op_fields, op_kinds
 from .layers import Sequential
 
-IMAGE_KINDS = ("conv", "lateral", "vertical", "horizontal", "pool")  # ops that take (C, H, W) input
-
 FIELDS = tuple(op_fields())                    # the columns of a C op row, in order (engine/_ops.h)
 COL = {name: i for i, name in enumerate(FIELDS)}
 CKIND = {name: i for i, name in enumerate(op_kinds())}  # C op kinds by name: GEMM, CONV, VH, ...
@@ -52,8 +50,6 @@ class Op:
     relu: bool = False
     parts: tuple = ()
 
-
-FUSES_RELU = ("conv", "lateral", "vh", "pool", "linear")  # ops that apply a ReLU to their output themselves
 
 CONV_ENV = "FLATNET_CONV"  # auto (default), direct, or winogradM: how a stride-1 k x k convolution runs
 CONV_CHOICES = ("auto", "direct", "winograd2", "winograd3", "winograd4")
@@ -100,7 +96,7 @@ def lower(net, in_shape):
         kind = layer.kind
         if kind is None:
             raise UnsupportedNetwork(f"{name}: no compiled op for {type(layer).__name__}")
-        if kind in IMAGE_KINDS and len(shape) != 3:
+        if layer.image_input and len(shape) != 3:
             raise UnsupportedNetwork(f"{name}: {layer!r} after Flatten is not supported")
         if layer.in_channels is not None and shape[0] != layer.in_channels:
             raise UnsupportedNetwork(f"{name}: {layer!r} expects {layer.in_channels} channels, gets {shape[0]}")
@@ -137,7 +133,7 @@ def fuse(ops):
                 i += 1
             name = f"{op.name}+horizontal" if v is not None and hz is not None else op.name
             out.append(Op("vh", name, None, op.in_shape, (hz or v).out_shape, parts=(v, hz)))
-        elif op.kind == "relu" and out and out[-1].kind in FUSES_RELU:
+        elif op.kind == "relu" and out and all(p.layer.fuses_relu for p in (out[-1].parts or (out[-1],)) if p):
             out[-1] = Op(**dict(out[-1].__dict__, relu=True, name=f"{out[-1].name}+{op.name}"))
         else:
             out.append(op)
