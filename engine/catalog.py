@@ -13,8 +13,7 @@ import os
 from pathlib import Path
 
 from .model import load
-
-PRETRAINED = ("flattened-cifar10", "baseline-cifar10", "flattened-mnist", "baseline-mnist")
+from .modelfile import PRETRAINED
 PRETRAINED_ENV = "FLATNET_PRETRAINED"
 
 

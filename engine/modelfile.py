@@ -34,6 +34,8 @@ FORMAT = "flatnet-model"
 VERSION = 1          # a model file that holds its ZCA matrix, if any, itself
 VERSION_ZCA_FILE = 2  # one whose ZCA mean and matrix are in a ZCA file beside it (meta["zca_file"])
 ZCA_FORMAT = "flatnet-zca"
+# The pretrained models' names (engine/catalog.py finds their files); a missing path named after one points there.
+PRETRAINED = ("flattened-cifar10", "baseline-cifar10", "flattened-mnist", "baseline-mnist")
 ZCA_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.npz")  # a plain file name: no folder, nothing hidden
 
 
@@ -324,6 +326,9 @@ def read_model(path):
     any problem raises ModelFileError naming the file. The network is on the CPU, in eval mode.
     """
     path = Path(path)
+    if not path.exists() and path.stem in PRETRAINED:
+        raise FileNotFoundError(f"no model file at {path}; the pretrained model of that name loads from any folder "
+                                f"with engine.pretrained({path.stem!r}) (or the name alone in the commands)")
     arrays, meta = npzfile.load(path, "model file", ModelFileError, _model_members)
     if meta["version"] == VERSION_ZCA_FILE:
         arrays.update(_read_zca_file(path, meta, sum(a.nbytes for a in arrays.values())))

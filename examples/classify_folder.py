@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Classify every image in a folder with a flatnet model file and write a CSV.
+"""Classify every image in a folder with a flatnet model (a model file, or a pretrained model's name) and write a CSV.
 
     python examples/classify_folder.py pretrained/flattened-cifar10.npz examples/samples/cifar10 runs/samples.csv
+    python examples/classify_folder.py flattened-cifar10 examples/samples/cifar10 runs/samples.csv
 
 Needs only numpy, the compiled engine and Pillow (to read PNG/JPEG). An image that cannot be
 read is skipped with a warning; anything else that stops the run is one line on stderr.
@@ -24,8 +25,9 @@ def main(model_path, folder, out_csv):
         check_writable_file(out_csv)
     except OSError as e:
         sys.exit(f"error: cannot write {out_csv}: {e}")
-    try:
-        model = engine.load(model_path)
+    try:  # a name of engine.PRETRAINED, unless a file of that name exists
+        named = model_path in engine.PRETRAINED and not Path(model_path).exists()
+        model = engine.pretrained(model_path) if named else engine.load(model_path)
     except (OSError, engine.ModelFileError) as e:
         sys.exit(f"error: {e}")
     if not Path(folder).is_dir():

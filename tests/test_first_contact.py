@@ -69,6 +69,10 @@ def test_drops_after_the_last_epoch_are_warned_about(tiny_mnist, tmp_path):
     r = run([*common, "--epochs", "3", "--lr-drop-epochs", "1,2", "--out", tmp_path / "c"])
     assert r.returncode == 0, r.stderr
     assert "warning" not in r.stderr
+    before = (tmp_path / "c" / "model.npz").read_bytes()
+    r = run([*common, "--epochs", "2", "--out", tmp_path / "c", "--resume"])  # shorter than the 3 trained
+    assert r.returncode == 1 and "cannot be shortened" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "c" / "model.npz").read_bytes() == before
 
 
 # ----------------------------------------------------------------------------- downloads only when asked

@@ -123,7 +123,12 @@ def test_every_console_command_answers_help(installed):
     for name in sorted(scripts):
         r = command(installed, name, "--help")
         assert r.returncode == 0, f"{name} --help: {r.stderr[-2000:]}"
-        assert r.stdout.startswith("usage:"), f"{name} --help: {r.stdout[:200]}"
+        assert r.stdout.startswith(f"usage: {name} "), f"{name} --help: {r.stdout[:200]}"  # its own name
+        r = command(installed, name, "--no-such-flag")
+        assert r.returncode == 2 and r.stderr.startswith(f"{name}: error: ") and \
+            r.stderr.strip().endswith(f"(see {name} --help)"), f"{name}: {r.stderr[-2000:]}"
+    assert "Example (the README's main run): flatnet-train --model" in \
+        " ".join(command(installed, "flatnet-train", "--help").stdout.split())
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """What every command shares: one-line errors and notes, loading a model (a file, a name or a checkpoint), checking
 an output path."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -10,8 +11,21 @@ from ..model import load
 from ..npzfile import check_writable_file
 
 
+INSTALLED_PREFIX = "flatnet-"  # the installed commands (pyproject.toml, [project.scripts])
+
+
+def invoked_as(default):
+    """The name this command was started by: an installed command's (flatnet-predict, ...), else `default`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith(INSTALLED_PREFIX) else default
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse's parser, but a wrong flag or value is one line naming it, not the whole usage block."""
+    """argparse's parser, but a wrong flag or value is one line naming it, not the whole usage block; `prog`
+    gives way to the installed command's name when the command was started by it."""
+
+    def __init__(self, *args, prog=None, **kwargs):
+        super().__init__(*args, prog=invoked_as(prog) if prog else None, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -116,9 +116,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser():
+    prog = how_started()
     p = Parser(
+        prog=prog,
         description="Train the baseline or flattened CNN of Jin et al. (2014) with the flatnet engine.",
-        epilog="Example (the README's main run): python train.py --model flattened --dataset cifar10 "
+        epilog=f"Example (the README's main run): {prog} --model flattened --dataset cifar10 "
                "--data-dir ../shared/data",
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
@@ -378,6 +380,9 @@ def run(args, dist=None):
             if getattr(args, key) is None:
                 setattr(args, key, meta["settings"].get(key))
         args.epochs = args.epochs or meta["config"]["epochs"]
+        if args.epochs < meta["epoch"]:
+            sys.exit(f"error: --epochs {args.epochs} ends before this run's {meta['epoch']} trained epochs: a run "
+                     f"cannot be shortened (--epochs above {meta['epoch']} extends it; see --help)")
         if args.schedule == "cosine" and args.epochs != meta["config"]["epochs"] and is_root:
             print(f"warning: the cosine schedule was planned over {meta['config']['epochs']} epochs; its remaining "
                   f"steps now follow a cosine over {args.epochs} (a run started with --epochs {args.epochs} "
