@@ -1,6 +1,6 @@
 """The paper's preprocessing, after Goodfellow et al. (2013, maxout): per-image global contrast
 normalization, then ZCA whitening fitted on the training set (CIFAR); contrast normalization
-only (MNIST). Training (engine/data.py) and trained models (engine/model.py) both use it.
+only (MNIST). Training (engine/data/cache.py) and trained models (engine/model.py) both use it.
 """
 import numpy as np
 

@@ -84,7 +84,7 @@ def test_missing_files_are_downloaded_only_when_asked(tmp_path, monkeypatch):
         asked.append(url)
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(datasets, "download", offline)
+    monkeypatch.setattr(datasets.files, "download", offline)  # what the readers call
     with pytest.raises(DatasetError, match=r"not found in .*pass --download") as e:
         load_mnist(tmp_path / "empty")
     assert asked == [] and not (tmp_path / "empty").exists()

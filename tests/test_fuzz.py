@@ -13,7 +13,7 @@ from formats import idx_bytes
 
 import engine
 from engine import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
-from engine.data import DatasetError, _read_idx
+from engine.data import DatasetError, read_idx
 from engine.modelfile import ModelFileError
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.trainer import Trainer
@@ -94,7 +94,7 @@ def checkpoint_case(tmp_path):
 
 def idx_case(tmp_path, gz):
     raw = idx_bytes(np.random.default_rng(0).integers(0, 256, (6, 5, 5)))
-    return (gzip.compress(raw) if gz else raw), lambda p: _read_idx(p, (5, 5)), DatasetError
+    return (gzip.compress(raw) if gz else raw), lambda p: read_idx(p, (5, 5)), DatasetError
 
 
 CASES = {"model file": model_case, "packed model file": lambda p: model_case(p, compact=True),

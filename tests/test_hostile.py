@@ -92,7 +92,7 @@ def with_meta(src, dst, change):
 
 
 BOUNDED = r"""
-import json, resource, sys, time
+import json, pathlib, resource, sys, time
 sys.path[:0] = {paths!r}
 import numpy as np, engine
 from engine import checkpoint, data
@@ -266,11 +266,11 @@ def test_mnist_gzip_bomb_is_refused_after_the_header_size(tmp_path):
         for _ in range(8):
             f.write(bytes(8 << 20))
     assert bomb.stat().st_size < 2 << 20
-    assert_refused_cheaply(f"data._read_idx(data.Path({str(bomb)!r}), (28, 28))", "DatasetError",
+    assert_refused_cheaply(f"data.read_idx(pathlib.Path({str(bomb)!r}), (28, 28))", "DatasetError",
                            "more data than the 15680 bytes its header declares")
     liar = folder / "t10k-images-idx3-ubyte.gz"
     liar.write_bytes(gzip.compress(struct.pack(">BBBB3I", 0, 0, 8, 3, 1 << 31, 28, 28)))
-    assert_refused_cheaply(f"data._read_idx(data.Path({str(liar)!r}), (28, 28))", "DatasetError",
+    assert_refused_cheaply(f"data.read_idx(pathlib.Path({str(liar)!r}), (28, 28))", "DatasetError",
                            f"announces {1 << 31} items, more than {data.MAX_IDX_ITEMS}")
 
 

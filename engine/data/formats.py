@@ -1,64 +1,25 @@
-"""Datasets in their official distribution formats, and the paper's preprocessing.
-
-* CIFAR-10 / CIFAR-100: the "python version" (``cifar-10-python.tar.gz`` or the
-  extracted ``cifar-10-batches-py/``; ``cifar-100-python``), Python 2 pickles read
-  with an allow-list unpickler that can only rebuild numpy arrays.
-* MNIST: the four IDX files, gzipped or not.
-
-Files found on disk are validated by structure (shapes, counts that agree, label
-ranges), not by checksum, so a user's own copy works. Missing files are downloaded only when
-asked (``download_ok=True``; the commands' --download) from their official location, checked
-against the published MD5 and written atomically; otherwise the error names the files and the
-folder to put them in.
-
-``load_dataset`` preprocesses them as the paper does (engine/preprocess.py: contrast
-normalization, then ZCA whitening on CIFAR) and caches the arrays on disk as .npy.
-"""
+"""Reading the distributed files safely: CIFAR's Python pickles (an allow-list unpickler that can only
+rebuild numpy arrays) from the folder or the tar.gz, and MNIST's IDX files, every size bounded before it is
+read."""
 import gzip
-import hashlib
 import io
-import json
 import os
 import pickle
-import shutil
 import struct
 import tarfile
-import tempfile
-import time
-import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from . import npzfile
-from .preprocess import ZCA, global_contrast_normalize
+from .. import npzfile
+from .files import DatasetError, fetch_or_explain
 
-DATA_ENV = "FLATNET_DATA"
 # Hard limits, checked before anything is read: the official files are well inside them.
 MAX_IDX_ITEMS = 1 << 17            # images or labels in one MNIST file (60,000 and 10,000 officially)
 MAX_BATCH_BYTES = 256 << 20        # one CIFAR pickle (CIFAR-100's training set: 155 MB)
 MAX_ARCHIVE_BYTES = 512 << 20      # a CIFAR tar.gz decompressed (about 180 MB)
 MAX_OTHER_MEMBER_BYTES = 1 << 20   # a member of the tar.gz that is not a batch (the readme), skipped
-CACHE_ENV = "FLATNET_CACHE"
-
-
-class DatasetError(RuntimeError):
-    """A data file is missing, truncated, corrupt or not in the expected format."""
-
-
-def default_data_dir():
-    """$FLATNET_DATA, else ~/.cache/flatnet/data (or $XDG_CACHE_HOME/flatnet/data)."""
-    if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flatnet" / "data"
-
-
-def default_cache_dir():
-    """$FLATNET_CACHE, else ~/.cache/flatnet/preprocessed: where preprocessed arrays are kept."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flatnet" / "preprocessed"
 
 
 # ----------------------------------------------------------------------------- safe pickles
@@ -122,70 +83,6 @@ MNIST_FILES = {
 MNIST_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
 
 
-# ----------------------------------------------------------------------------- download
-
-def download(url, dest, md5, progress=True):
-    """Fetch `url` to `dest` through a temporary file, check its MD5, then rename atomically.
-
-    A failed download leaves nothing behind: neither a partial file nor the folders it created.
-    """
-    dest = Path(dest)
-    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    digest = hashlib.md5()
-    done = False
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            bar = None
-            if progress:
-                from tqdm import tqdm
-                bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {dest.name}")
-            while True:
-                block = resp.read(1 << 20)
-                if not block:
-                    break
-                out.write(block)
-                digest.update(block)
-                if bar:
-                    bar.update(len(block))
-            if bar:
-                bar.close()
-        if digest.hexdigest() != md5:
-            raise DatasetError(f"{url}: MD5 {digest.hexdigest()} does not match the published {md5}")
-        os.replace(tmp, dest)
-        done = True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if not done:
-            for d in created:
-                try:
-                    d.rmdir()
-                except OSError:  # not empty (another process wrote there) or already gone
-                    break
-    return dest
-
-
-def _fetch_or_explain(candidates, what, data_dir, download_ok):
-    """Try each (url, dest, md5); raise a DatasetError naming the files and the folder when all fail."""
-    errors = []
-    if download_ok:
-        for url, dest, md5 in candidates:
-            try:
-                return download(url, dest, md5)
-            except Exception as e:  # network down, 404, bad checksum: try the next, then explain
-                errors.append(f"{url}: {e}")
-    if not download_ok:
-        raise DatasetError(f"{what} not found in {data_dir}. Put the official files there (or pass --data-dir / "
-                           f"set {DATA_ENV}), or pass --download to fetch them from their official location")
-    raise DatasetError(
-        f"{what} not found in {data_dir} and could not be downloaded ({'; '.join(errors)}). "
-        f"Put the official files there (or pass --data-dir / set {DATA_ENV}): {what}"
-    )
-
-
 # ----------------------------------------------------------------------------- CIFAR
 
 def _read_cifar_files(spec, data_dir, download_ok):
@@ -204,7 +101,7 @@ def _read_cifar_files(spec, data_dir, download_ok):
         return {n: (folder / n).read_bytes() for n in names}, str(folder)
     archive = data_dir / spec["archive"]
     if not archive.is_file():
-        _fetch_or_explain([(spec["url"], archive, spec["md5"])],
+        fetch_or_explain([(spec["url"], archive, spec["md5"])],
                           f"{spec['folder']}/ (or {spec['archive']})", data_dir, download_ok)
     files = {}
     try:  # one pass over the stream, every size bounded, then to the end of the gzip stream: its CRC is checked
@@ -289,7 +186,7 @@ def load_cifar(data_dir, which="cifar10", label_mode="fine", download_ok=False):
 
 # ----------------------------------------------------------------------------- MNIST
 
-def _read_idx(path, item_shape):
+def read_idx(path, item_shape):
     """An IDX file of uint8 items of `item_shape` (gzipped or not), at most MAX_IDX_ITEMS of them.
 
     The header is checked before any data is read, the data is read in place (never more
@@ -325,7 +222,7 @@ def _find_mnist_file(data_dir, name, md5, download_ok):
             if candidate.is_file():
                 return candidate
     dest = data_dir / "mnist" / (name + ".gz")
-    return _fetch_or_explain([(m + name + ".gz", dest, md5) for m in MNIST_MIRRORS],
+    return fetch_or_explain([(m + name + ".gz", dest, md5) for m in MNIST_MIRRORS],
                              f"mnist/{name}[.gz]", data_dir, download_ok)
 
 
@@ -335,7 +232,7 @@ def load_mnist(data_dir, download_ok=False):
     arrays = {}
     for key, (name, md5) in MNIST_FILES.items():
         path = _find_mnist_file(data_dir, name, md5, download_ok)
-        arrays[key] = (_read_idx(path, (28, 28) if key.endswith("images") else ()), path)
+        arrays[key] = (read_idx(path, (28, 28) if key.endswith("images") else ()), path)
     out = {}
     for split in ("train", "test"):
         (x, xp), (y, yp) = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -346,88 +243,4 @@ def load_mnist(data_dir, download_ok=False):
         out[f"{split}_x"], out[f"{split}_y"] = x[:, None], y.astype(np.int64)
     out["classes"] = [str(i) for i in range(10)]
     out["source"] = str(arrays["train_images"][1].parent)
-    return out
-
-
-# ----------------------------------------------------------------------------- preprocessing
-
-def _fingerprint(raw):
-    """A hash of the images and labels themselves: the cache key part that changes with the data.
-
-    Not the files' sizes and times: a copy of the same data (a new checkout, a data folder copied
-    again) finds its cache instead of writing another (740 MiB for CIFAR-10). About 0.15 s for CIFAR-10.
-    """
-    h = hashlib.sha1()
-    for part in ("train_x", "train_y", "test_x", "test_y"):
-        a = np.ascontiguousarray(raw[part])
-        h.update(f"{part}:{a.dtype.str}:{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()[:12]
-
-
-def _save_atomic_npy(path, array):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
-def load_dataset(name, data_dir=None, cache_dir=None, label_mode="fine", download_ok=False, log=print,
-                 use_cache=True):
-    """Preprocessed dataset: float32 NCHW train/test arrays, int64 labels, class names.
-
-    `name` is 'cifar10', 'cifar100' or 'mnist'. Returns a dict with train_x, train_y,
-    test_x, test_y, classes, and the preprocessing constants under 'preprocessing'.
-    """
-    if name not in ("cifar10", "cifar100", "mnist"):
-        raise ValueError(f"unknown dataset {name!r} (expected cifar10, cifar100 or mnist)")
-    data_dir = Path(data_dir) if data_dir else default_data_dir()
-    raw = load_mnist(data_dir, download_ok) if name == "mnist" else load_cifar(data_dir, name, label_mode, download_ok)
-    for split in ("train", "test"):
-        if not len(raw[f"{split}_x"]):
-            raise DatasetError(f"{raw['source']}: the {split} set is empty")
-    gcn = dict(scale=1.0, sqrt_bias=10.0, use_std=True)
-    zca_bias = None if name == "mnist" else 1.0
-    params = dict(name=name, label_mode=label_mode if name == "cifar100" else None, gcn=gcn, zca_filter_bias=zca_bias,
-                  n_train=len(raw["train_x"]), n_test=len(raw["test_x"]), version=1)
-    key = hashlib.sha1((json.dumps(params, sort_keys=True) + _fingerprint(raw)).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder = cache / f"{name}-{key}"
-    arrays = ("train_x", "test_x") + (("zca_mean", "zca_matrix") if zca_bias is not None else ())
-    out = dict(train_y=raw["train_y"], test_y=raw["test_y"], classes=raw["classes"], source=raw["source"])
-    if use_cache and all((folder / f"{a}.npy").is_file() for a in arrays):
-        try:
-            cached = {a: np.load(folder / f"{a}.npy", allow_pickle=False) for a in arrays}
-            if (cached["train_x"].shape[0] == len(out["train_y"]) and cached["test_x"].shape[0] == len(out["test_y"])):
-                log(f"preprocessed {name} loaded from cache {folder}")
-                return _finish({**out, **cached}, gcn, zca_bias)
-            log(f"cache {folder} does not match the data; preprocessing again")
-        except (ValueError, OSError) as e:
-            log(f"cache {folder} unreadable ({e}); preprocessing again")
-    t0 = time.perf_counter()
-    log(f"preprocessing {name} once, {len(raw['train_x']) + len(raw['test_x']):,} images "
-        f"(contrast normalization{', ZCA whitening' if zca_bias else ''}); the result is cached")
-    shape = raw["train_x"].shape[1:]
-    train = global_contrast_normalize(raw["train_x"], **gcn)
-    test = global_contrast_normalize(raw["test_x"], **gcn)
-    if zca_bias is not None:
-        zca = ZCA(zca_bias).fit(train)
-        train, test = zca.transform(train), zca.transform(test)
-        out["zca_mean"], out["zca_matrix"] = zca.mean.astype(np.float32), zca.matrix.astype(np.float32)
-    out["train_x"], out["test_x"] = train.reshape(-1, *shape), test.reshape(-1, *shape)
-    if use_cache:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for a in arrays:
-                _save_atomic_npy(folder / f"{a}.npy", out[a])
-            size = sum((folder / f"{a}.npy").stat().st_size for a in arrays)
-            log(f"preprocessed {name} in {time.perf_counter() - t0:.1f}s; wrote {size / 2 ** 20:,.0f} MiB to {folder}")
-        except OSError as e:
-            log(f"could not cache preprocessed arrays in {folder}: {e}")
-            shutil.rmtree(folder, ignore_errors=True)
-    return _finish(out, gcn, zca_bias)
-
-
-def _finish(out, gcn, zca_bias):
-    out["preprocessing"] = dict(gcn=gcn, zca_filter_bias=zca_bias)
     return out
