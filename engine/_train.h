@@ -54,6 +54,8 @@ typedef struct {
     float *scratch;  /* per-thread scratch: threads x scratch_floats */
     long scratch_floats;
     float *g0, *g1;  /* gradient ping-pong buffers, n x (largest activation) floats each */
+    float *wpart;    /* a weight gradient's partial sums, one per slice of its long sum (ft_gemm_wgrad) */
+    long wpart_floats;
     double *times;   /* NULL, or seconds per op are added: forward to times[o], backward to times[nops + o] */
 } ft_ctx;
 
@@ -180,6 +182,15 @@ static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb
 }
 
 #define FT_KC 256  /* rows of A and B per pass over the tiles: a panel of B stays in L1, A in L2 */
+#define FT_WG_SLICE_ROWS (8 * FT_KC)  /* a long weight-gradient sum is cut into slices of at least this many rows */
+#define FT_WG_SLICES 16               /* and at most this many slices */
+
+/* The slices of a weight gradient's sum over K rows: fixed by K alone (not by the thread count), so
+ * the result is the same on any number of threads; 1: not sliced. */
+static long ft_wg_slices(long K) {
+    long s = K / FT_WG_SLICE_ROWS;
+    return s < 2 ? 1 : s > FT_WG_SLICES ? FT_WG_SLICES : s;
+}
 
 /* W (f x cn) (+)= A^T B over K rows, A (K x f) and B (K x cn) row-major (a weight gradient:
  * A the output gradient, B the op's input or im2col columns). In each pass of FT_KC rows the
@@ -191,7 +202,47 @@ static inline void ft_wg_tile(const float *A, long lda, const float *B, long ldb
  * panel of 256 such rows did not stay in L1 (few cache sets), while the copy does. */
 static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, const float *B, float *W,
                           int accumulate) {
-    long fpanels = (f + FP_MR - 1) / FP_MR, tiles = fpanels * ((cn + FP_NR - 1) / FP_NR);
+    long fpanels = (f + FP_MR - 1) / FP_MR, jpanels = (cn + FP_NR - 1) / FP_NR, tiles = fpanels * jpanels;
+    long S = ft_wg_slices(K), size = f * cn;
+    if (S > 1 && S * size <= c->wpart_floats) {
+        /* A long sum (a first layer's columns, a lateral on large images): each slice of rows is one
+         * thread's, its partial W in c->wpart (no barrier per pass), then the partials are added in
+         * slice order. */
+        long per = (K + S - 1) / S;
+        #pragma omp parallel num_threads(c->threads)
+        {
+            FT_FTZ_ON();
+            float *bt = c->scratch + (long)ft_tid() * c->scratch_floats;
+            #pragma omp for schedule(dynamic, 1)
+            for (long sl = 0; sl < S; sl++) {
+                long lo = sl * per, hi = lo + per < K ? lo + per : K;
+                float *Ws = c->wpart + sl * size;
+                for (long k0 = lo; k0 < hi; k0 += FT_KC) {
+                    long kc = hi - k0 < FT_KC ? hi - k0 : FT_KC;
+                    for (long jp = 0; jp < jpanels; jp++) {
+                        long j0 = jp * FP_NR;
+                        int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR);
+                        const float *b = B + k0 * cn + j0;
+                        for (long k = 0; k < kc; k++)
+                            for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+                        for (long fp = 0; fp < fpanels; fp++) {
+                            long f0 = fp * FP_MR;
+                            int mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
+                            ft_wg_tile(A + k0 * f + f0, f, bt, FP_NR, kc, Ws + f0 * cn + j0, cn, mr, nr, k0 > lo);
+                        }
+                    }
+                }
+            }
+            #pragma omp for schedule(static)
+            for (long e = 0; e < size; e++) {
+                float sum = accumulate ? W[e] : 0.f;
+                for (long sl = 0; sl < S; sl++) sum += c->wpart[sl * size + e];
+                W[e] = sum;
+            }
+            FT_FTZ_OFF();
+        }
+        return;
+    }
     #pragma omp parallel num_threads(c->threads)
     {
         FT_FTZ_ON();

@@ -24,7 +24,7 @@ with one step resumes on the other, and their results agree to float32 rounding
 import numpy as np
 
 from . import winograd
-from ._kernels import infer_layout, sgd_run, train_run, train_wgrad_scratch
+from ._kernels import infer_layout, sgd_run, train_run, train_wgrad_scratch, train_wgrad_slices
 from .losses import SoftmaxCrossEntropy
 from .lowering import CKIND, COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
 from .optim import sgd_momentum
@@ -121,7 +121,7 @@ class CompiledStep:
         self.row_grads = []  # per row: the layers' gradient arrays it writes (backward(ready=...))
         self._saved = []  # per row: (output array, argmax/mask array or None), for testing_saved()
         self._act = int(np.prod(self.in_shape))
-        self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = 1
+        self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = self._wpart = 1
         self._has_params = False  # whether an op with parameters came before (the first computes no input gradient)
         self._layouts = []
         for row in layout(self.ops, training=True):
@@ -157,6 +157,7 @@ class CompiledStep:
                     self._wpack = max(self._wpack, _panels(c) * layer.k * layer.k * f)
                 self._wbuf = max(self._wbuf, f * kkc)
                 self._part = max(self._part, f)
+                self._wgrad_rows(chunk * p, f, kkc)
                 self._gemm_row("CONV", op, row.in_shape, row.out_shape, relu=relu, **row.fields,
                                mid=self._buf(f * kkc), chunk=chunk, **own)
             elif row.kind == "VH":
@@ -173,6 +174,7 @@ class CompiledStep:
         self.table = op_table(self._rows)
         self._cols_buf = aligned_empty(self._cols)
         self._wbuf_buf = aligned_empty(self._wbuf)
+        self._wpart_buf = aligned_empty(self._wpart)
         self._wpack_buf = aligned_empty(self._wpack)
         self._bpad_buf = np.zeros(2 * self._bpad, np.float32)
         self._part_buf = np.empty((cap, self._part), np.float32)
@@ -208,10 +210,18 @@ class CompiledStep:
         self._act = max(self._act, n_out, int(np.prod(in_shape)))
         self.names.append(name)
 
+    def _wgrad_rows(self, rows, f, cn):
+        """Room in the partial-sum buffer for a weight gradient (f x cn) summed over `rows` rows."""
+        slices = train_wgrad_slices(rows)
+        if slices > 1:
+            self._wpart = max(self._wpart, slices * f * cn)
+
     def _gemm_row(self, kind, op, in_shape, out_shape, **fields):
         layer = op.layer
         self._part = max(self._part, out_shape[0])
         f, k = layer.params["weight"].shape[0], layer.params["weight"].size // layer.params["weight"].shape[0]
+        if kind in ("GEMM", "LINEAR"):  # (a CONV's rows: its chunks of images, or its Winograd tiles)
+            self._wgrad_rows(self.capacity * int(np.prod(out_shape[1:])), f, k)
         self._wpack = max(self._wpack, _panels(f) * k, _panels(k) * f)  # forward: W^T packed; backward: W
         self._bpad = max(self._bpad, _panels(f), _panels(k))
         self._add(kind, op.name, in_shape, out_shape, w=self._ptr(layer.params["weight"]),
@@ -230,6 +240,7 @@ class CompiledStep:
         wt = np.concatenate([t.astype(np.float32).ravel() for t in winograd.transforms(m, k)])
         self._keep.append(wt)
         self._wbuf = max(self._wbuf, n * n * f * c)
+        self._wgrad_rows(cap * tiles, f, c)
         self._scratch = max(self._scratch, 2 * n * n * max(c, f) + max(c, f))
         self._bpad = max(self._bpad, _panels(f), _panels(c))
         self._gemm_row("CONV", row.op, row.in_shape, row.out_shape, relu=relu, **row.fields, wt=wt.ctypes.data,
@@ -299,7 +310,7 @@ class CompiledStep:
         self._x = x
         self.last_threads = train_run(False, self.table, x, x, self._cols_buf, self._wbuf_buf,
                                       self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                      self._wpack_buf, self._bpad_buf, threads, times)
+                                      self._wpack_buf, self._bpad_buf, self._wpart_buf, threads, times)
         n_out = self.out_shape[0]
         return self._last_out[:len(x) * n_out].reshape(len(x), n_out)
 
@@ -320,7 +331,8 @@ class CompiledStep:
         for lower in parts:
             self.last_threads = train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
                                           self._part_buf, self._scratch_buf, self._g[0], self._g[1],
-                                          self._wpack_buf, self._bpad_buf, threads, times, upper, lower)
+                                          self._wpack_buf, self._bpad_buf, self._wpart_buf, threads, times, upper,
+                                          lower)
             upper = lower
             if ready is not None:
                 ready(self.row_grads[lower])

@@ -18,8 +18,8 @@
 #include "_train.h"
 
 #define STEP_MAGIC 0x31504554534C46LL /* "FLSTEP1" */
-#define STEP_CTX 14 /* cols, cols_floats, wbuf, wpack, bpad, bpad_floats, part, part_floats, scratch,
-                       scratch_floats, g0, g1, x, dlogits */
+#define STEP_CTX 16 /* cols, cols_floats, wbuf, wpack, bpad, bpad_floats, part, part_floats, scratch,
+                       scratch_floats, g0, g1, wpart, wpart_floats, x, dlogits */
 
 static int64_t n_regions;
 static char **region;
@@ -95,8 +95,10 @@ int main(int argc, char **argv) {
     c.scratch_floats = ctx[9];
     c.g0 = address(ctx[10]);
     c.g1 = address(ctx[11]);
+    c.wpart = address(ctx[12]);
+    c.wpart_floats = ctx[13];
     c.times = NULL;
-    const float *x = address(ctx[12]), *dlogits = address(ctx[13]);
+    const float *x = address(ctx[14]), *dlogits = address(ctx[15]);
     ft_forward((const fl_op *)table, (int)nops, x, n, &c);
     ft_backward((const fl_op *)table, (int)nops, x, dlogits, n, &c, (int)nops, 0);
     FILE *o = fopen(argv[2], "wb");

@@ -63,7 +63,7 @@ def write_step(step, x, dlogits, threads, path):
     """The compiled step's op table and every array it reads or writes, in c_step_runner.c's format; returns the
     memory regions [(address, bytes)] in the file's order."""
     work = [step._cols_buf, step._wbuf_buf, step._wpack_buf, step._bpad_buf, step._part_buf, step._scratch_buf,
-            *step._g, x, dlogits]
+            *step._g, step._wpart_buf, x, dlogits]
     spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in [*step._keep, *work] if a.nbytes)
     regions = []
     for lo, hi in spans:  # overlapping arrays (views) go in one region
@@ -85,7 +85,8 @@ def write_step(step, x, dlogits, threads, path):
     a = lambda arr: encode(arr.ctypes.data)  # noqa: E731
     ctx = [a(step._cols_buf), step._cols_buf.size, a(step._wbuf_buf), a(step._wpack_buf), a(step._bpad_buf),
            step._bpad_buf.size, a(step._part_buf), step._part_buf.shape[1], a(step._scratch_buf),
-           step._scratch_buf.shape[1], a(step._g[0]), a(step._g[1]), a(x), a(dlogits)]
+           step._scratch_buf.shape[1], a(step._g[0]), a(step._g[1]), a(step._wpart_buf), step._wpart_buf.size, a(x),
+           a(dlogits)]
     with open(path, "wb") as f:
         f.write(np.array([STEP_MAGIC, len(regions), *table.shape, len(x), threads], "<i8").tobytes())
         f.write(np.array([hi - lo for lo, hi in regions], "<i8").tobytes())

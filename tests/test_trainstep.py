@@ -115,6 +115,32 @@ def test_awkward_network_and_batch_sizes(batch, rng):
         engine.set_num_threads(None)
 
 
+def test_long_weight_gradient_sums_are_cut_in_slices_the_same_on_any_thread_count(rng):
+    """Weight gradients summed over more than 2 x FT_WG_SLICE_ROWS rows (a first layer's columns, a lateral on
+    many pixels) run in slices with partial sums: equal to the layer path, and bit for bit the same on 1, 2
+    and 3 threads."""
+    from engine._kernels import train_wgrad_slices
+    in_shape, batch = (3, 20, 23), 10
+    assert train_wgrad_slices(batch * 20 * 23) == 2 and train_wgrad_slices(batch * 10 * 12) == 1
+    net = Sequential(Conv2d(3, 9, 3, padding=1, rng=rng), ReLU(), Lateral(9, 21, rng=rng), ReLU(), MaxPool2d(2),
+                     Lateral(21, 5, rng=rng), Flatten(), Linear(5 * 10 * 11, 4, rng=rng))
+    step = run_both(net, in_shape, rng, batch=batch)
+    assert step._wpart_buf.size >= 2 * 21 * 9  # the slices' partial sums have room
+    x, y = rng.standard_normal((batch, *in_shape)).astype(np.float32), rng.integers(0, 4, batch)
+    grads = []
+    for threads in (1, 2, 3):
+        mine = copy.deepcopy(net)
+        engine.set_num_threads(threads)
+        try:
+            CompiledStep(mine, in_shape, batch_size=batch).step(x, y, 0.05, 0.9, 1e-4, None, {})
+        finally:
+            engine.set_num_threads(None)
+        grads.append({k: v.copy() for k, v in mine.grads.items()})
+    for other in grads[1:]:
+        for name in grads[0]:
+            np.testing.assert_array_equal(other[name], grads[0][name], err_msg=name)
+
+
 @pytest.mark.parametrize("k,pad,c_in", [(5, 2, 13), (4, 0, 7), (3, 2, 33), (3, 3, 5)])
 def test_input_gradient_of_a_later_convolution(k, pad, c_in, rng):
     """A stride-1 convolution after the first computes its input gradient as a convolution of the output

@@ -14,6 +14,8 @@ cdef extern from "_train.h" nogil:
         long scratch_floats
         float *g0
         float *g1
+        float *wpart
+        long wpart_floats
         float *wpack
         float *bpad
         long bpad_floats
@@ -24,6 +26,7 @@ cdef extern from "_train.h" nogil:
     int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx *c)
     int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c,
                     int upper, int lower)
+    long ft_wg_slices(long K)
     double ft_peak(int threads, long iters, int repeat)
     void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd, int threads)
 
@@ -38,6 +41,7 @@ def train_run(bint backward,
               float[::1] g0, float[::1] g1,
               float[::1] wpack,             # a GEMM's packed weights
               float[::1] bpad,              # a padded bias, then as many zeros
+              float[::1] wpart,             # a weight gradient's partial sums (train_wgrad_slices)
               int num_threads,
               double[::1] times=None,       # OUT (optional, 2 n_ops): seconds per op, forward then backward
               int upper=-1, int lower=0):   # backward only: run ops upper-1 down to lower (-1: from the last)
@@ -66,6 +70,8 @@ def train_run(bint backward,
     ctx.wpack = &wpack[0]
     ctx.bpad = &bpad[0]
     ctx.bpad_floats = bpad.shape[0]
+    ctx.wpart = &wpart[0]
+    ctx.wpart_floats = wpart.shape[0]
     if upper < 0:
         upper = ops.shape[0]
     if backward and not 0 <= lower <= upper <= ops.shape[0]:
@@ -95,6 +101,12 @@ def fma_peak(int num_threads, long iters=20000000, int repeat=3):
 def train_wgrad_scratch():
     """Floats of per-thread scratch the weight-gradient kernel needs."""
     return FT_KC * FP_NR
+
+
+def train_wgrad_slices(long rows):
+    """Slices of a weight gradient's sum over `rows` rows (1: not sliced); each slice keeps a partial
+    gradient in the step's wpart buffer."""
+    return ft_wg_slices(rows)
 
 
 def sgd_run(const int64_t[:, ::1] table, double lr, double momentum, double dampening, double weight_decay,
