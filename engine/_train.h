@@ -327,20 +327,28 @@ static void ft_to_nchw(const float *x, float *y, long C, long HW) {
 /* ---------------------------------------------------------------- k x k convolution (im2col) */
 
 /* cols[(oy, ox), (ky, kx, c)] of one channels-last image, zero outside the input. */
+/* One image's im2col matrix, (Ho Wo) x (k k C), from its channels-last input: row (oy, ox) holds the window's
+ * (ky, kx, c), zero where it leaves the image (padding). A window row is k*C contiguous floats of the input:
+ * one copy, with zeros before and after it at the image's left and right edges. */
 static void ft_im2col(const fl_op *op, const float *x, float *cols) {
     long C = op->c_in, H = op->h_in, W = op->w_in, Ho = op->h_out, Wo = op->w_out;
     long k = op->k, s = op->stride, pad = op->pad, KKC = k * k * C;
     for (long oy = 0; oy < Ho; oy++)
         for (long ox = 0; ox < Wo; ox++) {
             float *row = cols + (oy * Wo + ox) * KKC;
+            long ix0 = ox * s - pad, lo = ix0 < 0 ? -ix0 : 0, hi = W - ix0 < k ? W - ix0 : k;  /* kx inside: [lo, hi) */
+            if (lo > k) lo = k;
+            if (hi < lo) hi = lo;
             for (long ky = 0; ky < k; ky++) {
                 long iy = oy * s + ky - pad;
-                for (long kx = 0; kx < k; kx++) {
-                    long ix = ox * s + kx - pad;
-                    float *dst = row + (ky * k + kx) * C;
-                    if (iy < 0 || iy >= H || ix < 0 || ix >= W) memset(dst, 0, C * sizeof(float));
-                    else memcpy(dst, x + (iy * W + ix) * C, C * sizeof(float));
+                float *dst = row + ky * k * C;
+                if (iy < 0 || iy >= H) {
+                    memset(dst, 0, k * C * sizeof(float));
+                    continue;
                 }
+                memset(dst, 0, lo * C * sizeof(float));
+                memcpy(dst + lo * C, x + (iy * W + ix0 + lo) * C, (hi - lo) * C * sizeof(float));
+                memset(dst + hi * C, 0, (k - hi) * C * sizeof(float));
             }
         }
 }

@@ -141,11 +141,12 @@ def test_long_weight_gradient_sums_are_cut_in_slices_the_same_on_any_thread_coun
             np.testing.assert_array_equal(other[name], grads[0][name], err_msg=name)
 
 
-@pytest.mark.parametrize("k,pad,c_in", [(5, 2, 13), (4, 0, 7), (3, 2, 33), (3, 3, 5)])
+@pytest.mark.parametrize("k,pad,c_in", [(5, 2, 13), (4, 0, 7), (3, 2, 33), (3, 3, 5), (2, 5, 4)])
 def test_input_gradient_of_a_later_convolution(k, pad, c_in, rng):
     """A stride-1 convolution after the first computes its input gradient as a convolution of the output
     gradient with the flipped filters (padding k - 1 - pad: none when pad = k - 1; the column path when
-    pad > k - 1); channels off the panel width, no padding, an output larger than the input."""
+    pad > k - 1, also past a whole window); channels off the panel width, no padding, an output larger than the
+    input."""
     net = Sequential(Conv2d(3, c_in, 3, padding=1, rng=rng), ReLU(), Conv2d(c_in, 9, k, padding=pad, rng=rng), ReLU())
     run_both(with_logits(net, (3, 7, 9), rng), (3, 7, 9), rng, batch=3)
 
