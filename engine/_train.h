@@ -750,7 +750,33 @@ static void ft_vh_backward(const fl_op *op, const float *x, const float *dy, flo
 /* One image: k x k windows, stride s, clipped at the border; the first maximum in row-major
  * order wins ties and a NaN is always taken (as the layer path). argmax: the input position
  * (iy * W + ix) of each output element. */
-static void ft_pool_forward_image(const fl_op *op, const float *x, float *y, int32_t *arg) {
+/* Dropout masks: the hash of dropout_hash.h on the element's index in the NCHW tensor of the layer path. */
+/* whether element (p, ch) of image img (C channels, HW pixels) is kept: the hash of its NCHW index */
+static inline int ft_keep(const fl_op *op, long img, long C, long HW, long p, long ch) {
+    uint64_t idx = (uint64_t)((img * C + ch) * HW + p);
+    return (fl_splitmix64((uint64_t)op->seed, idx) >> 32) >= (uint64_t)op->thresh;
+}
+
+/* 1 / (1 - p), stored as its float32 bits */
+static inline float ft_dropout_scale(const fl_op *op) {
+    float scale;
+    int32_t bits = (int32_t)op->scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return scale;
+}
+
+/* y (an image's C x HW channels-last output) dropped out in place: the forward of a folded dropout, and
+ * its backward on the output gradient. */
+static void ft_drop_in_place(const fl_op *op, long img, long C, long HW, float *y) {
+    float scale = ft_dropout_scale(op);
+    for (long p = 0; p < HW; p++)
+        for (long ch = 0; ch < C; ch++)
+            y[p * C + ch] = ft_keep(op, img, C, HW, p, ch) ? y[p * C + ch] * scale : 0.f;
+}
+
+/* With a dropout folded in (op->thresh != 0, lowering.layout), its output is then dropped out in place,
+ * while the image is in cache, as the DROPOUT op would (ft_dropout_forward_image) but with no mask stored. */
+static void ft_pool_forward_image(const fl_op *op, long img, const float *x, float *y, int32_t *arg) {
     long C = op->c_in, H = op->h_in, W = op->w_in, Ho = op->h_out, Wo = op->w_out, k = op->k, s = op->stride;
     for (long oy = 0; oy < Ho; oy++)
         for (long ox = 0; ox < Wo; ox++) {
@@ -774,10 +800,13 @@ static void ft_pool_forward_image(const fl_op *op, const float *x, float *y, int
             if (op->relu)
                 for (long ch = 0; ch < C; ch++) o[ch] = o[ch] < 0.f ? 0.f : o[ch];
         }
+    if (op->thresh) ft_drop_in_place(op, img, C, Ho * Wo, y);
 }
 
-static void ft_pool_backward_image(const fl_op *op, const float *dy, const int32_t *arg, float *dx) {
+/* dx from dy through the argmaxes; with a folded dropout, dy is first masked and scaled (in place) by the hash. */
+static void ft_pool_backward_image(const fl_op *op, long img, float *dy, const int32_t *arg, float *dx) {
     long C = op->c_in, P = op->h_out * op->w_out;
+    if (op->thresh) ft_drop_in_place(op, img, C, P, dy);
     memset(dx, 0, ft_in_size(op) * sizeof(float));
     for (long p = 0; p < P; p++)
         for (long ch = 0; ch < C; ch++) dx[(long)arg[p * C + ch] * C + ch] += dy[p * C + ch];
@@ -789,24 +818,18 @@ static void ft_pool_backward_image(const fl_op *op, const float *dy, const int32
  * hash of dropout_hash.h, as _kernels.dropout_mask and the CUDA kernel), for
  * a channels-last (H, W, C) activation (H = W = 1 for a flat one). */
 static void ft_dropout_forward_image(const fl_op *op, long img, const float *x, float *y, uint8_t *mask) {
-    long C = op->c_in, H = op->h_in, W = op->w_in;
-    uint64_t seed = (uint64_t)op->seed, thresh = (uint64_t)op->thresh;
-    float scale;
-    int32_t bits = (int32_t)op->scale;
-    memcpy(&scale, &bits, sizeof scale);
-    for (long p = 0; p < H * W; p++)
+    long C = op->c_in, HW = op->h_in * op->w_in;
+    float scale = ft_dropout_scale(op);
+    for (long p = 0; p < HW; p++)
         for (long ch = 0; ch < C; ch++) {
-            uint64_t idx = (uint64_t)((img * C + ch) * H * W + p);
-            uint8_t m = (fl_splitmix64(seed, idx) >> 32) >= thresh;
+            uint8_t m = (uint8_t)ft_keep(op, img, C, HW, p, ch);
             mask[p * C + ch] = m;
             y[p * C + ch] = m ? x[p * C + ch] * scale : 0.f;
         }
 }
 
 static void ft_mask_scale(const fl_op *op, const float *dy, const uint8_t *mask, float *dx, long len) {
-    float scale;
-    int32_t bits = (int32_t)op->scale;
-    memcpy(&scale, &bits, sizeof scale);
+    float scale = ft_dropout_scale(op);
     for (long j = 0; j < len; j++) dx[j] = mask[j] ? dy[j] * scale : 0.f;
 }
 
@@ -843,7 +866,7 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
             ft_vh_forward(op, in, n, c);
             break;
         case FL_POOL:
-            FT_PER_IMAGE(c, n, ft_pool_forward_image(op, in + i * in_sz, y + i * out_sz,
+            FT_PER_IMAGE(c, n, ft_pool_forward_image(op, i, in + i * in_sz, y + i * out_sz,
                                                      (int32_t *)fl_ptr(op->aux) + i * out_sz));
             break;
         case FL_DROPOUT:
@@ -922,7 +945,7 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
             ft_vh_backward(op, in, dy, d, n, c);
             break;
         case FL_POOL:
-            if (d) FT_PER_IMAGE(c, n, ft_pool_backward_image(op, dy + i * out_sz,
+            if (d) FT_PER_IMAGE(c, n, ft_pool_backward_image(op, i, dy + i * out_sz,
                                                              (const int32_t *)fl_cptr(op->aux) + i * out_sz,
                                                              d + i * in_sz));
             break;

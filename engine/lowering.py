@@ -150,7 +150,9 @@ class Placed:
     C row reads them ((C, H, W), or (n, 1, 1) for LINEAR and a flat DROPOUT); `fields` the C fields
     that follow from the shapes (kernel sizes, strides, padding, taps). A LINEAR with `nhwc_from`
     reads a channels-last (C, H, W) activation flattened: its weight columns must be permuted to it.
-    A VH op whose `op.parts` half is None runs the identity filter there (one tap, no padding)."""
+    A VH op whose `op.parts` half is None runs the identity filter there (one tap, no padding). A POOL
+    with `dropout` (training) applies that dropout op to its output itself: the pooled image is still
+    in cache, and its backward recomputes the mask instead of reading one."""
     kind: str
     name: str
     in_shape: tuple
@@ -160,6 +162,7 @@ class Placed:
     fields: dict = field(default_factory=dict)
     nhwc_from: tuple = None
     channels_last: bool = False  # the row's output is an (H, W, C) activation
+    dropout: Op = None  # a POOL's folded dropout
 
 
 def is_gemm(op):
@@ -205,7 +208,10 @@ def layout(ops, training):
     for op in ops:
         layer, relu = op.layer, op.relu
         if op.kind == "dropout":
-            if training and layer.p > 0:
+            if training and layer.p > 0 and rows and rows[-1].kind == "POOL" and rows[-1].dropout is None:
+                rows[-1].dropout = op  # folded into the pooling that produced its input
+                rows[-1].name = f"{rows[-1].name}+{op.name}"
+            elif training and layer.p > 0:
                 if len(shape) == 3 and not nhwc:
                     change("TO_NHWC", shape)
                 flat = (tuple(shape) + (1, 1))[:3] if len(shape) == 3 else (shape[0], 1, 1)

@@ -163,7 +163,12 @@ class CompiledStep:
             elif row.kind == "VH":
                 self._vh_row(row)
             elif row.kind == "POOL":
-                self._add("POOL", row.name, row.in_shape, row.out_shape, relu=relu, **row.fields,
+                drop = {}
+                if row.dropout is not None:  # folded in (lowering.layout): its seed goes in this row
+                    rate = row.dropout.layer.p
+                    self._dropouts.append((len(self._rows), row.dropout.layer))
+                    drop = dict(thresh=dropout_threshold(rate), scale=_float_bits(1.0 / (1.0 - rate)))
+                self._add("POOL", row.name, row.in_shape, row.out_shape, relu=relu, **row.fields, **drop,
                           aux=self._buf(cap * int(np.prod(row.out_shape)), np.int32))
             else:
                 raise UnsupportedNetwork(f"{row.name}: the compiled step has no op {row.kind}")
