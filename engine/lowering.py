@@ -8,7 +8,7 @@
 shapes; ``fuse`` is the one place that decides what the compiled executors fuse; ``layout`` the
 one place that decides how they run it: which ops are GEMMs, which convolutions run by Winograd's
 algorithm (``conv_tile``), where activations change between NCHW and channels-last, what an absent
-V or H half is. The executors only size buffers and fill
+V or H half is, which dropouts the pooling before them applies. The executors only size buffers and fill
 in pointers: the compiled inference plan (engine/plan.py) from ``layout(..., training=False)``,
 the compiled training step (engine/trainstep.py) from ``layout(..., training=True)``; the ONNX
 export (engine/onnx_export.py) takes ``lower(...)`` as it is, since ONNX keeps NCHW and its own ops.
@@ -189,7 +189,8 @@ def layout(ops, training):
 
     Every image op (GEMM, CONV, VH, POOL, and DROPOUT on images) reads and writes channels-last
     activations, so the input is transposed (TO_NHWC) before the first one. A 1x1 convolution and a
-    lateral are one GEMM. In training (``training=True``) dropout runs and an activation is turned back
+    lateral are one GEMM. In training (``training=True``) dropout runs (a dropout right after a POOL is
+    folded into it: the POOL row's ``dropout``) and an activation is turned back
     to NCHW before Flatten, so a Linear layer reads the engine's flattening order; for inference
     dropout is the identity and is dropped, Flatten is free (the next Linear's weight columns are
     permuted instead, ``nhwc_from``), and an image-shaped output is turned back to NCHW at the end.
