@@ -32,7 +32,8 @@ def launched_kernels():
 def test_kernel_source_compiles_to_ptx(real, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        pytest.skip("nvcc is not on the PATH (the CUDA toolkit: NVIDIA's cuda-toolkit package, or Debian's nvidia-cuda-toolkit)")
+        pytest.skip("nvcc is not on the PATH (the CUDA toolkit: NVIDIA's cuda-toolkit package, or Debian's "
+                    "nvidia-cuda-toolkit)")
     out = tmp_path / f"kernels_{real}.ptx"
     r = subprocess.run([nvcc, "--ptx", f"-DFLATNET_REAL={real}", "-o", str(out), str(SOURCE)],
                        capture_output=True, text=True)
