@@ -192,6 +192,13 @@ static long ft_wg_slices(long K) {
     return s < 2 ? 1 : s > FT_WG_SLICES ? FT_WG_SLICES : s;
 }
 
+/* bt (kc x FP_NR) = rows k0 .. k0 + kc - 1 of B (row stride cn), columns j0 .. j0 + nr - 1, zero past nr */
+static inline void ft_copy_panel(const float *B, long cn, long k0, long kc, long j0, int nr, float *bt) {
+    const float *b = B + k0 * cn + j0;
+    for (long k = 0; k < kc; k++)
+        for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+}
+
 /* W (f x cn) (+)= A^T B over K rows, A (K x f) and B (K x cn) row-major (a weight gradient:
  * A the output gradient, B the op's input or im2col columns). In each pass of FT_KC rows the
  * threads claim tiles of W; a tile's pass is done by one thread, and the passes follow each
@@ -222,9 +229,7 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
                     for (long jp = 0; jp < jpanels; jp++) {
                         long j0 = jp * FP_NR;
                         int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR);
-                        const float *b = B + k0 * cn + j0;
-                        for (long k = 0; k < kc; k++)
-                            for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+                        ft_copy_panel(B, cn, k0, kc, j0, nr, bt);
                         for (long fp = 0; fp < fpanels; fp++) {
                             long f0 = fp * FP_MR;
                             int mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
@@ -254,9 +259,7 @@ static void ft_gemm_wgrad(ft_ctx *c, long K, long f, long cn, const float *A, co
                 long j0 = t / fpanels * FP_NR, f0 = t % fpanels * FP_MR;
                 int nr = (int)(cn - j0 < FP_NR ? cn - j0 : FP_NR), mr = (int)(f - f0 < FP_MR ? f - f0 : FP_MR);
                 if (copied != j0) {  /* a new panel of B: copied, contiguous, zero past cn */
-                    const float *b = B + k0 * cn + j0;
-                    for (long k = 0; k < kc; k++)
-                        for (int j = 0; j < FP_NR; j++) bt[k * FP_NR + j] = j < nr ? b[k * cn + j] : 0.f;
+                    ft_copy_panel(B, cn, k0, kc, j0, nr, bt);
                     copied = j0;
                 }
                 ft_wg_tile(A + k0 * f + f0, f, bt, FP_NR, kc, W + f0 * cn + j0, cn, mr, nr, accumulate || k0 > 0);
@@ -326,7 +329,6 @@ static void ft_to_nchw(const float *x, float *y, long C, long HW) {
 
 /* ---------------------------------------------------------------- k x k convolution (im2col) */
 
-/* cols[(oy, ox), (ky, kx, c)] of one channels-last image, zero outside the input. */
 /* One image's im2col matrix, (Ho Wo) x (k k C), from its channels-last input: row (oy, ox) holds the window's
  * (ky, kx, c), zero where it leaves the image (padding). A window row is k*C contiguous floats of the input:
  * one copy, with zeros before and after it at the image's left and right edges. */
@@ -747,11 +749,8 @@ static void ft_vh_backward(const fl_op *op, const float *x, const float *dy, flo
 
 /* ---------------------------------------------------------------- max-pooling */
 
-/* One image: k x k windows, stride s, clipped at the border; the first maximum in row-major
- * order wins ties and a NaN is always taken (as the layer path). argmax: the input position
- * (iy * W + ix) of each output element. */
-/* Dropout masks: the hash of dropout_hash.h on the element's index in the NCHW tensor of the layer path. */
-/* whether element (p, ch) of image img (C channels, HW pixels) is kept: the hash of its NCHW index */
+/* Whether element (p, ch) of image img (C channels, HW pixels) is kept by a dropout: the hash of
+ * dropout_hash.h on the element's index in the NCHW tensor of the layer path. */
 static inline int ft_keep(const fl_op *op, long img, long C, long HW, long p, long ch) {
     uint64_t idx = (uint64_t)((img * C + ch) * HW + p);
     return (fl_splitmix64((uint64_t)op->seed, idx) >> 32) >= (uint64_t)op->thresh;
@@ -774,7 +773,10 @@ static void ft_drop_in_place(const fl_op *op, long img, long C, long HW, float *
             y[p * C + ch] = ft_keep(op, img, C, HW, p, ch) ? y[p * C + ch] * scale : 0.f;
 }
 
-/* With a dropout folded in (op->thresh != 0, lowering.layout), its output is then dropped out in place,
+/* One image: k x k windows, stride s, clipped at the border; the first maximum in row-major
+ * order wins ties and a NaN is always taken (as the layer path). argmax: the input position
+ * (iy * W + ix) of each output element.
+ * With a dropout folded in (op->thresh != 0, lowering.layout), its output is then dropped out in place,
  * while the image is in cache, as the DROPOUT op would (ft_dropout_forward_image) but with no mask stored. */
 static void ft_pool_forward_image(const fl_op *op, long img, const float *x, float *y, int32_t *arg) {
     long C = op->c_in, H = op->h_in, W = op->w_in, Ho = op->h_out, Wo = op->w_out, k = op->k, s = op->stride;

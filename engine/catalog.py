@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .model import load
 from .modelfile import PRETRAINED
+
 PRETRAINED_ENV = "FLATNET_PRETRAINED"
 
 

@@ -187,7 +187,8 @@ class Distributed:
         local.Free()
         self.buf, self.n_grads = None, 0
         self.bucket_mib, self.overlap = BUCKET_MIB, True  # set them before setup() (train.py: --bucket-mib, ...)
-        self.buckets, self.bucket_of = [], {}  # setup(): [(lo, hi)] from the end; a gradient's address -> bucket
+        # setup(): [(lo, hi)] from the end; a gradient's address -> its bucket; the gradients in each bucket
+        self.buckets, self.bucket_of, self.bucket_arrays = [], {}, []
         self.stop_agreed = None  # after each step's reduction: the signal every rank stops for, or None
         self.install_excepthook()
 
@@ -318,6 +319,7 @@ class Distributed:
         self.buckets = bucket_bounds(spans.values(), len(self.buf), int(self.bucket_mib * 2**20 / 4))
         self.bucket_of = {addr: next(b for b, (lo, hi) in enumerate(self.buckets) if lo <= off < hi)
                           for addr, (off, _) in spans.items()}
+        self.bucket_arrays = [list(self.bucket_of.values()).count(b) for b in range(len(self.buckets))]
         rng = getattr(model, "rng", None)
         if rng is not None and self.rank > 0:
             rng.bit_generator.state = np.random.default_rng([int(config["seed"]), self.rank]).bit_generator.state
@@ -435,9 +437,7 @@ class DistributedStep:
     def loss(self, x, y):
         d = self.dist
         tail = d.buf[d.n_grads:]
-        self._pending = [0] * len(d.buckets)
-        for b in d.bucket_of.values():
-            self._pending[b] += 1
+        self._pending = list(d.bucket_arrays)  # gradients each bucket still waits for
         self._started, self._requests = 0, []
         if len(x):
             loss, correct = self.inner.loss(x, y)

@@ -186,6 +186,7 @@ class CompiledStep:
         self._g = [aligned_empty(cap * self._act) for _ in range(2)]
         self._scratch = max(self._scratch, train_wgrad_scratch())
         self._scratch_buf = np.empty((0, self._scratch), np.float32)
+        self._param_rows = [row for row in range(len(self.table) - 1, -1, -1) if self.row_grads[row]]  # last first
         del self._rows
 
     def _buf(self, n, dtype=np.float32):
@@ -332,8 +333,7 @@ class CompiledStep:
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
         upper = len(self.table)
-        parts = [row for row in range(upper - 1, -1, -1) if self.row_grads[row]] if ready is not None else [0]
-        for lower in parts:
+        for lower in self._param_rows if ready is not None else [0]:
             self.last_threads = train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
                                           self._part_buf, self._scratch_buf, self._g[0], self._g[1],
                                           self._wpack_buf, self._bpad_buf, self._wpart_buf, threads, times, upper,

@@ -47,7 +47,9 @@ def make_trainer(out, epochs, dropout=True, lr=0.05, step="auto", dist=None, n_t
 def main(args, dist):
     rank = dist.rank if dist is not None else 0
     if dist is not None:
-        dist.bucket_mib, dist.overlap = args.bucket_mib, not args.no_overlap
+        dist.overlap = not args.no_overlap
+        if args.bucket_mib is not None:
+            dist.bucket_mib = args.bucket_mib
     out = Path(args.out) / f"rank{rank}"
     out.mkdir(parents=True, exist_ok=True)
     t = make_trainer(out, args.epochs, dropout=not args.no_dropout, lr=1e12 if args.fail == "nan" else 0.05,
@@ -89,7 +91,7 @@ def main(args, dist):
         np.savez(out / "inputs.npz", *seen)
     by = f" by {signal.Signals(t.stop_signal).name}" if t.stop_signal else ""
     print(f"rank {rank} of {dist.size if dist else 1}: {status}{by}, step {t.step.name}, history {len(t.history)}")
-    if dist is not None:
+    if dist is not None and early:
         print(f"rank {rank}: {len(dist.buckets)} buckets, started during the backward: {min(early)}-{max(early)}")
     return 0
 
@@ -102,7 +104,8 @@ if __name__ == "__main__":
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--step", default="auto")
-    p.add_argument("--bucket-mib", type=float, default=1.0, help="MiB per bucket of the gradient reduction")
+    p.add_argument("--bucket-mib", type=float, default=None,
+                   help="MiB per bucket of the gradient reduction (default: the engine's)")
     p.add_argument("--no-overlap", action="store_true", help="reduce the buckets after the whole backward")
     p.add_argument("--augment", default="none", help="engine.augment spec")
     p.add_argument("--record-inputs", action="store_true", help="write the images of each step to OUT/rankR/inputs.npz")
