@@ -2,6 +2,7 @@
 // a kernel becomes an ordinary function that runs the grid-stride loop of one (block, thread)
 // of the launch set with flatnet_launch(); calling it for every block and thread of a grid
 // runs the whole launch, sequentially. Used by tests/emulated_cupy.py and tests/test_cuda.py.
+#include <math.h>  // expf, logf and fmaf of the kernels
 #define FLATNET_EMULATION 1
 #define KERNEL extern "C" void
 

@@ -16,6 +16,13 @@ matters to the engine's glue code:
   cuBLAS documents it (column-major, leading dimensions, strides, host alpha and beta).
 * Everything else (``cupy.matmul``, ``cupy.exp``, ...) is numpy's function on the
   unwrapped arrays, its results wrapped back.
+* Streams and CUDA graphs: ``Stream.begin_capture()`` starts recording, and while it records a
+  kernel launch or a cuBLAS call (on the capturing stream, as ``cublas.setStream`` set it) is
+  recorded, not run; ``end_capture()`` returns a ``Graph`` whose ``launch()`` runs the records
+  in order, on the addresses they were given. Any other device work while capturing (an
+  element-wise operation, an assignment, a copy, a read, ``set``) raises, so an executor that
+  passes here puts nothing but kernels and cuBLAS calls in its graphs, and anything a step
+  changes reaches the device outside the capture.
 
 What this verifies: the CuPy operation set's Python side (launch arguments, shapes,
 dtypes, in-place writes), the host/device boundary in layers, loss, trainer and model
@@ -39,12 +46,22 @@ _libs = {}
 _build_dir = None
 launch_shape = None  # (blocks, threads) to run a kernel as that many emulated threads; None: one thread
 reads = 0  # device-to-host reads so far (asnumpy, .get(), float(), int(), bool(), .item())
+graph_launches = 0  # Graph.launch() calls so far
+_capture = None  # the list a stream capture records into, while one runs
+_cublas_stream = 0  # the stream cuBLAS calls run on (cupy.cuda.cublas.setStream)
+
+
+def _not_capturing(what):
+    if _capture is not None:
+        raise RuntimeError(f"{what} while a stream is capturing: a CUDA graph may hold only kernel launches "
+                           f"and cuBLAS calls here (cudaErrorStreamCaptureUnsupported)")
 
 
 class ndarray(np.ndarray):
     """A 'device' array: numpy storage, CuPy's refusal to mix with host arrays."""
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        _not_capturing(f"cupy.{ufunc.__name__}")
         args = [_device_operand(a, ufunc.__name__) for a in inputs]
         if out is not None:
             kwargs["out"] = tuple(_device_operand(o, ufunc.__name__) for o in out)
@@ -60,6 +77,7 @@ class ndarray(np.ndarray):
                         "a NumPy array explicitly.")
 
     def __setitem__(self, key, value):
+        _not_capturing("an assignment to a device array")
         super().__setitem__(key, _device_operand(value, "setitem"))
 
     @property
@@ -68,8 +86,21 @@ class ndarray(np.ndarray):
 
     def get(self):
         global reads
+        _not_capturing("a device-to-host read")
         reads += 1
         return np.array(self.view(np.ndarray))
+
+    def set(self, host):
+        """Copy a host array of the same shape in (CuPy's ndarray.set)."""
+        _not_capturing("ndarray.set (a host-to-device copy)")
+        host = np.asarray(host)
+        if host.shape != self.shape:
+            raise ValueError(f"ndarray.set: shape mismatch {host.shape} vs {self.shape}")
+        np.copyto(self.view(np.ndarray), host.astype(self.dtype, copy=False))
+
+    def copy(self, order="C"):
+        _not_capturing("ndarray.copy")
+        return np.array(self.view(np.ndarray), order=order, copy=True).view(ndarray)
 
     # a Python number from a device array is a blocking read on a GPU: counted too
     def __float__(self):
@@ -112,6 +143,7 @@ def _device_function(name):
     func = getattr(np, name)
 
     def call(*args, **kwargs):
+        _not_capturing(f"cupy.{name}")
         args = [_device_operand(a, f"cupy.{name}") for a in args]
         kwargs = {k: _device_operand(v, f"cupy.{name}") for k, v in kwargs.items()}
         return _wrap(func(*args, **kwargs))
@@ -122,6 +154,7 @@ def _device_function(name):
 
 def asarray(a, dtype=None):
     """Host or device data -> a device array (the same object when it already is one of that dtype)."""
+    _not_capturing("cupy.asarray")
     if isinstance(a, ndarray) and (dtype is None or a.dtype == np.dtype(dtype)):
         return a
     base = a.view(np.ndarray) if isinstance(a, ndarray) else a
@@ -133,6 +166,7 @@ def asnumpy(a):
 
 
 def ascontiguousarray(a, dtype=None):
+    _not_capturing("cupy.ascontiguousarray")
     if not isinstance(a, ndarray):
         raise TypeError("cupy.ascontiguousarray: expected a device array")
     return np.ascontiguousarray(a.view(np.ndarray), dtype=dtype).view(ndarray)
@@ -184,10 +218,17 @@ class _Kernel:
         # The kernels are grid-stride loops: one emulated thread with a grid of one covers every
         # element. With launch_shape = (blocks, threads) set, every thread of that grid runs instead.
         blocks, threads = launch_shape or (1, 1)
-        for bi in range(blocks):
-            for ti in range(threads):
-                self.lib.flatnet_launch(bi, ti, threads, blocks)
-                self.func(*c_args)
+
+        def run():
+            for bi in range(blocks):
+                for ti in range(threads):
+                    self.lib.flatnet_launch(bi, ti, threads, blocks)
+                    self.func(*c_args)
+
+        if _capture is not None:
+            _capture.append(run)  # recorded with the addresses and values given now
+        else:
+            run()
 
 
 class RawModule:
@@ -216,14 +257,109 @@ def _gemm_strided_batched(ctype):
         if min(m, n, k, batchCount) < 0 or transa not in (0, 1) or transb not in (0, 1) or \
                 lda < max(1, a_rows) or ldb < max(1, b_rows) or ldc < max(1, m):
             raise RuntimeError("CUBLAS_STATUS_INVALID_VALUE")
-        al, be = ctype.from_address(alpha).value, ctype.from_address(beta).value
-        for i in range(batchCount):
-            a = matrix(A + i * strideA * size, lda, a_rows, k if transa == 0 else m)
-            b = matrix(B + i * strideB * size, ldb, b_rows, n if transb == 0 else k)
-            c = matrix(C + i * strideC * size, ldc, m, n)
-            prod = al * ((a if transa == 0 else a.T) @ (b if transb == 0 else b.T))
-            c[...] = prod if be == 0 else prod + be * c  # beta = 0: C is not read
+        al, be = ctype.from_address(alpha).value, ctype.from_address(beta).value  # read now, as cuBLAS does
+
+        def run():
+            for i in range(batchCount):
+                a = matrix(A + i * strideA * size, lda, a_rows, k if transa == 0 else m)
+                b = matrix(B + i * strideB * size, ldb, b_rows, n if transb == 0 else k)
+                c = matrix(C + i * strideC * size, ldc, m, n)
+                prod = al * ((a if transa == 0 else a.T) @ (b if transb == 0 else b.T))
+                c[...] = prod if be == 0 else prod + be * c  # beta = 0: C is not read
+
+        if _capture is None:
+            run()
+        elif _cublas_stream != _capture.stream.ptr:
+            raise RuntimeError("a cuBLAS call on a stream other than the capturing one: it would run at once, "
+                               "outside the graph (set the handle's stream with cublas.setStream)")
+        else:
+            _capture.append(run)
     return gemm
+
+
+# ----------------------------------------------------------------------------- streams and graphs
+
+class _Records(list):
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+
+class Graph:
+    def __init__(self, records):
+        self._records = list(records)
+
+    def launch(self, stream=None):
+        global graph_launches
+        _not_capturing("Graph.launch")
+        graph_launches += 1
+        for run in self._records:
+            run()
+
+
+class Event:
+    def synchronize(self):
+        pass
+
+
+class Stream:
+    """A stream: work runs at once (in order), except while it captures (see the module docstring)."""
+    _next_ptr = 2  # 0: the legacy default stream
+    _current = []
+
+    def __init__(self, null=False, non_blocking=False):
+        self.ptr = 0 if null else Stream._next_ptr
+        Stream._next_ptr += 0 if null else 1
+
+    def __enter__(self):
+        Stream._current.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        Stream._current.pop()
+
+    def use(self):
+        Stream._current[:] = [self]
+        return self
+
+    def begin_capture(self, mode=None):
+        global _capture
+        if self.ptr in (0, 1):
+            raise RuntimeError("cannot capture on the default (legacy) stream")
+        if _capture is not None:
+            raise RuntimeError("cudaErrorIllegalState: a stream is already capturing")
+        _capture = _Records(self)
+
+    def end_capture(self):
+        global _capture
+        if _capture is None or _capture.stream is not self:
+            raise RuntimeError("cudaErrorIllegalState: this stream is not capturing")
+        records, _capture = _capture, None
+        return Graph(records)
+
+    def is_capturing(self):
+        return _capture is not None and _capture.stream is self
+
+    def record(self, event=None):
+        return event or Event()
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        _not_capturing("Stream.synchronize")
+
+
+_NULL_STREAM = Stream(null=True)
+
+
+def get_current_stream():
+    return Stream._current[-1] if Stream._current else _NULL_STREAM
+
+
+def _set_stream(handle, ptr):
+    global _cublas_stream
+    _cublas_stream = ptr
 
 
 # ----------------------------------------------------------------------------- the module
@@ -239,17 +375,19 @@ def make_module():
     mod.RawModule = RawModule
     mod.__flatnet_emulated__ = True
     mod.__version__ = "emulated"
-    for name in ("float32", "float64", "int32", "int64", "uint8", "bool_"):
+    for name in ("float32", "float64", "int32", "int64", "uint8", "uint64", "bool_"):
         setattr(mod, name, getattr(np, name))
     for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "arange", "matmul", "tensordot",
                  "broadcast_to", "stack", "exp", "log", "isfinite", "maximum", "sum", "allclose", "array_equal"):
         setattr(mod, name, _device_function(name))
-    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None,
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: _not_capturing("sync"),
                                     runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0,
                                     getDeviceProperties=lambda i: {"name": b"emulated (CPU)"})
     cublas = types.SimpleNamespace(sgemmStridedBatched=_gemm_strided_batched(ctypes.c_float),
-                                   dgemmStridedBatched=_gemm_strided_batched(ctypes.c_double))
-    mod.cuda = types.SimpleNamespace(runtime=runtime, cublas=cublas, get_cublas_handle=lambda: 1)
+                                   dgemmStridedBatched=_gemm_strided_batched(ctypes.c_double),
+                                   setStream=_set_stream)
+    mod.cuda = types.SimpleNamespace(runtime=runtime, cublas=cublas, get_cublas_handle=lambda: 1, Stream=Stream,
+                                     Event=Event, Graph=Graph, get_current_stream=get_current_stream)
     return mod
 
 
@@ -266,20 +404,22 @@ def real_cupy_installed():
 
 
 _MISSING = object()
-_saved = []  # (cupy, engine.runtime.cuda) of sys.modules before each install(), restored by uninstall()
+BOUND = ("cupy", "engine.runtime.cuda", "engine.runtime.cuda_step")  # cupy, and the modules that import it
+_saved = []  # those entries of sys.modules before each install(), restored by uninstall()
 
 
 def install():
     """Put the stand-in in sys.modules['cupy'] (dropping any engine module bound to a previous one)."""
-    _saved.append(tuple(sys.modules.get(name, _MISSING) for name in ("cupy", "engine.runtime.cuda")))
+    _saved.append(tuple(sys.modules.get(name, _MISSING) for name in BOUND))
     sys.modules["cupy"] = make_module()
-    sys.modules.pop("engine.runtime.cuda", None)
+    for name in BOUND[1:]:
+        sys.modules.pop(name, None)
 
 
 def uninstall():
-    """Undo the last install(): sys.modules['cupy'] and engine.runtime.cuda as they were before it."""
-    before = _saved.pop() if _saved else (_MISSING, _MISSING)
-    for name, mod in zip(("cupy", "engine.runtime.cuda"), before):
+    """Undo the last install(): the entries of BOUND in sys.modules as they were before it."""
+    before = _saved.pop() if _saved else (_MISSING,) * len(BOUND)
+    for name, mod in zip(BOUND, before):
         if mod is _MISSING:
             sys.modules.pop(name, None)
         else:

@@ -25,23 +25,24 @@ _functions = {}
 _REAL = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
-def _module(dtype):
-    """The compiled kernel module for float32 or float64 (compiled on first use, then cached)."""
+def _module(dtype, source=SOURCE_PATH):
+    """The compiled kernel module of `source` for float32 or float64 (compiled on first use, then cached)."""
     dtype = np.dtype(dtype)
-    if dtype not in _modules:
+    key = (source, dtype)
+    if key not in _modules:
         if dtype not in _REAL:
             raise TypeError(f"the CUDA kernels take float32 or float64 arrays, not {dtype}")
-        _modules[dtype] = cp.RawModule(code=SOURCE_PATH.read_text(),  # it includes dropout_hash.h beside it
-                                       options=(f"-DFLATNET_REAL={_REAL[dtype]}", f"-I{SOURCE_PATH.parent}"))
-    return _modules[dtype]
+        _modules[key] = cp.RawModule(code=source.read_text(),  # it includes dropout_hash.h beside it
+                                     options=(f"-DFLATNET_REAL={_REAL[dtype]}", f"-I{source.parent}"))
+    return _modules[key]
 
 
-def kernel(name, dtype):
-    """The kernel `name` of the module for `dtype`, looked up once (a lookup builds a new RawKernel)."""
-    key = (name, np.dtype(dtype))
+def kernel(name, dtype, source=SOURCE_PATH):
+    """The kernel `name` of the module of `source` for `dtype`, looked up once (a lookup builds a new RawKernel)."""
+    key = (name, np.dtype(dtype), source)
     f = _functions.get(key)
     if f is None:
-        f = _functions[key] = _module(dtype).get_function(name)
+        f = _functions[key] = _module(dtype, source).get_function(name)
     return f
 
 
@@ -65,10 +66,19 @@ def _kernel_arg(name, i, a):
 
 def _launch(name, dtype, n, *args):
     """Run kernel `name` of the `dtype` module over `n` output elements (see _kernel_arg)."""
+    _run(kernel(name, dtype), name, n, args)
+
+
+def launch(source, name, n, *args):
+    """Run float32 kernel `name` of the CUDA file `source` over `n` output elements on the current stream."""
+    _run(kernel(name, np.float32, source), name, n, args)
+
+
+def _run(function, name, n, args):
     if n == 0:
         return
     blocks = min((n + BLOCK - 1) // BLOCK, MAX_BLOCKS)
-    kernel(name, dtype)((blocks,), (BLOCK,), tuple(_kernel_arg(name, i, a) for i, a in enumerate(args)))
+    function((blocks,), (BLOCK,), tuple(_kernel_arg(name, i, a) for i, a in enumerate(args)))
 
 
 def _swap(a, trans):
@@ -119,7 +129,7 @@ class CupyOps:
     # GEMM ---------------------------------------------------------------------------
     @staticmethod
     def gemm(trans_a, trans_b, alpha, a, b, beta, c):
-        _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, 1, 0, 0)
+        strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, 1, 0, 0)
         return c
 
     @staticmethod
@@ -132,7 +142,7 @@ class CupyOps:
             B = cp.broadcast_to(B[:1], (batch,) + B.shape[1:]) if shared_b else B
             _combine(alpha, cp.tensordot(A, B, axes=([0, 2], [0, 1]))[None], beta, c)
         else:  # one strided batched GEMM; a shared operand has stride 0 (no pointer arrays, no copies)
-            _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, 0 if shared_a else a[0].size,
+            strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, 0 if shared_a else a[0].size,
                           0 if shared_b else b[0].size)
         return c
 
@@ -198,8 +208,9 @@ class CupyOps:
         return out
 
 
-def _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, stride_a, stride_b):
-    """c[i] = alpha op(a[i]) op(b[i]) + beta c[i] for i < batch, in one cuBLAS call ({s,d}gemmStridedBatched).
+def strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch=1, stride_a=0, stride_b=0):
+    """c[i] = alpha op(a[i]) op(b[i]) + beta c[i] for i < batch, in one cuBLAS call ({s,d}gemmStridedBatched)
+    on the current stream (so that a stream capture records it).
 
     a, b and c are C-contiguous; a[i] starts stride_a elements after a[i-1] (0: one matrix for the
     whole batch), likewise b; op transposes through cuBLAS's flag, not a copy. cuBLAS is
@@ -223,7 +234,9 @@ def _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch, stride_a, strid
     gemm = {np.dtype(np.float32): cp.cuda.cublas.sgemmStridedBatched,
             np.dtype(np.float64): cp.cuda.cublas.dgemmStridedBatched}[c.dtype]
     alpha, beta = np.array(alpha, c.dtype), np.array(beta, c.dtype)  # host scalars (cuBLAS's default pointer mode)
-    gemm(cp.cuda.get_cublas_handle(), int(trans_b), int(trans_a), n, m, k, alpha.ctypes.data,
+    handle = cp.cuda.get_cublas_handle()
+    cp.cuda.cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    gemm(handle, int(trans_b), int(trans_a), n, m, k, alpha.ctypes.data,
          b.data.ptr, b.shape[-1], stride_b, a.data.ptr, a.shape[-1], stride_a, beta.ctypes.data,
          c.data.ptr, n, m * n, batch)
 
