@@ -257,6 +257,26 @@ def layout(ops, training):
     return rows
 
 
+def row_flops(rows, n):
+    """[(forward, backward) floating-point operations] of each row of ``layout`` for n images (2 per
+    multiply-add; the GEMM, CONV and VH rows only, the others 0). The first row with parameters computes
+    no input gradient, so its backward counts once, the others' twice."""
+    out, first = [], True
+    for row in rows:
+        (c, h, w), (f, ho, wo) = (tuple(row.in_shape) + (1, 1))[:3], (tuple(row.out_shape) + (1, 1))[:3]
+        if row.kind in ("GEMM", "LINEAR", "CONV"):
+            taps = row.fields["k"] ** 2 if row.kind == "CONV" else 1
+            flops = 2 * n * ho * wo * c * taps * f
+        elif row.kind == "VH":
+            flops = 2 * n * c * (row.fields["h_mid"] * w * row.fields["kv"] + ho * wo * row.fields["kh"])
+        else:
+            out.append((0, 0))
+            continue
+        out.append((flops, flops if first else 2 * flops))
+        first = False
+    return out
+
+
 def op_row(kind, in_shape, out_shape, **fields):
     """A C op row as a dict of field -> int: kind by name, shapes padded to (C, H, W)."""
     (c, h, w), (f, ho, wo) = (tuple(in_shape) + (1, 1))[:3], (tuple(out_shape) + (1, 1))[:3]

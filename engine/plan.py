@@ -200,12 +200,18 @@ class Plan:
                                           self.scratch_floats, threads, times)
 
 
-def compiled_or_reason(net, in_shape=None, softmax=False):
+def compiled_or_reason(net, in_shape=None, softmax=False, gpu=False):
     """(plan, None) for a float32 network the compiled path runs, else (None, why it runs layer by layer):
-    not float32 (float64 is the reference), not on the CPU, no input shape, or a layer it lacks."""
+    not float32 (float64 is the reference), not on the CPU, no input shape, or a layer it lacks.
+
+    gpu=True also compiles a network on the cupy backend, as the GPU's plan (engine/runtime/cuda_step.py,
+    GpuPlan: device arrays in and out, one caller at a time, the weights read at each call)."""
     if net.dtype != np.float32:
         return None, f"the network is {net.dtype}, the compiled path float32"
     try:
+        if gpu and net.backend == "cupy":
+            from .runtime.cuda_step import GpuPlan
+            return GpuPlan(net, in_shape, softmax=softmax), None
         return compile_network(net, in_shape, softmax), None
     except UnsupportedNetwork as e:
         return None, str(e)

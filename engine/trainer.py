@@ -42,15 +42,15 @@ class TrainingDiverged(RuntimeError):
 def evaluate(model, x, y, batch_size=500, progress=False):
     """(mean loss, accuracy) of `model` in eval mode on (x, y); restores the previous mode.
 
-    x and y are host (numpy) arrays; each batch is copied to the model's backend. On the CPU in
-    float32 the network runs compiled for inference (engine.plan: a snapshot of the current
-    weights, the same outputs up to float32 rounding, several times faster, no layer buffers);
-    otherwise layer by layer. progress=True shows a progress bar with the rate (images/s).
+    x and y are host (numpy) arrays; each batch is copied to the model's backend. In float32 the
+    network runs compiled for inference (on the CPU engine.plan, a snapshot of the current weights;
+    on the GPU the GpuPlan of engine/runtime/cuda_step.py, one graph launch per batch; the same
+    outputs up to float32 rounding, several times faster, no layer buffers); otherwise layer by layer. progress=True shows a progress bar with the rate (images/s).
     """
     ops = ops_for(model.backend)
     was_training = model.training
     model.eval()
-    forward = compiled_or_reason(model)[0] or model.forward  # compiled on the CPU in float32, else the layers
+    forward = compiled_or_reason(model, gpu=True)[0] or model.forward  # compiled in float32, else the layers
     loss_fn = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
     bar = None

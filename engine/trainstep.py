@@ -26,7 +26,7 @@ import numpy as np
 from . import winograd
 from ._kernels import infer_layout, sgd_run, train_run, train_wgrad_scratch, train_wgrad_slices
 from .losses import SoftmaxCrossEntropy
-from .lowering import CKIND, COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table
+from .lowering import COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table, row_flops
 from .optim import sgd_momentum
 from .runtime.dropout import dropout_seed, dropout_threshold
 from .runtime.memory import aligned_empty
@@ -376,27 +376,9 @@ class CompiledStep:
             self.apply(velocity, lr, momentum, weight_decay, dampening)
         return loss, self.logits
 
-
     def flops(self, n):
-        """[(forward, backward) floating-point operations] of each op for n images (2 per multiply-add;
-        the 1D and GEMM ops only, the rest counted as 0). The first op with parameters computes no
-        input gradient."""
-        out, first = [], True
-        for row in self.table:
-            r = {name: int(row[col]) for name, col in COL.items()}
-            p = r["h_out"] * r["w_out"]
-            kind = next(k for k, v in CKIND.items() if v == r["kind"])
-            if kind in ("GEMM", "LINEAR", "CONV"):
-                taps = r["k"] * r["k"] if kind == "CONV" else 1
-                f = 2 * n * p * r["c_in"] * taps * r["c_out"]
-            elif kind == "VH":
-                f = 2 * n * r["c_in"] * (r["h_mid"] * r["w_in"] * r["kv"] + p * r["kh"])
-            else:
-                out.append((0, 0))
-                continue
-            out.append((f, f if first else 2 * f))
-            first = False
-        return out
+        """[(forward, backward) floating-point operations] of each op for n images (lowering.row_flops)."""
+        return row_flops(layout(self.ops, training=True), n)
 
     def profile(self, x, y, repeat=5, num_threads=None):
         """[(op name, forward ms, backward ms)]: medians over `repeat` forward/backward runs (no update)."""
@@ -420,6 +402,9 @@ def make_step(net, kind="auto", batch_size=128, in_shape=None):
     if kind == "layers":
         return LayerStep(net), None
     try:
+        if net.backend == "cupy":  # the GPU's compiled step, from the same lowering (engine/runtime/cuda_step.py)
+            from .runtime.cuda_step import GpuStep
+            return GpuStep(net, in_shape, batch_size), None
         return CompiledStep(net, in_shape, batch_size), None
     except UnsupportedNetwork as e:
         if kind == "compiled":

@@ -34,7 +34,7 @@ import numpy as np
 import cupy as cp
 
 from ..losses import SoftmaxCrossEntropy
-from ..lowering import UnsupportedNetwork, fuse, layout, lower
+from ..lowering import UnsupportedNetwork, fuse, layout, lower, row_flops
 from .cuda import SOURCE_PATH, launch, strided_gemm
 from .dropout import dropout_seed, dropout_threshold
 
@@ -307,25 +307,30 @@ class _Graphs:
         self.seen, self.graphs = set(), {}
         self.stream = None
         self.captures = 0
+        self.failed = None  # why capturing failed (every call then runs its launches directly)
 
     def run(self, key, body):
         graph = self.graphs.get(key)
         if graph is not None:
             graph.launch(stream=cp.cuda.get_current_stream())
             return
-        if key not in self.seen:
+        if key not in self.seen or self.failed:
             self.seen.add(key)
             body()
             return
         if self.stream is None:
             self.stream = cp.cuda.Stream(non_blocking=True)
-        self.stream.wait_event(cp.cuda.get_current_stream().record())  # the inputs written before, in order
-        with self.stream:
-            self.stream.begin_capture()
-            try:
-                body()
-            finally:
-                graph = self.stream.end_capture()
+        try:  # recorded on the private stream (nothing runs), then launched on the current one, after its work
+            with self.stream:
+                self.stream.begin_capture()
+                try:
+                    body()
+                finally:
+                    graph = self.stream.end_capture()
+        except Exception as e:  # a CUDA or cuBLAS version that cannot capture this: run directly from now on
+            self.failed = f"{type(e).__name__}: {e}"
+            body()
+            return
         self.graphs[key] = graph
         self.captures += 1
         graph.launch(stream=cp.cuda.get_current_stream())
@@ -369,6 +374,15 @@ class GpuStep:
         """How many CUDA graphs were captured so far (one per batch size for each half of the step)."""
         return self._graphs.captures
 
+    @property
+    def capture_failed(self):
+        """None, or why a capture failed (the step then runs its launches directly, with the same results)."""
+        return self._graphs.failed
+
+    def flops(self, n):
+        """[(forward, backward) floating-point operations] of each row for n images (lowering.row_flops)."""
+        return row_flops(self._rows.rows, n)
+
     def _set_hyper(self, **values):
         host = dict(zip(HYPER, self._hyper_host)) if self._hyper_host is not None else dict.fromkeys(HYPER, 0.0)
         host.update(values)
@@ -386,6 +400,10 @@ class GpuStep:
         return self._rows.out[-1][:n * self._k].reshape(n, self._k)
 
     def _put(self, x):
+        if not isinstance(x, cp.ndarray):  # host images are checked on the host (device ones are not read back)
+            x = np.asarray(x)
+            if getattr(self.net, "check_finite", True) and x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise ValueError("input holds NaN or infinite values")
         x = _as_device_images(x, self.in_shape)
         n = len(x)
         if self._rows.grow(n):
@@ -402,17 +420,18 @@ class GpuStep:
         (nothing is read back). Host labels are checked on the host; device labels are taken as they are."""
         x = x if hasattr(x, "shape") else np.asarray(x)
         n = len(x)
-        if isinstance(y, np.ndarray) or not hasattr(y, "__cuda_array_interface__") and not isinstance(y, cp.ndarray):
-            y = np.asarray(y)
-            if y.dtype.kind not in "iu" or y.shape != (n,):
-                raise ValueError(f"expected integer labels of shape ({n},), got {y.dtype} {y.shape}")
+        on_device = isinstance(y, cp.ndarray)
+        y = y if on_device else np.asarray(y)
+        if y.dtype.kind not in "iu" or tuple(y.shape) != (n,):
+            raise ValueError(f"expected integer labels of shape ({n},), got {y.dtype} {tuple(y.shape)}")
+        if not on_device:
             if n and (int(y.min()) < 0 or int(y.max()) >= self._k):
                 raise ValueError(f"labels must lie in [0, {self._k}), got [{int(y.min())}, {int(y.max())}]")
         self._put(x)
-        if isinstance(y, np.ndarray):
-            self._labels[:n].set(y.astype(np.int32))
-        else:
+        if on_device:
             self._labels[:n] = y.astype(cp.int32)
+        else:
+            self._labels[:n].set(y.astype(np.int32))
         self._set_hyper(smoothing=self.loss_fn.smoothing)
         self._graphs.run(("forward+loss", n), lambda: self._forward_loss(n))
         total = self._total.copy()
@@ -450,8 +469,7 @@ class GpuStep:
 
     def _update(self, rows, first):
         for w, g, v, decay in rows:
-            _k("st_sgd", w.size, w, g, v, w.size, self._hyper, decay if self._hyper_host[3] else 0, int(first),
-               self._total)
+            _k("st_sgd", w.size, w, g, v, w.size, self._hyper, decay, int(first), self._total)
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None):
         """SGD with momentum on every parameter (optim.sgd_momentum's rule); skipped on the device when
@@ -475,7 +493,7 @@ class GpuStep:
         if first:  # a first step (v = d) runs once, directly
             body()
             return
-        key = ("apply", n, bool(weight_decay), tuple(id(v) for _, _, v, _ in rows))
+        key = ("apply", n, tuple(v.data.ptr for _, _, v, _ in rows))  # the graph holds the momentum buffers' addresses
         self._graphs.run(key, body)
 
     def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
