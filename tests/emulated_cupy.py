@@ -13,12 +13,15 @@ matters to the engine's glue code:
   (C-contiguous) or numpy scalars of an explicit width, as with CuPy's RawKernel; a host
   array or a bare Python number is refused.
 * ``cupy.cuda.cublas.{s,d}gemmStridedBatched`` take device addresses and compute on them as
-  cuBLAS documents it (column-major, leading dimensions, strides, host alpha and beta).
+  cuBLAS documents it (column-major, leading dimensions, strides, host alpha and beta); as in CuPy
+  they refuse to run while the current stream captures. libcublas itself, which the engine calls
+  through ctypes to capture GEMMs, is tests/cublas_emulation.c, built and loaded as
+  libcublas.so.emulated so that the engine finds it among the process's libraries.
 * Everything else (``cupy.matmul``, ``cupy.exp``, ...) is numpy's function on the
   unwrapped arrays, its results wrapped back.
 * Streams and CUDA graphs: ``Stream.begin_capture()`` starts recording, and while it records a
-  kernel launch or a cuBLAS call (on the capturing stream, as ``cublas.setStream`` set it) is
-  recorded, not run; ``end_capture()`` returns a ``Graph`` whose ``launch()`` runs the records
+  kernel launch or a call into libcublas (on the capturing stream, as the handle's stream was
+  set) is recorded, not run; ``end_capture()`` returns a ``Graph`` whose ``launch()`` runs the records
   in order, on the addresses they were given. Any other device work while capturing (an
   element-wise operation, an assignment, a copy, a read, ``set``) raises, so an executor that
   passes here puts nothing but kernels and cuBLAS calls in its graphs, and anything a step
@@ -241,40 +244,76 @@ class RawModule:
 
 # ----------------------------------------------------------------------------- cuBLAS
 
-def _gemm_strided_batched(ctype):
-    """cublas{S,D}gemmStridedBatched as cuBLAS documents it: column-major matrices at device
-    addresses, C_i = alpha op(A_i) op(B_i) + beta C_i with X_i at X + i * strideX elements
-    (op: 0 = N, 1 = T); alpha and beta are host addresses (the default pointer mode)."""
+def _gemm(ctype, stream, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC,
+          batchCount):
+    """{S,D}gemmStridedBatched as cuBLAS documents it, on `stream`: column-major matrices at device addresses,
+    C_i = alpha op(A_i) op(B_i) + beta C_i with X_i at X + i * strideX elements (op: 0 = N, 1 = T); alpha and
+    beta are host addresses (the default pointer mode), read at the call. While a stream captures, a call on
+    that stream is recorded, and one on another stream refused (it would run at once, outside the graph)."""
     size = ctypes.sizeof(ctype)
 
     def matrix(ptr, ld, rows, cols):  # column-major rows x cols, leading dimension ld
         flat = np.ctypeslib.as_array((ctype * (ld * (cols - 1) + rows)).from_address(ptr))
         return np.lib.stride_tricks.as_strided(flat, (rows, cols), (size, ld * size))
 
-    def gemm(handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC,
-             batchCount):
-        a_rows, b_rows = (m if transa == 0 else k), (k if transb == 0 else n)
-        if min(m, n, k, batchCount) < 0 or transa not in (0, 1) or transb not in (0, 1) or \
-                lda < max(1, a_rows) or ldb < max(1, b_rows) or ldc < max(1, m):
-            raise RuntimeError("CUBLAS_STATUS_INVALID_VALUE")
-        al, be = ctype.from_address(alpha).value, ctype.from_address(beta).value  # read now, as cuBLAS does
+    a_rows, b_rows = (m if transa == 0 else k), (k if transb == 0 else n)
+    if min(m, n, k, batchCount) < 0 or transa not in (0, 1) or transb not in (0, 1) or \
+            lda < max(1, a_rows) or ldb < max(1, b_rows) or ldc < max(1, m):
+        raise RuntimeError("CUBLAS_STATUS_INVALID_VALUE")
+    al, be = ctype.from_address(alpha).value, ctype.from_address(beta).value
 
-        def run():
-            for i in range(batchCount):
-                a = matrix(A + i * strideA * size, lda, a_rows, k if transa == 0 else m)
-                b = matrix(B + i * strideB * size, ldb, b_rows, n if transb == 0 else k)
-                c = matrix(C + i * strideC * size, ldc, m, n)
-                prod = al * ((a if transa == 0 else a.T) @ (b if transb == 0 else b.T))
-                c[...] = prod if be == 0 else prod + be * c  # beta = 0: C is not read
+    def run():
+        for i in range(batchCount):
+            a = matrix(A + i * strideA * size, lda, a_rows, k if transa == 0 else m)
+            b = matrix(B + i * strideB * size, ldb, b_rows, n if transb == 0 else k)
+            c = matrix(C + i * strideC * size, ldc, m, n)
+            prod = al * ((a if transa == 0 else a.T) @ (b if transb == 0 else b.T))
+            c[...] = prod if be == 0 else prod + be * c  # beta = 0: C is not read
 
-        if _capture is None:
-            run()
-        elif _cublas_stream != _capture.stream.ptr:
-            raise RuntimeError("a cuBLAS call on a stream other than the capturing one: it would run at once, "
-                               "outside the graph (set the handle's stream with cublas.setStream)")
-        else:
-            _capture.append(run)
+    if _capture is None:
+        run()
+    elif stream != _capture.stream.ptr:
+        raise RuntimeError("a cuBLAS call on a stream other than the capturing one: it would run at once, "
+                           "outside the graph")
+    else:
+        _capture.append(run)
+
+
+def _gemm_strided_batched(ctype):
+    """cupy.cuda.cublas.{s,d}gemmStridedBatched: as CuPy, the handle's stream is first set to the current
+    stream (which CuPy refuses while that stream captures, see _set_stream)."""
+    def gemm(handle, *args):
+        _set_stream(handle, get_current_stream().ptr)
+        _gemm(ctype, _cublas_stream, *args)
     return gemm
+
+
+_libcublas = []  # the stand-in libcublas (tests/cublas_emulation.c) and its registered callback, kept alive
+_GEMM_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_longlong, *[ctypes.c_int] * 5, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
+                                  ctypes.c_int)
+
+
+def _load_libcublas():
+    """Build and load libcublas.so.emulated once per process: the engine finds it among the loaded libraries
+    as it finds the real libcublas, and calls it through ctypes (GraphBlas in engine/runtime/cuda.py)."""
+    global _build_dir
+    if _libcublas:
+        return
+    if _build_dir is None:
+        _build_dir = Path(tempfile.mkdtemp(prefix="flatnet-emulated-cupy-"))
+    path = _build_dir / "libcublas.so.emulated"
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(path), str(HEADER.with_name("cublas_emulation.c"))],
+                   check=True, capture_output=True, text=True)
+    lib = ctypes.CDLL(str(path))
+
+    def gemm(is_double, stream, *args):
+        _gemm(ctypes.c_double if is_double else ctypes.c_float, stream, *args)
+
+    callback = _GEMM_CALLBACK(gemm)
+    lib.flatnet_set_gemm(callback)
+    _libcublas.extend([lib, callback])
 
 
 # ----------------------------------------------------------------------------- streams and graphs
@@ -358,7 +397,10 @@ def get_current_stream():
 
 
 def _set_stream(handle, ptr):
+    """cupy.cuda.cublas.setStream, which CuPy refuses for a stream that is capturing."""
     global _cublas_stream
+    if _capture is not None and _capture.stream.ptr == ptr:
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
     _cublas_stream = ptr
 
 
@@ -366,7 +408,8 @@ def _set_stream(handle, ptr):
 
 def available():
     """None when the emulation can run here (a C++ compiler), else why not."""
-    return None if shutil.which("g++") else "g++ is not on the PATH"
+    missing = [cc for cc in ("g++", "gcc") if not shutil.which(cc)]
+    return f"{' and '.join(missing)} not on the PATH" if missing else None
 
 
 def make_module():
@@ -410,6 +453,7 @@ _saved = []  # those entries of sys.modules before each install(), restored by u
 
 def install():
     """Put the stand-in in sys.modules['cupy'] (dropping any engine module bound to a previous one)."""
+    _load_libcublas()
     _saved.append(tuple(sys.modules.get(name, _MISSING) for name in BOUND))
     sys.modules["cupy"] = make_module()
     for name in BOUND[1:]:

@@ -6,8 +6,12 @@ It prints the device and the CuPy/CUDA versions, compiles both kernel modules (f
 float64), runs the kernel reference tests and the layer suite on the device (pytest's
 `cupy` cases of tests/test_cuda.py, test_layers.py and test_backend.py), checks that the
 CPU and the device give the same predictions and the same dropout masks, times the layer
-benchmark (Figure 7) and a training step, and ends with one line: PASS or FAIL. Where
-CuPy cannot run it says why and exits non-zero.
+benchmark (Figure 7), the training step and inference (the compiled GPU executor of
+engine/runtime/cuda_step.py beside the layer-by-layer path, with the fraction of the device's
+measured fp32 rate) and one training epoch of the default CIFAR-10 recipe on synthetic data
+of CIFAR-10's size, and ends with one line: PASS or FAIL. Where CuPy cannot run it says why
+and exits non-zero. The tests include tests/test_cuda_step.py: the compiled GPU step and
+plan against the CPU's compiled step and plan and the float64 layer path, on the device.
 
 `--backend cpu` is a dry run of the same steps on the CPU. With tests/emulated_cupy.py
 installed as `cupy`, `--backend cupy` runs on the emulation (the pytest step too).
@@ -27,7 +31,7 @@ import numpy as np
 from .common import Parser
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_FILES = ("tests/test_cuda.py", "tests/test_layers.py", "tests/test_backend.py")
+TEST_FILES = ("tests/test_cuda.py", "tests/test_cuda_step.py", "tests/test_layers.py", "tests/test_backend.py")
 BENCH = {  # (layers arguments, model arguments) per --bench
     "full": (["--sizes", "16,32,48,64,80", "--batch", "128", "--channels", "128", "--repeat", "5"],
              ["--dataset", "cifar10", "--batch", "128", "--repeat", "5"]),
@@ -64,11 +68,15 @@ def compile_modules(backend):
     if backend == "cpu":
         return "nothing to compile on the CPU (the kernels are the built extension)"
     from ..runtime import cuda as bc
+    from ..runtime.cuda_step import STEP_SOURCE
     names = re.findall(r"^KERNEL (\w+)\(", bc.SOURCE_PATH.read_text(), re.M)
     for dtype in (np.float32, np.float64):
         for name in names:
             bc.kernel(name, dtype)
-    return f"{len(names)} kernels x float32, float64"
+    step_names = re.findall(r"^KERNEL (\w+)\(", STEP_SOURCE.read_text(), re.M)
+    for name in step_names:
+        bc.kernel(name, np.float32, STEP_SOURCE)
+    return f"{len(names)} kernels x float32, float64; {len(step_names)} kernels of the compiled GPU executor"
 
 
 def run_tests(backend):
@@ -136,6 +144,38 @@ def run_benchmarks(backend, size, json_path):
     return f"{size} sizes timed on {backend}"
 
 
+def time_epoch(backend, size):
+    """One epoch of train.py's default CIFAR-10 recipe (flattened model) with its evaluation, on synthetic data of
+    CIFAR-10's size (50,000 training and 10,000 test images; --bench tiny: 64 and 32), run by the trainer with the
+    compiled step and plan, then layer by layer; returns the wall times."""
+    from engine.models.paper import build
+    from engine.models.recipes import DEFAULT_RECIPE, recipe
+
+    from ..trainer import Trainer
+    (n_train, n_test), batch = ((50_000, 10_000), None) if size == "full" else ((64, 32), 16)
+    rng = np.random.default_rng(0)
+    data = dict(train_x=rng.standard_normal((n_train, 3, 32, 32), dtype=np.float32),
+                train_y=rng.integers(0, 10, n_train),
+                test_x=rng.standard_normal((n_test, 3, 32, 32), dtype=np.float32), test_y=rng.integers(0, 10, n_test))
+    cfg = dict(recipe(DEFAULT_RECIPE, "cifar10", "flattened"), seed=0, epochs=1)
+    if batch:
+        cfg["batch_size"] = batch
+    seconds = {}
+    for step in ("compiled", "layers"):
+        with tempfile.TemporaryDirectory() as tmp:
+            t = Trainer(build("flattened", (3, 32, 32), 10, seed=0).to(backend), data, dict(cfg, step=step), tmp,
+                        log=lambda m: None, progress=False)
+            t0 = time.perf_counter()
+            if t.run() != "done":
+                raise RuntimeError(f"the {step} epoch did not finish")
+            seconds[step] = time.perf_counter() - t0
+            if step == "compiled" and t.step.name != "compiled":
+                raise RuntimeError(f"the trainer did not run the compiled step: {t.step_note}")
+    return (f"one epoch of {n_train:,} images at batch {cfg['batch_size']} and {n_test:,} evaluated: compiled "
+            f"{seconds['compiled']:.2f} s, layer by layer {seconds['layers']:.2f} s "
+            f"({seconds['layers'] / seconds['compiled']:.1f}x)")
+
+
 def main(argv=None):
     p = Parser(prog="python -m engine.selftest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +202,7 @@ def main(argv=None):
              ("CPU and device agree", lambda: compare_with_cpu(args.backend))]
     if args.bench != "none":
         steps.append(("benchmarks", lambda: run_benchmarks(args.backend, args.bench, args.json)))
+        steps.append(("a training epoch", lambda: time_epoch(args.backend, args.bench)))
     failed = []
     t_start = time.perf_counter()
     for what, step in steps:

@@ -9,6 +9,7 @@ first use, once per element type, each kernel looked up once and cached. Every k
 writes each output element from one thread (no atomics), so its result does not depend
 on the launch shape.
 """
+import ctypes
 from pathlib import Path
 
 import cupy as cp
@@ -208,9 +209,9 @@ class CupyOps:
         return out
 
 
-def strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch=1, stride_a=0, stride_b=0):
+def strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch=1, stride_a=0, stride_b=0, capturable=False):
     """c[i] = alpha op(a[i]) op(b[i]) + beta c[i] for i < batch, in one cuBLAS call ({s,d}gemmStridedBatched)
-    on the current stream (so that a stream capture records it).
+    on the current stream; capturable=True calls cuBLAS directly (GraphBlas), so that a stream capture records it.
 
     a, b and c are C-contiguous; a[i] starts stride_a elements after a[i-1] (0: one matrix for the
     whole batch), likewise b; op transposes through cuBLAS's flag, not a copy. cuBLAS is
@@ -231,14 +232,73 @@ def strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, batch=1, stride_a=0, st
     if k == 0:
         c *= beta
         return
+    alpha, beta = np.array(alpha, c.dtype), np.array(beta, c.dtype)  # host scalars (cuBLAS's default pointer mode)
+    args = (int(trans_b), int(trans_a), n, m, k, alpha.ctypes.data, b.data.ptr, b.shape[-1], stride_b, a.data.ptr,
+            a.shape[-1], stride_a, beta.ctypes.data, c.data.ptr, n, m * n, batch)
+    if capturable:
+        GraphBlas.get().gemm(c.dtype, *args)
+        return
     gemm = {np.dtype(np.float32): cp.cuda.cublas.sgemmStridedBatched,
             np.dtype(np.float64): cp.cuda.cublas.dgemmStridedBatched}[c.dtype]
-    alpha, beta = np.array(alpha, c.dtype), np.array(beta, c.dtype)  # host scalars (cuBLAS's default pointer mode)
-    handle = cp.cuda.get_cublas_handle()
-    cp.cuda.cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-    gemm(handle, int(trans_b), int(trans_a), n, m, k, alpha.ctypes.data,
-         b.data.ptr, b.shape[-1], stride_b, a.data.ptr, a.shape[-1], stride_a, beta.ctypes.data,
-         c.data.ptr, n, m * n, batch)
+    gemm(cp.cuda.get_cublas_handle(), *args)  # (CuPy sets the handle's stream to the current one)
+
+
+def _loaded_library(name):
+    """The path of the shared library whose file name starts with `name` among those this process has mapped."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split(maxsplit=5)[-1].strip()
+            if Path(path).name.startswith(name):
+                return path
+    raise OSError(f"{name} is not loaded in this process")
+
+
+class GraphBlas:
+    """cuBLAS's strided batched GEMMs called directly, on a handle of their own whose stream is set to the
+    current stream at each call, so that a stream capture records them. (CuPy's cuBLAS functions refuse to
+    run while a stream captures.) The library is the libcublas CuPy loaded (found among the process's
+    mapped libraries, so the versions match); the handle gets a workspace of its own, as cuBLAS asks of
+    code that captures its calls."""
+
+    WORKSPACE_BYTES = 32 * 2**20
+    _instance = None
+
+    @classmethod
+    def get(cls):
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self):
+        cp.cuda.get_cublas_handle()  # CuPy loads libcublas
+        lib = ctypes.CDLL(_loaded_library("libcublas.so"))
+        vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        gemm_args = [vp, i, i, i, i, i, vp, vp, i, ll, vp, i, ll, vp, vp, i, ll, i]
+        self._gemm = {}
+        for dtype, name in ((np.float32, "cublasSgemmStridedBatched"), (np.float64, "cublasDgemmStridedBatched")):
+            f = getattr(lib, name)
+            f.argtypes, f.restype = gemm_args, i
+            self._gemm[np.dtype(dtype)] = f
+        self._set_stream = lib.cublasSetStream_v2
+        self._set_stream.argtypes, self._set_stream.restype = [vp, vp], i
+        self.handle = vp()
+        self._check(lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
+        self.workspace = None
+        if hasattr(lib, "cublasSetWorkspace_v2"):
+            self.workspace = cp.empty(self.WORKSPACE_BYTES, dtype=cp.uint8)
+            lib.cublasSetWorkspace_v2.argtypes, lib.cublasSetWorkspace_v2.restype = [vp, vp, ctypes.c_size_t], i
+            self._check(lib.cublasSetWorkspace_v2(self.handle, self.workspace.data.ptr, self.WORKSPACE_BYTES),
+                        "cublasSetWorkspace")
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def gemm(self, dtype, *args):
+        """{s,d}gemmStridedBatched(handle, *args) on the current stream."""
+        self._check(self._set_stream(self.handle, cp.cuda.get_current_stream().ptr), "cublasSetStream")
+        self._check(self._gemm[np.dtype(dtype)](self.handle, *args), "cublas gemmStridedBatched")
 
 
 def _combine(alpha, prod, beta, c):

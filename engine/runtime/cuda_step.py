@@ -29,13 +29,15 @@ the momentum buffers are the trainer's ``velocity``, and the dropout seeds are d
 dropout layers' generators in the same order as the CPU's step with the same hash, so the masks
 are the CPU's bit for bit and a checkpoint resumes on either device.
 """
+import time
+
 import numpy as np
 
 import cupy as cp
 
 from ..losses import SoftmaxCrossEntropy
 from ..lowering import UnsupportedNetwork, fuse, layout, lower, row_flops
-from .cuda import SOURCE_PATH, launch, strided_gemm
+from .cuda import SOURCE_PATH, launch, strided_gemm as _strided_gemm
 from .dropout import dropout_seed, dropout_threshold
 
 STEP_SOURCE = SOURCE_PATH.with_name("cuda_step.cu")
@@ -46,6 +48,11 @@ SEGMENT_VALUES = 256   # values of dy per partial sum of a V or H weight gradien
 
 def _k(name, n, *args):
     launch(STEP_SOURCE, name, n, *args)
+
+
+def strided_gemm(trans_a, trans_b, alpha, a, b, beta, c):
+    """One GEMM (runtime/cuda.py), through cuBLAS called directly so that a stream capture can record it."""
+    _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, capturable=True)
 
 
 def _f32(v):
@@ -545,3 +552,20 @@ class GpuPlan:
             z = cp.exp(out - out.max(axis=1, keepdims=True))
             out = z / z.sum(axis=1, keepdims=True)
         return out
+
+
+def device_peak(iters=4096, repeat=3):
+    """The device's float32 rate in GFLOP/s as st_fma_peak measures it (independent chains of fused
+    multiply-adds on every thread the device holds at once): the best of `repeat` runs."""
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    threads = int(props.get("multiProcessorCount", 1)) * int(props.get("maxThreadsPerMultiProcessor", 256))
+    out = cp.empty(threads, dtype=cp.float32)
+    best = 0.0
+    for r in range(repeat + 1):  # a first run loads the module
+        cp.cuda.runtime.deviceSynchronize()
+        t0 = time.perf_counter()
+        _k("st_fma_peak", threads, out, iters)
+        cp.cuda.runtime.deviceSynchronize()
+        if r:
+            best = max(best, 2 * 8 * iters * threads / (time.perf_counter() - t0) / 1e9)
+    return best

@@ -49,6 +49,19 @@ def bench_model(args):
             sgd_momentum(net.params, net.grads, velocity, 0.01, 0.9, 1e-4)
 
         cases.append(("train step", args.batch, backend, step, args.repeat, ops.synchronize))
+        if backend == "cupy":  # the GPU's compiled step and plan, from the same lowering (engine/runtime/cuda_step.py)
+            from engine.runtime.cuda_step import GpuPlan, GpuStep
+            gpu_step, gpu_velocity = GpuStep(net, shape, args.batch), {}
+
+            def compiled_step(g=gpu_step, x=x, y=y, v=gpu_velocity):
+                g.loss(x, y)
+                g.apply(v, 0.01, 0.9, 1e-4)
+
+            gpu_plan = GpuPlan(evalnet, shape)
+            cases += [("train step", args.batch, "cupy compiled", compiled_step, args.repeat, ops.synchronize),
+                      ("inference", args.batch, "cupy compiled", lambda x=x: gpu_plan(x), args.repeat, ops.synchronize),
+                      ("inference", 1, "cupy compiled", lambda x=x: gpu_plan(x[:1]), max(args.repeat, 20),
+                       ops.synchronize)]
         if backend == "cpu":  # the compiled step train.py uses on the CPU (engine/trainstep.py)
             compiled = CompiledStep(net, shape, args.batch)
             cases.append(("train step", args.batch, "cpu compiled",
@@ -89,6 +102,19 @@ def bench_model(args):
             ratios = [min(rd[(what, b, t)] for t in theirs) / rd[(what, b, "cpu compiled")] for rd in rounds]
             print(f"# {what}, batch {b}: torch's best / engine compiled = {statistics.median(ratios):.2f}x "
                   f"(rounds: {', '.join(f'{v:.2f}' for v in ratios)})")
+        if "cupy compiled" in labels and "cupy" in labels:
+            ratios = [rd[(what, b, "cupy")] / rd[(what, b, "cupy compiled")] for rd in rounds]
+            print(f"# {what}, batch {b}: GPU layer by layer / GPU compiled = {statistics.median(ratios):.2f}x "
+                  f"(rounds: {', '.join(f'{v:.2f}' for v in ratios)})")
+    if "cupy" in backends:
+        from engine.runtime.cuda_step import device_peak
+        i = next(i for i, case in enumerate(cases) if case[:3] == ("train step", args.batch, "cupy compiled"))
+        flops = sum(f + b for f, b in gpu_step.flops(args.batch))
+        rate, peak = flops / statistics.median(times[i]) / 1e9, device_peak()
+        graphs = (f"{gpu_step.captures} graphs captured" if gpu_step.capture_failed is None
+                  else f"graphs not captured ({gpu_step.capture_failed})")
+        print(f"# GPU compiled train step: {rate:.0f} GFLOP/s = {100 * rate / peak:.1f}% of the device's measured "
+              f"fp32 peak ({peak:.0f} GFLOP/s); {graphs}")
     print(f"# peak resident memory of this process: {peak_rss_mib():.0f} MiB")
 
 
