@@ -187,12 +187,16 @@ def test_replayed_graphs_equal_direct_launches(gpu, rng):
     steps[1]._graphs.failed = "direct launches, for the comparison"
     velocity = [{}, {}]
     losses = [[], []]
+    reads = emulated_cupy.reads
     for s in range(5):
         x, y = rng.standard_normal((4, 3, 16, 16)).astype(np.float32), rng.integers(0, 10, 4)
         for i in range(2):
             loss, _ = steps[i].loss(gpu.asarray(x), y)
             steps[i].apply(velocity[i], 0.1 * 0.7 ** s, 0.9, 5e-4)
-            losses[i].append(float(loss))
+            losses[i].append(loss)
+    if emulated_cupy.is_emulated(gpu):
+        assert emulated_cupy.reads == reads  # no step reads anything back from the device
+    losses = [[float(v) for v in run] for run in losses]
     assert steps[0].captures == 2 and steps[1].captures == 0
     assert losses[0] == losses[1] and len(set(losses[0])) == 5
     for name in nets[0].params:
@@ -307,9 +311,12 @@ def test_training_on_the_gpu_resumes_exactly_and_agrees_with_the_cpu(gpu, tmp_pa
     assert rest.run() == "done"
     cpu = _trainer(data, tmp_path / "c", "cpu")
     assert cpu.run() == "done"
+    on_cpu = _trainer(data, tmp_path / "b", "cpu")  # the resumed GPU run's last checkpoint, read on the CPU
+    on_cpu.resume()
     for name, w in straight.model.params.items():
         np.testing.assert_array_equal(host(gpu, w), host(gpu, rest.model.params[name]), err_msg=name)
         assert_close(host(gpu, w), cpu.model.params[name], name, rtol=1e-4)
+        np.testing.assert_array_equal(on_cpu.model.params[name], host(gpu, w), err_msg=name)
     assert [h["train_loss"] for h in straight.history] == pytest.approx([h["train_loss"] for h in cpu.history],
                                                                         rel=1e-4)
 
