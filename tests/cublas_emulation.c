@@ -12,11 +12,14 @@ typedef void (*flatnet_gemm_fn)(int is_double, long long stream, int transa, int
 
 static flatnet_gemm_fn gemm_fn;
 static long long handle_stream;
+static int math_mode;  /* what cublasSetMathMode set (the products here are float32 whatever it is) */
 
 void flatnet_set_gemm(flatnet_gemm_fn f) { gemm_fn = f; }
 
 int cublasCreate_v2(void **handle) { *handle = (void *)&handle_stream; return 0; }
 int cublasSetStream_v2(void *handle, void *stream) { (void)handle; handle_stream = (long long)(size_t)stream; return 0; }
+int cublasSetMathMode(void *handle, int mode) { (void)handle; math_mode = mode; return 0; }
+int flatnet_math_mode(void) { return math_mode; }
 int cublasSetWorkspace_v2(void *handle, void *workspace, size_t bytes) { (void)handle; (void)workspace; (void)bytes; return 0; }
 
 int cublasSgemmStridedBatched(void *h, int ta, int tb, int m, int n, int k, const float *alpha, const float *A, int lda,

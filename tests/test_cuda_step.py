@@ -321,6 +321,23 @@ def test_training_on_the_gpu_resumes_exactly_and_agrees_with_the_cpu(gpu, tmp_pa
                                                                         rel=1e-4)
 
 
+@pytest.mark.parametrize("tf32", [None, "1"])
+def test_tf32_only_when_asked(gpu, tf32, monkeypatch):
+    """GraphBlas's handle gets cuBLAS's TF32 math mode (3) with $FLATNET_TF32=1 only (the default math mode is 0)."""
+    if not emulated_cupy.is_emulated(gpu):
+        pytest.skip("the handle's math mode is read back from the emulation's libcublas")
+    import engine.runtime.cuda as bc
+    if tf32:
+        monkeypatch.setenv("FLATNET_TF32", tf32)
+    else:
+        monkeypatch.delenv("FLATNET_TF32", raising=False)
+    monkeypatch.setattr(bc.GraphBlas, "_instance", None)
+    lib = emulated_cupy._libcublas[0]
+    lib.cublasSetMathMode(None, 0)
+    assert bc.GraphBlas.get().tf32 == bool(tf32)
+    assert lib.flatnet_math_mode() == (3 if tf32 else 0)
+
+
 def test_kernel_source_compiles_to_ptx(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

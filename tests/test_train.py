@@ -56,13 +56,19 @@ def test_bad_flags_are_rejected(args, message):
     assert r.returncode == 2 and message in r.stderr
 
 
+def test_tf32_is_refused_on_the_cpu(tmp_path):
+    r = train_py("--tf32", "--backend", "cpu", "--data-dir", tmp_path / "nothing-here", "--out", tmp_path / "run")
+    assert r.returncode == 1 and r.stderr.strip() == "error: --tf32 applies to the GPU (--backend cupy); this run is on the CPU"
+    assert not any((tmp_path / "run").iterdir())  # nothing written
+
+
 def test_help_explains_every_flag():
     r = train_py("--help")
     assert r.returncode == 0
     for flag in ("--model", "--dataset", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
                  "--lr-drop-epochs", "--seed", "--data-dir", "--out", "--backend", "--threads", "--resume",
                  "--summary", "--limit-train", "--plot", "--validation", "--schedule", "--warmup-epochs",
-                 "--label-smoothing", "--ema", "--conv"):
+                 "--label-smoothing", "--ema", "--conv", "--tf32"):
         assert flag in r.stdout
     text = " ".join(r.stdout.split())
     assert "(default: 3,2)" in text and "[3, 2]" not in text and "[80, 104]" not in text

@@ -65,7 +65,7 @@ from .common import Parser, fail
 # recipe's name, whose values are settings of their own): runs that differ only in these are samples of the same
 # experiment, the seeds that one line of Figure 3 averages.
 NOT_THE_EXPERIMENT = ("seed", "epochs", "recipe", "data_dir", "cache_dir", "download", "no_download", "eval_batch_size", "backend",
-                      "threads", "plot", "quiet", "step", "zca_storage", "compress_model", "conv",
+                      "threads", "plot", "quiet", "step", "zca_storage", "compress_model", "conv", "tf32",
                       "bucket_mib", "overlap")
 # Table 1 of the paper: the two flattened layers (C input channels, F filters, k x k) and their weights.
 TABLE1 = (("layer 2", 96, 128, 5, 307200, 30912), ("layer 3", 128, 256, 5, 819200, 102144))

@@ -40,7 +40,7 @@ NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test", "validation")
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
 # continues; on --resume, a flag given on the command line replaces the remembered value.
 RUN_OPTIONS = ("data_dir", "cache_dir", "download", "no_download", "eval_batch_size", "backend", "threads", "plot",
-               "quiet", "step", "zca_storage", "compress_model", "conv", "bucket_mib", "overlap")
+               "quiet", "step", "zca_storage", "compress_model", "conv", "tf32", "bucket_mib", "overlap")
 # How model.npz stores the ZCA matrix (engine.save_model): packed16, its upper triangle in float16, changed
 # no prediction of a 75% CIFAR-10 network on the 10,000 test images (docs/results.md, "Model files").
 DEFAULT_ZCA_STORAGE = "packed16"
@@ -207,7 +207,7 @@ def parser():
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint, with the settings and data folders "
                         "it was started with (--epochs may be raised; --data-dir, --cache-dir, --threads, "
-                        "--backend, --step, --conv, --eval-batch-size, --plot, --quiet, --zca-storage, "
+                        "--backend, --step, --conv, --tf32, --eval-batch-size, --plot, --quiet, --zca-storage, "
                         "--compress-model, --bucket-mib and --overlap may be changed; a setting of the run, such as --lr, is refused unless "
                         "it repeats the checkpoint's)")
     g.add_argument("--overwrite", action="store_true",
@@ -218,8 +218,9 @@ def parser():
                         "GPU and says why). Install CuPy with pip install -e '.[gpu]' (CUDA 12) or "
                         "'.[gpu-cuda13]'; python -m engine.selftest checks a GPU")
     g.add_argument("--step", choices=["auto", "compiled", "layers"], default=None,
-                   help="how a training step runs: compiled = one compiled forward and one backward call over "
-                        "the whole network (CPU, float32; engine/trainstep.py), layers = layer by layer (any "
+                   help="how a training step runs: compiled = the whole network compiled from one lowering (float32; "
+                        "on the CPU one forward and one backward call, engine/trainstep.py; on the GPU one CUDA graph "
+                        "for each, engine/runtime/cuda_step.py), layers = layer by layer (any "
                         "backend; the reference); auto = compiled where it can run, else layers with the reason "
                         "printed. Both give the same results up to float32 rounding, and a checkpoint of one "
                         "resumes on the other (default: auto)")
@@ -228,6 +229,9 @@ def parser():
                         "and output channels: auto = Winograd's F(4x4, k x k), winogradM = F(MxM, k x k), direct = "
                         "im2col and a GEMM; the results agree to float32 rounding (docs/benchmarks.md) "
                         "(default: $FLATNET_CONV, else auto)")
+    g.add_argument("--tf32", action="store_true", default=None,
+                   help="GPU: let the compiled step's and evaluation's float32 GEMMs use TF32 tensor cores (cuBLAS's "
+                        "TF32 math mode: inputs rounded to 10 mantissa bits; faster, less exact); off by default")
     g.add_argument("--threads", metavar="N", type=positive_int, default=None,
                    help="threads for the compiled kernels, per rank when distributed (default: $OMP_NUM_THREADS, "
                         "else all cores less those other processes keep busy, divided by the ranks on a host when distributed)")
@@ -416,6 +420,11 @@ def run(args, dist=None):
         backend, why_not_gpu = select_backend(args.backend)
     except BackendUnavailable as e:
         sys.exit(f"error: {e}")
+    if args.tf32:  # read when the GPU executor's cuBLAS handle is made (engine.runtime.cuda.GraphBlas)
+        if backend != "cupy":
+            sys.exit("error: --tf32 applies to the GPU (--backend cupy); this run is on the CPU")
+        from engine.runtime import TF32_ENV
+        os.environ[TF32_ENV] = "1"
     if args.conv:  # read by the lowering when the compiled step and plan are built (engine.lowering.conv_tile)
         from engine.lowering import CONV_ENV
         os.environ[CONV_ENV] = args.conv

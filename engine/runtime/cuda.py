@@ -10,11 +10,13 @@ writes each output element from one thread (no atomics), so its result does not 
 on the launch shape.
 """
 import ctypes
+import os
 from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
+from . import TF32_ENV
 from .dropout import dropout_seed
 
 SOURCE_PATH = Path(__file__).parents[1] / "cuda_kernels.cu"
@@ -258,7 +260,8 @@ class GraphBlas:
     current stream at each call, so that a stream capture records them. (CuPy's cuBLAS functions refuse to
     run while a stream captures.) The library is the libcublas CuPy loaded (found among the process's
     mapped libraries, so the versions match); the handle gets a workspace of its own, as cuBLAS asks of
-    code that captures its calls."""
+    code that captures its calls. With $FLATNET_TF32=1 its float32 GEMMs may use TF32 tensor cores
+    (cuBLAS's CUBLAS_TF32_TENSOR_OP_MATH); by default they compute in float32 (CUBLAS_DEFAULT_MATH)."""
 
     WORKSPACE_BYTES = 32 * 2**20
     _instance = None
@@ -283,6 +286,10 @@ class GraphBlas:
         self._set_stream.argtypes, self._set_stream.restype = [vp, vp], i
         self.handle = vp()
         self._check(lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
+        self.tf32 = os.environ.get(TF32_ENV, "0") == "1"
+        if self.tf32:
+            lib.cublasSetMathMode.argtypes, lib.cublasSetMathMode.restype = [vp, i], i
+            self._check(lib.cublasSetMathMode(self.handle, 3), "cublasSetMathMode")  # CUBLAS_TF32_TENSOR_OP_MATH
         self.workspace = None
         if hasattr(lib, "cublasSetWorkspace_v2"):
             self.workspace = cp.empty(self.WORKSPACE_BYTES, dtype=cp.uint8)
