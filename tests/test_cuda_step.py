@@ -161,6 +161,11 @@ def test_awkward_network_and_batch_sizes(gpu, batch, rng):
     run_both(gpu, awkward(rng), (3, 11, 13), rng, batch=batch)
 
 
+def test_a_relu_on_a_flat_activation(gpu, rng):
+    net = Sequential(Conv2d(2, 3, 3, rng=rng), Flatten(), ReLU(), Dropout(0.25, rng=rng), Linear(3 * 3 * 4, 5, rng=rng))
+    run_both(gpu, net, (2, 5, 6), rng)
+
+
 def test_gradients_match_the_float64_layer_path(gpu, rng):
     """Without dropout, the GPU step's gradients against the layer path run in float64 on the CPU."""
     net = Sequential(Conv2d(3, 6, 3, padding=1, rng=rng), ReLU(), MaxPool2d(2), Flattened(6, 9, 3, rng=rng), ReLU(),

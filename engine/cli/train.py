@@ -423,7 +423,7 @@ def run(args, dist=None):
     if args.tf32:  # read when the GPU executor's cuBLAS handle is made (engine.runtime.cuda.GraphBlas)
         if backend != "cupy":
             sys.exit("error: --tf32 applies to the GPU (--backend cupy); this run is on the CPU")
-        from engine.runtime import TF32_ENV
+        from engine.runtime.cuda import TF32_ENV  # (CuPy imports: the backend is cupy)
         os.environ[TF32_ENV] = "1"
     if args.conv:  # read by the lowering when the compiled step and plan are built (engine.lowering.conv_tile)
         from engine.lowering import CONV_ENV

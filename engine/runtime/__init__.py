@@ -15,8 +15,6 @@ import numpy as np
 
 from .cpu import CpuOps
 
-TF32_ENV = "FLATNET_TF32"  # "1": the GPU executor's float32 GEMMs may round their inputs to TF32 (train.py --tf32)
-
 
 def _cupy_ndarray():
     """cupy.ndarray when CuPy has been imported by someone (we never import it just to check a type)."""

@@ -16,10 +16,10 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
-from . import TF32_ENV
 from .dropout import dropout_seed
 
 SOURCE_PATH = Path(__file__).parents[1] / "cuda_kernels.cu"
+TF32_ENV = "FLATNET_TF32"  # "1": GraphBlas's float32 GEMMs may round their inputs to TF32 (train.py --tf32)
 BLOCK = 256            # threads per block
 MAX_BLOCKS = 1 << 16   # the kernels are grid-stride loops: more elements than threads is fine
 GRAD_SEGMENT = 256     # output elements per thread (whole rows, at least one) in conv1d_grad_partial

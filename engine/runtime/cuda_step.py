@@ -46,6 +46,11 @@ SEGMENT_ROWS = 64      # rows of a bias gradient's partial sum (st_colsum_partia
 SEGMENT_VALUES = 256   # values of dy per partial sum of a V or H weight gradient (st_conv1d_dw_partial)
 
 
+def _chw(shape):
+    """A row's per-image shape as (C, H, W): a flat (n,) is (n, 1, 1)."""
+    return (tuple(shape) + (1, 1))[:3]
+
+
 def _k(name, n, *args):
     launch(STEP_SOURCE, name, n, *args)
 
@@ -98,15 +103,14 @@ class _Rows:
         self.out, self.aux, self.mid, self.cols = [], [], [], []
         cols = part = wperm = 1
         for row in self.rows:
-            n_in, n_out = int(np.prod(row.in_shape)), int(np.prod(row.out_shape))
-            sizes += [n_in, n_out]
+            (c, h, w), n_out = _chw(row.in_shape), int(np.prod(row.out_shape))
+            sizes += [c * h * w, n_out]
             self.out.append(cp.empty(cap * n_out, dtype=cp.float32))
             self.aux.append(cp.empty(cap * n_out, dtype=cp.int32) if row.kind == "POOL" else None)
-            c, h, w = row.in_shape
-            if row.kind == "VH" and all(row.op.parts):
-                self.mid.append(cp.empty(cap * row.fields["h_mid"] * w * c, dtype=cp.float32))
-            else:
-                self.mid.append(None)
+            both = row.kind == "VH" and all(row.op.parts)  # a V+H op keeps the vertical half's output
+            self.mid.append(cp.empty(cap * row.fields["h_mid"] * w * c, dtype=cp.float32) if both else None)
+            if both:
+                sizes.append(row.fields["h_mid"] * w * c)
             if row.kind == "CONV":
                 layer = row.op.layer
                 kkc, p = layer.k * layer.k * c, row.out_shape[1] * row.out_shape[2]
@@ -117,28 +121,26 @@ class _Rows:
                 self.cols.append(None)
             if row.kind in ("GEMM", "LINEAR", "CONV"):
                 part = max(part, -(-cap * row.out_shape[1] * row.out_shape[2] // SEGMENT_ROWS) * row.out_shape[0])
-            if row.kind == "VH":
-                for half in row.op.parts:
-                    if half is not None:
-                        s, k = self._segments(half, cap)
-                        part = max(part, s * (k + 1) * c)
-                if all(row.op.parts):
-                    sizes.append(row.fields["h_mid"] * w * c)
+            for half in row.op.parts if row.kind == "VH" else ():
+                if half is not None:
+                    part = max(part, self._segments(half, cap)[0] * (half.layer.k + 1) * c)
             if row.kind == "LINEAR" and row.nhwc_from is not None:
                 wperm = max(wperm, row.op.layer.params["weight"].size)
         act = max(sizes)
         self.cols_shared = cp.empty(cols, dtype=cp.float32)  # inference columns; training: the columns' gradient
-        self.g = [cp.empty(cap * act, dtype=cp.float32) for _ in range(2)]  # ping-pong gradients
-        self.gmid = cp.empty(cap * act, dtype=cp.float32)  # a V+H op's gradient at the vertical half's output
-        self.part = cp.empty(part, dtype=cp.float64)
         self.wperm = cp.empty(wperm, dtype=cp.float32)
+        if self.training:
+            self.g = [cp.empty(cap * act, dtype=cp.float32) for _ in range(2)]  # ping-pong gradients
+            self.gmid = cp.empty(cap * act, dtype=cp.float32)  # a V+H op's gradient at the vertical half's output
+            self.part = cp.empty(part, dtype=cp.float64)  # partial sums of weight and bias gradients
 
     @staticmethod
     def _segments(half, n):
-        """(S, K): the partial sums of a V or H half's weight gradient for n images, and its taps."""
-        layer, (c, ho, wo) = half.layer, half.out_shape
+        """(S, R): a V or H half's weight gradient for n images is summed in S partial sums of R output lines
+        (an image's output row) each, about SEGMENT_VALUES values of dy a partial sum."""
+        _, ho, wo = half.out_shape
         lines = max(1, SEGMENT_VALUES // wo)
-        return -(-n * ho // lines), layer.k
+        return -(-n * ho // lines), lines
 
     def grow(self, n):
         """Room for n images (buffers re-allocated: any captured graph is stale after a True)."""
@@ -157,7 +159,7 @@ class _Rows:
         return self.out[-1][:n * int(np.prod(self.out_shape))]
 
     def _forward_row(self, r, row, x, y, n):
-        (c, h, w), (f, ho, wo) = (tuple(row.in_shape) + (1, 1))[:3], (tuple(row.out_shape) + (1, 1))[:3]
+        (c, h, w), (f, ho, wo) = _chw(row.in_shape), _chw(row.out_shape)
         relu = int(row.relu)
         layer = row.op.layer if row.op is not None else None
         if row.kind == "TO_NHWC":
@@ -226,7 +228,7 @@ class _Rows:
             dy, dx = dx, dy
 
     def _backward_row(self, r, row, x, dy, d, n):
-        (c, h, w), (f, ho, wo) = (tuple(row.in_shape) + (1, 1))[:3], (tuple(row.out_shape) + (1, 1))[:3]
+        (c, h, w), (f, ho, wo) = _chw(row.in_shape), _chw(row.out_shape)
         layer = row.op.layer if row.op is not None else None
         y = self.out[r]
         if row.relu:
@@ -290,8 +292,7 @@ class _Rows:
 
     def _conv1d_grads(self, half, x, dy, n, h, w, c, l_out, along_h):
         layer = half.layer
-        lines = max(1, SEGMENT_VALUES // (w if along_h else l_out))
-        s = -(-n * (l_out if along_h else h) // lines)
+        s, lines = self._segments(half, n)
         _k("st_conv1d_dw_partial", s * (layer.k + 1) * c, x, dy, self.part, n, h, w, c, layer.k, layer.before,
            l_out, along_h, lines, s)
         _k("st_sum_segments", (layer.k + 1) * c, self.part, layer.grads["weight"], layer.grads["bias"], s, layer.k, c)
@@ -514,7 +515,7 @@ class GpuStep:
         """What the last forward kept for op `row` on its n images, on the host: (output, argmax or None),
         each (n, H, W, C) for channels-last rows, (n, C, H, W) / (n, F) for the others."""
         r = self._rows.rows[row]
-        f, ho, wo = (tuple(r.out_shape) + (1, 1))[:3]
+        f, ho, wo = _chw(r.out_shape)
         shape = (ho, wo, f) if r.channels_last else tuple(r.out_shape)
         size = n * int(np.prod(shape))
         aux = self._rows.aux[row]
