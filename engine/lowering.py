@@ -263,7 +263,7 @@ def row_flops(rows, n):
     no input gradient, so its backward counts once, the others' twice."""
     out, first = [], True
     for row in rows:
-        (c, h, w), (f, ho, wo) = (tuple(row.in_shape) + (1, 1))[:3], (tuple(row.out_shape) + (1, 1))[:3]
+        (c, _, w), (f, ho, wo) = (tuple(row.in_shape) + (1, 1))[:3], (tuple(row.out_shape) + (1, 1))[:3]
         if row.kind in ("GEMM", "LINEAR", "CONV"):
             taps = row.fields["k"] ** 2 if row.kind == "CONV" else 1
             flops = 2 * n * ho * wo * c * taps * f

@@ -89,6 +89,34 @@ def _backend(name):
             emulated_cupy.uninstall()
 
 
+def small_launches(name, monkeypatch, emulated_shape):
+    """The `cupy` module for a kernel test on `name`, with launches smaller than their work so that every
+    grid-stride loop wraps: 'cupy' is the real CuPy where a GPU is usable (3 blocks of 32 threads a launch),
+    'cupy-emulated' the emulation where the real CuPy is not installed (`emulated_shape`: emulated blocks and
+    threads). A generator for fixtures: ``yield from`` it, or loop over it once."""
+    if name == "cupy":
+        problem = engine.runtime.select.cupy_problem()
+        if problem:
+            pytest.skip(f"no usable GPU: {problem}")
+        import engine.runtime.cuda as bc
+        monkeypatch.setattr(bc, "BLOCK", 32)
+        monkeypatch.setattr(bc, "MAX_BLOCKS", 3)
+        yield sys.modules["cupy"]
+        return
+    if emulated_cupy.real_cupy_installed() or emulated_cupy.is_emulated(sys.modules.get("cupy")):
+        pytest.skip("CuPy (real, or emulated for this test run) is installed: the `cupy` cases run instead")
+    why = emulated_cupy.available()
+    if why:
+        pytest.skip(f"cannot emulate CuPy: {why}")
+    emulated_cupy.install()
+    emulated_cupy.launch_shape = emulated_shape
+    try:
+        yield sys.modules["cupy"]
+    finally:
+        emulated_cupy.launch_shape = None
+        emulated_cupy.uninstall()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `manual` (long fuzzing) run only when asked for: python -m pytest -m manual."""
     if "manual" in (config.getoption("-m") or ""):

@@ -10,14 +10,13 @@
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small_launches
 from reference import conv1d_ref, im2col_ref, maxpool_ref
 
-import emulated_cupy
 from engine import MaxPool2d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,34 +44,11 @@ def test_kernel_source_compiles_to_ptx(real, tmp_path):
 
 @pytest.fixture(params=["cupy", "cupy-emulated"])
 def ops(request, monkeypatch):
-    """CupyOps on the real CuPy where a GPU is usable, else on the emulation.
-
-    Either way each launch is smaller than its work, so the grid-stride loops wrap: on a GPU
-    3 blocks of 32 threads; emulated, 3 blocks of 5 threads.
-    """
-    if request.param == "cupy":
-        from engine.runtime.select import cupy_problem
-        problem = cupy_problem()
-        if problem:
-            pytest.skip(f"no usable GPU: {problem}")
-        import engine.runtime.cuda as bc
-        monkeypatch.setattr(bc, "BLOCK", 32)
-        monkeypatch.setattr(bc, "MAX_BLOCKS", 3)
-        yield bc.CupyOps
-        return
-    if emulated_cupy.real_cupy_installed() or emulated_cupy.is_emulated(sys.modules.get("cupy")):
-        pytest.skip("CuPy (real, or emulated for this test run) is installed: the `cupy` cases run instead")
-    why = emulated_cupy.available()
-    if why:
-        pytest.skip(f"cannot emulate CuPy: {why}")
-    emulated_cupy.install()
-    emulated_cupy.launch_shape = (3, 5)
-    try:
+    """CupyOps on the real CuPy where a GPU is usable, else on the emulation, with small launches
+    (conftest.small_launches; emulated, 3 blocks of 5 threads)."""
+    for _ in small_launches(request.param, monkeypatch, (3, 5)):
         from engine.runtime import ops_for
         yield ops_for("cupy")
-    finally:
-        emulated_cupy.launch_shape = None
-        emulated_cupy.uninstall()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -16,13 +16,13 @@ import copy
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import emulated_cupy
+from conftest import small_launches
 from engine import Conv2d, Dropout, Flatten, Flattened, Linear, MaxPool2d, ReLU, Sequential
 from engine.lowering import UnsupportedNetwork
 from engine.plan import compile_network
@@ -37,30 +37,9 @@ SOURCE = ROOT / "engine" / "cuda_step.cu"
 
 @pytest.fixture(params=["cupy", "cupy-emulated"])
 def gpu(request, monkeypatch):
-    """The cupy module with engine.runtime.cuda_step importable: the real one where a GPU is usable (3 blocks of
-    32 threads a launch), else the emulation (2 blocks of 3 emulated threads)."""
-    if request.param == "cupy":
-        from engine.runtime.select import cupy_problem
-        problem = cupy_problem()
-        if problem:
-            pytest.skip(f"no usable GPU: {problem}")
-        import engine.runtime.cuda as bc
-        monkeypatch.setattr(bc, "BLOCK", 32)
-        monkeypatch.setattr(bc, "MAX_BLOCKS", 3)
-        yield sys.modules["cupy"]
-        return
-    if emulated_cupy.real_cupy_installed() or emulated_cupy.is_emulated(sys.modules.get("cupy")):
-        pytest.skip("CuPy (real, or emulated for this test run) is installed: the `cupy` cases run instead")
-    why = emulated_cupy.available()
-    if why:
-        pytest.skip(f"cannot emulate CuPy: {why}")
-    emulated_cupy.install()
-    emulated_cupy.launch_shape = (2, 3)
-    try:
-        yield sys.modules["cupy"]
-    finally:
-        emulated_cupy.launch_shape = None
-        emulated_cupy.uninstall()
+    """The cupy module with engine.runtime.cuda_step importable: the real one where a GPU is usable, else the
+    emulation (2 blocks of 3 emulated threads a launch); conftest.small_launches."""
+    yield from small_launches(request.param, monkeypatch, (2, 3))
 
 
 def gpu_step(net, in_shape=None, batch_size=4):
