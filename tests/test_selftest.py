@@ -29,6 +29,7 @@ def test_dry_run_on_the_cpu(capsys):
     out = capsys.readouterr().out
     assert "cpu cases passed, 0 failed" in out and "dropout masks identical" in out
     assert "train step       2 cpu" in out and "flattened     8 forward   cpu" in out
+    assert "a training epoch: one epoch of 64 images at batch 16 and 32 evaluated: compiled" in out
     assert out.splitlines()[-1].startswith("selftest PASS (dry run) (cpu, CPU,")
 
 
@@ -39,10 +40,13 @@ def test_on_the_emulation_every_step_runs_on_the_device(emulated, capsys, tmp_pa
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "device 0: emulated (CPU)" in out and "CuPy emulated" in out
-    assert "10 kernels x float32, float64" in out
+    assert "10 kernels x float32, float64; 21 kernels of the compiled GPU executor" in out
     passed = int(out.split(" cupy cases passed")[0].rsplit(" ", 1)[-1])
     assert passed >= 50 and "0 failed, 0 skipped" in out
     assert "flattened     8 forward   cupy" in out and "train step       2 cupy" in out
+    assert "train step       2 cupy compiled" in out and "GPU layer by layer / GPU compiled" in out
+    assert "of the device's measured fp32 peak" in out and "; 2 graphs captured" in out
+    assert "a training epoch: one epoch of 64 images at batch 16 and 32 evaluated: compiled" in out
     assert (tmp_path / "layers.json").stat().st_size > 100
     assert out.splitlines()[-1].startswith("selftest PASS (dry run) (cupy, emulated (CPU)")
 

@@ -3,15 +3,15 @@
     pip install -e '.[gpu]' pytest && python -m engine.selftest --backend cupy
 
 It prints the device and the CuPy/CUDA versions, compiles both kernel modules (float32,
-float64), runs the kernel reference tests and the layer suite on the device (pytest's
-`cupy` cases of tests/test_cuda.py, test_layers.py and test_backend.py), checks that the
-CPU and the device give the same predictions and the same dropout masks, times the layer
-benchmark (Figure 7), the training step and inference (the compiled GPU executor of
-engine/runtime/cuda_step.py beside the layer-by-layer path, with the fraction of the device's
-measured fp32 rate) and one training epoch of the default CIFAR-10 recipe on synthetic data
-of CIFAR-10's size, and ends with one line: PASS or FAIL. Where CuPy cannot run it says why
-and exits non-zero. The tests include tests/test_cuda_step.py: the compiled GPU step and
-plan against the CPU's compiled step and plan and the float64 layer path, on the device.
+float64) and the compiled GPU executor's, runs the kernel reference tests and the layer suite
+on the device (pytest's `cupy` cases of tests/test_cuda.py, test_cuda_step.py, test_layers.py
+and test_backend.py; test_cuda_step.py checks the compiled GPU step and plan against the CPU's
+and the float64 layer path), checks that the CPU and the device give the same predictions and
+the same dropout masks, times the layer benchmark (Figure 7), the training step and inference
+(the compiled GPU executor of engine/runtime/cuda_step.py beside the layer-by-layer path, with
+the fraction of the device's measured fp32 rate) and one training epoch of the default CIFAR-10
+recipe on synthetic data of CIFAR-10's size, and ends with one line: PASS or FAIL. Where CuPy
+cannot run it says why and exits non-zero.
 
 `--backend cpu` is a dry run of the same steps on the CPU. With tests/emulated_cupy.py
 installed as `cupy`, `--backend cupy` runs on the emulation (the pytest step too).
