@@ -3,10 +3,10 @@
  * The library is named libcublas.so.emulated, so that the engine finds it among the process's
  * loaded libraries as it finds the real one. Each GEMM is handed, with the stream the handle was
  * set to, to a function that emulated_cupy.py registers (it computes the product, or records it
- * while that stream captures a graph). Status 0 is CUBLAS_STATUS_SUCCESS. */
+ * while that stream captures a graph) and returns the call's status (0: CUBLAS_STATUS_SUCCESS). */
 #include <stddef.h>
 
-typedef void (*flatnet_gemm_fn)(int is_double, long long stream, int transa, int transb, int m, int n, int k,
+typedef int (*flatnet_gemm_fn)(int is_double, long long stream, int transa, int transb, int m, int n, int k,
                                 const void *alpha, const void *A, int lda, long long strideA, const void *B, int ldb,
                                 long long strideB, const void *beta, void *C, int ldc, long long strideC, int batch);
 
@@ -28,8 +28,7 @@ int cublasSgemmStridedBatched(void *h, int ta, int tb, int m, int n, int k, cons
 {
     (void)h;
     if (!gemm_fn) return 1;  /* CUBLAS_STATUS_NOT_INITIALIZED */
-    gemm_fn(0, handle_stream, ta, tb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch);
-    return 0;
+    return gemm_fn(0, handle_stream, ta, tb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch);
 }
 
 int cublasDgemmStridedBatched(void *h, int ta, int tb, int m, int n, int k, const double *alpha, const double *A,
@@ -38,6 +37,5 @@ int cublasDgemmStridedBatched(void *h, int ta, int tb, int m, int n, int k, cons
 {
     (void)h;
     if (!gemm_fn) return 1;
-    gemm_fn(1, handle_stream, ta, tb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch);
-    return 0;
+    return gemm_fn(1, handle_stream, ta, tb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch);
 }

@@ -289,7 +289,8 @@ def _gemm_strided_batched(ctype):
 
 
 _libcublas = []  # the stand-in libcublas (tests/cublas_emulation.c) and its registered callback, kept alive
-_GEMM_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_longlong, *[ctypes.c_int] * 5, ctypes.c_void_p,
+libcublas_errors = []  # what made a call into it fail (the engine sees only the status)
+_GEMM_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_longlong, *[ctypes.c_int] * 5, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int,
                                   ctypes.c_longlong, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong,
                                   ctypes.c_int)
@@ -308,8 +309,13 @@ def _load_libcublas():
                    check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(path))
 
-    def gemm(is_double, stream, *args):
-        _gemm(ctypes.c_double if is_double else ctypes.c_float, stream, *args)
+    def gemm(is_double, stream, *args):  # an exception cannot cross into C: it becomes a cuBLAS status
+        try:
+            _gemm(ctypes.c_double if is_double else ctypes.c_float, stream, *args)
+            return 0
+        except Exception as e:
+            libcublas_errors.append(e)
+            return 14  # CUBLAS_STATUS_INTERNAL_ERROR
 
     callback = _GEMM_CALLBACK(gemm)
     lib.flatnet_set_gemm(callback)

@@ -255,11 +255,14 @@ def test_awkward_inference_plan(gpu, rng):
 
 
 def test_capture_holds_only_kernels_and_cublas(gpu):
-    """The emulation's capture refuses other device work (the guard the tests above rely on); a real
-    device's capture accepts the step's launches (the tests above)."""
+    """The emulation's capture refuses other device work, CuPy's cuBLAS functions (as CuPy does) and a direct
+    cuBLAS call on another stream (the guards the tests above rely on); on a device the step's own captures are
+    the test."""
     if not emulated_cupy.is_emulated(gpu):
         pytest.skip("the refusals are the emulation's: on a device the step's own captures are the test")
-    a = gpu.zeros(4, dtype=gpu.float32)
+    from engine.runtime.cuda import GraphBlas, strided_gemm
+    GraphBlas.get()  # its handle and workspace are made outside a capture, as the executors' first direct run does
+    a, c = gpu.ones((3, 3), dtype=gpu.float32), gpu.zeros((3, 3), dtype=gpu.float32)
     s = gpu.cuda.Stream(non_blocking=True)
     with s:
         s.begin_capture()
@@ -267,7 +270,16 @@ def test_capture_holds_only_kernels_and_cublas(gpu):
             a[...] = 1
         with pytest.raises(RuntimeError, match="capturing"):
             a.get()
-        s.end_capture()
+        with pytest.raises(NotImplementedError, match="stream capture"):
+            strided_gemm(False, False, 1.0, a, a, 0.0, c)  # CuPy's cuBLAS functions
+        strided_gemm(False, False, 1.0, a, a, 0.0, c, capturable=True)  # recorded
+    with pytest.raises(RuntimeError, match="cuBLAS status 14"):
+        strided_gemm(False, False, 1.0, a, a, 0.0, c, capturable=True)  # the current stream is not the capturing one
+    assert "other than the capturing one" in str(emulated_cupy.libcublas_errors.pop())
+    graph = s.end_capture()
+    assert float(c.sum()) == 0.0
+    graph.launch()
+    assert float(c.sum()) == 27.0
 
 
 def _data(n=40, seed=0):
