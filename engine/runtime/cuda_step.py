@@ -11,9 +11,8 @@ the same ReLUs folded into the op before them and the same dropouts folded into 
 before them. Each row is a few launches of the kernels of engine/cuda_step.cu and cuBLAS GEMMs:
 a lateral, a 1x1 convolution and a Linear layer are one GEMM over every pixel of the batch, with
 bias and ReLU in the epilogue kernel; any other convolution is im2col and one GEMM (the Winograd
-choice of ``lowering.conv_tile`` is the CPU's: cuBLAS already runs these GEMMs near the device's
-rate); V+H runs the vertical half into its scratch plane, then the horizontal half with bias and
-ReLU.
+choice of ``lowering.conv_tile`` is made for the CPU's kernels; the GPU does not take it); V+H runs
+the vertical half into its scratch plane, then the horizontal half with bias and ReLU.
 
 A step runs no Python per layer and reads nothing back: every buffer is allocated when the
 executor is built (or grown for a larger batch), and everything that changes between steps
