@@ -197,6 +197,35 @@ def test_a_larger_batch_grows_the_buffers_and_captures_again(gpu, rng):
     assert g._rows.capacity == 6 and g.captures == 4  # batch 2 and batch 6, two graphs each; 3: run directly
 
 
+def test_without_direct_cublas_the_step_runs_without_graphs(gpu, rng, monkeypatch):
+    """Where libcublas cannot be called directly, the step takes CuPy's cuBLAS, whose calls a capture refuses:
+    it then runs its launches directly, with the same results, and says why."""
+    import engine.runtime.cuda as bc
+    import engine.runtime.cuda_step as cs
+
+    def missing(name):
+        raise OSError(f"{name} is not loaded in this process")
+
+    monkeypatch.setattr(bc.GraphBlas, "_instance", None)
+    monkeypatch.setattr(bc, "_loaded_library", missing)
+    monkeypatch.setattr(cs, "_graph_blas_problem", [])
+    nets = [build("flattened", (3, 16, 16), 10, seed=2).to("cupy") for _ in range(2)]
+    g = gpu_step(nets[0], batch_size=4)
+    velocity = [{}, {}]
+    batches = [(rng.standard_normal((4, 3, 16, 16)).astype(np.float32), rng.integers(0, 10, 4)) for _ in range(3)]
+    for x, y in batches:
+        g.loss(gpu.asarray(x), y)
+        g.apply(velocity[0], 0.05, 0.9, 5e-4)
+    assert g.captures == 0 and "cuBLAS cannot be called directly (OSError: libcublas.so" in g.capture_failed
+    monkeypatch.setattr(bc, "_loaded_library", lambda name: pytest.fail("not asked again"))
+    ref = CompiledStep(build("flattened", (3, 16, 16), 10, seed=2), batch_size=4)
+    for x, y in batches:
+        ref.loss(x, y)
+        ref.apply(velocity[1], 0.05, 0.9, 5e-4)
+    for name, w in nets[0].params.items():
+        assert_close(host(gpu, w), ref.net.params[name], name, rtol=1e-5)
+
+
 def test_a_diverged_step_leaves_the_weights(gpu, rng):
     net = build("flattened", (3, 16, 16), 10, seed=2).to("cupy")
     g, v = gpu_step(net), {}

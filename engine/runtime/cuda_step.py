@@ -36,7 +36,7 @@ import cupy as cp
 
 from ..losses import SoftmaxCrossEntropy
 from ..lowering import UnsupportedNetwork, fuse, layout, lower, row_flops
-from .cuda import SOURCE_PATH, launch, strided_gemm as _strided_gemm
+from .cuda import SOURCE_PATH, GraphBlas, launch, strided_gemm as _strided_gemm
 from .dropout import dropout_seed, dropout_threshold
 
 STEP_SOURCE = SOURCE_PATH.with_name("cuda_step.cu")
@@ -54,9 +54,18 @@ def _k(name, n, *args):
     launch(STEP_SOURCE, name, n, *args)
 
 
+_graph_blas_problem = []  # why cuBLAS cannot be called directly here (then CuPy's cuBLAS, and no graphs)
+
+
 def strided_gemm(trans_a, trans_b, alpha, a, b, beta, c):
-    """One GEMM (runtime/cuda.py), through cuBLAS called directly so that a stream capture can record it."""
-    _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, capturable=True)
+    """One GEMM (runtime/cuda.py), through cuBLAS called directly so that a stream capture can record it; where
+    that library cannot be found or set up, through CuPy's cuBLAS functions (the step then runs without graphs)."""
+    if not _graph_blas_problem:
+        try:
+            GraphBlas.get()
+        except Exception as e:
+            _graph_blas_problem.append(f"cuBLAS cannot be called directly ({type(e).__name__}: {e})")
+    _strided_gemm(trans_a, trans_b, alpha, a, b, beta, c, capturable=not _graph_blas_problem)
 
 
 def _f32(v):
@@ -335,7 +344,7 @@ class _Graphs:
                 finally:
                     graph = self.stream.end_capture()
         except Exception as e:  # a CUDA or cuBLAS version that cannot capture this: run directly from now on
-            self.failed = f"{type(e).__name__}: {e}"
+            self.failed = "; ".join(_graph_blas_problem + [f"{type(e).__name__}: {e}"])
             body()
             return
         self.graphs[key] = graph
