@@ -342,11 +342,6 @@ class Graph:
             run()
 
 
-class Event:
-    def synchronize(self):
-        pass
-
-
 class Stream:
     """A stream: work runs at once (in order), except while it captures (see the module docstring)."""
     _next_ptr = 2  # 0: the legacy default stream
@@ -363,10 +358,6 @@ class Stream:
     def __exit__(self, *exc):
         Stream._current.pop()
 
-    def use(self):
-        Stream._current[:] = [self]
-        return self
-
     def begin_capture(self, mode=None):
         global _capture
         if self.ptr in (0, 1):
@@ -381,18 +372,6 @@ class Stream:
             raise RuntimeError("cudaErrorIllegalState: this stream is not capturing")
         records, _capture = _capture, None
         return Graph(records)
-
-    def is_capturing(self):
-        return _capture is not None and _capture.stream is self
-
-    def record(self, event=None):
-        return event or Event()
-
-    def wait_event(self, event):
-        pass
-
-    def synchronize(self):
-        _not_capturing("Stream.synchronize")
 
 
 _NULL_STREAM = Stream(null=True)
@@ -436,7 +415,7 @@ def make_module():
                                    dgemmStridedBatched=_gemm_strided_batched(ctypes.c_double),
                                    setStream=_set_stream)
     mod.cuda = types.SimpleNamespace(runtime=runtime, cublas=cublas, get_cublas_handle=lambda: 1, Stream=Stream,
-                                     Event=Event, Graph=Graph, get_current_stream=get_current_stream)
+                                     Graph=Graph, get_current_stream=get_current_stream)
     return mod
 
 

@@ -30,6 +30,7 @@ from engine.trainer import Trainer
 from engine.trainstep import CompiledStep, LayerStep
 from models.paper import build
 from test_plan import SMALL
+from test_trainstep import _data
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "engine" / "cuda_step.cu"
@@ -311,12 +312,6 @@ def test_capture_holds_only_kernels_and_cublas(gpu):
     assert float(c.sum()) == 27.0
 
 
-def _data(n=40, seed=0):
-    r = np.random.default_rng(seed)
-    return dict(train_x=r.standard_normal((n, 1, 12, 12)).astype(np.float32), train_y=r.integers(0, 10, n),
-                test_x=r.standard_normal((9, 1, 12, 12)).astype(np.float32), test_y=r.integers(0, 10, 9))
-
-
 def _trainer(data, out, backend):
     cfg = dict(epochs=2, batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[1], seed=1,
                step="compiled", augment="flip,crop2")
@@ -325,7 +320,7 @@ def _trainer(data, out, backend):
 
 
 def test_training_on_the_gpu_resumes_exactly_and_agrees_with_the_cpu(gpu, tmp_path):
-    data = _data()
+    data = _data(40, shape=(1, 12, 12), n_test=9)
     straight = _trainer(data, tmp_path / "a", "cupy")
     assert straight.run() == "done" and type(straight.step).__name__ == "GpuStep"
     part = _trainer(data, tmp_path / "b", "cupy")

@@ -289,10 +289,11 @@ def test_bad_input_is_refused(rng):
     assert step.forward(big).shape == (5, 10) and step.capacity == 5
 
 
-def _data(n=48, seed=0):
+def _data(n=48, seed=0, shape=(1, 28, 28), n_test=16):
+    """Random training and test images (10 classes), as a trainer takes them."""
     r = np.random.default_rng(seed)
-    return dict(train_x=r.standard_normal((n, 1, 28, 28)).astype(np.float32), train_y=r.integers(0, 10, n),
-                test_x=r.standard_normal((16, 1, 28, 28)).astype(np.float32), test_y=r.integers(0, 10, 16))
+    return dict(train_x=r.standard_normal((n, *shape)).astype(np.float32), train_y=r.integers(0, 10, n),
+                test_x=r.standard_normal((n_test, *shape)).astype(np.float32), test_y=r.integers(0, 10, n_test))
 
 
 def _trainer(data, out, step):

@@ -100,6 +100,9 @@ class _Rows:
                 self.dropouts.append((r, drop.layer))
         self.seeds = cp.zeros(max(1, len(self.dropouts)), dtype=cp.uint64)
         self.seed_slot = {r: i for i, (r, _) in enumerate(self.dropouts)}
+        # the first row with parameters: as in the CPU's step it computes no input gradient, and no row before it runs
+        self.first_param_row = next(
+            (r for r, row in enumerate(self.rows) if row.kind in ("GEMM", "LINEAR", "CONV", "VH")), len(self.rows) - 1)
         self.capacity = 0
         self._alloc(max(1, int(capacity)))
 
@@ -224,10 +227,8 @@ class _Rows:
     # backward ---------------------------------------------------------------------------------
     def backward(self, n, dlogits):
         """Launches of the backward of the last forward from dlogits (a device buffer of n x outputs):
-        every parameter's gradient into the layers' grads. As the CPU's step: the first op with
-        parameters computes no input gradient, and the ops before it do not run."""
-        first = next((r for r, row in enumerate(self.rows) if row.kind in ("GEMM", "LINEAR", "CONV", "VH")),
-                     len(self.rows) - 1)
+        every parameter's gradient into the layers' grads (rows first_param_row and after)."""
+        first = self.first_param_row
         dy, dx = dlogits, self.g[1]
         for r in range(len(self.rows) - 1, first - 1, -1):
             row = self.rows[r]
@@ -408,13 +409,6 @@ class GpuStep:
             self._hyper_host = vec
 
     # the step -----------------------------------------------------------------------------------
-    def forward(self, x):
-        """Training-mode forward of x (N, C, H, W) (host or device); returns the logits (N, classes) (a view)."""
-        self._put(x)
-        n = self.n
-        self._graphs.run(("forward", n), lambda: self._rows.forward(n))
-        return self._rows.out[-1][:n * self._k].reshape(n, self._k)
-
     def _put(self, x):
         if not isinstance(x, cp.ndarray):  # host images are checked on the host (device ones are not read back)
             x = np.asarray(x)
@@ -460,20 +454,18 @@ class GpuStep:
            self._dlogits)
         _k("st_xent_total", 1, self._rowloss, self._right, n, self._total)
 
-    def backward(self, dlogits=None, ready=None):
-        """Gradients of every parameter into the layers' grads from the last loss() (or from dlogits,
-        (N, classes) of the last forward); ready(every gradient array), if given, afterwards."""
-        n = self.n
-        if dlogits is not None:
-            if tuple(dlogits.shape) != (n, self._k):
-                raise ValueError(f"dlogits of shape {tuple(dlogits.shape)} do not match the last forward "
-                                 f"({n}, {self._k})")
-            self._dlogits[:n * self._k] = cp.asarray(dlogits, dtype=cp.float32).reshape(-1)
-        self._rows.backward(n, self._dlogits)
+    def backward(self, ready=None):
+        """Gradients of every parameter into the layers' grads from the last loss(); then ready(every gradient
+        array), if given."""
+        self._rows.backward(self.n, self._dlogits)
         if ready is not None:
             ready(list(self.net.grads.values()))
 
-    def _update_rows(self, velocity):
+    def _update_rows(self, velocity, lr, momentum, weight_decay, dampening):
+        """The SGD settings into `hyper`, and (parameter, gradient, momentum, decay) per parameter, with the
+        momentum buffers made where `velocity` lacks them (then this is a first step: v = d)."""
+        self._set_hyper(lr=lr, momentum=momentum, dampening=momentum if dampening is None else dampening,
+                        weight_decay=weight_decay)
         rows, first = [], False
         for name, w in self.net.params.items():
             v = velocity.get(name)
@@ -483,28 +475,16 @@ class GpuStep:
             rows.append((w, self.net.grads[name], v, int(name.endswith("weight"))))
         return rows, first
 
-    def _update(self, rows, first):
-        for w, g, v, decay in rows:
-            _k("st_sgd", w.size, w, g, v, w.size, self._hyper, decay, int(first), self._total)
-
-    def update(self, velocity, lr, momentum, weight_decay, dampening=None):
-        """SGD with momentum on every parameter (optim.sgd_momentum's rule); skipped on the device when
-        the last loss was not finite."""
-        self._set_hyper(lr=lr, momentum=momentum, dampening=momentum if dampening is None else dampening,
-                        weight_decay=weight_decay)
-        rows, first = self._update_rows(velocity)
-        self._update(rows, first)
-
     def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
-        """backward() then update(): one graph launch (per batch size and set of momentum buffers)."""
-        self._set_hyper(lr=lr, momentum=momentum, dampening=momentum if dampening is None else dampening,
-                        weight_decay=weight_decay)
-        rows, first = self._update_rows(velocity)
+        """The backward and the SGD update (optim.sgd_momentum's rule; skipped on the device when the last loss
+        was not finite): one graph launch per batch size and set of momentum buffers."""
+        rows, first = self._update_rows(velocity, lr, momentum, weight_decay, dampening)
         n = self.n
 
         def body():
             self._rows.backward(n, self._dlogits)
-            self._update(rows, first)
+            for w, g, v, decay in rows:
+                _k("st_sgd", w.size, w, g, v, w.size, self._hyper, decay, int(first), self._total)
 
         if first:  # a first step (v = d) runs once, directly
             body()
