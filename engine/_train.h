@@ -972,10 +972,11 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
 
 /* SGD with momentum as Torch7's optim.sgd, in place, for each parameter row of `tab`
  * (w, g, v, size, decay, first): d = g + wd w (rows with decay); v = d on the first step
- * (first = 1), else momentum v + (1 - dampening) d; w -= lr v. */
+ * (first = 1), else momentum v + (1 - dampening) d; w -= lr v, or with `nesterov`
+ * w -= lr (d + momentum v). */
 #define FT_SGD_COLS 6
 static void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd,
-                   int threads) {
+                   int nesterov, int threads) {
     for (int r = 0; r < nparams; r++) {
         const int64_t *row = tab + FT_SGD_COLS * r;
         float *w = fl_ptr(row[0]), *v = fl_ptr(row[2]);
@@ -988,7 +989,7 @@ static void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, fl
             float d = decay != 0.f ? g[j] + decay * w[j] : g[j];
             float vj = first ? d : momentum * v[j] + (1.f - dampening) * d;
             v[j] = vj;
-            w[j] -= lr * vj;
+            w[j] -= nesterov ? lr * (d + momentum * vj) : lr * vj;
         }
     }
 }

@@ -34,6 +34,7 @@ typedef unsigned long long ull;
 #define H_DAMPENING 2
 #define H_DECAY 3
 #define H_SMOOTHING 4
+#define H_NESTEROV 5
 
 // --------------------------------------------------------------------------- layout changes
 // (N, C, HW) -> (N, HW, C)
@@ -344,7 +345,8 @@ KERNEL st_xent_total(const double* __restrict__ rowloss, const double* __restric
 
 // --------------------------------------------------------------------------- SGD
 // SGD with momentum as Torch7's optim.sgd (engine/optim.py): d = g + decay w (decay: a weight);
-// v = d on the first step, else momentum v + (1 - dampening) d; w -= lr v. Nothing changes when the
+// v = d on the first step, else momentum v + (1 - dampening) d; w -= lr v, or with Nesterov momentum
+// (hyper[H_NESTEROV] not 0) w -= lr (d + momentum v). Nothing changes when the
 // step's loss (loss[0]) is not finite, so a diverged step leaves the weights as they were.
 KERNEL st_sgd(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ v, ll n,
               const float* __restrict__ hyper, ll decay, ll first, const double* __restrict__ loss)
@@ -353,11 +355,12 @@ KERNEL st_sgd(float* __restrict__ w, const float* __restrict__ g, float* __restr
     if (!(l - l == 0.0)) return;
     const float lr = hyper[H_LR], momentum = hyper[H_MOMENTUM], dampening = hyper[H_DAMPENING];
     const float wd = decay ? hyper[H_DECAY] : 0.f;
+    const bool nesterov = hyper[H_NESTEROV] != 0.f;
     GRID_STRIDE(i, n) {
         const float d = wd != 0.f ? g[i] + wd * w[i] : g[i];
         const float vi = first ? d : momentum * v[i] + (1.f - dampening) * d;
         v[i] = vi;
-        w[i] -= lr * vi;
+        w[i] -= nesterov ? lr * (d + momentum * vi) : lr * vi;
     }
 }
 

@@ -479,9 +479,9 @@ class DistributedStep:
     def backward(self):
         """Nothing: loss() computed and reduced the gradients."""
 
-    def update(self, velocity, lr, momentum, weight_decay, dampening=None):
-        self.inner.update(velocity, lr, momentum, weight_decay, dampening)
+    def update(self, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False):
+        self.inner.update(velocity, lr, momentum, weight_decay, dampening, nesterov)
 
-    def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
+    def apply(self, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False):
         """The update (the reduced gradients are already in the layers' grads)."""
-        self.update(velocity, lr, momentum, weight_decay, dampening)
+        self.update(velocity, lr, momentum, weight_decay, dampening, nesterov)

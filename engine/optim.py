@@ -3,17 +3,23 @@ import math
 from contextlib import contextmanager
 
 
-def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay, dampening=None):
+def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False):
     """One SGD step, in place, as Torch7's optim.sgd (the paper's framework):
 
         d = g + weight_decay * w;  v = momentum * v + (1 - dampening) * d;  w -= lr * v
 
     with dampening = momentum by default, as Torch7 does: a step is then lr * d at
     steady state, not lr * d / (1 - momentum) as in PyTorch's SGD (dampening=0).
+    With `nesterov`, the step looks ahead along the velocity (Sutskever et al. 2013, in the
+    form of Torch7's and PyTorch's SGD, which require dampening 0):
+
+        w -= lr * (d + momentum * v)
+
     The first step uses v = d. Weight decay applies to '*weight' parameters, not biases.
     `velocity` maps names to buffers; missing ones are created on the first step.
     """
     dampening = momentum if dampening is None else dampening
+    check_nesterov(nesterov, momentum, dampening)
     for name, w in params.items():
         d = grads[name]
         if weight_decay and name.endswith("weight"):
@@ -24,8 +30,15 @@ def sgd_momentum(params, grads, velocity, lr, momentum, weight_decay, dampening=
         else:
             v *= momentum
             v += (1.0 - dampening) * d
-        w -= lr * v
+        w -= lr * (d + momentum * v) if nesterov else lr * v
     return velocity
+
+
+def check_nesterov(nesterov, momentum, dampening):
+    """Nesterov momentum needs a momentum and no dampening (as in Torch7 and PyTorch): ValueError otherwise."""
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"Nesterov momentum needs a momentum above 0 and dampening 0 "
+                         f"(got momentum {momentum:g}, dampening {dampening:g})")
 
 
 def lr_at(epoch, base_lr, drop_epochs, factor=0.1):

@@ -80,7 +80,8 @@ class Trainer:
     The data stays in host memory; each batch is copied to the model's backend (model.to(...)).
 
     config keys: epochs, batch_size, lr, momentum, weight_decay, dampening (None: Torch7's,
-    equal to momentum), lr_drop_epochs, lr_drop_factor, seed, eval_batch_size, step ('auto',
+    equal to momentum), nesterov (engine.optim.sgd_momentum's Nesterov momentum; default False),
+    lr_drop_epochs, lr_drop_factor, seed, eval_batch_size, step ('auto',
     'compiled' or 'layers': see engine.trainstep; default 'auto', the compiled step where it
     runs), augment (a spec of engine.augment for the training images; default 'none'),
     schedule and warmup_epochs (engine.optim.scheduled_lr; default 'step', 0), label_smoothing
@@ -313,7 +314,7 @@ class Trainer:
                     read_back()  # on the CPU every step, so a bad loss stops the run before its update
                 lr = lr_of(self.step_in_epoch)
                 self.step.apply(self.velocity, lr, self.cfg["momentum"], self.cfg["weight_decay"],
-                                self.cfg.get("dampening"))
+                                self.cfg.get("dampening"), bool(self.cfg.get("nesterov", False)))
                 if self.average:
                     self.average.update(self.model.params)
                 self.step_in_epoch += 1

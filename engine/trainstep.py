@@ -2,9 +2,9 @@
 
     step = make_step(net, "compiled", batch_size=128)[0]   # or "layers", or "auto"
     loss, correct = step.loss(x, y)                 # forward and loss of a batch
-    step.apply(velocity, lr, momentum, weight_decay, dampening)   # backward() then update(): gradients
-                                                                  # into the layers' grads, then SGD
-    loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity)   # both: one whole step
+    step.apply(velocity, lr, momentum, weight_decay, dampening, nesterov)   # backward() then update():
+                                                        # gradients into the layers' grads, then SGD
+    loss, logits = step.step(x, y, lr, momentum, weight_decay, dampening, velocity, nesterov)   # both
 
 ``LayerStep`` is the reference: ``net.forward``, the loss, ``net.backward`` and
 ``optim.sgd_momentum``, each layer its own call. ``CompiledStep`` runs the same
@@ -27,7 +27,7 @@ from . import winograd
 from ._kernels import infer_layout, sgd_run, train_run, train_wgrad_scratch, train_wgrad_slices
 from .losses import SoftmaxCrossEntropy
 from .lowering import COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table, row_flops
-from .optim import sgd_momentum
+from .optim import check_nesterov, sgd_momentum
 from .runtime.dropout import dropout_seed, dropout_threshold
 from .runtime.memory import aligned_empty
 from .runtime.threads import run_threads
@@ -71,20 +71,20 @@ class LayerStep:
         if ready is not None:
             ready(list(self.net.grads.values()))
 
-    def update(self, velocity, lr, momentum, weight_decay, dampening=None):
+    def update(self, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False):
         """The SGD update from the layers' grads (optim.sgd_momentum's rule)."""
-        sgd_momentum(self.net.params, self.net.grads, velocity, lr, momentum, weight_decay, dampening)
+        sgd_momentum(self.net.params, self.net.grads, velocity, lr, momentum, weight_decay, dampening, nesterov)
 
-    def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
+    def apply(self, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False):
         """backward() then update()."""
         self.backward()
-        self.update(velocity, lr, momentum, weight_decay, dampening)
+        self.update(velocity, lr, momentum, weight_decay, dampening, nesterov)
 
-    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
+    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity, nesterov=False):
         """loss() then, if the loss is finite, apply(); returns (loss as a float, logits)."""
         loss = float(self.loss(x, y)[0])
         if np.isfinite(loss):
-            self.apply(velocity, lr, momentum, weight_decay, dampening)
+            self.apply(velocity, lr, momentum, weight_decay, dampening, nesterov)
         return loss, self.logits
 
 
@@ -342,9 +342,10 @@ class CompiledStep:
             if ready is not None:
                 ready(self.row_grads[lower])
 
-    def update(self, velocity, lr, momentum, weight_decay, dampening=None, num_threads=None):
+    def update(self, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False, num_threads=None):
         """SGD with momentum on every parameter (optim.sgd_momentum's rule), compiled."""
         dampening = momentum if dampening is None else dampening
+        check_nesterov(nesterov, momentum, dampening)
         params, grads = self.net.params, self.net.grads
         rows = []
         for name, w in params.items():
@@ -354,7 +355,7 @@ class CompiledStep:
                 v = velocity[name] = np.empty_like(w)
             rows.append((w.ctypes.data, grads[name].ctypes.data, v.ctypes.data, w.size,
                          int(bool(weight_decay) and name.endswith("weight")), int(first)))
-        sgd_run(np.array(rows, np.int64).reshape(-1, 6), lr, momentum, dampening, weight_decay,
+        sgd_run(np.array(rows, np.int64).reshape(-1, 6), lr, momentum, dampening, weight_decay, nesterov,
                 self._threads(num_threads))
         return velocity
 
@@ -364,16 +365,16 @@ class CompiledStep:
         loss = self.loss_fn(self.logits, y)
         return loss, int((self.logits.argmax(axis=1) == self.loss_fn.labels).sum())
 
-    def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
+    def apply(self, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False):
         """backward() then update()."""
         self.backward()
-        self.update(velocity, lr, momentum, weight_decay, dampening)
+        self.update(velocity, lr, momentum, weight_decay, dampening, nesterov)
 
-    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
+    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity, nesterov=False):
         """loss() then, if the loss is finite, apply(); returns (loss, logits)."""
         loss = self.loss(x, y)[0]
         if np.isfinite(loss):
-            self.apply(velocity, lr, momentum, weight_decay, dampening)
+            self.apply(velocity, lr, momentum, weight_decay, dampening, nesterov)
         return loss, self.logits
 
     def flops(self, n):

@@ -44,7 +44,7 @@ short
     settings: no short schedule was searched there.
 """
 
-RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init",
+RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "nesterov", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init",
                "augment", "schedule", "warmup_epochs", "label_smoothing", "ema")
 # a value of these may be a dict {model: value}
 PER_MODEL_KEYS = ("epochs", "lr_drop_epochs", "weight_decay", "init", "augment", "schedule", "warmup_epochs",
@@ -67,9 +67,9 @@ _MNIST_AUGMENT = {"baseline": "crop2", "flattened": "none"}
 # Schedule on MNIST: 30 epochs, drops after epochs 20 and 26; both networks ended higher than with 16 epochs (drops
 # after 10 and 14), everything else equal (docs/results.md, "Schedule length").
 
-# What the paper's recipe and the long one leave out: a stepped rate from the first step, hard labels, the weights the
-# optimizer reached (no average).
-_PLAIN = dict(schedule="step", warmup_epochs=0, label_smoothing=0.0, ema=0.0)
+# What the paper's recipe and the long one leave out: plain momentum, a stepped rate from the first step, hard labels,
+# the weights the optimizer reached (no average).
+_PLAIN = dict(nesterov=False, schedule="step", warmup_epochs=0, label_smoothing=0.0, ema=0.0)
 _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1,
               weight_decay=_PAPER_DECAY, init="auto", augment="none", **_PLAIN)
 # Schedule on CIFAR, per model, the rate held for two thirds of the run: neither network was overfit after 60 epochs;
@@ -98,10 +98,10 @@ RECIPES = {  # per recipe and dataset; a value of PER_MODEL_KEYS per model where
     "short": {"cifar10": _SHORT_CIFAR, "cifar100": _SHORT_CIFAR, "mnist": _MNIST},
 }
 DEFAULT_RECIPE = "reproduce"
-# Settings that runs of older versions did not record, with the value those runs had (no flips or shifts, a stepped
-# rate, hard labels, no average, evaluation on the test set):
+# Settings that runs of older versions did not record, with the value those runs had (no flips or shifts, plain
+# momentum, a stepped rate, hard labels, no average, evaluation on the test set):
 # train.py --resume and engine.figures read a run without them as one with these (complete_settings).
-LATER_SETTINGS = {"augment": "none", "schedule": "step", "warmup_epochs": 0, "label_smoothing": 0.0, "ema": 0.0,
+LATER_SETTINGS = {"augment": "none", "nesterov": False, "schedule": "step", "warmup_epochs": 0, "label_smoothing": 0.0, "ema": 0.0,
                   "validation": None}
 
 
@@ -169,7 +169,9 @@ def describe(settings):
                     + (f", {extras}" if extras else ""))
     else:
         schedule = " / ".join(f"{text} ({model})" for model, text in texts.items())
-    return (f"{per_model(settings['epochs'], str)} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}, "
+    nesterov = " (Nesterov)" if settings["nesterov"] else ""
+    return (f"{per_model(settings['epochs'], str)} epochs, lr {settings['lr']:g}, momentum {settings['momentum']:g}"
+            f"{nesterov}, "
             f"dampening {damp}, weight decay {per_model(settings['weight_decay'], '{:g}'.format)}, {schedule}, "
             f"init {per_model(settings['init'], str)}, augment {per_model(settings['augment'], str)}")
 

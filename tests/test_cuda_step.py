@@ -73,7 +73,7 @@ def routing_differences(gpu_step_, cpu_step, n):
     return differ
 
 
-def run_both(cp, net, in_shape, rng, batch=4, steps=3, weight_decay=1e-3):
+def run_both(cp, net, in_shape, rng, batch=4, steps=3, weight_decay=1e-3, nesterov=False):
     """`steps` SGD steps of the GPU and the CPU compiled step from the same weights, the learning rate changing
     each step; checks loss, logits, dropout masks, gradients, weights and momentum. Inputs that fall next to a
     kink in the two paths are drawn again (up to three times)."""
@@ -99,8 +99,9 @@ def run_both(cp, net, in_shape, rng, batch=4, steps=3, weight_decay=1e-3):
                     np.testing.assert_array_equal(g.testing_saved(r, batch)[0] == 0, c.testing_saved(r, batch)[0] == 0,
                                                   err_msg=f"dropout mask of {row.name}, step {s}")
             lr = 0.05 / (s + 1)
-            g.apply(vg, lr, 0.9, weight_decay)
-            c.apply(vc, lr, 0.9, weight_decay)
+            damp = 0.0 if nesterov else None
+            g.apply(vg, lr, 0.9, weight_decay, damp, nesterov)
+            c.apply(vc, lr, 0.9, weight_decay, damp, nesterov)
         if clean:
             break
     assert clean, "every draw fell next to a kink"
@@ -139,6 +140,11 @@ def test_small_networks_step_like_the_cpu_compiled_step(gpu, name, rng):
 @pytest.mark.parametrize("batch", [1, 5])
 def test_awkward_network_and_batch_sizes(gpu, batch, rng):
     run_both(gpu, awkward(rng), (3, 11, 13), rng, batch=batch)
+
+
+def test_nesterov_momentum_like_the_cpu_compiled_step(gpu, rng):
+    g = run_both(gpu, awkward(rng), (3, 11, 13), rng, steps=4, nesterov=True)
+    assert g.captures == 2  # the rule is read from `hyper`: the replays follow it
 
 
 def test_a_relu_on_a_flat_activation(gpu, rng):

@@ -12,7 +12,7 @@ from formats import write_mnist
 
 from engine.checkpoint import checkpoint_weights, load_checkpoint
 from engine.losses import SoftmaxCrossEntropy
-from engine.optim import WeightAverage, scheduled_lr
+from engine.optim import WeightAverage, scheduled_lr, sgd_momentum
 from engine.trainer import Trainer
 from models.paper import build
 
@@ -103,6 +103,32 @@ def test_weight_average_against_hand_computed_steps_and_swapping():
         WeightAverage(w, 1.0)
 
 
+def test_nesterov_momentum_against_hand_computed_steps():
+    """w -= lr (d + momentum v), v = momentum v + d (v = d at first), d = g + decay w on weights only."""
+    w = {"a.weight": np.array([1.0, -2.0], np.float32), "a.bias": np.array([0.5], np.float32)}
+    g = {"a.weight": np.array([0.5, 0.25], np.float32), "a.bias": np.array([1.0], np.float32)}
+    v = {}
+    sgd_momentum(w, g, v, 0.1, 0.9, 0.1, 0.0, nesterov=True)
+    # weight: d = (0.6, 0.05), v = d, w = (1 - 0.1 * 1.9 * 0.6, -2 - 0.1 * 1.9 * 0.05); bias: d = 1, no decay
+    np.testing.assert_allclose(v["a.weight"], [0.6, 0.05], rtol=1e-6)
+    np.testing.assert_allclose(w["a.weight"], [0.886, -2.0095], rtol=1e-6)
+    np.testing.assert_allclose(w["a.bias"], [0.5 - 0.19], rtol=1e-6)
+    sgd_momentum(w, g, v, 0.1, 0.9, 0.1, 0.0, nesterov=True)
+    # weight: d = (0.5 + 0.0886, 0.25 - 0.20095), v = 0.9 (0.6, 0.05) + d, w -= 0.1 (d + 0.9 v)
+    d = np.array([0.5886, 0.04905])
+    vv = np.array([0.54 + 0.5886, 0.045 + 0.04905])
+    np.testing.assert_allclose(v["a.weight"], vv, rtol=1e-6)
+    np.testing.assert_allclose(w["a.weight"], np.array([0.886, -2.0095]) - 0.1 * (d + 0.9 * vv), rtol=1e-6)
+    np.testing.assert_allclose(w["a.bias"], [0.31 - 0.1 * (1.0 + 0.9 * 1.9)], rtol=1e-6)
+    # plain momentum from the same state steps by lr v only: the two rules differ
+    plain_w, plain_v = {k: a.copy() for k, a in w.items()}, {k: a.copy() for k, a in v.items()}
+    sgd_momentum(plain_w, g, plain_v, 0.1, 0.9, 0.0, 0.0)
+    np.testing.assert_allclose(plain_w["a.bias"], w["a.bias"] - 0.1 * (0.9 * 1.9 + 1.0), rtol=1e-6)
+    for damp, momentum in ((None, 0.9), (0.5, 0.9), (0.0, 0.0)):  # Torch7's and PyTorch's condition
+        with pytest.raises(ValueError, match="Nesterov momentum needs"):
+            sgd_momentum(w, g, v, 0.1, momentum, 0.0, damp, nesterov=True)
+
+
 def _data(n=64):
     rng = np.random.default_rng(0)
     return dict(train_x=rng.standard_normal((n, 1, 28, 28)).astype(np.float32), train_y=rng.integers(0, 10, n),
@@ -110,8 +136,8 @@ def _data(n=64):
 
 
 def _trainer(data, out):
-    cfg = dict(epochs=3, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[], seed=1,
-               schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, ema=0.8, augment="flip,crop2")
+    cfg = dict(epochs=3, batch_size=16, lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-4,
+               lr_drop_epochs=[], seed=1, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, ema=0.8, augment="flip,crop2")
     return Trainer(build("flattened", (1, 28, 28), 10, seed=1), data, cfg, out, log=lambda m: None, progress=False)
 
 
@@ -151,6 +177,20 @@ def test_a_run_with_every_element_interrupted_and_resumed_equals_the_uninterrupt
     assert all(np.array_equal(chosen[k], average[k]) for k in params)  # a model from the checkpoint: the average
 
 
+def test_the_trainer_steps_by_nesterov_momentum_when_asked(tmp_path):
+    data = _data(32)
+    runs = []
+    for nesterov in (False, True):
+        cfg = dict(epochs=1, batch_size=16, lr=0.05, momentum=0.9, dampening=0.0, nesterov=nesterov,
+                   weight_decay=0, lr_drop_epochs=[], seed=1)
+        t = Trainer(build("flattened", (1, 28, 28), 10, seed=1), data, cfg, tmp_path / str(nesterov),
+                    log=lambda m: None, progress=False)
+        t.run()
+        runs.append(t.model.params)
+    # the first update is lr d either way (v = d) for plain momentum, lr (1 + momentum) d for Nesterov's
+    assert all(not np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_a_checkpoint_without_the_average_does_not_resume_a_run_that_keeps_one(tmp_path):
     data = _data(32)
     plain = Trainer(build("flattened", (1, 28, 28), 10, seed=1), data,
@@ -173,12 +213,14 @@ def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_mode
     r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--cache-dir",
                  tmp_path / "cache", "--quiet", "--no-plot", "--batch-size", "32", "--epochs", "2", "--out", out,
                  "--validation", "64", "--schedule", "cosine", "--warmup-epochs", "1", "--label-smoothing", "0.1",
-                 "--ema", "0.9")
+                 "--ema", "0.9", "--nesterov")
     assert r.returncode == 0, r.stderr
+    assert "momentum 0.9 (Nesterov), dampening 0," in r.stdout
     assert "128 training, 64 validation" in r.stdout and "validation accuracy: " in r.stdout
     assert "lr decayed to 0 along a half cosine" in r.stdout and "weight average (EMA) 0.9" in r.stdout
     settings = json.loads((out / "settings.json").read_text())
-    assert (settings["validation"], settings["schedule"], settings["ema"]) == (64, "cosine", 0.9)
+    assert (settings["validation"], settings["schedule"], settings["ema"], settings["nesterov"]) == (64, "cosine", 0.9,
+                                                                                                  True)
     import engine
     model = engine.load(out / "model.npz")
     assert "validation_accuracy" in model.meta["extra"] and "test_accuracy" not in model.meta["extra"]
@@ -196,6 +238,10 @@ def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_mode
     assert made.returncode == 0 and f"(validation accuracy {100 * log[-1]['test_acc']:.2f}%)" in made.stdout, made
     for name, w in engine.load(tmp_path / "made.npz").net.params.items():  # the average, as the run's model file
         np.testing.assert_array_equal(w, average[name], err_msg=name)
+    r = train_py("--out", out, "--resume", "--epochs", "3", "--no-nesterov")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: --nesterov cannot change a run: --resume continues with the checkpoint's True (start another run "
+        "with --out to change it)"], r.stderr
     r = train_py("--out", out, "--resume", "--epochs", "3", "--quiet", "--no-plot")
     assert r.returncode == 0 and "warning: the cosine schedule was planned over 2 epochs" in r.stderr, r.stderr
     r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--validation", "192",
@@ -205,3 +251,11 @@ def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_mode
                            (["--schedule", "linear"], "invalid choice")):
         r = train_py(*flags)
         assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_train_py_refuses_nesterov_with_dampening(tmp_path):
+    r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path, "--recipe", "paper",
+                 "--nesterov", "--out", tmp_path / "run")
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        "error: --nesterov needs --momentum above 0 and --dampening 0 (this run: momentum 0.9, dampening Torch7's "
+        "(= momentum))"], r.stderr

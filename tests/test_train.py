@@ -347,7 +347,8 @@ def test_the_paper_recipe_is_the_papers_text():
             r = recipe("paper", dataset, model)
             assert r == dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=[8],
                              lr_drop_factor=0.1, weight_decay=decay, init="auto", augment="none",  # the paper's init
-                             schedule="step", warmup_epochs=0, label_smoothing=0.0, ema=0.0)  # nothing it lacks
+                             nesterov=False, schedule="step", warmup_epochs=0, label_smoothing=0.0,
+                             ema=0.0)  # nothing it lacks
     if PAPER.is_file():  # the numbers above are the ones section 4.1 states
         text = " ".join(PAPER.read_text().split())
         assert "learning rate of 0.1 and a momentum of 0.9" in text

@@ -50,7 +50,7 @@ def routing_differences(step, twin, n):
     return differ
 
 
-def run_both(net, in_shape, rng, batch=4, steps=2, lr=0.05, weight_decay=1e-3):
+def run_both(net, in_shape, rng, batch=4, steps=2, lr=0.05, weight_decay=1e-3, dampening=None, nesterov=False):
     """`steps` SGD steps with the compiled and the layer step from the same weights; checks they agree.
 
     Inputs whose forward passes fall on different sides of a ReLU or pooling decision in the
@@ -64,8 +64,8 @@ def run_both(net, in_shape, rng, batch=4, steps=2, lr=0.05, weight_decay=1e-3):
         for s in range(steps):
             x = rng.standard_normal((batch, *in_shape)).astype(np.float32)
             y = rng.integers(0, n_out, batch)
-            lc, gc = compiled.step(x, y, lr, 0.9, weight_decay, None, vc)
-            ll, gl = layers.step(x, y, lr, 0.9, weight_decay, None, vl)
+            lc, gc = compiled.step(x, y, lr, 0.9, weight_decay, dampening, vc, nesterov)
+            ll, gl = layers.step(x, y, lr, 0.9, weight_decay, dampening, vl, nesterov)
             assert lc == pytest.approx(ll, rel=1e-5, abs=1e-6), f"loss of step {s}"
             assert_close(gc, gl, f"logits of step {s}")
             if routing_differences(compiled, twin, batch):
@@ -85,6 +85,14 @@ def with_logits(net, in_shape, rng, classes=3):
     """`net` followed by Flatten and a Linear layer, so that it ends in logits."""
     n = int(np.prod(net.output_shape((1, *in_shape))[1:]))
     return Sequential(net, Flatten(), Linear(n, classes, rng=rng))
+
+
+@pytest.mark.parametrize("model,in_shape", [("flattened", (3, 32, 32)), ("flattened", (1, 28, 28))])
+def test_nesterov_steps_like_the_layer_path(model, in_shape, rng):
+    net = build(model, in_shape, 10, seed=3)
+    step = run_both(net, in_shape, rng, steps=3, dampening=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="Nesterov momentum needs"):
+        step.update({}, 0.1, 0.9, 0.0, None, nesterov=True)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -31,10 +31,10 @@ from .common import Parser
 
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
 # Settings that define the run; on --resume they come from the checkpoint.
-RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "dampening", "weight_decay",
-                "lr_drop_epochs",
-                "lr_drop_factor", "seed", "limit_train", "limit_test", "pool", "pool_mode", "flatten_first", "stages",
-                "init", "augment", "schedule", "warmup_epochs", "label_smoothing", "ema", "validation")
+RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "dampening", "nesterov",
+                "weight_decay", "lr_drop_epochs", "lr_drop_factor", "seed", "limit_train", "limit_test", "pool",
+                "pool_mode", "flatten_first", "stages", "init", "augment", "schedule", "warmup_epochs",
+                "label_smoothing", "ema", "validation")
 # None: Torch7's dampening; all the images; evaluation on the test set
 NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test", "validation")
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
@@ -156,7 +156,7 @@ def parser():
                         "epoch instead of the test set, which the run then never reads: for choosing settings "
                         "(docs/results.md); the model file records a validation accuracy")
 
-    g = p.add_argument_group("optimization", "The recipe sets --epochs, --lr, --momentum, --dampening, "
+    g = p.add_argument_group("optimization", "The recipe sets --epochs, --lr, --momentum, --dampening, --nesterov, "
                              "--weight-decay, --lr-drop-epochs, --lr-drop-factor, --schedule, --warmup-epochs, "
                              "--label-smoothing, --ema, --init and --augment; a flag "
                              "given replaces its recipe value (models/recipes.py, docs/results.md)")
@@ -171,6 +171,9 @@ def parser():
                    help="momentum dampening (default: the recipe's): equal to --momentum in Torch7's optim.sgd that "
                         "the paper used (--recipe paper), 0 in PyTorch's SGD, whose steps are 1/(1-momentum) = "
                         "10x larger (--recipe reproduce)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="Nesterov momentum: each step looks ahead along the momentum, w -= lr (d + momentum v) "
+                        "instead of lr v (as in PyTorch's SGD); needs --dampening 0 (default: the recipe's, off)")
     g.add_argument("--weight-decay", type=non_negative_float, default=None,
                    help="L2 weight decay on weights (default: the recipe's, per model: see --recipe)")
     g.add_argument("--lr-drop-epochs", metavar="E1,E2,...", type=int_list, default=None,
@@ -277,7 +280,7 @@ def settings_problem(settings):
         v, a = settings[key], actions[key]
         if v is None and key in NULLABLE_SETTINGS:
             continue
-        if a.const is True:  # a store_true flag
+        if a.const is True or isinstance(a, argparse.BooleanOptionalAction):  # a flag with no value
             ok = isinstance(v, bool)
         else:
             try:
@@ -400,6 +403,10 @@ def run(args, dist=None):
             if getattr(args, key) is None:
                 setattr(args, key, value)
 
+    if args.nesterov and (args.momentum <= 0 or args.dampening != 0):
+        damp = "Torch7's (= momentum)" if args.dampening is None else f"{args.dampening:g}"
+        sys.exit(f"error: --nesterov needs --momentum above 0 and --dampening 0 (this run: momentum "
+                 f"{args.momentum:g}, dampening {damp})")
     in_shape = IN_SHAPES[args.dataset]
     n_classes = 10 if args.dataset != "cifar100" else (100 if args.label_mode == "fine" else 20)
     model = network_of(vars(args), in_shape, n_classes)  # as engine.makemodel rebuilds it from a checkpoint
@@ -480,7 +487,7 @@ def run(args, dist=None):
         print(f"warning: the learning-rate drop(s) after epoch(s) {', '.join(map(str, late))} fall at or after the "
               f"last epoch ({args.epochs}): {never} (see --lr-drop-epochs)", file=sys.stderr)
     config = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                  dampening=args.dampening,
+                  dampening=args.dampening, nesterov=args.nesterov,
                   weight_decay=args.weight_decay, lr_drop_epochs=args.lr_drop_epochs,
                   lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size,
                   step=args.step or "auto", augment=args.augment, schedule=args.schedule,

@@ -28,7 +28,8 @@ cdef extern from "_train.h" nogil:
                     int upper, int lower)
     long ft_wg_slices(long K)
     double ft_peak(int threads, long iters, int repeat)
-    void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd, int threads)
+    void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd, int nesterov,
+                int threads)
 
 
 def train_run(bint backward,
@@ -110,12 +111,13 @@ def train_wgrad_slices(long rows):
 
 
 def sgd_run(const int64_t[:, ::1] table, double lr, double momentum, double dampening, double weight_decay,
-            int num_threads):
-    """SGD with momentum (Torch7's rule) on the parameters listed in `table` (rows: w, g, v, size, decay, first)."""
+            bint nesterov, int num_threads):
+    """SGD with momentum (optim.sgd_momentum's rule) on the parameters listed in `table` (rows: w, g, v, size,
+    decay, first)."""
     if table.shape[1] != FT_SGD_COLS:
         raise ValueError(f"sgd_run: table must have {FT_SGD_COLS} columns")
     if table.shape[0] == 0:
         return
     with nogil:
         ft_sgd(&table[0, 0], <int> table.shape[0], <float> lr, <float> momentum, <float> dampening,
-               <float> weight_decay, num_threads)
+               <float> weight_decay, nesterov, num_threads)

@@ -2,7 +2,7 @@
 
     step = GpuStep(net, batch_size=128)     # net on the 'cupy' backend, float32
     loss, correct = step.loss(x, y)         # forward and loss: one graph launch
-    step.apply(velocity, lr, momentum, weight_decay, dampening)   # backward and SGD: one graph launch
+    step.apply(velocity, lr, momentum, weight_decay, dampening, nesterov)   # backward and SGD: one graph launch
     plan = GpuPlan(net); logits = plan(x)   # inference: one graph launch per batch
 
 Like the CPU's compiled step (engine/trainstep.py) and plan (engine/plan.py), it is built from
@@ -36,11 +36,12 @@ import cupy as cp
 
 from ..losses import SoftmaxCrossEntropy
 from ..lowering import UnsupportedNetwork, fuse, layout, lower, row_flops
+from ..optim import check_nesterov
 from .cuda import SOURCE_PATH, GraphBlas, launch, strided_gemm as _strided_gemm
 from .dropout import dropout_seed, dropout_threshold
 
 STEP_SOURCE = SOURCE_PATH.with_name("cuda_step.cu")
-HYPER = ("lr", "momentum", "dampening", "weight_decay", "smoothing")  # the slots of `hyper` (cuda_step.cu)
+HYPER = ("lr", "momentum", "dampening", "weight_decay", "smoothing", "nesterov")  # the slots of `hyper` (cuda_step.cu)
 SEGMENT_ROWS = 64      # rows of a bias gradient's partial sum (st_colsum_partial)
 SEGMENT_VALUES = 256   # values of dy per partial sum of a V or H weight gradient (st_conv1d_dw_partial)
 
@@ -461,11 +462,13 @@ class GpuStep:
         if ready is not None:
             ready(list(self.net.grads.values()))
 
-    def _update_rows(self, velocity, lr, momentum, weight_decay, dampening):
+    def _update_rows(self, velocity, lr, momentum, weight_decay, dampening, nesterov):
         """The SGD settings into `hyper`, and (parameter, gradient, momentum, decay) per parameter, with the
         momentum buffers made where `velocity` lacks them (then this is a first step: v = d)."""
-        self._set_hyper(lr=lr, momentum=momentum, dampening=momentum if dampening is None else dampening,
-                        weight_decay=weight_decay)
+        dampening = momentum if dampening is None else dampening
+        check_nesterov(nesterov, momentum, dampening)
+        self._set_hyper(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=float(bool(nesterov)))
         rows, first = [], False
         for name, w in self.net.params.items():
             v = velocity.get(name)
@@ -475,10 +478,10 @@ class GpuStep:
             rows.append((w, self.net.grads[name], v, int(name.endswith("weight"))))
         return rows, first
 
-    def apply(self, velocity, lr, momentum, weight_decay, dampening=None):
+    def apply(self, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False):
         """The backward and the SGD update (optim.sgd_momentum's rule; skipped on the device when the last loss
         was not finite): one graph launch per batch size and set of momentum buffers."""
-        rows, first = self._update_rows(velocity, lr, momentum, weight_decay, dampening)
+        rows, first = self._update_rows(velocity, lr, momentum, weight_decay, dampening, nesterov)
         n = self.n
 
         def body():
@@ -492,11 +495,11 @@ class GpuStep:
         key = ("apply", n, tuple(v.data.ptr for _, _, v, _ in rows))  # the graph holds the momentum buffers' addresses
         self._graphs.run(key, body)
 
-    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity):
+    def step(self, x, y, lr, momentum, weight_decay, dampening, velocity, nesterov=False):
         """loss() then apply() (the update is skipped on the device if the loss is not finite);
         returns (loss as a float, logits). Reads the loss back: the trainer calls loss() and apply()."""
         loss = self.loss(x, y)[0]
-        self.apply(velocity, lr, momentum, weight_decay, dampening)
+        self.apply(velocity, lr, momentum, weight_decay, dampening, nesterov)
         return float(loss), self.logits
 
     def testing_saved(self, row, n):
