@@ -1,8 +1,8 @@
 """Checkpoints that resume exactly.
 
 A checkpoint is one .npz written with allow_pickle=False (never a pickle): every
-parameter and momentum buffer (and the average of the weights of a run that keeps one), the position inside the epoch (with that epoch's
-shuffling order), and a JSON document holding the generators' states, the
+parameter and momentum buffer (and the average of the weights and Lookahead's slow weights of a
+run that keeps them), the position inside the epoch (with that epoch's shuffling order), and a JSON document holding the generators' states, the
 history and the run's settings. It is written to a temporary file and renamed,
 so an interruption never leaves a half-written checkpoint. ``load_checkpoint``
 checks every header and the JSON document before it reads any data.
@@ -18,9 +18,9 @@ CHECKPOINT_FILE = "checkpoint.npz"  # in the run folder, beside log.jsonl: what 
 CHECKPOINT_VERSION = 1
 
 
-def save_checkpoint(path, model, velocity, meta, perm=None, average=None):
-    """Write weights, momentum, epoch order, the average of the weights where the run keeps one ({name: array})
-    and `meta` (JSON-able) atomically to `path` (.npz), compressed.
+def save_checkpoint(path, model, velocity, meta, perm=None, average=None, slow=None):
+    """Write weights, momentum, epoch order, the average of the weights and Lookahead's slow weights where the run
+    keeps them ({name: array}) and `meta` (JSON-able) atomically to `path` (.npz), compressed.
 
     Compressed losslessly (npzfile.save's byte shuffle and deflate), so that a run's checkpoint can be
     carried to another machine to be continued there: the CIFAR-10 baseline's takes 15.5 MB instead
@@ -29,6 +29,7 @@ def save_checkpoint(path, model, velocity, meta, perm=None, average=None):
     arrays = {f"param/{k}": to_numpy(v) for k, v in model.params.items()}
     arrays.update({f"velocity/{k}": to_numpy(v) for k, v in velocity.items()})
     arrays.update({f"average/{k}": to_numpy(v) for k, v in (average or {}).items()})
+    arrays.update({f"slow/{k}": to_numpy(v) for k, v in (slow or {}).items()})
     if perm is not None:
         arrays["perm"] = perm
     npzfile.save(path, arrays, dict(meta, version=CHECKPOINT_VERSION), compress=True)
@@ -80,8 +81,9 @@ def _check_meta(meta):
 
 
 def load_checkpoint(path, shapes=None, n_train=None):
-    """Read and validate a checkpoint without executing anything from it: (params, velocity, meta, perm, average),
-    `average` the average of the weights ({name: array}) or None where the run keeps none.
+    """Read and validate a checkpoint without executing anything from it: (params, velocity, meta, perm, average,
+    slow), `average` the average of the weights and `slow` Lookahead's slow weights ({name: array}), each None
+    where the run keeps none.
 
     `shapes` ({name: shape} of the model's parameters) and `n_train` (the training set's size),
     when given, are what the checkpoint must fit: parameters exactly, momentum buffers a subset
@@ -91,11 +93,11 @@ def load_checkpoint(path, shapes=None, n_train=None):
     def members(meta, names):
         _check_meta(meta)
         if shapes is None:
-            spec = {n: npzfile.Member() for n in names if n.startswith(("param/", "velocity/", "average/"))}
+            spec = {n: npzfile.Member() for n in names if n.startswith(("param/", "velocity/", "average/", "slow/"))}
         else:
             spec = {f"param/{k}": npzfile.Member(tuple(v)) for k, v in shapes.items()}
             spec.update({f"{group}/{k}": npzfile.Member(tuple(v), required=False) for k, v in shapes.items()
-                         for group in ("velocity", "average")})
+                         for group in ("velocity", "average", "slow")})
         spec["perm"] = npzfile.Member(None if n_train is None else (n_train,), "iu", required=False)
         return spec
 
@@ -103,17 +105,19 @@ def load_checkpoint(path, shapes=None, n_train=None):
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
     velocity = {k[len("velocity/"):]: v for k, v in arrays.items() if k.startswith("velocity/")}
     average = {k[len("average/"):]: v for k, v in arrays.items() if k.startswith("average/")} or None
+    slow = {k[len("slow/"):]: v for k, v in arrays.items() if k.startswith("slow/")} or None
     perm = arrays.get("perm")
-    if average is not None and set(average) != set(params):
-        raise CheckpointError(path, "its average of the weights does not cover every parameter")
-    for name, a in list(params.items()) + list(velocity.items()) + list((average or {}).items()):
+    for kept, what in ((average, "average of the weights does"), (slow, "slow weights do")):
+        if kept is not None and set(kept) != set(params):
+            raise CheckpointError(path, f"its {what} not cover every parameter")
+    for name, a in [*params.items(), *velocity.items(), *(average or {}).items(), *(slow or {}).items()]:
         if not np.isfinite(a).all():
             raise CheckpointError(path, f"array {name} is not finite")
     if perm is not None and (perm.ndim != 1 or not np.array_equal(np.sort(perm), np.arange(len(perm)))):
         raise CheckpointError(path, "the epoch's batch order is not a permutation of the training set")
     if perm is None and meta["step_in_epoch"]:
         raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch without its batch order")
-    return params, velocity, meta, perm, average
+    return params, velocity, meta, perm, average, slow
 
 
 class _Peeked(Exception):
@@ -140,7 +144,8 @@ def checkpoint_weights(path):
     """(params, meta) of the checkpoint at `path`: the weights a model made from it runs with, and its JSON document.
 
     The one place that chooses them: the average of the weights where a checkpoint holds one (a run with
-    --ema), else the parameters the optimizer reached. Raises CheckpointError naming the file.
+    --ema), else Lookahead's slow weights where it holds them (--lookahead), else the parameters the optimizer
+    reached. Raises CheckpointError naming the file.
     """
-    params, _, meta, _, average = load_checkpoint(path)
-    return average or params, meta
+    params, _, meta, _, average, slow = load_checkpoint(path)
+    return average or slow or params, meta

@@ -349,7 +349,7 @@ class Distributed:
         return wrapped
 
     # checkpoints ------------------------------------------------------------------------
-    def checkpoint_meta(self, model, velocity, meta, average=None):
+    def checkpoint_meta(self, model, velocity, meta, average=None, slow=None):
         """Collective, at each checkpoint: weights and momentum from rank 0, every rank's dropout state.
 
         Returns `meta` with `ranks` added on rank 0, None on the others (they write nothing)."""
@@ -357,8 +357,9 @@ class Distributed:
             self.comm.Bcast(velocity[name], root=0)
         for w in model.params.values():
             self.comm.Bcast(w, root=0)
-        for name in sorted(average or {}):
-            self.comm.Bcast(average[name], root=0)
+        for kept in (average, slow):
+            for name in sorted(kept or {}):
+                self.comm.Bcast(kept[name], root=0)
         rng = getattr(model, "rng", None)
         states = self.comm.gather(rng.bit_generator.state if rng is not None else None, root=0)
         if not self.is_root:
@@ -366,16 +367,18 @@ class Distributed:
         return dict(meta, ranks=dict(count=self.size, model_rng=states[1:]))
 
     def share_checkpoint(self, load):
-        """load() on rank 0 -> (params, velocity, meta, perm, average), broadcast to every rank (arrays without pickling)."""
+        """load() on rank 0 -> (params, velocity, meta, perm, average, slow), broadcast to every rank (arrays without
+        pickling)."""
         got = load() if self.is_root else None
         header = None
         if self.is_root:
-            params, velocity, meta, perm, average = got
+            params, velocity, meta, perm, average, slow = got
             header = (meta, [(k, v.shape, v.dtype.str) for k, v in params.items()],
                       [(k, v.shape, v.dtype.str) for k, v in velocity.items()],
                       None if perm is None else (perm.shape, perm.dtype.str),
-                      None if average is None else [(k, v.shape, v.dtype.str) for k, v in average.items()])
-        meta, pspec, vspec, permspec, aspec = self.comm.bcast(header, root=0)
+                      None if average is None else [(k, v.shape, v.dtype.str) for k, v in average.items()],
+                      None if slow is None else [(k, v.shape, v.dtype.str) for k, v in slow.items()])
+        meta, pspec, vspec, permspec, aspec, sspec = self.comm.bcast(header, root=0)
 
         def share(spec, arrays):
             out = {}
@@ -391,7 +394,8 @@ class Distributed:
             perm = np.ascontiguousarray(got[3]) if self.is_root else np.empty(*permspec)
             self.comm.Bcast(perm, root=0)
         average = None if aspec is None else share(aspec, got[4] if got else None)
-        return params, velocity, meta, perm, average
+        slow = None if sspec is None else share(sspec, got[5] if got else None)
+        return params, velocity, meta, perm, average, slow
 
     def restore_rng(self, model, meta, seed):
         """After a resume: rank r >= 1 takes its saved dropout state, or a fresh one from (seed, r, epoch, step)."""

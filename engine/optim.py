@@ -73,7 +73,30 @@ def scheduled_lr(base_lr, epoch, step, steps_per_epoch, epochs, schedule="step",
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(t - warm, after) / after))
 
 
-class WeightAverage:
+class _Copies:
+    """A copy of a model's parameters kept beside them (in their dtype, on their backend), with a scratch copy: the
+    swap that evaluation uses."""
+
+    def __init__(self, params, kept=None):
+        self._kept = {k: (w.copy() if kept is None else kept[k].astype(w.dtype, copy=True))
+                      for k, w in params.items()}
+        self._scratch = {k: w.copy() for k, w in params.items()}
+
+    @contextmanager
+    def swapped_in(self, params):
+        """A context in which the parameters hold the kept copy (copied into the same buffers, so compiled steps
+        and plans holding their addresses see it) and after which they hold the weights again."""
+        for k, w in params.items():
+            self._scratch[k][...] = w
+            w[...] = self._kept[k]
+        try:
+            yield
+        finally:
+            for k, w in params.items():
+                w[...] = self._scratch[k]
+
+
+class WeightAverage(_Copies):
     """An exponential moving average of a model's parameters (Polyak averaging as in TensorFlow's
     ExponentialMovingAverage): after each update, average = decay * average + (1 - decay) * weights,
     starting from the weights given.
@@ -86,9 +109,8 @@ class WeightAverage:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"weight average: decay must lie in (0, 1), got {decay!r}")
         self.decay = float(decay)
-        self.average = {k: (w.copy() if average is None else average[k].astype(w.dtype, copy=True))
-                        for k, w in params.items()}
-        self._scratch = {k: w.copy() for k, w in params.items()}
+        super().__init__(params, average)
+        self.average = self._kept
 
     def update(self, params):
         for k, w in params.items():
@@ -98,13 +120,34 @@ class WeightAverage:
             tmp *= 1.0 - self.decay
             a += tmp
 
-    @contextmanager
-    def swapped_in(self, params):
-        for k, w in params.items():
-            self._scratch[k][...] = w
-            w[...] = self.average[k]
-        try:
-            yield
-        finally:
-            for k, w in params.items():
-                w[...] = self._scratch[k]
+
+class Lookahead(_Copies):
+    """Lookahead (Zhang, Lucas, Hinton & Ba 2019): slow weights that, every `k` updates of the optimizer (the
+    fast weights), move a fraction `alpha` of the way to the fast weights, which then restart from them:
+
+        every k-th update:  slow += alpha * (weights - slow);  weights = slow
+
+    The optimizer's momentum carries on. ``update(params, count)`` follows update number `count` (1-based, over
+    the whole run, so a resumed run syncs where the uninterrupted one does), in place, with no allocation;
+    ``swapped_in(params)`` is a context in which the parameters hold the slow weights, which evaluation and the
+    model file use."""
+
+    def __init__(self, params, k, alpha, slow=None):
+        if type(k) is not int or k < 1:
+            raise ValueError(f"lookahead: k must be a whole number of updates >= 1, got {k!r}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"lookahead: alpha must lie in (0, 1], got {alpha!r}")
+        self.k, self.alpha = k, float(alpha)
+        super().__init__(params, slow)
+        self.slow = self._kept
+
+    def update(self, params, count):
+        if count % self.k:
+            return
+        for name, w in params.items():
+            s, tmp = self.slow[name], self._scratch[name]
+            tmp[...] = w
+            tmp -= s
+            tmp *= self.alpha
+            s += tmp
+            w[...] = s

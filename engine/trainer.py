@@ -15,7 +15,7 @@ import numpy as np
 from . import augment, npzfile
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from .losses import SoftmaxCrossEntropy
-from .optim import WeightAverage, scheduled_lr
+from .optim import Lookahead, WeightAverage, scheduled_lr
 from .plan import compiled_or_reason
 from .runtime import ops_for
 from .trainstep import make_step
@@ -86,7 +86,8 @@ class Trainer:
     runs), augment (a spec of engine.augment for the training images; default 'none'),
     schedule and warmup_epochs (engine.optim.scheduled_lr; default 'step', 0), label_smoothing
     (engine.losses.SoftmaxCrossEntropy; default 0), ema (the decay of an average of the weights,
-    engine.optim.WeightAverage, which evaluation and `final_weights()` use; default 0: none); `out`
+    engine.optim.WeightAverage, which evaluation and `final_weights()` use; default 0: none), lookahead and
+    lookahead_alpha (engine.optim.Lookahead's k and alpha; default 0: none, and 0.5); `out`
     is the run folder (checkpoint.npz, log.jsonl). `settings` (JSON-able) is
     stored in the checkpoint. `trainer.step` is the step in use, `trainer.step_note` why
     'auto' fell back to the layer path (None if it did not).
@@ -123,8 +124,12 @@ class Trainer:
                                               -(-self.cfg["batch_size"] // (dist.size if dist else 1)))
         self.step.loss_fn.smoothing = float(self.cfg.get("label_smoothing", 0.0))
         self.average = WeightAverage(model.params, self.cfg["ema"]) if self.cfg.get("ema") else None
+        self.lookahead = self._lookahead() if self.cfg.get("lookahead") else None
         if dist is not None:
             self.step = dist.wrap(self.step, self._requested_signal)
+
+    def _lookahead(self, slow=None):
+        return Lookahead(self.model.params, self.cfg["lookahead"], self.cfg.get("lookahead_alpha", 0.5), slow)
 
     @property
     def checkpoint_path(self):
@@ -140,18 +145,19 @@ class Trainer:
 
     def save(self):
         meta = self._meta()
+        kept = (self.average.average if self.average else None, self.lookahead.slow if self.lookahead else None)
         if self.dist is not None:  # collective; rank 0 alone writes
-            meta = self.dist.checkpoint_meta(self.model, self.velocity, meta,
-                                             self.average.average if self.average else None)
+            meta = self.dist.checkpoint_meta(self.model, self.velocity, meta, *kept)
             if meta is None:
                 return
-        save_checkpoint(self.checkpoint_path, self.model, self.velocity, meta, self.perm,
-                        self.average.average if self.average else None)
+        save_checkpoint(self.checkpoint_path, self.model, self.velocity, meta, self.perm, *kept)
 
     def final_weights(self):
         """A context in which the model holds the weights that evaluation sees and the model file keeps: the
-        average of the weights where the run keeps one (config ema), else the weights the optimizer reached."""
-        return self.average.swapped_in(self.model.params) if self.average else contextlib.nullcontext()
+        average of the weights where the run keeps one (config ema), else Lookahead's slow weights where the run
+        keeps them (config lookahead), else the weights the optimizer reached (as checkpoint_weights chooses)."""
+        chosen = self.average or self.lookahead
+        return chosen.swapped_in(self.model.params) if chosen else contextlib.nullcontext()
 
     def _requested_signal(self):
         """The signal this process was asked to stop by (SIGINT when stop_requested was set without one), or None."""
@@ -173,7 +179,7 @@ class Trainer:
         def load():
             return load_checkpoint(path, {k: v.shape for k, v in self.model.params.items()}, len(self.data["train_x"]))
         # distributed: rank 0 reads the checkpoint, every rank gets it
-        params, velocity, meta, perm, average = load() if self.dist is None else self.dist.share_checkpoint(load)
+        params, velocity, meta, perm, average, slow = load() if self.dist is None else self.dist.share_checkpoint(load)
         steps = math.ceil(len(self.data["train_x"]) / self.cfg["batch_size"])
         if meta["step_in_epoch"] > steps:
             raise CheckpointError(path, f"step {meta['step_in_epoch']} of an epoch of {steps} steps")
@@ -188,6 +194,11 @@ class Trainer:
         if average is not None:
             self.average = WeightAverage(self.model.params, self.cfg["ema"],
                                          {k: ops.asarray(v) for k, v in average.items()})
+        if (slow is not None) != (self.lookahead is not None):
+            raise CheckpointError(path, "holds slow weights, the run keeps none" if slow is not None
+                                  else "holds no slow weights, the run keeps them (lookahead)")
+        if slow is not None:
+            self.lookahead = self._lookahead({k: ops.asarray(v) for k, v in slow.items()})
         self.epoch, self.step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.running, self.history = meta["running"], meta["history"]
         self.data_rng.bit_generator.state = meta["data_rng"]
@@ -315,6 +326,8 @@ class Trainer:
                 lr = lr_of(self.step_in_epoch)
                 self.step.apply(self.velocity, lr, self.cfg["momentum"], self.cfg["weight_decay"],
                                 self.cfg.get("dampening"), bool(self.cfg.get("nesterov", False)))
+                if self.lookahead:  # after the update, before the average sees the weights
+                    self.lookahead.update(self.model.params, self.epoch * steps + self.step_in_epoch + 1)
                 if self.average:
                     self.average.update(self.model.params)
                 self.step_in_epoch += 1

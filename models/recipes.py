@@ -45,7 +45,7 @@ short
 """
 
 RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "nesterov", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init",
-               "augment", "schedule", "warmup_epochs", "label_smoothing", "ema")
+               "augment", "schedule", "warmup_epochs", "label_smoothing", "ema", "lookahead", "lookahead_alpha")
 # a value of these may be a dict {model: value}
 PER_MODEL_KEYS = ("epochs", "lr_drop_epochs", "weight_decay", "init", "augment", "schedule", "warmup_epochs",
                   "label_smoothing", "ema")
@@ -68,8 +68,9 @@ _MNIST_AUGMENT = {"baseline": "crop2", "flattened": "none"}
 # after 10 and 14), everything else equal (docs/results.md, "Schedule length").
 
 # What the paper's recipe and the long one leave out: plain momentum, a stepped rate from the first step, hard labels,
-# the weights the optimizer reached (no average).
-_PLAIN = dict(nesterov=False, schedule="step", warmup_epochs=0, label_smoothing=0.0, ema=0.0)
+# the weights the optimizer reached (no average, no Lookahead).
+_PLAIN = dict(nesterov=False, schedule="step", warmup_epochs=0, label_smoothing=0.0, ema=0.0, lookahead=0,
+              lookahead_alpha=0.5)
 _PAPER = dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=(8,), lr_drop_factor=0.1,
               weight_decay=_PAPER_DECAY, init="auto", augment="none", **_PLAIN)
 # Schedule on CIFAR, per model, the rate held for two thirds of the run: neither network was overfit after 60 epochs;
@@ -99,10 +100,10 @@ RECIPES = {  # per recipe and dataset; a value of PER_MODEL_KEYS per model where
 }
 DEFAULT_RECIPE = "reproduce"
 # Settings that runs of older versions did not record, with the value those runs had (no flips or shifts, plain
-# momentum, a stepped rate, hard labels, no average, evaluation on the test set):
+# momentum, a stepped rate, hard labels, no average, no Lookahead, evaluation on the test set):
 # train.py --resume and engine.figures read a run without them as one with these (complete_settings).
-LATER_SETTINGS = {"augment": "none", "nesterov": False, "schedule": "step", "warmup_epochs": 0, "label_smoothing": 0.0, "ema": 0.0,
-                  "validation": None}
+LATER_SETTINGS = {"augment": "none", "nesterov": False, "schedule": "step", "warmup_epochs": 0, "label_smoothing": 0.0,
+                  "ema": 0.0, "lookahead": 0, "lookahead_alpha": 0.5, "validation": None}
 
 
 def complete_settings(settings):
@@ -155,9 +156,11 @@ def describe(settings):
             drops = of("lr_drop_epochs", model)
             text = f"lr x{settings['lr_drop_factor']:g} after epochs {setting_text(drops) or 'none'}"
         warm, smooth, ema = of("warmup_epochs", model), of("label_smoothing", model), of("ema", model)
+        look = settings["lookahead"]
         return text + "".join([f", {warm:g} warm-up epoch(s)" if warm else "",
                                f", label smoothing {smooth:g}" if smooth else "",
-                               f", weight average (EMA) {ema:g}" if ema else ""])
+                               f", weight average (EMA) {ema:g}" if ema else "",
+                               f", Lookahead k {look} alpha {settings['lookahead_alpha']:g}" if look else ""])
     texts = {model: schedule_text(model) for model in models}
     if len(set(texts.values())) == 1:
         schedule = next(iter(texts.values()))

@@ -83,7 +83,7 @@ def test_training_on_a_backend_gives_files_the_cpu_reads(backend, tmp_path):
     trainer = Trainer(net, data, cfg, tmp_path, progress=False, log=lambda *a: None)
     assert trainer.run() == "done"
     assert np.isfinite(trainer.history[0]["train_loss"]) and trainer.history[0]["test_acc"] >= 0
-    params, velocity, _, _, _ = load_checkpoint(tmp_path / "checkpoint.npz")
+    params, velocity, _, _, _, _ = load_checkpoint(tmp_path / "checkpoint.npz")
     assert all(type(v) is np.ndarray for v in list(params.values()) + list(velocity.values()))
     cpu = build("flattened", (1, 28, 28), 10, seed=5).eval()
     cpu.load_params(params)

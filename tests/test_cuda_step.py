@@ -319,8 +319,8 @@ def test_capture_holds_only_kernels_and_cublas(gpu):
 
 
 def _trainer(data, out, backend):
-    cfg = dict(epochs=2, batch_size=8, lr=0.05, momentum=0.9, weight_decay=1e-4, lr_drop_epochs=[1], seed=1,
-               step="compiled", augment="flip,crop2")
+    cfg = dict(epochs=2, batch_size=8, lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, lookahead=3,
+               weight_decay=1e-4, lr_drop_epochs=[1], seed=1, step="compiled", augment="flip,crop2")
     net = build("flattened", (1, 12, 12), 10, seed=1, pool=(2, 2))
     return Trainer(net.to(backend), data, cfg, out, log=lambda m: None, progress=False)
 

@@ -374,15 +374,16 @@ def test_train_py_two_ranks_writes_from_rank_0_only_and_resumes_with_another_ran
 
 
 def test_two_ranks_keep_the_average_of_the_weights_in_the_checkpoint_and_the_model_file(mpi, mnist):
-    """--ema under MPI: every rank averages the same weights; rank 0 writes the average, which a single
-    process resumes and the model file holds."""
+    """--ema and --lookahead under MPI: every rank averages and syncs the same weights; rank 0 writes the average
+    and the slow weights, which a single process resumes, and the model file holds the average."""
     d, c = mnist / "data", mnist / "cache"
     common = [*COMMON, "--data-dir", d, "--cache-dir", c, "--epochs", "2", "--ema", "0.9", "--schedule", "cosine",
-              "--label-smoothing", "0.1", "--out", mnist / "E"]
+              "--label-smoothing", "0.1", "--nesterov", "--lookahead", "3", "--out", mnist / "E"]
     r = _mpirun(["-np", "2", sys.executable, ROOT / "train.py", *common])
     assert r.returncode == 0, r.stdout + r.stderr
-    params, _, meta, _, average = load_checkpoint(mnist / "E" / "checkpoint.npz")
-    assert meta["ranks"]["count"] == 2 and average is not None
+    params, _, meta, _, average, slow = load_checkpoint(mnist / "E" / "checkpoint.npz")
+    assert meta["ranks"]["count"] == 2 and average is not None and slow is not None
+    assert not all(np.array_equal(slow[k], params[k]) for k in params)
     import engine
     model = engine.load(mnist / "E" / "model.npz")
     for name, w in model.net.params.items():

@@ -12,7 +12,7 @@ from formats import write_mnist
 
 from engine.checkpoint import checkpoint_weights, load_checkpoint
 from engine.losses import SoftmaxCrossEntropy
-from engine.optim import WeightAverage, scheduled_lr, sgd_momentum
+from engine.optim import Lookahead, WeightAverage, scheduled_lr, sgd_momentum
 from engine.trainer import Trainer
 from models.paper import build
 
@@ -129,6 +129,29 @@ def test_nesterov_momentum_against_hand_computed_steps():
             sgd_momentum(w, g, v, 0.1, momentum, 0.0, damp, nesterov=True)
 
 
+def test_lookahead_against_hand_computed_steps_and_swapping():
+    w = {"a.weight": np.array([1.0, 2.0], np.float32)}
+    look = Lookahead(w, 2, 0.25)
+    w["a.weight"][...] = [3.0, 0.0]
+    look.update(w, 1)  # not a multiple of k: nothing moves
+    np.testing.assert_array_equal(look.slow["a.weight"], [1.0, 2.0])
+    np.testing.assert_array_equal(w["a.weight"], [3.0, 0.0])
+    with look.swapped_in(w):  # evaluation sees the slow weights
+        np.testing.assert_array_equal(w["a.weight"], [1.0, 2.0])
+    np.testing.assert_array_equal(w["a.weight"], [3.0, 0.0])
+    w["a.weight"][...] = [5.0, -2.0]
+    look.update(w, 2)  # slow += 0.25 (w - slow) = (2, 1); the weights restart from it
+    np.testing.assert_array_equal(look.slow["a.weight"], [2.0, 1.0])
+    np.testing.assert_array_equal(w["a.weight"], [2.0, 1.0])
+    w["a.weight"][...] = [6.0, 1.0]
+    look.update(w, 3)
+    look.update(w, 4)  # (2, 1) + 0.25 (4, 0)
+    np.testing.assert_array_equal(w["a.weight"], [3.0, 1.0])
+    for k, alpha in ((0, 0.5), (2.0, 0.5), (2, 0.0), (2, 1.5)):
+        with pytest.raises(ValueError, match="lookahead: "):
+            Lookahead(w, k, alpha)
+
+
 def _data(n=64):
     rng = np.random.default_rng(0)
     return dict(train_x=rng.standard_normal((n, 1, 28, 28)).astype(np.float32), train_y=rng.integers(0, 10, n),
@@ -137,7 +160,7 @@ def _data(n=64):
 
 def _trainer(data, out):
     cfg = dict(epochs=3, batch_size=16, lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-4,
-               lr_drop_epochs=[], seed=1, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, ema=0.8, augment="flip,crop2")
+               lr_drop_epochs=[], seed=1, lookahead=3, lookahead_alpha=0.5, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, ema=0.8, augment="flip,crop2")
     return Trainer(build("flattened", (1, 28, 28), 10, seed=1), data, cfg, out, log=lambda m: None, progress=False)
 
 
@@ -159,6 +182,7 @@ def test_a_run_with_every_element_interrupted_and_resumed_equals_the_uninterrupt
     for name, w in straight.model.params.items():
         np.testing.assert_array_equal(w, t.model.params[name], err_msg=name)
         np.testing.assert_array_equal(straight.average.average[name], t.average.average[name], err_msg=name)
+        np.testing.assert_array_equal(straight.lookahead.slow[name], t.lookahead.slow[name], err_msg=name)
     assert straight.history == [dict(h, seconds=s["seconds"], images_per_s=s["images_per_s"],
                                      eval_seconds=s["eval_seconds"]) for h, s in zip(t.history, straight.history)]
     # the rate of each epoch's first update follows the cosine after half an epoch (2 updates) of warm-up
@@ -171,7 +195,8 @@ def test_a_run_with_every_element_interrupted_and_resumed_equals_the_uninterrupt
     on_weights = evaluate(straight.model, data["test_x"], data["test_y"])
     assert on_average == (straight.history[-1]["test_loss"], straight.history[-1]["test_acc"])
     assert on_weights[0] != on_average[0]
-    params, _, _, _, average = load_checkpoint(tmp_path / "a" / "checkpoint.npz")
+    params, _, _, _, average, slow = load_checkpoint(tmp_path / "a" / "checkpoint.npz")
+    assert all(np.array_equal(slow[k], straight.lookahead.slow[k]) for k in params)
     assert not all(np.array_equal(params[k], average[k]) for k in params)
     chosen, _ = checkpoint_weights(tmp_path / "a" / "checkpoint.npz")
     assert all(np.array_equal(chosen[k], average[k]) for k in params)  # a model from the checkpoint: the average
@@ -189,6 +214,48 @@ def test_the_trainer_steps_by_nesterov_momentum_when_asked(tmp_path):
         runs.append(t.model.params)
     # the first update is lr d either way (v = d) for plain momentum, lr (1 + momentum) d for Nesterov's
     assert all(not np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def _lookahead_run(data, out, k, epochs=1):
+    cfg = dict(epochs=epochs, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0, lr_drop_epochs=[], seed=1,
+               lookahead=k, lookahead_alpha=0.5)
+    t = Trainer(build("flattened", (1, 28, 28), 10, seed=1), data, cfg, out, log=lambda m: None, progress=False)
+    start = {name: w.copy() for name, w in t.model.params.items()}
+    assert t.run() == "done"
+    return t, start
+
+
+def test_the_trainer_syncs_lookahead_every_k_updates_and_evaluates_the_slow_weights(tmp_path):
+    from engine.trainer import evaluate
+    data = _data(32)  # 2 updates an epoch
+    plain, start = _lookahead_run(data, tmp_path / "plain", 0)
+    synced, _ = _lookahead_run(data, tmp_path / "synced", 2)
+    waiting, _ = _lookahead_run(data, tmp_path / "waiting", 3)
+    for name, w in plain.model.params.items():
+        # update 2 synced: the slow weights (the start) moved half way to the plain run's, the weights with them
+        want = start[name] + (w - start[name]) * np.float32(0.5)
+        np.testing.assert_array_equal(synced.model.params[name], want, err_msg=name)
+        np.testing.assert_array_equal(synced.lookahead.slow[name], want, err_msg=name)
+        # no sync yet: the weights are the plain run's, the slow weights still the start
+        np.testing.assert_array_equal(waiting.model.params[name], w, err_msg=name)
+        np.testing.assert_array_equal(waiting.lookahead.slow[name], start[name], err_msg=name)
+    # evaluation saw the slow weights: the start's accuracy and loss, not the weights'
+    with waiting.final_weights():
+        on_slow = evaluate(waiting.model, data["test_x"], data["test_y"])
+    assert (waiting.history[-1]["test_loss"], waiting.history[-1]["test_acc"]) == on_slow
+    assert on_slow[0] != plain.history[-1]["test_loss"]
+    chosen, _ = checkpoint_weights(tmp_path / "waiting" / "checkpoint.npz")
+    assert all(np.array_equal(chosen[k], start[k]) for k in start)  # a model made from it: the slow weights
+
+
+def test_a_checkpoint_without_slow_weights_does_not_resume_a_run_with_lookahead(tmp_path):
+    data = _data(32)
+    _lookahead_run(data, tmp_path, 0)
+    cfg = dict(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0, lr_drop_epochs=[], seed=1,
+               lookahead=2)
+    t = Trainer(build("flattened", (1, 28, 28), 10, seed=1), data, cfg, tmp_path, log=lambda m: None, progress=False)
+    with pytest.raises(Exception, match="holds no slow weights, the run keeps them"):
+        t.resume()
 
 
 def test_a_checkpoint_without_the_average_does_not_resume_a_run_that_keeps_one(tmp_path):
@@ -213,14 +280,14 @@ def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_mode
     r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--cache-dir",
                  tmp_path / "cache", "--quiet", "--no-plot", "--batch-size", "32", "--epochs", "2", "--out", out,
                  "--validation", "64", "--schedule", "cosine", "--warmup-epochs", "1", "--label-smoothing", "0.1",
-                 "--ema", "0.9", "--nesterov")
+                 "--ema", "0.9", "--nesterov", "--lookahead", "2", "--lookahead-alpha", "0.8")
     assert r.returncode == 0, r.stderr
-    assert "momentum 0.9 (Nesterov), dampening 0," in r.stdout
+    assert "momentum 0.9 (Nesterov), dampening 0," in r.stdout and "Lookahead k 2 alpha 0.8" in r.stdout
     assert "128 training, 64 validation" in r.stdout and "validation accuracy: " in r.stdout
     assert "lr decayed to 0 along a half cosine" in r.stdout and "weight average (EMA) 0.9" in r.stdout
     settings = json.loads((out / "settings.json").read_text())
-    assert (settings["validation"], settings["schedule"], settings["ema"], settings["nesterov"]) == (64, "cosine", 0.9,
-                                                                                                  True)
+    assert (settings["validation"], settings["schedule"], settings["ema"], settings["nesterov"], settings["lookahead"],
+            settings["lookahead_alpha"]) == (64, "cosine", 0.9, True, 2, 0.8)
     import engine
     model = engine.load(out / "model.npz")
     assert "validation_accuracy" in model.meta["extra"] and "test_accuracy" not in model.meta["extra"]
@@ -248,7 +315,8 @@ def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_mode
                  "--out", tmp_path / "other", "--epochs", "1")
     assert r.returncode == 1 and "--validation 192 leaves no training images" in r.stderr
     for flags, message in ((["--ema", "1"], "in [0, 1)"), (["--label-smoothing", "-0.1"], "non-negative"),
-                           (["--schedule", "linear"], "invalid choice")):
+                           (["--schedule", "linear"], "invalid choice"), (["--lookahead", "-1"], "non-negative"),
+                           (["--lookahead-alpha", "0"], "in (0, 1]")):
         r = train_py(*flags)
         assert r.returncode == 2 and message in r.stderr, r.stderr
 

@@ -348,7 +348,7 @@ def test_the_paper_recipe_is_the_papers_text():
             assert r == dict(epochs=20, lr=0.1, momentum=0.9, dampening=None, lr_drop_epochs=[8],
                              lr_drop_factor=0.1, weight_decay=decay, init="auto", augment="none",  # the paper's init
                              nesterov=False, schedule="step", warmup_epochs=0, label_smoothing=0.0,
-                             ema=0.0)  # nothing it lacks
+                             ema=0.0, lookahead=0, lookahead_alpha=0.5)  # nothing it lacks
     if PAPER.is_file():  # the numbers above are the ones section 4.1 states
         text = " ".join(PAPER.read_text().split())
         assert "learning rate of 0.1 and a momentum of 0.9" in text
@@ -480,7 +480,7 @@ def test_augment_flag_is_recorded_and_a_checkpoint_without_it_resumes_unaugmente
     assert "augment flip,crop2" in r.stdout
     import engine
     assert engine.load(out / "model.npz").meta["extra"]["augment"] == "flip,crop2"  # what evaluate --flip reads
-    params, velocity, meta, perm, _ = load_checkpoint(out / "checkpoint.npz")
+    params, velocity, meta, perm, _, _ = load_checkpoint(out / "checkpoint.npz")
     assert meta["settings"]["augment"] == meta["config"]["augment"] == "flip,crop2"
     # a checkpoint of an older version: no augment setting; its run had none
     del meta["settings"]["augment"], meta["config"]["augment"]

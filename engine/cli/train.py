@@ -34,7 +34,7 @@ IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 2
 RUN_SETTINGS = ("model", "dataset", "label_mode", "batch_size", "lr", "momentum", "dampening", "nesterov",
                 "weight_decay", "lr_drop_epochs", "lr_drop_factor", "seed", "limit_train", "limit_test", "pool",
                 "pool_mode", "flatten_first", "stages", "init", "augment", "schedule", "warmup_epochs",
-                "label_smoothing", "ema", "validation")
+                "label_smoothing", "ema", "lookahead", "lookahead_alpha", "validation")
 # None: Torch7's dampening; all the images; evaluation on the test set
 NULLABLE_SETTINGS = ("dampening", "limit_train", "limit_test", "validation")
 # Where the data is and how the run runs: remembered as well, so that `--out DIR --resume` alone
@@ -79,6 +79,14 @@ def fraction(s):
     v = non_negative_float(s)
     if v >= 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
+    return v
+
+
+def step_fraction(s):
+    """An argparse type: a number in (0, 1]."""
+    v = non_negative_float(s)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
     return v
 
 
@@ -158,7 +166,7 @@ def parser():
 
     g = p.add_argument_group("optimization", "The recipe sets --epochs, --lr, --momentum, --dampening, --nesterov, "
                              "--weight-decay, --lr-drop-epochs, --lr-drop-factor, --schedule, --warmup-epochs, "
-                             "--label-smoothing, --ema, --init and --augment; a flag "
+                             "--label-smoothing, --ema, --lookahead, --lookahead-alpha, --init and --augment; a flag "
                              "given replaces its recipe value (models/recipes.py, docs/results.md)")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help=" | ".join(help_text(name) for name in RECIPES) + f" (default: {DEFAULT_RECIPE})")
@@ -201,6 +209,12 @@ def parser():
                    help="keep an exponential moving average of the weights, updated after each step with this "
                         "decay (e.g. 0.999); evaluation and the model file use the average, and the checkpoint "
                         "holds it; 0 = none (default: the recipe's)")
+    g.add_argument("--lookahead", metavar="K", type=non_negative_int, default=None,
+                   help="Lookahead: every K updates, slow weights move --lookahead-alpha of the way to the "
+                        "optimizer's weights, which restart from them; evaluation and the model file use the slow "
+                        "weights (unless --ema), and the checkpoint holds them; 0 = none (default: the recipe's)")
+    g.add_argument("--lookahead-alpha", metavar="A", type=step_fraction, default=None,
+                   help="the step of --lookahead's slow weights, in (0, 1] (default: the recipe's, 0.5)")
     g.add_argument("--seed", metavar="N", type=non_negative_int, default=0, help="seed of weights, dropout masks, batch order and augmentation draws")
     g.add_argument("--eval-batch-size", metavar="N", type=positive_int, default=None,
                    help="batch size for test evaluation (default: 500)")
@@ -492,6 +506,7 @@ def run(args, dist=None):
                   lr_drop_factor=args.lr_drop_factor, seed=args.seed, eval_batch_size=args.eval_batch_size,
                   step=args.step or "auto", augment=args.augment, schedule=args.schedule,
                   warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, ema=args.ema,
+                  lookahead=args.lookahead, lookahead_alpha=args.lookahead_alpha,
                   eval_split="validation" if args.validation else "test")
     settings = {key: getattr(args, key) for key in RUN_SETTINGS + RUN_OPTIONS}
     settings["recipe"] = args.recipe  # what filled the optimization settings (older runs: None)
