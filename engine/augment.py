@@ -1,9 +1,14 @@
 """Training-time data augmentation: random horizontal flips, random translations (crops of a padded image)
 and cutout (a random square set to zero).
 
-A spec is a text such as "none", "flip", "crop4", "flip,crop4" or "flip,crop4,cutout8":
+A spec is a text such as "none", "flip", "crop4", "flip,crop4", "altflip,crop4" or "flip,crop4,cutout8":
 
 - flip: each image is mirrored left-right with probability 1/2;
+- altflip: each image is mirrored in every other epoch, the first one it is mirrored in (the first or
+  the second) drawn with probability 1/2 per image from the seed ("derandomized" or alternating flips,
+  as in Keller Jordan's fast CIFAR-10 training, 2024): every pair of consecutive epochs shows each
+  image once as it is and once mirrored, where random flips show about a quarter of the images twice
+  the same way. It takes the place of flip's draws, so the moves and cutouts below stay the same;
 - cropP: each image is moved by (dy, dx), each drawn uniformly from -P..P, the pixels that enter
   being 0: the same as cutting a random HxW window out of the image padded with P zeros on every
   side. On the preprocessed images (contrast-normalized, ZCA-whitened: zero is the mean image)
@@ -22,7 +27,9 @@ import numpy as np
 
 MAX_PAD = 16
 MAX_CUTOUT = 32
-SPEC_FORMS = f"'none', or 'flip', 'cropP' (P = 1..{MAX_PAD}) and 'cutoutK' (K = 1..{MAX_CUTOUT}), each at most once"
+SPEC_FORMS = (f"'none', or 'flip' or 'altflip', 'cropP' (P = 1..{MAX_PAD}) and 'cutoutK' (K = 1..{MAX_CUTOUT}), "
+              f"each at most once")
+NO_FLIP, FLIP, ALTERNATE_FLIP = 0, 1, 2  # parse_spec's flip
 
 
 class Draws(NamedTuple):
@@ -47,16 +54,17 @@ def _number(part, word, largest):
 
 
 def parse_spec(spec):
-    """(flip, pad, cutout) of a spec text; ValueError with a one-line reason when it is not one."""
-    flip, pad, cutout = False, 0, 0
+    """(flip, pad, cutout) of a spec text, flip one of NO_FLIP (0), FLIP and ALTERNATE_FLIP; ValueError with a
+    one-line reason when it is not one."""
+    flip, pad, cutout = NO_FLIP, 0, 0
     parts = [p.strip() for p in str(spec).split(",") if p.strip()]
     if parts == ["none"]:
         return flip, pad, cutout
     if not parts:
         raise ValueError(f"empty augmentation spec (use {SPEC_FORMS}, comma-separated)")
     for part in parts:
-        if part == "flip" and not flip:
-            flip = True
+        if part in ("flip", "altflip") and not flip:
+            flip = FLIP if part == "flip" else ALTERNATE_FLIP
         elif _number(part, "crop", MAX_PAD) and not pad:
             pad = _number(part, "crop", MAX_PAD)
         elif _number(part, "cutout", MAX_CUTOUT) and not cutout:
@@ -69,19 +77,23 @@ def parse_spec(spec):
 def canonical(spec):
     """The spec in its one written form ('none', 'flip', 'crop4', 'flip,crop4', 'flip,crop4,cutout8', ...)."""
     flip, pad, cutout = parse_spec(spec)
-    parts = (["flip"] if flip else []) + ([f"crop{pad}"] if pad else []) + ([f"cutout{cutout}"] if cutout else [])
+    parts = ([None, "flip", "altflip"][flip:flip + 1] if flip else []) + ([f"crop{pad}"] if pad else []) + ([f"cutout{cutout}"] if cutout else [])
     return ",".join(parts) or "none"
 
 
 def epoch_draws(spec, n, seed, epoch, size=None):
     """The Draws of one epoch for n training images of size (H, W) (needed for cutout only), or None for 'none'.
 
-    The flips and shifts are drawn first, so adding cutout to a spec leaves them as they were."""
+    The flips and shifts are drawn first, so adding cutout to a spec leaves them as they were; altflip's flips
+    come from a stream of their own (the seed alone) in place of flip's draws, so its shifts are flip's."""
     flip, pad, cutout = parse_spec(spec)
     if not (flip or pad or cutout):
         return None
     rng = np.random.default_rng([int(seed), int(epoch), 0xA06])  # its own stream: weights, dropout and order untouched
     flips = rng.integers(0, 2, n).astype(bool) if flip else np.zeros(n, bool)
+    if flip == ALTERNATE_FLIP:  # image i is mirrored in the epochs e with (e + phase[i]) odd, phase drawn once
+        phase = np.random.default_rng([int(seed), 0xA1F]).integers(0, 2, n)
+        flips = (int(epoch) + phase) % 2 == 1
     shifts = rng.integers(-pad, pad + 1, (n, 2)) if pad else np.zeros((n, 2), np.int64)
     if not cutout:
         return Draws(flips, shifts)

@@ -45,6 +45,7 @@ def test_apply_matches_a_pixel_loop_and_a_crop_of_the_padded_image():
 @pytest.mark.parametrize("spec,expected", [
     ("none", "none"), ("flip", "flip"), ("crop4", "crop4"), ("crop4,flip", "flip,crop4"),
     (" flip , crop16 ", "flip,crop16"), ("cutout8,flip,crop4", "flip,crop4,cutout8"), ("cutout32", "cutout32"),
+    ("crop4,altflip", "altflip,crop4"), ("altflip", "altflip"),
 ])
 def test_specs_read_and_write_one_form(spec, expected):
     assert augment.canonical(spec) == expected
@@ -54,7 +55,7 @@ def test_specs_read_and_write_one_form(spec, expected):
 @pytest.mark.parametrize("spec", ["", "flop", "crop0", "crop17", "crop", "crop-1", "flip,flip", "crop2,crop3",
                                   "none,flip", "crop 4", "cutout0", "cutout33", "cutout", "cutout4,cutout4",
                                   "flip,cutout-2", "cutoutx", "cutout 8", "cutout4,cutout8", "cutout\u00b2",
-                                  "crop\u0668", "cutout\u0668"])
+                                  "crop\u0668", "cutout\u0668", "flip,altflip", "altflip,altflip", "alt"])
 def test_bad_specs_say_what_is_expected(spec):
     with pytest.raises(ValueError, match=r"^(bad augmentation '.+' in|empty augmentation spec)"):
         augment.parse_spec(spec)
@@ -113,3 +114,20 @@ def test_cutout_draws_leave_flips_and_shifts_as_they_were_and_cover_the_image():
     np.testing.assert_array_equal(part.flips, cut.flips[[4, 0, 9]])
     with pytest.raises(ValueError, match="image size"):
         augment.epoch_draws("cutout8", 10, 0, 0)
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch_and_keep_the_shifts():
+    n = 20000
+    draws = [augment.epoch_draws("altflip,crop2", n, seed=5, epoch=e) for e in range(4)]
+    assert abs(draws[0].flips.mean() - 0.5) < 0.02  # the phase: half the images mirrored first in epoch 0
+    for e in range(3):  # each pair of consecutive epochs: every image once as it is, once mirrored
+        np.testing.assert_array_equal(draws[e + 1].flips, ~draws[e].flips)
+    np.testing.assert_array_equal(draws[2].flips, draws[0].flips)
+    for e in range(4):  # the moves are those of random flips with the same seed and epoch
+        np.testing.assert_array_equal(draws[e].shifts, augment.epoch_draws("flip,crop2", n, seed=5, epoch=e).shifts)
+    other = augment.epoch_draws("altflip", n, seed=6, epoch=0)
+    assert not np.array_equal(other.flips, draws[0].flips) and not other.shifts.any()
+    # random flips leave about a quarter of the images unmirrored in both of two epochs; alternating ones none
+    random = [augment.epoch_draws("flip", n, seed=5, epoch=e).flips for e in range(2)]
+    assert abs(np.mean(~random[0] & ~random[1]) - 0.25) < 0.02
+    assert not np.any(~draws[0].flips & ~draws[1].flips)

@@ -191,10 +191,12 @@ def parser():
                    help="learning-rate drop factor (default: the recipe's, 0.1)")
     g.add_argument("--augment", metavar="SPEC", type=augment_spec, default=None,
                    help="training-image augmentation (default: the recipe's): none; flip (mirror left-right "
-                        "with probability 1/2); cropP (move by up to P pixels each way, P = 1..16, zeros entering: "
+                        "with probability 1/2); altflip (mirror each image in every other epoch, from a first "
+                        "epoch drawn per image); cropP (move by up to P pixels each way, P = 1..16, zeros entering: "
                         "a random crop of the image padded by P); cutoutK (after those, set a KxK square centred "
-                        "on a random pixel to zero, K//2 rows and columns before it, K = 1..32); or several, e.g. flip,crop4 or flip,crop4,cutout8. Drawn per image and epoch "
-                        "from --seed; test images are never augmented (engine/augment.py, docs/results.md)")
+                        "on a random pixel to zero, K//2 rows and columns before it, K = 1..32); or several, e.g. "
+                        "flip,crop4 or flip,crop4,cutout8. Drawn per image and epoch from --seed; test images are "
+                        "never augmented (engine/augment.py, docs/results.md)")
     g.add_argument("--schedule", choices=["step", "cosine"], default=None,
                    help="learning-rate schedule (default: the recipe's): step = --lr multiplied by "
                         "--lr-drop-factor after each of --lr-drop-epochs; cosine = --lr decayed to 0 over the run "
