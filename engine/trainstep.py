@@ -333,14 +333,14 @@ class CompiledStep:
                              f"({len(self._x)}, {self.out_shape[0]})")
         threads = self._threads(num_threads)
         upper = len(self.table)
-        for lower in self._param_rows if ready is not None else [0]:
+        for first in self._param_rows if ready is not None else [0]:  # rows [first, upper) in each call
             self.last_threads = train_run(True, self.table, self._x, dlogits, self._cols_buf, self._wbuf_buf,
                                           self._part_buf, self._scratch_buf, self._g[0], self._g[1],
                                           self._wpack_buf, self._bpad_buf, self._wpart_buf, threads, times, upper,
-                                          lower)
-            upper = lower
+                                          first)
+            upper = first
             if ready is not None:
-                ready(self.row_grads[lower])
+                ready(self.row_grads[first])
 
     def update(self, velocity, lr, momentum, weight_decay, dampening=None, nesterov=False, num_threads=None):
         """SGD with momentum on every parameter (optim.sgd_momentum's rule), compiled."""

@@ -3,6 +3,7 @@
 # own folder here with its train.log. Settings are chosen on 5,000 training images held out (--validation 5000);
 # the test set is read only by the final runs (final.sh). A change is kept only if it ends higher with two seeds;
 # the bundle (cosine-ls-ema) ended lower with seed 1, so the seed-2 pair was stopped unfinished and is not kept.
+# Single elements against step-s1, one seed each: altflip-s1, nesterov-s1, lookahead-s1 (named on the command line).
 #   bash docs/runs/short-recipe/trials.sh [NAME...]     # all trials, or the named ones
 set -u
 cd "$(dirname "$0")/../../.."
@@ -13,6 +14,9 @@ declare -A trial=(
   [step-s2]="--lr-drop-epochs 13,17 --seed 2"
   [cosine-ls-ema-s1]="--schedule cosine --warmup-epochs 1 --label-smoothing 0.1 --ema 0.999 --seed 1"
   [cosine-ls-ema-s2]="--schedule cosine --warmup-epochs 1 --label-smoothing 0.1 --ema 0.999 --seed 2"
+  [altflip-s1]="--lr-drop-epochs 13,17 --augment altflip,crop4 --seed 1"
+  [nesterov-s1]="--lr-drop-epochs 13,17 --nesterov --seed 1"
+  [lookahead-s1]="--lr-drop-epochs 13,17 --lookahead 5 --seed 1"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(step-s1 cosine-ls-ema-s1 step-s2 cosine-ls-ema-s2)
