@@ -205,7 +205,7 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(mpi, tmp_path):
 def assert_like_one_process(ranks, one, n):
     """The checkpoints of n ranks and of one process (dropout off, same global batch) agree to float32
     summation-order tolerance: weights, momentum, and each epoch's losses and accuracies."""
-    (p2, v2, m2, _, _), (p1, v1, m1, _, _) = ranks, one
+    (p2, v2, m2, _, _, _), (p1, v1, m1, _, _, _) = ranks, one
     assert m2["ranks"]["count"] == n and "ranks" not in m1
     init = build("flattened", (1, 28, 28), 10, seed=1).params
     for name in p1:
@@ -258,7 +258,7 @@ def test_one_rank_equals_a_plain_run_exactly_and_resume_with_two_ranks_is_exact(
     assert (meta["epoch"], meta["step_in_epoch"]) == (1, 3)  # rank 1 stopped after the same step as rank 0
     r = worker(tmp_path / "resumed", "--epochs", "2", "--n-train", "65", "--resume")
     assert r.returncode == 0 and "rank 0 of 2: done" in r.stdout, r.stdout + r.stderr
-    (ps, _, ms, _, _), (pr, _, mr, _, _) = ckpt(tmp_path / "straight"), ckpt(tmp_path / "resumed")
+    (ps, _, ms, _, _, _), (pr, _, mr, _, _, _) = ckpt(tmp_path / "straight"), ckpt(tmp_path / "resumed")
     assert len(ms["ranks"]["model_rng"]) == 1 and ms["ranks"]["model_rng"] == mr["ranks"]["model_rng"]
     assert ms["ranks"]["model_rng"][0] != ms["model_rng"]  # rank 1 draws its own masks
     for name in ps:
