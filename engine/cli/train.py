@@ -539,7 +539,7 @@ def run(args, dist=None):
         acc = trainer.history[-1]["test_acc"]  # the last epoch's evaluation saw these very weights
         accuracy_key = "validation_accuracy" if args.validation else "test_accuracy"
         if is_root:
-            with trainer.final_weights():  # the average of the weights where the run keeps one
+            with trainer.final_weights():  # the average of the weights, or Lookahead's slow weights, where kept
                 engine.save_model(out / "model.npz", model, in_shape, data["classes"],
                                   preprocessing=dict(gcn=data["preprocessing"]["gcn"]),
                                   zca_mean=data.get("zca_mean"), zca_matrix=data.get("zca_matrix"),
