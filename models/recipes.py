@@ -44,8 +44,8 @@ short
     settings: no short schedule was searched there.
 """
 
-RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "nesterov", "weight_decay", "lr_drop_epochs", "lr_drop_factor", "init",
-               "augment", "schedule", "warmup_epochs", "label_smoothing", "ema", "lookahead", "lookahead_alpha")
+RECIPE_KEYS = ("epochs", "lr", "momentum", "dampening", "nesterov", "weight_decay", "lr_drop_epochs", "lr_drop_factor",
+               "init", "augment", "schedule", "warmup_epochs", "label_smoothing", "ema", "lookahead", "lookahead_alpha")
 # a value of these may be a dict {model: value}
 PER_MODEL_KEYS = ("epochs", "lr_drop_epochs", "weight_decay", "init", "augment", "schedule", "warmup_epochs",
                   "label_smoothing", "ema")
