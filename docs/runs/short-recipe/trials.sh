@@ -3,7 +3,8 @@
 # own folder here with its train.log. Settings are chosen on 5,000 training images held out (--validation 5000);
 # the test set is read only by the final runs (final.sh). A change is kept only if it ends higher with two seeds;
 # the bundle (cosine-ls-ema) ended lower with seed 1, so the seed-2 pair was stopped unfinished and is not kept.
-# Single elements against step-s1, one seed each: altflip-s1, nesterov-s1, lookahead-s1 (named on the command line).
+# Single elements against step-s1, one seed each, named on the command line: altflip-s1 (run 2026-12-07); nesterov-s1
+# and lookahead-s1 have no run folder.
 #   bash docs/runs/short-recipe/trials.sh [NAME...]     # all trials, or the named ones
 set -u
 cd "$(dirname "$0")/../../.."
