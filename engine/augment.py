@@ -30,6 +30,7 @@ MAX_CUTOUT = 32
 SPEC_FORMS = (f"'none', or 'flip' or 'altflip', 'cropP' (P = 1..{MAX_PAD}) and 'cutoutK' (K = 1..{MAX_CUTOUT}), "
               f"each at most once")
 NO_FLIP, FLIP, ALTERNATE_FLIP = 0, 1, 2  # parse_spec's flip
+FLIP_NAMES = {"flip": FLIP, "altflip": ALTERNATE_FLIP}
 
 
 class Draws(NamedTuple):
@@ -63,8 +64,8 @@ def parse_spec(spec):
     if not parts:
         raise ValueError(f"empty augmentation spec (use {SPEC_FORMS}, comma-separated)")
     for part in parts:
-        if part in ("flip", "altflip") and not flip:
-            flip = FLIP if part == "flip" else ALTERNATE_FLIP
+        if part in FLIP_NAMES and not flip:
+            flip = FLIP_NAMES[part]
         elif _number(part, "crop", MAX_PAD) and not pad:
             pad = _number(part, "crop", MAX_PAD)
         elif _number(part, "cutout", MAX_CUTOUT) and not cutout:
@@ -77,7 +78,8 @@ def parse_spec(spec):
 def canonical(spec):
     """The spec in its one written form ('none', 'flip', 'crop4', 'flip,crop4', 'flip,crop4,cutout8', ...)."""
     flip, pad, cutout = parse_spec(spec)
-    parts = ([None, "flip", "altflip"][flip:flip + 1] if flip else []) + ([f"crop{pad}"] if pad else []) + ([f"cutout{cutout}"] if cutout else [])
+    parts = [name for name, kind in FLIP_NAMES.items() if kind == flip]
+    parts += ([f"crop{pad}"] if pad else []) + ([f"cutout{cutout}"] if cutout else [])
     return ",".join(parts) or "none"
 
 

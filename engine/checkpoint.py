@@ -2,8 +2,8 @@
 
 A checkpoint is one .npz written with allow_pickle=False (never a pickle): every
 parameter and momentum buffer (and the average of the weights and Lookahead's slow weights of a
-run that keeps them), the position inside the epoch (with that epoch's shuffling order), and a JSON document holding the generators' states, the
-history and the run's settings. It is written to a temporary file and renamed,
+run that keeps them), the position inside the epoch (with that epoch's shuffling order), and a
+JSON document holding the generators' states, the history and the run's settings. It is written to a temporary file and renamed,
 so an interruption never leaves a half-written checkpoint. ``load_checkpoint``
 checks every header and the JSON document before it reads any data.
 """

@@ -373,11 +373,10 @@ class Distributed:
         header = None
         if self.is_root:
             params, velocity, meta, perm, average, slow = got
-            header = (meta, [(k, v.shape, v.dtype.str) for k, v in params.items()],
-                      [(k, v.shape, v.dtype.str) for k, v in velocity.items()],
-                      None if perm is None else (perm.shape, perm.dtype.str),
-                      None if average is None else [(k, v.shape, v.dtype.str) for k, v in average.items()],
-                      None if slow is None else [(k, v.shape, v.dtype.str) for k, v in slow.items()])
+            def spec(arrays):  # what the other ranks allocate before a group's broadcast
+                return None if arrays is None else [(k, v.shape, v.dtype.str) for k, v in arrays.items()]
+            header = (meta, spec(params), spec(velocity), None if perm is None else (perm.shape, perm.dtype.str),
+                      spec(average), spec(slow))
         meta, pspec, vspec, permspec, aspec, sspec = self.comm.bcast(header, root=0)
 
         def share(spec, arrays):

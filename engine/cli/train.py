@@ -27,6 +27,7 @@ from engine.models.recipes import (DEFAULT_RECIPE, RECIPES, complete_settings, d
                                    setting_text)
 
 from ..modelfile import ZCA_STORAGE
+from ..optim import check_nesterov
 from .common import Parser
 
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
@@ -419,7 +420,9 @@ def run(args, dist=None):
             if getattr(args, key) is None:
                 setattr(args, key, value)
 
-    if args.nesterov and (args.momentum <= 0 or args.dampening != 0):
+    try:
+        check_nesterov(args.nesterov, args.momentum, args.momentum if args.dampening is None else args.dampening)
+    except ValueError:
         damp = "Torch7's (= momentum)" if args.dampening is None else f"{args.dampening:g}"
         sys.exit(f"error: --nesterov needs --momentum above 0 and --dampening 0 (this run: momentum "
                  f"{args.momentum:g}, dampening {damp})")
