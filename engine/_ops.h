@@ -18,7 +18,7 @@
     X(kv) X(vbefore) X(kh) X(hbefore) X(h_mid)  /* VH: taps, leading zero padding, rows of v */ \
     X(w) X(b) X(wv) X(bv) X(wh) X(bh)     /* parameters (addresses; layouts per op below) */ \
     X(dw) X(db) X(dwv) X(dbv) X(dwh) X(dbh)  /* training: their gradients */                  \
-    X(out) X(mid) X(aux)                  /* training: output; VH's v or CONV's packed weights; argmax/mask or CONV's columns; \
+    X(out) X(mid) X(aux)                  /* training: output; CONV's packed weights; argmax/mask or CONV's columns; \
                                              inference: aux of a Winograd CONV, its GEMMs' zero bias */ \
     X(thresh) X(seed) X(scale)            /* training: dropout keep threshold, seed, float32 bits of 1/(1-p) */ \
     X(chunk)                              /* training: CONV images per im2col chunk */              \

@@ -10,8 +10,9 @@
  *
  * Forward keeps what backward needs: every op's output (ReLU folded into the op before
  * it: its output is stored after the ReLU and backward masks the gradient with
- * out > 0), the vertical convolution's output v of a fused VH op, pooling argmaxes and
- * dropout masks. Backward runs the ops in reverse on two ping-pong gradient buffers.
+ * out > 0, or a max-pooling after it does, on the pooled gradient), pooling argmaxes and
+ * dropout masks; a fused VH op's backward computes its vertical output again. Backward
+ * runs the ops in reverse on two ping-pong gradient buffers.
  *
  * Determinism: every output element, and every weight gradient, is computed with a
  * fixed summation order whatever the thread count. Loops over images give each image to
@@ -306,6 +307,17 @@ static void ft_colsum(float *dy, const float *y, int relu, long P, long F, float
     }
 }
 
+/* Whether op o is a max-pooling right after an op with a folded ReLU (a GEMM, CONV or Linear). The
+ * pooling's backward then does that op's pass over its output gradient: it masks the gradient by its own
+ * output (at each argmax, the ReLU's output is the pooled maximum, so the mask is the same) before
+ * scattering it, and leaves the op's per-image bias-gradient sums in c->part; the op's backward skips
+ * ft_colsum, which would read and write its whole (unpooled) output gradient and read its output. */
+static inline int ft_pool_takes_relu(const fl_op *ops, int nops, int o) {
+    if (o <= 0 || o >= nops || ops[o].kind != FL_POOL || !ops[o - 1].relu) return 0;
+    int k = (int)ops[o - 1].kind;
+    return k == FL_GEMM || k == FL_CONV || k == FL_LINEAR;
+}
+
 /* out[j * ostride] = sum over images i (in order, in double) of part[i * part_floats + off + j], j < len. */
 static void ft_reduce(const ft_ctx *c, long n, long off, long len, float *out, long ostride) {
     for (long j = 0; j < len; j++) {
@@ -434,13 +446,14 @@ static inline int ft_conv_transposed_ok(const fl_op *op, const ft_ctx *c) {
     return op->stride == 1 && op->pad <= op->k - 1 && c->cols_floats >= op->h_in * op->w_in * op->k * op->k * op->c_out;
 }
 
-static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *dx, long n, ft_ctx *c) {
+static void ft_conv_backward(const fl_op *op, const float *x, float *dy, float *dx, long n, ft_ctx *c, int summed) {
     long C = op->c_in, F = op->c_out, k = op->k, KKC = k * k * C, P = op->h_out * op->w_out;
     long in_sz = ft_in_size(op), chunk = op->chunk;
     const float *wp = fl_cptr(op->mid);
     float *dw = fl_ptr(op->dw), *dwp = c->wbuf;
     const float *y = fl_cptr(op->out);
-    FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, y + i * P * F, (int)op->relu, P, F, c->part + i * c->part_floats));
+    if (!summed)  /* (else the pooling after it masked dy and left the sums: ft_pool_takes_relu) */
+        FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, y + i * P * F, (int)op->relu, P, F, c->part + i * c->part_floats));
     ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
     int transposed = dx && ft_conv_transposed_ok(op, c);
     if (dx && !transposed) ft_pack(c, wp, 0, F, KKC, c->wpack);
@@ -587,13 +600,14 @@ static void ft_wino_forward(const fl_op *op, const float *x, long n, ft_ctx *c) 
                  fl_ptr(op->tm), fl_cptr(op->b), (int)op->relu, fl_ptr(op->out), n, c);
 }
 
-static void ft_wino_backward(const fl_op *op, float *dy, float *dx, long n, ft_ctx *c) {
+static void ft_wino_backward(const fl_op *op, float *dy, float *dx, long n, ft_ctx *c, int summed) {
     fp_wino t = fp_wino_of(op);
     long C = op->c_in, F = op->c_out, Ho = op->h_out, Wo = op->w_out, P = Ho * Wo, k = t.k, nn = t.n * t.n;
     long th = (Ho + t.m - 1) / t.m, tw = (Wo + t.m - 1) / t.m, R = n * th * tw;
     float *V = fl_ptr(op->tv), *dM = fl_ptr(op->tm), *dU = c->wbuf, *dw = fl_ptr(op->dw);
     const float *y = fl_cptr(op->out);
-    FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, y + i * P * F, (int)op->relu, P, F, c->part + i * c->part_floats));
+    if (!summed)  /* (else the pooling after it masked dy and left the sums: ft_pool_takes_relu) */
+        FT_PER_IMAGE(c, n, ft_colsum(dy + i * P * F, y + i * P * F, (int)op->relu, P, F, c->part + i * c->part_floats));
     ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
     FT_PER_IMAGE(c, n, ft_wino_dout(&t, dy + i * P * F, Ho, Wo, F, th, tw, dM, R, i * th * tw, scr));
     for (long e = 0; e < nn; e++)  /* dU_e (F x C) = dM_e^T V_e */
@@ -630,114 +644,262 @@ static void ft_wino_backward(const fl_op *op, float *dy, float *dx, long n, ft_c
 /* ---------------------------------------------------------------- vertical + horizontal 1D convolutions
  * v[i, x, c] = bv[c] + sum_t wv[t, c] in[i + t - vb, x, c]   (rows outside the input are zero)
  * y[i, j, c] = bh[c] + sum_t wh[t, c] v[i, j + t - hb, c]    (columns likewise)
- * with the filters transposed to (k, C) in c->wbuf: wv first, then wh. */
+ *
+ * One vector of FP_VL channels at a time, on planes of that vector gathered into the thread's scratch, as
+ * the inference path's fp_vh does (on the channels-last activation every tap would stride by C floats).
+ * The last vector of channels is padded with zero lanes, where the filters are zero too. The planes, in
+ * vectors:
+ *   pp  the input with its zero rows: Hp = Hm + kv - 1 rows of W, pp[r] = in[r - vb];
+ *   tp  v with its zero columns: Hm rows of L = Wo + kh - 1, tp[i, p] = v[i, p - hb]. The backward
+ *       computes it again from pp: kv multiply-adds per element cost less than a round trip of v
+ *       through memory;
+ *   dp  the output gradient (masked by the ReLU) with kh - 1 zero columns on each side: Hm rows of
+ *       L + kh - 1, dp[i, q] = dy[i, q - (kh - 1)];
+ *   qp  v's gradient with its zero rows: H + kv - 1 rows of W, qp[q] = dv[q - (kv - 1 - vb)].
+ * Then each sum runs over taps held in registers:
+ *   dv[i, p - hb] = sum_t wh[t] dp[i, p - t + kh - 1]     dwh[t] = sum_i,j dy[i, j] tp[i, j + t]
+ *   dx[r] = sum_t wv[t] qp[r + kv - 1 - t]                dwv[t] = sum_i,x dv[i, x] pp[i + t, x]
+ * c->wbuf holds the filters transposed to (k, Cp) and the biases, Cp = C rounded up to whole vectors,
+ * zero past C: wv (kv x Cp), wh (kh x Cp), bv, bh. */
 
-static void ft_vh_forward_image(const fl_op *op, const float *wvt, const float *wht, const float *x, float *v,
-                                float *y) {
-    long C = op->c_in, H = op->h_in, W = op->w_in, Hm = op->h_mid, Wo = op->w_out;
-    long kv = op->kv, vb = op->vbefore, kh = op->kh, hb = op->hbefore;
-    const float *bv = fl_cptr(op->bv), *bh = fl_cptr(op->bh);
+#define FT_VH_KMAX 16  /* the longest 1D filter of the compiled step (trainstep.py falls back past it) */
+
+static inline long ft_vh_vectors(const fl_op *op) { return (op->c_in + FP_VL - 1) / FP_VL; }
+static inline long ft_vh_cols(const fl_op *op) { return op->w_out + op->kh - 1; }  /* L */
+
+/* n vectors, each cw <= FP_VL channels from src (one every `stride` floats), to dst (contiguous, zero past
+ * cw); with mask, each element is zeroed where mask (laid out as src) is not positive (a ReLU's output) */
+static inline void ft_gather(const float *src, const float *mask, long stride, long n, int cw, float *dst) {
+    if (cw == FP_VL && !mask) {
+        for (long k = 0; k < n; k++) fp_store(dst + k * FP_VL, fp_load(src + k * stride));
+        return;
+    }
+    for (long k = 0; k < n; k++)
+        for (int l = 0; l < FP_VL; l++)
+            dst[k * FP_VL + l] = l < cw && (!mask || mask[k * stride + l] > 0.f) ? src[k * stride + l] : 0.f;
+}
+
+/* one vector's first cw lanes to dst */
+static inline void ft_put(float *dst, fp_v v, int cw) {
+    if (cw == FP_VL) fp_store(dst, v);
+    else for (int l = 0; l < cw; l++) dst[l] = v[l];
+}
+
+static inline void ft_zero_vectors(float *p, long n) {
+    if (n > 0) memset(p, 0, n * FP_VL * sizeof(float));
+}
+
+/* v of one vector of channels into tp, from pp */
+static inline __attribute__((always_inline)) void ft_vh_vertical_block(
+        const float *restrict pp, float *restrict tp, const float *wv, fp_v bv, long Cp, long W, long Hm, long Wo,
+        long x0, long x1, long hb, long kv, long kh) {
+    long L = Wo + kh - 1;
+    fp_v wvr[FT_VH_KMAX];
+    for (long t = 0; t < kv; t++) wvr[t] = fp_load(wv + t * Cp);
+    for (long i = 0; i < Hm; i++) {
+        float *row = tp + i * L * FP_VL;
+        ft_zero_vectors(row, fp_min(L, hb + x0));
+        for (long xx = x0; xx < x1; xx++) {
+            const float *s = pp + (i * W + xx) * FP_VL;
+            fp_v acc = bv;
+            for (long t = 0; t < kv; t++) acc += wvr[t] * fp_load(s + t * W * FP_VL);
+            fp_store(row + (xx + hb) * FP_VL, acc);
+        }
+        long p1 = fp_max(0, hb + x1);
+        ft_zero_vectors(row + p1 * FP_VL, L - p1);
+    }
+}
+
+/* y of one vector of channels (channels-last, cw lanes), from tp */
+static inline __attribute__((always_inline)) void ft_vh_horizontal_block(
+        const float *restrict tp, float *restrict y, const float *wh, fp_v bh, long Cp, long C, long Hm, long Wo,
+        long kh, int cw, int relu) {
+    long L = Wo + kh - 1;
+    fp_v whr[FT_VH_KMAX];
+    for (long t = 0; t < kh; t++) whr[t] = fp_load(wh + t * Cp);
+    for (long i = 0; i < Hm; i++) {
+        const float *row = tp + i * L * FP_VL;
+        float *o = y + i * Wo * C;
+        for (long j = 0; j < Wo; j++) {
+            fp_v acc = bh;
+            for (long t = 0; t < kh; t++) acc += whr[t] * fp_load(row + (j + t) * FP_VL);
+            ft_put(o + j * C, relu ? fp_relu(acc) : acc, cw);
+        }
+    }
+}
+
+/* The backward of one vector of channels: its gradient sums into part (the image's, at channel c of each
+ * row: dwv (kv x C), dbv (C), dwh (kh x C), dbh (C)), and dx (channels-last, cw lanes) unless NULL. */
+static inline __attribute__((always_inline)) void ft_vh_backward_block(
+        const float *restrict pp, const float *restrict tp, const float *restrict dp, float *restrict qp,
+        float *restrict dx, const float *wv, const float *wh, long Cp, long C, long H, long W, long Hm, long Wo,
+        long x0, long x1, long vb, long hb, long kv, long kh, int cw, float *part) {
+    long L = Wo + kh - 1, Ld = L + kh - 1, A = kv - 1 - vb, Hq = H + kv - 1;
+    fp_v z = {0}, wvr[FT_VH_KMAX], whr[FT_VH_KMAX], dwv[FT_VH_KMAX], dwh[FT_VH_KMAX], dbv = z, dbh = z;
+    for (long t = 0; t < kv; t++) { wvr[t] = fp_load(wv + t * Cp); dwv[t] = z; }
+    for (long t = 0; t < kh; t++) { whr[t] = fp_load(wh + t * Cp); dwh[t] = z; }
+    for (long i = 0; i < Hm; i++) {  /* horizontal: dbh, dwh */
+        const float *g = dp + (i * Ld + kh - 1) * FP_VL, *s = tp + i * L * FP_VL;
+        for (long j = 0; j < Wo; j++) {
+            fp_v gj = fp_load(g + j * FP_VL);
+            dbh += gj;
+            for (long t = 0; t < kh; t++) dwh[t] += gj * fp_load(s + (j + t) * FP_VL);
+        }
+    }
+    if (dx)  /* rows of qp that no row of v fills */
+        for (long q = 0; q < Hq; q++)
+            if (q - A < 0 || q - A >= Hm) ft_zero_vectors(qp + q * W * FP_VL, W);
+    for (long i = 0; i < Hm; i++) {  /* v's gradient: dbv, dwv, and qp */
+        long q = i + A;
+        float *qrow = dx && q >= 0 && q < Hq ? qp + q * W * FP_VL : NULL;
+        const float *g = dp + i * Ld * FP_VL;
+        for (long xx = x0; xx < x1; xx++) {
+            const float *gp = g + (xx + hb + kh - 1) * FP_VL;
+            fp_v d = z;
+            for (long t = 0; t < kh; t++) d += whr[t] * fp_load(gp - t * FP_VL);
+            dbv += d;
+            const float *s = pp + (i * W + xx) * FP_VL;
+            for (long t = 0; t < kv; t++) dwv[t] += d * fp_load(s + t * W * FP_VL);
+            if (qrow) fp_store(qrow + xx * FP_VL, d);
+        }
+        if (qrow) {
+            ft_zero_vectors(qrow, x0);
+            ft_zero_vectors(qrow + x1 * FP_VL, W - x1);
+        }
+    }
+    if (dx)  /* vertical: dx */
+        for (long r = 0; r < H; r++) {
+            float *o = dx + r * W * C;
+            for (long xx = 0; xx < W; xx++) {
+                const float *s = qp + ((r + kv - 1) * W + xx) * FP_VL;
+                fp_v acc = z;
+                for (long t = 0; t < kv; t++) acc += wvr[t] * fp_load(s - t * W * FP_VL);
+                ft_put(o + xx * C, acc, cw);
+            }
+        }
+    float *pdbv = part + kv * C, *pdwh = pdbv + C, *pdbh = pdwh + kh * C;
+    for (long t = 0; t < kv; t++) ft_put(part + t * C, dwv[t], cw);
+    ft_put(pdbv, dbv, cw);
+    for (long t = 0; t < kh; t++) ft_put(pdwh + t * C, dwh[t], cw);
+    ft_put(pdbh, dbh, cw);
+}
+
+/* The geometry every block of a VH op shares */
+typedef struct {
+    long C, Cp, H, W, Hm, Wo, L, Hp, kv, vb, kh, hb, x0, x1;
+} ft_vh_geom;
+
+static ft_vh_geom ft_vh_geometry(const fl_op *op) {
+    ft_vh_geom g;
+    g.C = op->c_in; g.Cp = ft_vh_vectors(op) * FP_VL; g.H = op->h_in; g.W = op->w_in; g.Hm = op->h_mid;
+    g.Wo = op->w_out; g.kv = op->kv; g.vb = op->vbefore; g.kh = op->kh; g.hb = op->hbefore;
+    g.L = g.Wo + g.kh - 1; g.Hp = g.Hm + g.kv - 1;
+    g.x0 = fp_max(0, -g.hb); g.x1 = fp_min(g.W, g.L - g.hb);  /* the columns of v that land in tp */
+    return g;
+}
+
+/* pp for channels [c, c + cw) of one image's input x */
+static void ft_vh_gather_input(const ft_vh_geom *g, const float *x, long c, int cw, float *pp) {
+    for (long r = 0; r < g->Hp; r++) {
+        long ir = r - g->vb;
+        if (ir < 0 || ir >= g->H) ft_zero_vectors(pp + r * g->W * FP_VL, g->W);
+        else ft_gather(x + ir * g->W * g->C + c, NULL, g->C, g->W, cw, pp + r * g->W * FP_VL);
+    }
+}
+
+/* the filters and biases transposed and padded into wbuf (see above) */
+static void ft_vh_filters(const fl_op *op, float *wbuf) {
+    long C = op->c_in, Cp = ft_vh_vectors(op) * FP_VL, kv = op->kv, kh = op->kh;
+    const float *wv = fl_cptr(op->wv), *wh = fl_cptr(op->wh), *bv = fl_cptr(op->bv), *bh = fl_cptr(op->bh);
+    float *wvt = wbuf, *wht = wvt + kv * Cp, *bvp = wht + kh * Cp, *bhp = bvp + Cp;
+    memset(wbuf, 0, (kv + kh + 2) * Cp * sizeof(float));
+    for (long ch = 0; ch < C; ch++) {
+        for (long t = 0; t < kv; t++) wvt[t * Cp + ch] = wv[ch * kv + t];
+        for (long t = 0; t < kh; t++) wht[t * Cp + ch] = wh[ch * kh + t];
+        bvp[ch] = bv[ch];
+        bhp[ch] = bh[ch];
+    }
+}
+
+/* v of channels [c, c + cw) of one image into tp, from its input x (gathered into pp on the way) */
+static void ft_vh_vertical(const ft_vh_geom *g, const float *wbuf, const float *x, long c, int cw, float *pp,
+                           float *tp) {
+    const float *wvt = wbuf, *bvp = wvt + (g->kv + g->kh) * g->Cp;
+    ft_vh_gather_input(g, x, c, cw, pp);
+#define FT_VH_V(KV, KH) ft_vh_vertical_block(pp, tp, wvt + c, fp_load(bvp + c), g->Cp, g->W, g->Hm, g->Wo, g->x0, \
+                                             g->x1, g->hb, KV, KH)
+    if (g->kv == 5 && g->kh == 5) FT_VH_V(5, 5);
+    else if (g->kv == 3 && g->kh == 3) FT_VH_V(3, 3);
+    else FT_VH_V(g->kv, g->kh);
+#undef FT_VH_V
+}
+
+static void ft_vh_forward_image(const fl_op *op, const ft_vh_geom *g, const float *wbuf, const float *x, float *y,
+                                float *scr) {
+    const float *wht = wbuf + g->kv * g->Cp, *bhp = wht + g->kh * g->Cp + g->Cp;
+    float *pp = scr, *tp = pp + g->Hp * g->W * FP_VL;
     int relu = (int)op->relu;
-    for (long i = 0; i < Hm; i++) {
-        float *vr = v + i * W * C;
-        for (long xx = 0; xx < W; xx++)
-            for (long ch = 0; ch < C; ch++) vr[xx * C + ch] = bv[ch];
-        for (long t = 0; t < kv; t++) {
-            long r = i + t - vb;
-            if (r < 0 || r >= H) continue;
-            const float *in = x + r * W * C, *wt = wvt + t * C;
-            for (long xx = 0; xx < W; xx++)
-                for (long ch = 0; ch < C; ch++) vr[xx * C + ch] += wt[ch] * in[xx * C + ch];
-        }
-    }
-    for (long i = 0; i < Hm; i++) {
-        const float *vr = v + i * W * C;
-        float *yr = y + i * Wo * C;
-        for (long j = 0; j < Wo; j++) {
-            float *o = yr + j * C;
-            for (long ch = 0; ch < C; ch++) o[ch] = bh[ch];
-            for (long t = 0; t < kh; t++) {
-                long xx = j + t - hb;
-                if (xx < 0 || xx >= W) continue;
-                const float *s = vr + xx * C, *wt = wht + t * C;
-                for (long ch = 0; ch < C; ch++) o[ch] += wt[ch] * s[ch];
-            }
-            if (relu)
-                for (long ch = 0; ch < C; ch++) o[ch] = o[ch] < 0.f ? 0.f : o[ch];
-        }
+    for (long c = 0; c < g->C; c += FP_VL) {
+        int cw = (int)fp_min(FP_VL, g->C - c);
+        ft_vh_vertical(g, wbuf, x, c, cw, pp, tp);
+#define FT_VH_H(KH) ft_vh_horizontal_block(tp, y + c, wht + c, fp_load(bhp + c), g->Cp, g->C, g->Hm, g->Wo, KH, cw, relu)
+        if (g->kh == 5) FT_VH_H(5);
+        else if (g->kh == 3) FT_VH_H(3);
+        else FT_VH_H(g->kh);
+#undef FT_VH_H
     }
 }
 
-/* One image's backward of a VH op: dx (if not NULL) from dy, and its partial gradient sums
- * part = [dwv (kv, C), dbv (C), dwh (kh, C), dbh (C)]; dv is scratch (Hm x W x C). */
-static void ft_vh_backward_image(const fl_op *op, const float *wvt, const float *wht, const float *x,
-                                 const float *v, const float *dy, float *dx, float *dv, float *part) {
-    long C = op->c_in, H = op->h_in, W = op->w_in, Hm = op->h_mid, Wo = op->w_out;
-    long kv = op->kv, vb = op->vbefore, kh = op->kh, hb = op->hbefore;
-    float *dwv = part, *dbv = part + kv * C, *dwh = dbv + C, *dbh = dwh + kh * C;
-    memset(part, 0, (kv + kh + 2) * C * sizeof(float));
-    memset(dv, 0, Hm * W * C * sizeof(float));
-    for (long i = 0; i < Hm; i++) {  /* horizontal: dwh, dbh, and dv */
-        const float *vr = v + i * W * C;
-        float *dvr = dv + i * W * C;
-        for (long j = 0; j < Wo; j++) {
-            const float *g = dy + (i * Wo + j) * C;
-            for (long ch = 0; ch < C; ch++) dbh[ch] += g[ch];
-            for (long t = 0; t < kh; t++) {
-                long xx = j + t - hb;
-                if (xx < 0 || xx >= W) continue;
-                const float *s = vr + xx * C, *wt = wht + t * C;
-                float *dwt = dwh + t * C, *d = dvr + xx * C;
-                for (long ch = 0; ch < C; ch++) {
-                    dwt[ch] += g[ch] * s[ch];
-                    d[ch] += wt[ch] * g[ch];
-                }
-            }
+/* One image's backward: dx (if not NULL) from dy (masked here by the op's ReLU, whose output is y), and its
+ * partial gradient sums part = [dwv (kv, C), dbv (C), dwh (kh, C), dbh (C)]. */
+static void ft_vh_backward_image(const fl_op *op, const ft_vh_geom *g, const float *wbuf, const float *x,
+                                 const float *y, const float *dy, float *dx, float *scr, float *part) {
+    const float *wvt = wbuf, *wht = wvt + g->kv * g->Cp;
+    long Ld = g->L + g->kh - 1;
+    float *pp = scr, *tp = pp + g->Hp * g->W * FP_VL, *dp = tp + g->Hm * g->L * FP_VL, *qp = dp + g->Hm * Ld * FP_VL;
+    for (long c = 0; c < g->C; c += FP_VL) {
+        int cw = (int)fp_min(FP_VL, g->C - c);
+        ft_vh_vertical(g, wbuf, x, c, cw, pp, tp);  /* v again: cheaper than keeping it in memory */
+        for (long i = 0; i < g->Hm; i++) {
+            float *row = dp + i * Ld * FP_VL;
+            ft_zero_vectors(row, g->kh - 1);
+            ft_gather(dy + i * g->Wo * g->C + c, op->relu ? y + i * g->Wo * g->C + c : NULL, g->C, g->Wo, cw,
+                      row + (g->kh - 1) * FP_VL);
+            ft_zero_vectors(row + (g->kh - 1 + g->Wo) * FP_VL, g->kh - 1);
         }
-    }
-    if (dx) memset(dx, 0, H * W * C * sizeof(float));
-    for (long i = 0; i < Hm; i++) {  /* vertical: dwv, dbv, and dx */
-        const float *dvr = dv + i * W * C;
-        for (long xx = 0; xx < W; xx++)
-            for (long ch = 0; ch < C; ch++) dbv[ch] += dvr[xx * C + ch];
-        for (long t = 0; t < kv; t++) {
-            long r = i + t - vb;
-            if (r < 0 || r >= H) continue;
-            const float *in = x + r * W * C, *wt = wvt + t * C;
-            float *dwt = dwv + t * C;
-            float *d = dx ? dx + r * W * C : NULL;
-            for (long xx = 0; xx < W; xx++)
-                for (long ch = 0; ch < C; ch++) dwt[ch] += dvr[xx * C + ch] * in[xx * C + ch];
-            if (d)
-                for (long xx = 0; xx < W; xx++)
-                    for (long ch = 0; ch < C; ch++) d[xx * C + ch] += wt[ch] * dvr[xx * C + ch];
-        }
+#define FT_VH_BWD(KV, KH) ft_vh_backward_block(pp, tp, dp, qp, dx ? dx + c : NULL, wvt + c, wht + c, g->Cp, g->C, \
+                                               g->H, g->W, g->Hm, g->Wo, g->x0, g->x1, g->vb, g->hb, KV, KH, cw, \
+                                               part + c)
+        if (g->kv == 5 && g->kh == 5) FT_VH_BWD(5, 5);
+        else if (g->kv == 3 && g->kh == 3) FT_VH_BWD(3, 3);
+        else FT_VH_BWD(g->kv, g->kh);
+#undef FT_VH_BWD
     }
 }
 
-/* (C, k) master filters -> (k, C) */
-static void ft_transpose_taps(const float *w, long C, long k, float *wt) {
-    for (long ch = 0; ch < C; ch++)
-        for (long t = 0; t < k; t++) wt[t * C + ch] = w[ch * k + t];
+/* floats of the filters in wbuf, and of one thread's scratch */
+static long ft_vh_wbuf_floats(const fl_op *op) { return (op->kv + op->kh + 2) * ft_vh_vectors(op) * FP_VL; }
+static long ft_vh_scratch_floats(const fl_op *op) {
+    long L = ft_vh_cols(op);
+    return ((op->h_mid + op->kv - 1) * op->w_in + op->h_mid * L + op->h_mid * (L + op->kh - 1)
+            + (op->h_in + op->kv - 1) * op->w_in) * FP_VL;
 }
 
 static void ft_vh_forward(const fl_op *op, const float *x, long n, ft_ctx *c) {
-    long C = op->c_in, in_sz = ft_in_size(op), out_sz = ft_out_size(op), v_sz = op->h_mid * op->w_in * C;
-    float *wvt = c->wbuf, *wht = c->wbuf + op->kv * C;
-    ft_transpose_taps(fl_cptr(op->wv), C, op->kv, wvt);
-    ft_transpose_taps(fl_cptr(op->wh), C, op->kh, wht);
-    float *v = fl_ptr(op->mid), *y = fl_ptr(op->out);
-    FT_PER_IMAGE(c, n, ft_vh_forward_image(op, wvt, wht, x + i * in_sz, v + i * v_sz, y + i * out_sz));
+    ft_vh_geom g = ft_vh_geometry(op);
+    long in_sz = ft_in_size(op), out_sz = ft_out_size(op);
+    ft_vh_filters(op, c->wbuf);
+    float *y = fl_ptr(op->out);
+    FT_PER_IMAGE(c, n, ft_vh_forward_image(op, &g, c->wbuf, x + i * in_sz, y + i * out_sz, scr));
 }
 
 static void ft_vh_backward(const fl_op *op, const float *x, const float *dy, float *dx, long n, ft_ctx *c) {
+    ft_vh_geom g = ft_vh_geometry(op);
     long C = op->c_in, kv = op->kv, kh = op->kh;
-    long in_sz = ft_in_size(op), out_sz = ft_out_size(op), v_sz = op->h_mid * op->w_in * C;
-    float *wvt = c->wbuf, *wht = c->wbuf + kv * C;
-    ft_transpose_taps(fl_cptr(op->wv), C, kv, wvt);
-    ft_transpose_taps(fl_cptr(op->wh), C, kh, wht);
-    const float *v = fl_cptr(op->mid);
-    FT_PER_IMAGE(c, n, ft_vh_backward_image(op, wvt, wht, x + i * in_sz, v + i * v_sz, dy + i * out_sz,
+    long in_sz = ft_in_size(op), out_sz = ft_out_size(op);
+    ft_vh_filters(op, c->wbuf);
+    const float *y = fl_cptr(op->out);
+    FT_PER_IMAGE(c, n, ft_vh_backward_image(op, &g, c->wbuf, x + i * in_sz, y + i * out_sz, dy + i * out_sz,
                                             dx ? dx + i * in_sz : NULL, scr, c->part + i * c->part_floats));
     /* gradients in the master layouts: dwv, dwh (C, k); dbv, dbh (C) */
     float *dwv = fl_ptr(op->dwv), *dwh = fl_ptr(op->dwh);
@@ -806,12 +968,32 @@ static void ft_pool_forward_image(const fl_op *op, long img, const float *x, flo
 }
 
 /* dx from dy through the argmaxes; with a folded dropout, dy is first masked and scaled (in place) by the hash. */
-static void ft_pool_backward_image(const fl_op *op, long img, float *dy, const int32_t *arg, float *dx) {
+static void ft_pool_scatter(const fl_op *op, const float *dy, const int32_t *arg, float *dx) {
     long C = op->c_in, P = op->h_out * op->w_out;
-    if (op->thresh) ft_drop_in_place(op, img, C, P, dy);
     memset(dx, 0, ft_in_size(op) * sizeof(float));
     for (long p = 0; p < P; p++)
         for (long ch = 0; ch < C; ch++) dx[(long)arg[p * C + ch] * C + ch] += dy[p * C + ch];
+}
+
+static void ft_pool_backward_image(const fl_op *op, long img, float *dy, const int32_t *arg, float *dx) {
+    if (op->thresh) ft_drop_in_place(op, img, op->c_in, op->h_out * op->w_out, dy);
+    ft_pool_scatter(op, dy, arg, dx);
+}
+
+/* The same, for a pooling that takes the ReLU of the op before it (ft_pool_takes_relu): dy is masked by the
+ * pooled output y (> 0) before the scatter, and part (C floats) gets the masked gradient's sums per channel. */
+static void ft_pool_relu_backward_image(const fl_op *op, long img, float *restrict dy, const float *restrict y,
+                                        const int32_t *arg, float *dx, float *restrict part) {
+    long C = op->c_in, P = op->h_out * op->w_out;
+    if (op->thresh) ft_drop_in_place(op, img, C, P, dy);
+    memset(part, 0, C * sizeof(float));
+    for (long p = 0; p < P; p++)  /* the mask and the sums, on the pooled gradient (vectors of channels) */
+        for (long ch = 0; ch < C; ch++) {
+            float g = y[p * C + ch] > 0.f ? dy[p * C + ch] : 0.f;
+            dy[p * C + ch] = g;
+            part[ch] += g;
+        }
+    ft_pool_scatter(op, dy, arg, dx);
 }
 
 /* ---------------------------------------------------------------- dropout */
@@ -916,8 +1098,9 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
         const float *in = o ? fl_cptr(ops[o - 1].out) : x, *y = fl_cptr(op->out);
         long in_sz = ft_in_size(op), out_sz = ft_out_size(op), P = op->h_out * op->w_out;
         float *d = o > first ? dx : NULL;
-        int gemm = op->kind == FL_GEMM || op->kind == FL_LINEAR || op->kind == FL_CONV;  /* they mask it themselves */
-        if (op->relu && !gemm)
+        int summed = ft_pool_takes_relu(ops, nops, o + 1);  /* the pooling after op o did its ReLU and sums */
+        int masks_itself = op->kind == FL_GEMM || op->kind == FL_LINEAR || op->kind == FL_CONV || op->kind == FL_VH;
+        if (op->relu && !masks_itself)
             FT_PER_IMAGE(c, n, ft_relu_mask(dy + i * out_sz, y + i * out_sz, out_sz));
         switch (op->kind) {
         case FL_TO_NHWC:
@@ -929,8 +1112,9 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
         case FL_GEMM:
         case FL_LINEAR: {
             long C = op->c_in, F = op->c_out;
-            FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, y + i * out_sz, (int)op->relu, P, F,
-                                         c->part + i * c->part_floats));
+            if (!summed)
+                FT_PER_IMAGE(c, n, ft_colsum(dy + i * out_sz, y + i * out_sz, (int)op->relu, P, F,
+                                             c->part + i * c->part_floats));
             ft_reduce(c, n, 0, F, fl_ptr(op->db), 1);
             ft_gemm_wgrad(c, n * P, F, C, dy, in, fl_ptr(op->dw), 0);
             if (d) {
@@ -940,16 +1124,21 @@ static int ft_backward(const fl_op *ops, int nops, const float *x, const float *
             break;
         }
         case FL_CONV:
-            if (op->tile) ft_wino_backward(op, dy, d, n, c);
-            else ft_conv_backward(op, in, dy, d, n, c);
+            if (op->tile) ft_wino_backward(op, dy, d, n, c, summed);
+            else ft_conv_backward(op, in, dy, d, n, c, summed);
             break;
         case FL_VH:
             ft_vh_backward(op, in, dy, d, n, c);
             break;
         case FL_POOL:
-            if (d) FT_PER_IMAGE(c, n, ft_pool_backward_image(op, i, dy + i * out_sz,
-                                                             (const int32_t *)fl_cptr(op->aux) + i * out_sz,
-                                                             d + i * in_sz));
+            if (d && ft_pool_takes_relu(ops, nops, o))
+                FT_PER_IMAGE(c, n, ft_pool_relu_backward_image(op, i, dy + i * out_sz, y + i * out_sz,
+                                                               (const int32_t *)fl_cptr(op->aux) + i * out_sz,
+                                                               d + i * in_sz, c->part + i * c->part_floats));
+            else if (d)
+                FT_PER_IMAGE(c, n, ft_pool_backward_image(op, i, dy + i * out_sz,
+                                                          (const int32_t *)fl_cptr(op->aux) + i * out_sz,
+                                                          d + i * in_sz));
             break;
         case FL_DROPOUT:
             if (d) FT_PER_IMAGE(c, n, ft_mask_scale(op, dy + i * out_sz, (const uint8_t *)(intptr_t)op->aux + i * out_sz,

@@ -24,7 +24,7 @@ with one step resumes on the other, and their results agree to float32 rounding
 import numpy as np
 
 from . import winograd
-from ._kernels import infer_layout, sgd_run, train_run, train_wgrad_scratch, train_wgrad_slices
+from ._kernels import infer_layout, sgd_run, train_run, train_vh_sizes, train_wgrad_scratch, train_wgrad_slices
 from .losses import SoftmaxCrossEntropy
 from .lowering import COL, UnsupportedNetwork, fuse, identity_half, layout, lower, op_row, op_table, row_flops
 from .optim import check_nesterov, sgd_momentum
@@ -255,7 +255,7 @@ class CompiledStep:
                        mid=self._buf(n * n * max(_panels(f) * c, _panels(c) * f)), chunk=cap)
 
     def _vh_row(self, row):
-        c, h, w = row.in_shape
+        c = row.in_shape[0]
         halves, grads = [], []
         for half in row.op.parts:
             if half is None:  # the identity filter; its gradients go to scratch arrays
@@ -266,13 +266,15 @@ class CompiledStep:
                 grads += [g["weight"], g["bias"]]
             halves += [self._ptr(p["weight"]), self._ptr(p["bias"]), self._ptr(g["weight"]), self._ptr(g["bias"])]
         wv, bv, dwv, dbv, wh, bh, dwh, dbh = halves
-        kv, kh, hm = row.fields["kv"], row.fields["kh"], row.fields["h_mid"]
-        self._wbuf = max(self._wbuf, (kv + kh) * c)
+        kv, kh = row.fields["kv"], row.fields["kh"]
+        fields = dict(relu=int(row.relu), **row.fields, wv=wv, bv=bv, wh=wh, bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh)
+        scratch, wbuf, kmax = train_vh_sizes(op_table([op_row("VH", row.in_shape, row.out_shape, **fields)])[0])
+        if max(kv, kh) > kmax:
+            raise UnsupportedNetwork(f"{row.name}: 1D filters of {max(kv, kh)} taps (the compiled step takes up to {kmax})")
+        self._wbuf = max(self._wbuf, wbuf)
         self._part = max(self._part, (kv + kh + 2) * c)
-        self._scratch = max(self._scratch, hm * w * c)
-        self._add("VH", row.name, row.in_shape, row.out_shape, relu=int(row.relu), **row.fields,
-                  wv=wv, bv=bv, wh=wh, bh=bh, dwv=dwv, dbv=dbv, dwh=dwh, dbh=dbh,
-                  mid=self._buf(self.capacity * hm * w * c))
+        self._scratch = max(self._scratch, scratch)
+        self._add("VH", row.name, row.in_shape, row.out_shape, **fields)
         self.row_grads[-1] = grads
         self._has_params = True
 

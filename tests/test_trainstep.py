@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine import Conv2d, Dropout, Flatten, Flattened, Lateral, Linear, MaxPool2d, ReLU, Sequential, \
+from engine import Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Linear, MaxPool2d, ReLU, Sequential, \
     Vertical
 from engine.lowering import CKIND, COL, UnsupportedNetwork, leaves
 from engine.trainer import Trainer
@@ -166,6 +166,13 @@ def reference_loss(net64, x, y):
     return -logp[np.arange(len(y)), y].mean()
 
 
+def test_longest_1d_filters_step_like_the_layer_path(rng):
+    """The 1D kernels' longest filters (16 taps), on channels off the vector width and an image narrower than
+    the filter."""
+    net = Sequential(Vertical(19, 16, "same", rng=rng), Horizontal(19, 16, "full", rng=rng), ReLU())
+    run_both(with_logits(net, (19, 18, 5), rng), (19, 18, 5), rng, batch=3)
+
+
 def test_gradients_match_float64_finite_differences(rng):
     """Each parameter's gradient along a random direction, against central differences of a float64
     reference forward that shares no code with the kernels (no dropout: its masks are random)."""
@@ -281,6 +288,11 @@ def test_make_step_falls_back_with_the_reason(rng):
     assert isinstance(step, CompiledStep) and note is None
     with pytest.raises(UnsupportedNetwork, match="not flat"):
         CompiledStep(Sequential(Lateral(3, 4, rng=rng)), (3, 4, 4))
+    long_taps = with_logits(Sequential(Vertical(3, 17, "same", rng=rng)), (3, 20, 4), rng)
+    step, note = make_step(long_taps, "auto", in_shape=(3, 20, 4))
+    assert isinstance(step, LayerStep) and "17 taps" in note
+    short_taps = with_logits(Sequential(Vertical(3, 16, "same", rng=rng)), (3, 20, 4), rng)
+    assert isinstance(make_step(short_taps, "auto", in_shape=(3, 20, 4))[0], CompiledStep)
     with pytest.raises(ValueError, match="unknown step"):
         make_step(net64, "fast")
 

@@ -27,6 +27,9 @@ cdef extern from "_train.h" nogil:
     int ft_backward(const fl_op *ops, int nops, const float *x, const float *dlogits, long n, ft_ctx *c,
                     int upper, int lower)
     long ft_wg_slices(long K)
+    int FT_VH_KMAX
+    long ft_vh_scratch_floats(const fl_op *op)
+    long ft_vh_wbuf_floats(const fl_op *op)
     double ft_peak(int threads, long iters, int repeat)
     void ft_sgd(const int64_t *tab, int nparams, float lr, float momentum, float dampening, float wd, int nesterov,
                 int threads)
@@ -102,6 +105,13 @@ def fma_peak(int num_threads, long iters=20000000, int repeat=3):
 def train_wgrad_scratch():
     """Floats of per-thread scratch the weight-gradient kernel needs."""
     return FT_KC * FP_NR
+
+
+def train_vh_sizes(const int64_t[::1] row):
+    """A VH op row's buffers (_train.h): (floats of per-thread scratch, floats of the padded filters and
+    biases, the longest 1D filter the kernels take)."""
+    cdef const fl_op *op = <const fl_op *> &row[0]
+    return ft_vh_scratch_floats(op), ft_vh_wbuf_floats(op), FT_VH_KMAX
 
 
 def train_wgrad_slices(long rows):
