@@ -968,11 +968,42 @@ static void ft_pool_forward_image(const fl_op *op, long img, const float *x, flo
 }
 
 /* dx from dy through the argmaxes; with a folded dropout, dy is first masked and scaled (in place) by the hash. */
+/* dx (the pooling's input gradient) from dy through the argmaxes: each input element sums, in the order of
+ * the windows, dy of the windows (at most ceil(k/s)^2) whose argmax it is. Written once, a vector of
+ * channels at a time, instead of scattered into a zeroed image. */
 static void ft_pool_scatter(const fl_op *op, const float *dy, const int32_t *arg, float *dx) {
-    long C = op->c_in, P = op->h_out * op->w_out;
-    memset(dx, 0, ft_in_size(op) * sizeof(float));
-    for (long p = 0; p < P; p++)
-        for (long ch = 0; ch < C; ch++) dx[(long)arg[p * C + ch] * C + ch] += dy[p * C + ch];
+    long C = op->c_in, H = op->h_in, W = op->w_in, Ho = op->h_out, Wo = op->w_out, k = op->k, s = op->stride;
+    long cv = C / FP_VL * FP_VL;
+    for (long iy = 0; iy < H; iy++) {
+        long oy0 = iy < k ? 0 : (iy - k) / s + 1, oy1 = fp_min(Ho - 1, iy / s);  /* the windows over row iy */
+        for (long ix = 0; ix < W; ix++) {
+            long ox0 = ix < k ? 0 : (ix - k) / s + 1, ox1 = fp_min(Wo - 1, ix / s);
+            int32_t pix = (int32_t)(iy * W + ix);
+            float *o = dx + pix * C;
+            fp_vi pv = {0};
+            pv += pix;
+            for (long c = 0; c < cv; c += FP_VL) {
+                fp_v acc = {0};
+                for (long oy = oy0; oy <= oy1; oy++)
+                    for (long ox = ox0; ox <= ox1; ox++) {
+                        long q = (oy * Wo + ox) * C + c;
+                        fp_vi a;
+                        memcpy(&a, arg + q, sizeof a);
+                        acc += (fp_v)((fp_vi)fp_load(dy + q) & (a == pv));
+                    }
+                fp_store(o + c, acc);
+            }
+            for (long c = cv; c < C; c++) {
+                float acc = 0.f;
+                for (long oy = oy0; oy <= oy1; oy++)
+                    for (long ox = ox0; ox <= ox1; ox++) {
+                        long q = (oy * Wo + ox) * C + c;
+                        acc += arg[q] == pix ? dy[q] : 0.f;
+                    }
+                o[c] = acc;
+            }
+        }
+    }
 }
 
 static void ft_pool_backward_image(const fl_op *op, long img, float *dy, const int32_t *arg, float *dx) {
