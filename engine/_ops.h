@@ -22,6 +22,8 @@
                                              inference: aux of a Winograd CONV, its GEMMs' zero bias */ \
     X(thresh) X(seed) X(scale)            /* training: dropout keep threshold, seed, float32 bits of 1/(1-p) */ \
     X(chunk)                              /* training: CONV images per im2col chunk */              \
+    X(pooled)                             /* training: 1 on a CONV whose forward also runs the max-pooling \
+                                             after it, image by image (its own output is not kept) */ \
     X(tile)                               /* CONV: Winograd output tile m (0: direct), lowering.conv_tile */ \
     X(wt) X(tv) X(tm)                     /* tile > 0: transforms AT|G|BT; training: transformed input, products */
 

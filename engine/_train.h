@@ -132,6 +132,22 @@ static void ft_gemm_packed(ft_ctx *c, long M, long N, long K, const float *A, co
     }
 }
 
+/* ft_gemm_packed on the calling thread alone (inside a loop over images): the same tiles, each summed over k
+ * in the same order, so the same results. */
+static void ft_gemm_packed_serial(long M, long N, long K, const float *A, const float *bp, const float *bias, float *C,
+                                  int relu) {
+    long mp = (M + FP_MR - 1) / FP_MR, np_ = (N + FP_NR - 1) / FP_NR;
+    const float *arow[FP_MR];
+    for (long ib = 0; ib < mp; ib += FT_RB)
+        for (long jp = 0; jp < np_; jp++)
+            for (long ip = ib; ip < ib + FT_RB && ip < mp; ip++) {
+                long i0 = ip * FP_MR, j0 = jp * FP_NR;
+                int mr = (int)(M - i0 < FP_MR ? M - i0 : FP_MR), nr = (int)(N - j0 < FP_NR ? N - j0 : FP_NR);
+                for (int i = 0; i < FP_MR; i++) arow[i] = A + (i0 + (i < mr ? i : 0)) * K;
+                fp_tile(1, K, 0, arow, bp + jp * K * FP_NR, bias + j0, C + i0 * N + j0, N, mr, nr, relu);
+            }
+}
+
 /* bias padded to whole panels of FP_NR (zeros past n) */
 static const float *ft_pad_bias(const float *b, long n, float *out) {
     long np_ = (n + FP_NR - 1) / FP_NR * FP_NR;
@@ -389,17 +405,24 @@ static void ft_col2im(const fl_op *op, const float *cols, float *dx) {
         }
 }
 
-static void ft_conv_forward(const fl_op *op, const float *x, long n, ft_ctx *c) {
-    long C = op->c_in, F = op->c_out, k = op->k, KKC = k * k * C, P = op->h_out * op->w_out;
-    long in_sz = ft_in_size(op), chunk = op->chunk;
-    const float *w = fl_cptr(op->w), *b = fl_cptr(op->b);
-    float *wp = fl_ptr(op->mid), *y = fl_ptr(op->out);
-    /* master weights (F, C, k, k) -> the GEMM's (F, (ky, kx, c)) */
+/* A CONV's weights for its forward GEMM: the master (F, C, k, k) to op->mid's (F, (ky, kx, c)), packed into
+ * c->wpack; returns its bias padded to whole panels. */
+static const float *ft_conv_weights(const fl_op *op, ft_ctx *c) {
+    long C = op->c_in, F = op->c_out, k = op->k, KKC = k * k * C;
+    const float *w = fl_cptr(op->w);
+    float *wp = fl_ptr(op->mid);
     for (long f = 0; f < F; f++)
         for (long ch = 0; ch < C; ch++)
             for (long t = 0; t < k * k; t++) wp[f * KKC + t * C + ch] = w[(f * C + ch) * k * k + t];
     ft_pack(c, wp, 1, KKC, F, c->wpack);
-    const float *bias = ft_pad_bias(b, F, c->bpad);
+    return ft_pad_bias(fl_cptr(op->b), F, c->bpad);
+}
+
+static void ft_conv_forward(const fl_op *op, const float *x, long n, ft_ctx *c) {
+    long C = op->c_in, F = op->c_out, k = op->k, KKC = k * k * C, P = op->h_out * op->w_out;
+    long in_sz = ft_in_size(op), chunk = op->chunk;
+    float *y = fl_ptr(op->out);
+    const float *bias = ft_conv_weights(op, c);
     for (long n0 = 0; n0 < n; n0 += chunk) {
         long m = n - n0 < chunk ? n - n0 : chunk;
         float *cols = op->aux ? fl_ptr(op->aux) : c->cols;  /* the op's own columns: kept for backward */
@@ -1048,6 +1071,27 @@ static void ft_mask_scale(const fl_op *op, const float *dy, const uint8_t *mask,
     for (long j = 0; j < len; j++) dx[j] = mask[j] ? dy[j] * scale : 0.f;
 }
 
+/* ---------------------------------------------------------------- a convolution and its pooling */
+
+/* The forward of a CONV (im2col) and the max-pooling `pool` after it (op->pooled), image by image: the
+ * columns go to the CONV's own buffer (op->aux, kept for backward), its output to the thread's scratch
+ * (Ho x Wo x F), and the pooling reads it there while it is in cache. The output is not stored: nothing
+ * reads it (the pooling's backward takes the ReLU, ft_pool_takes_relu; without a ReLU the bias gradient
+ * reads only dy). Each output element is the same tile sum as in ft_conv_forward. */
+static void ft_conv_pool_forward(const fl_op *op, const fl_op *pool, const float *x, long n, ft_ctx *c) {
+    long F = op->c_out, KKC = op->k * op->k * op->c_in, P = op->h_out * op->w_out, in_sz = ft_in_size(op);
+    long pool_sz = ft_out_size(pool);
+    const float *bias = ft_conv_weights(op, c);
+    float *cols = fl_ptr(op->aux), *y = fl_ptr(pool->out);
+    int32_t *arg = (int32_t *)fl_ptr(pool->aux);
+    FT_PER_IMAGE(c, n, {
+        float *ci = cols + i * P * KKC;
+        ft_im2col(op, x + i * in_sz, ci);
+        ft_gemm_packed_serial(P, F, KKC, ci, c->wpack, bias, scr, (int)op->relu);
+        ft_pool_forward_image(pool, i, scr, y + i * pool_sz, arg + i * pool_sz);
+    });
+}
+
 /* ---------------------------------------------------------------- the step */
 
 /* Forward of n images x (NCHW, in_size floats each) through every op; outputs stay in the
@@ -1075,12 +1119,14 @@ static int ft_forward(const fl_op *ops, int nops, const float *x, long n, ft_ctx
             break;
         case FL_CONV:
             if (op->tile) ft_wino_forward(op, in, n, c);
+            else if (op->pooled) ft_conv_pool_forward(op, op + 1, in, n, c);
             else ft_conv_forward(op, in, n, c);
             break;
         case FL_VH:
             ft_vh_forward(op, in, n, c);
             break;
         case FL_POOL:
+            if (o > 0 && ops[o - 1].pooled) break;  /* ran in the CONV's forward */
             FT_PER_IMAGE(c, n, ft_pool_forward_image(op, i, in + i * in_sz, y + i * out_sz,
                                                      (int32_t *)fl_ptr(op->aux) + i * out_sz));
             break;

@@ -124,7 +124,8 @@ class CompiledStep:
         self._cols = self._wbuf = self._part = self._scratch = self._wpack = self._bpad = self._wpart = 1
         self._has_params = False  # whether an op with parameters came before (the first computes no input gradient)
         self._layouts = []
-        for row in layout(self.ops, training=True):
+        rows = layout(self.ops, training=True)
+        for r, row in enumerate(rows):
             op, relu = row.op, int(row.relu)
             layer = op.layer if op is not None else None
             self._channels_last = row.channels_last
@@ -147,6 +148,11 @@ class CompiledStep:
                 own = {}
                 if chunk == cap and cap * p * kkc <= OWN_COLUMN_FLOATS:  # kept from forward to backward
                     own = dict(aux=self._buf(cap * p * kkc))
+                    if r + 1 < len(rows) and rows[r + 1].kind == "POOL":
+                        # the pooling runs in its forward, an image at a time from the thread's scratch, and the
+                        # output is never stored: nothing reads it (_train.h, ft_conv_pool_forward)
+                        own.update(pooled=1, out=0)
+                        self._scratch = max(self._scratch, p * f)
                 else:
                     self._cols = max(self._cols, chunk * p * kkc)
                 if self._has_params and layer.stride == 1 and layer.padding < layer.k:
@@ -210,7 +216,8 @@ class CompiledStep:
         c, h, w = (tuple(out_shape) + (1, 1))[:3]
         self._layouts.append((h, w, c) if self._channels_last else tuple(out_shape))
         kept = aux if kind in ("POOL", "DROPOUT") else None  # argmax / mask
-        self._saved.append((self._keep[-1], next((a for a in self._keep if kept and a.ctypes.data == kept), None)))
+        out = next(a for a in self._keep if a.ctypes.data == fields["out"]) if fields["out"] else None
+        self._saved.append((out, next((a for a in self._keep if kept and a.ctypes.data == kept), None)))
         self._rows.append(op_row(kind, in_shape, out_shape, **fields))
         self.row_grads.append([])
         self._act = max(self._act, n_out, int(np.prod(in_shape)))
@@ -280,11 +287,13 @@ class CompiledStep:
 
     def testing_saved(self, row, n):
         """What the last forward kept for op `row` on its n images: (output, argmax or mask or None),
-        each (n, H, W, C) for channels-last ops, (n, C, H, W) / (n, F) for the others."""
+        each (n, H, W, C) for channels-last ops, (n, C, H, W) / (n, F) for the others; the output is None
+        for a convolution whose pooling ran in its forward (its output is not kept)."""
         shape = self._layouts[row]
         size = n * int(np.prod(shape))
         out, aux = self._saved[row]
-        return out[:size].reshape(n, *shape), None if aux is None else aux[:size].reshape(n, *shape)
+        return (None if out is None else out[:size].reshape(n, *shape),
+                None if aux is None else aux[:size].reshape(n, *shape))
 
     # running ------------------------------------------------------------------------------
     def _check(self, x):

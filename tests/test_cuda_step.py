@@ -67,6 +67,8 @@ def routing_differences(gpu_step_, cpu_step, n):
     for r, row in enumerate(gpu_step_._rows.rows):
         if row.kind == "POOL" or row.relu:
             (g_out, g_arg), (c_out, c_arg) = gpu_step_.testing_saved(r, n), cpu_step.testing_saved(r, n)
+            if c_out is None:  # the CPU ran the pooling after it in its forward: the pooled outputs show its ReLU
+                continue
             differ += int(np.sum((g_out > 0) != (c_out > 0)))
             if row.kind == "POOL":
                 differ += int(np.sum(g_arg != c_arg))

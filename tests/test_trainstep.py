@@ -42,8 +42,19 @@ def routing_differences(step, twin, n):
     for row, layer in zip(pool_rows, pools):
         _, argmax = step.testing_saved(row, n)
         differ += int(np.sum(argmax.transpose(0, 3, 1, 2) != layer._argmax))
+    order = [layer for _, layer in leaves(twin)]
     for row, layer in zip(relu_rows, relus):
         out, _ = step.testing_saved(row, n)
+        if out is None:  # a convolution whose pooling ran in its forward: its ReLU decides only at the argmaxes
+            pooled, argmax = step.testing_saved(row + 1, n)
+            on = pooled.transpose(0, 3, 1, 2).reshape(n, pooled.shape[3], -1) > 0
+            at = argmax.transpose(0, 3, 1, 2).reshape(on.shape)
+            layer_on = np.take_along_axis(layer._y.reshape(*on.shape[:2], -1), at, axis=2) > 0
+            after = order[order.index(pools[pool_rows.index(row + 1)]) + 1:][:1]  # a dropout folded into it
+            kept = (after[0]._mask.reshape(on.shape) > 0 if after and isinstance(after[0], Dropout)
+                    and after[0]._mask is not None else np.ones(on.shape, bool))
+            differ += int(np.sum((on != layer_on) & kept))
+            continue
         on = out > 0
         on = on.transpose(0, 3, 1, 2) if on.ndim == 4 and on.shape[1:] != layer._y.shape[1:] else on
         differ += int(np.sum(on.reshape(layer._y.shape) != (layer._y > 0)))
