@@ -177,6 +177,19 @@ def reference_loss(net64, x, y):
     return -logp[np.arange(len(y)), y].mean()
 
 
+def test_convolutions_that_run_their_pooling_step_like_the_layer_path(rng):
+    """A direct convolution runs the max-pooling after it in its forward and keeps no output: with and without a
+    ReLU, with a folded dropout, as the first layer and as a later one (whose input gradient is needed), clipped
+    ceil-mode windows; and the rows say so."""
+    net = Sequential(Conv2d(3, 8, 3, padding=1, rng=rng), ReLU(), MaxPool2d(2), Dropout(0.4, rng=rng),
+                     Conv2d(8, 6, 3, padding=1, rng=rng), MaxPool2d(3, 2, ceil_mode=True))
+    step = run_both(with_logits(net, (3, 10, 9), rng), (3, 10, 9), rng, batch=3, steps=3)
+    pooled = [r for r, row in enumerate(step.table) if row[COL["pooled"]]]
+    assert len(pooled) == 2 and all(step.table[r, COL["kind"]] == CKIND["CONV"] for r in pooled), step.names
+    assert all(step.table[r + 1, COL["kind"]] == CKIND["POOL"] for r in pooled)
+    assert step.testing_saved(pooled[0], 3)[0] is None
+
+
 def test_longest_1d_filters_step_like_the_layer_path(rng):
     """The 1D kernels' longest filters (16 taps), on channels off the vector width and an image narrower than
     the filter."""
