@@ -15,6 +15,7 @@ import pytest
 import engine
 from engine import Conv2d, Dropout, Flatten, Flattened, Horizontal, Lateral, Linear, MaxPool2d, ReLU, Sequential, \
     Vertical
+from engine._kernels import train_wgrad_slices
 from engine.lowering import CKIND, COL, UnsupportedNetwork, leaves
 from engine.trainer import Trainer
 from engine.trainstep import CompiledStep, LayerStep, make_step
@@ -188,6 +189,10 @@ def test_convolutions_that_run_their_pooling_step_like_the_layer_path(rng):
     assert len(pooled) == 2 and all(step.table[r, COL["kind"]] == CKIND["CONV"] for r in pooled), step.names
     assert all(step.table[r + 1, COL["kind"]] == CKIND["POOL"] for r in pooled)
     assert step.testing_saved(pooled[0], 3)[0] is None
+    # a first layer whose weight gradient is a long sum, cut into slices (5 x 33 x 31 rows)
+    first = Sequential(Conv2d(3, 8, 5, padding=2, rng=rng), ReLU(), MaxPool2d(3, 2, ceil_mode=True), Dropout(0.3, rng=rng))
+    assert train_wgrad_slices(5 * 33 * 31) > 1
+    run_both(with_logits(first, (3, 33, 31), rng), (3, 33, 31), rng, batch=5, steps=2)
 
 
 def test_longest_1d_filters_step_like_the_layer_path(rng):
