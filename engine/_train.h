@@ -688,7 +688,6 @@ static void ft_wino_backward(const fl_op *op, float *dy, float *dx, long n, ft_c
 #define FT_VH_KMAX 16  /* the longest 1D filter of the compiled step (trainstep.py falls back past it) */
 
 static inline long ft_vh_vectors(const fl_op *op) { return (op->c_in + FP_VL - 1) / FP_VL; }
-static inline long ft_vh_cols(const fl_op *op) { return op->w_out + op->kh - 1; }  /* L */
 
 /* n vectors, each cw <= FP_VL channels from src (one every `stride` floats), to dst (contiguous, zero past
  * cw); with mask, each element is zeroed where mask (laid out as src) is not positive (a ReLU's output) */
@@ -902,10 +901,9 @@ static void ft_vh_backward_image(const fl_op *op, const ft_vh_geom *g, const flo
 
 /* floats of the filters in wbuf, and of one thread's scratch */
 static long ft_vh_wbuf_floats(const fl_op *op) { return (op->kv + op->kh + 2) * ft_vh_vectors(op) * FP_VL; }
-static long ft_vh_scratch_floats(const fl_op *op) {
-    long L = ft_vh_cols(op);
-    return ((op->h_mid + op->kv - 1) * op->w_in + op->h_mid * L + op->h_mid * (L + op->kh - 1)
-            + (op->h_in + op->kv - 1) * op->w_in) * FP_VL;
+static long ft_vh_scratch_floats(const fl_op *op) {  /* pp, tp, dp and qp of ft_vh_backward_image */
+    ft_vh_geom g = ft_vh_geometry(op);
+    return (g.Hp * g.W + g.Hm * g.L + g.Hm * (g.L + g.kh - 1) + (g.H + g.kv - 1) * g.W) * FP_VL;
 }
 
 static void ft_vh_forward(const fl_op *op, const float *x, long n, ft_ctx *c) {
