@@ -46,7 +46,7 @@ def lr_at(epoch, base_lr, drop_epochs, factor=0.1):
     return base_lr * factor ** sum(epoch >= d for d in drop_epochs)
 
 
-SCHEDULES = ("step", "cosine")
+SCHEDULES = ("step", "cosine", "linear")
 
 
 def scheduled_lr(base_lr, epoch, step, steps_per_epoch, epochs, schedule="step", drop_epochs=(), factor=0.1,
@@ -58,7 +58,9 @@ def scheduled_lr(base_lr, epoch, step, steps_per_epoch, epochs, schedule="step",
       step    base_lr times `factor` for each of `drop_epochs` already reached (lr_at), the warm-up
               scaling the rate of its updates;
       cosine  base_lr * (1 + cos(pi * u / U)) / 2 for update u after the warm-up of the U after it
-              (Loshchilov & Hutter 2017, without restarts): from base_lr down towards 0 at the end.
+              (Loshchilov & Hutter 2017, without restarts): from base_lr down towards 0 at the end;
+      linear  base_lr * (U - u) / U: a straight line from base_lr down to base_lr / U at the last update (the
+              decay Li, Yumer & Ramanan 2020, "Budgeted training", found best for a fixed budget of updates).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
@@ -70,6 +72,8 @@ def scheduled_lr(base_lr, epoch, step, steps_per_epoch, epochs, schedule="step",
     if t < warm:
         return base_lr * scale
     after = max(epochs * steps_per_epoch - warm, 1)
+    if schedule == "linear":
+        return base_lr * (after - min(t - warm, after)) / after
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(t - warm, after) / after))
 
 

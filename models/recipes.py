@@ -152,6 +152,8 @@ def describe(settings):
     def schedule_text(model):
         if of("schedule", model) == "cosine":
             text = "lr decayed to 0 along a half cosine"
+        elif of("schedule", model) == "linear":
+            text = "lr decayed to 0 along a straight line"
         else:
             drops = of("lr_drop_epochs", model)
             text = f"lr x{settings['lr_drop_factor']:g} after epochs {setting_text(drops) or 'none'}"

@@ -81,8 +81,17 @@ def test_schedules_at_their_boundaries():
     assert lr(0, 0, schedule="cosine") == pytest.approx(0.1)
     rates = [lr(e, s, schedule="cosine") for e in range(5) for s in range(10)]
     assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 0
+    # linear over the 30 updates after the warm-up: full rate first, 0.1 * (30 - u) / 30 at update u after it,
+    # 0.1 / 30 at the last; without warm-up over all 50 updates
+    c = dict(schedule="linear", warmup_epochs=2)
+    assert lr(1, 9, **c) == pytest.approx(0.1)
+    assert lr(2, 0, **c) == pytest.approx(0.1)
+    assert lr(3, 5, **c) == pytest.approx(0.05)
+    assert lr(4, 9, **c) == pytest.approx(0.1 / 30)
+    rates = [lr(e, s, schedule="linear") for e in range(5) for s in range(10)]
+    assert rates == pytest.approx([0.1 * (50 - u) / 50 for u in range(50)])
     with pytest.raises(ValueError, match="unknown schedule"):
-        lr(0, 0, schedule="linear")
+        lr(0, 0, schedule="exponential")
 
 
 def test_weight_average_against_hand_computed_steps_and_swapping():
@@ -315,7 +324,7 @@ def test_train_py_holds_out_a_validation_split_and_keeps_the_average_in_the_mode
                  "--out", tmp_path / "other", "--epochs", "1")
     assert r.returncode == 1 and "--validation 192 leaves no training images" in r.stderr
     for flags, message in ((["--ema", "1"], "in [0, 1)"), (["--label-smoothing", "-0.1"], "non-negative"),
-                           (["--schedule", "linear"], "invalid choice"), (["--lookahead", "-1"], "non-negative"),
+                           (["--schedule", "exponential"], "invalid choice"), (["--lookahead", "-1"], "non-negative"),
                            (["--lookahead-alpha", "0"], "in (0, 1]")):
         r = train_py(*flags)
         assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -327,3 +336,17 @@ def test_train_py_refuses_nesterov_with_dampening(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "error: --nesterov needs --momentum above 0 and --dampening 0 (this run: momentum 0.9, dampening Torch7's "
         "(= momentum))"], r.stderr
+
+
+def test_train_py_decays_the_rate_along_a_line_with_schedule_linear(tmp_path):
+    write_mnist(tmp_path / "data", np.random.default_rng(0), n_train=128, n_test=32, learnable=True)
+    out = tmp_path / "run"
+    r = train_py("--model", "flattened", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--cache-dir",
+                 tmp_path / "cache", "--quiet", "--no-plot", "--batch-size", "32", "--epochs", "4", "--lr", "0.02",
+                 "--out", out, "--schedule", "linear")
+    assert r.returncode == 0, r.stderr
+    assert "lr decayed to 0 along a straight line" in r.stdout
+    assert json.loads((out / "settings.json").read_text())["schedule"] == "linear"
+    # 4 updates an epoch, 16 in all: each epoch's first update takes 0.02 * (16 - u) / 16
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [h["lr"] for h in log] == pytest.approx([0.02, 0.015, 0.01, 0.005])

@@ -198,10 +198,11 @@ def parser():
                         "on a random pixel to zero, K//2 rows and columns before it, K = 1..32); or several, e.g. "
                         "flip,crop4 or flip,crop4,cutout8. Drawn per image and epoch from --seed; test images are "
                         "never augmented (engine/augment.py, docs/results.md)")
-    g.add_argument("--schedule", choices=["step", "cosine"], default=None,
+    g.add_argument("--schedule", choices=["step", "cosine", "linear"], default=None,
                    help="learning-rate schedule (default: the recipe's): step = --lr multiplied by "
                         "--lr-drop-factor after each of --lr-drop-epochs; cosine = --lr decayed to 0 over the run "
-                        "along a half cosine, updated every step (--lr-drop-epochs unused)")
+                        "along a half cosine, updated every step; linear = --lr decayed to 0 over the run along a "
+                        "straight line, updated every step (cosine and linear ignore --lr-drop-epochs)")
     g.add_argument("--warmup-epochs", metavar="E", type=non_negative_float, default=None,
                    help="raise the rate linearly from --lr/W to --lr over the first W = E epochs' steps, then "
                         "follow --schedule (default: the recipe's)")
@@ -407,9 +408,9 @@ def run(args, dist=None):
         if args.epochs < meta["epoch"]:
             sys.exit(f"error: --epochs {args.epochs} ends before this run's {meta['epoch']} trained epochs: a run "
                      f"cannot be shortened (--epochs above {meta['epoch']} extends it; see --help)")
-        if args.schedule == "cosine" and args.epochs != meta["config"]["epochs"] and is_root:
-            print(f"warning: the cosine schedule was planned over {meta['config']['epochs']} epochs; its remaining "
-                  f"steps now follow a cosine over {args.epochs} (a run started with --epochs {args.epochs} "
+        if args.schedule in ("cosine", "linear") and args.epochs != meta["config"]["epochs"] and is_root:
+            print(f"warning: the {args.schedule} schedule was planned over {meta['config']['epochs']} epochs; its "
+                  f"remaining steps now follow it over {args.epochs} (a run started with --epochs {args.epochs} "
                   f"would have had other rates before epoch {meta['epoch'] + 1})", file=sys.stderr)
         args.recipe = meta["settings"].get("recipe")
         print(f"resuming {ckpt}: {args.model} on {args.dataset}, epoch {meta['epoch'] + 1}, "

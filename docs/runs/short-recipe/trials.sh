@@ -5,7 +5,8 @@
 # the bundle (cosine-ls-ema) ended lower with seed 1, so its seed-2 run was stopped unfinished and is not kept.
 # Single elements against the compressed schedule with the same seed (step-sN), named on the command line, run
 # 2026-12-07: altflip-s1; nesterov-s1 to -s3 with step-s2 and step-s3 (higher with seeds 1 and 3, equal with 2).
-# lookahead-s1 and lookahead-s2 have no run folder.
+# lookahead-s1 and lookahead-s2 have no run folder. The decay to 0 along a line or a half cosine, alone (linear-sN,
+# cosine-sN), run 2026-12-07.
 #   bash docs/runs/short-recipe/trials.sh [NAME...]     # all trials, or the named ones
 {  # read whole before it runs
 set -u
@@ -24,6 +25,10 @@ declare -A trial=(
   [nesterov-s3]="--lr-drop-epochs 13,17 --nesterov --seed 3"
   [lookahead-s1]="--lr-drop-epochs 13,17 --lookahead 5 --seed 1"
   [lookahead-s2]="--lr-drop-epochs 13,17 --lookahead 5 --seed 2"
+  [linear-s1]="--schedule linear --seed 1"
+  [linear-s2]="--schedule linear --seed 2"
+  [cosine-s1]="--schedule cosine --seed 1"
+  [cosine-s2]="--schedule cosine --seed 2"
 )
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=(step-s1 cosine-ls-ema-s1 step-s2 cosine-ls-ema-s2)
