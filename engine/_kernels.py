@@ -15,11 +15,14 @@ Everything that depends on the instruction set, the micro-kernel layout (``infer
 and VL) included, is then read from the one extension in use.
 
 ``FLATNET_CPU_TARGET=baseline|avx2|avx512`` forces a target (tests, comparisons); a target that
-is unknown, was not built, or needs features this CPU lacks is refused with a one-line error.
+is unknown, was not built, or needs features this CPU lacks is refused with a one-line error: the import
+raises CpuTargetError, and where nothing catches it (a command such as ``python train.py`` or ``python -m
+engine.bench``) the process ends with ``error: <reason>`` on stderr, not a traceback.
 """
 import importlib
 import importlib.machinery
 import os
+import sys
 
 ENV = "FLATNET_CPU_TARGET"
 TARGETS = ("baseline", "avx2", "avx512")  # lowest first
@@ -95,7 +98,23 @@ def _load():
     return target, importlib.import_module(f"{__package__}._kernels_{target}"), built, features
 
 
-TARGET, module, BUILT, CPU_FEATURES = _load()
+def _one_line_hook(previous):
+    """An excepthook that ends the process with 'error: <reason>' for an uncaught CpuTargetError (the user's setting
+    or installation is at fault, not the code: a traceback would only hide the reason) and leaves the rest to
+    `previous`."""
+    def hook(kind, value, tb):
+        if isinstance(value, CpuTargetError):
+            print(f"error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+    return hook
+
+
+try:
+    TARGET, module, BUILT, CPU_FEATURES = _load()
+except CpuTargetError:
+    sys.excepthook = _one_line_hook(sys.excepthook)
+    raise
 RUNNABLE = runnable(BUILT, CPU_FEATURES)
 
 _exported = {k: v for k, v in vars(module).items() if not k.startswith("__")}

@@ -153,9 +153,23 @@ def run(code, env):
 def test_an_unknown_target_stops_the_import_with_one_line():
     out = run("import engine", forced("avx1024"))
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1] == (
-        "engine._kernels.CpuTargetError: FLATNET_CPU_TARGET='avx1024' is not a CPU target: "
-        f"choose one of {', '.join(_kernels.RUNNABLE)}")
+    assert out.stderr.strip().splitlines() == [
+        "error: FLATNET_CPU_TARGET='avx1024' is not a CPU target: "
+        f"choose one of {', '.join(_kernels.RUNNABLE)}"]
+    # a program that catches it gets the exception, with its reason
+    caught = run("try:\n    import engine\nexcept RuntimeError as e:\n    print(type(e).__name__, e)", forced("avx1024"))
+    assert caught.returncode == 0 and caught.stdout.startswith("CpuTargetError FLATNET_CPU_TARGET='avx1024'")
+
+
+@pytest.mark.parametrize("command", [["train.py", "--model", "flattened", "--summary"],
+                                     ["-m", "engine.bench", "model", "--model", "flattened"],
+                                     ["-m", "engine.evaluate", "model.npz"]])
+def test_commands_end_with_one_line_for_a_bad_target(command):
+    out = subprocess.run([sys.executable, *command], cwd=ROOT, env=forced("avx1024"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"error: FLATNET_CPU_TARGET='avx1024' is not a CPU target: choose one of {', '.join(_kernels.RUNNABLE)}"]
 
 
 # A CPU without AVX-512, simulated: the baseline build's probe is replaced before engine is imported.
@@ -178,9 +192,9 @@ def test_on_a_cpu_without_avx512_the_import_picks_avx2_and_refuses_avx512():
     assert target == "avx2" and Path(path).name.startswith("_kernels_avx2.")
     refused = run(SIMULATED_AVX2_CPU, forced("avx512"))
     assert refused.returncode != 0
-    assert refused.stderr.strip().splitlines()[-1] == (
-        "engine._kernels.CpuTargetError: FLATNET_CPU_TARGET=avx512: this CPU cannot run it "
-        "(no avx512f, avx512cd, avx512bw, avx512dq, avx512vl); choose one of baseline, avx2")
+    assert refused.stderr.strip().splitlines() == [
+        "error: FLATNET_CPU_TARGET=avx512: this CPU cannot run it "
+        "(no avx512f, avx512cd, avx512bw, avx512dq, avx512vl); choose one of baseline, avx2"]
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None or "avx512" not in _kernels.BUILT,
