@@ -324,14 +324,14 @@ class Distributed:
         if rng is not None and self.rank > 0:
             rng.bit_generator.state = np.random.default_rng([int(config["seed"]), self.rank]).bit_generator.state
 
-    def evaluate(self, model, x, y, batch_size=500, progress=False):
+    def evaluate(self, model, x, y, batch_size=500, progress=False, forward=None):
         """trainer.evaluate over the ranks: each evaluates its contiguous share of (x, y), then one Allreduce
         of (loss sum, number correct): the whole set's (mean loss, accuracy) on every rank."""
         from .trainer import evaluate
         lo, hi = shard_bounds(len(x), self.rank, self.size)
         sums = np.zeros(2)
         if hi > lo:
-            loss, acc = evaluate(model, x[lo:hi], y[lo:hi], batch_size, progress)
+            loss, acc = evaluate(model, x[lo:hi], y[lo:hi], batch_size, progress, forward)
             sums[:] = loss * (hi - lo), round(acc * (hi - lo))
         self.comm.Allreduce(self.MPI.IN_PLACE, sums, op=self.MPI.SUM)
         return float(sums[0]) / len(x), int(sums[1]) / len(x)

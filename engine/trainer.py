@@ -39,18 +39,21 @@ class TrainingDiverged(RuntimeError):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, x, y, batch_size=500, progress=False):
+def evaluate(model, x, y, batch_size=500, progress=False, forward=None):
     """(mean loss, accuracy) of `model` in eval mode on (x, y); restores the previous mode.
 
     x and y are host (numpy) arrays; each batch is copied to the model's backend. In float32 the
     network runs compiled for inference (on the CPU engine.plan, a snapshot of the current weights;
     on the GPU the GpuPlan of engine/runtime/cuda_step.py, one graph launch per batch; the same
     outputs up to float32 rounding, several times faster, no layer buffers); otherwise layer by layer. progress=True shows a progress bar with the rate (images/s).
+    `forward`: a plan of this model built before (a GpuPlan reads the weights at each call, so the trainer keeps one
+    and its captured graphs for the whole run).
     """
     ops = ops_for(model.backend)
     was_training = model.training
     model.eval()
-    forward = compiled_or_reason(model, gpu=True)[0] or model.forward  # compiled in float32, else the layers
+    if forward is None:
+        forward = compiled_or_reason(model, gpu=True)[0] or model.forward  # compiled in float32, else the layers
     loss_fn = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
     bar = None
@@ -112,6 +115,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.perm = 0, 0, None
         self.running = dict(loss=0.0, correct=0, seen=0, seconds=0.0)
         self.history = []
+        self._eval_plan = None  # on the GPU, the evaluation's plan (_gpu_plan)
         self.epoch_walls = []  # wall seconds (training and evaluation) of each whole epoch this process ran
         self.estimated = False  # the first whole-run estimate, from the first steps' rate, was given
         self.stop_requested, self.stop_signal = False, None
@@ -130,6 +134,16 @@ class Trainer:
 
     def _lookahead(self, slow=None):
         return Lookahead(self.model.params, self.cfg["lookahead"], self.cfg.get("lookahead_alpha", 0.5), slow)
+
+    def _gpu_plan(self):
+        """On the GPU, the evaluation's GpuPlan, built at the first evaluation and kept (it reads the weights at each
+        call, so it follows the training and the swapped-in averages); None elsewhere (the CPU's plan is a snapshot
+        of the weights, built at each evaluation)."""
+        if self.model.backend != "cupy":
+            return None
+        if self._eval_plan is None:
+            self._eval_plan = compiled_or_reason(self.model, gpu=True)[0] or self.model.forward
+        return self._eval_plan
 
     @property
     def checkpoint_path(self):
@@ -367,7 +381,7 @@ class Trainer:
         with self.final_weights():
             test_loss, test_acc = (evaluate if self.dist is None else self.dist.evaluate)(  # distributed: a share each
                 self.model, self.data["test_x"], self.data["test_y"], self.cfg.get("eval_batch_size", 500),
-                progress=self.progress)
+                progress=self.progress, forward=self._gpu_plan())
         record = dict(epoch=self.epoch + 1, lr=lr_of(0), train_loss=r["loss"] / r["seen"], train_acc=r["correct"] / r["seen"],
                       test_loss=test_loss, test_acc=test_acc, seconds=r["seconds"],
                       images_per_s=rate(), eval_seconds=time.perf_counter() - t0)

@@ -349,6 +349,31 @@ def test_training_on_the_gpu_resumes_exactly_and_agrees_with_the_cpu(gpu, tmp_pa
                                                                         rel=1e-4)
 
 
+def test_the_trainer_keeps_one_gpu_plan_for_its_evaluations(gpu, tmp_path, monkeypatch):
+    """The plan is built at the first evaluation and replayed at the next ones; it reads the weights of the moment,
+    so each epoch's figures equal those of a plan built afresh on the weights after that epoch."""
+    import engine.runtime.cuda_step as cs
+    from engine.trainer import evaluate
+    data = _data(40, shape=(1, 12, 12), n_test=9)
+    built, checked = [], []
+
+    class Counted(cs.GpuPlan):
+        def __init__(self, *args, **kw):
+            built.append(1)
+            super().__init__(*args, **kw)
+    monkeypatch.setattr(cs, "GpuPlan", Counted)
+    t = _trainer(data, tmp_path, "cupy")
+    t.cfg["epochs"] = 3
+
+    def check(trainer):  # after the epoch's evaluation: a fresh plan on the weights evaluated gives the same figures
+        with trainer.final_weights():  # Lookahead's slow weights
+            fresh = evaluate(trainer.model, data["test_x"], data["test_y"], forward=Counted(trainer.model))
+        checked.append(fresh == (trainer.history[-1]["test_loss"], trainer.history[-1]["test_acc"]))
+    t.on_epoch = check
+    assert t.run() == "done"
+    assert checked == [True] * 3 and len(built) == 1 + 3  # the trainer's one plan, and one per check
+
+
 @pytest.mark.parametrize("tf32", [None, "1"])
 def test_tf32_only_when_asked(gpu, tf32, monkeypatch):
     """GraphBlas's handle gets cuBLAS's TF32 math mode (3) with $FLATNET_TF32=1 only (the default math mode is 0)."""
