@@ -74,8 +74,9 @@ def test_help_explains_every_flag():
     assert "(default: 3,2)" in text and "[3, 2]" not in text and "[80, 104]" not in text
     from models.recipes import RECIPES
     assert "--recipe" in text and "(default: reproduce)" in text and all(f"{name}: " in text for name in RECIPES)
-    assert "120 (baseline) / 40 (flattened) epochs" in text  # the short recipe's schedule per model
-    assert "after epochs 80,104 (baseline) / 27,35 (flattened)" in text
+    assert "120 (baseline) / 45 (flattened) epochs" in text  # the short recipe's schedule per model
+    # the models' schedules of another kind, each with its name
+    assert "lr x0.1 after epochs 80,104 (baseline) / lr decayed to 0 along a straight line (flattened)" in text
     assert "not implemented" not in text  # the CuPy backend exists
     assert "weight decay 0.0005 (baseline) / 0.0001 (flattened)" in text  # a recipe's decay per model
     assert "mnist: 30 epochs" in text and "after epochs 20,26" in text  # and its schedule
