@@ -167,25 +167,27 @@ def _data(n=64):
                 test_x=rng.standard_normal((16, 1, 28, 28)).astype(np.float32), test_y=rng.integers(0, 10, 16))
 
 
-def _trainer(data, out):
+def _trainer(data, out, schedule="cosine"):
     cfg = dict(epochs=3, batch_size=16, lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-4,
-               lr_drop_epochs=[], seed=1, lookahead=3, lookahead_alpha=0.5, schedule="cosine", warmup_epochs=0.5, label_smoothing=0.1, ema=0.8, augment="flip,crop2")
+               lr_drop_epochs=[], seed=1, lookahead=3, lookahead_alpha=0.5, schedule=schedule, warmup_epochs=0.5,
+               label_smoothing=0.1, ema=0.8, augment="flip,crop2")
     return Trainer(build("flattened", (1, 28, 28), 10, seed=1), data, cfg, out, log=lambda m: None, progress=False)
 
 
-def test_a_run_with_every_element_interrupted_and_resumed_equals_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_a_run_with_every_element_interrupted_and_resumed_equals_the_uninterrupted_one(tmp_path, schedule):
     data = _data()
-    straight = _trainer(data, tmp_path / "a")
+    straight = _trainer(data, tmp_path / "a", schedule)
     assert straight.run() == "done"
 
     def stop(t):
         if (t.epoch, t.step_in_epoch) in ((0, 1), (1, 3), (2, 2)):
             t.stop_requested = True  # what Ctrl-C does
 
-    t = _trainer(data, tmp_path / "b")
+    t = _trainer(data, tmp_path / "b", schedule)
     t.on_step = stop
     while t.run() == "interrupted":
-        t = _trainer(data, tmp_path / "b")
+        t = _trainer(data, tmp_path / "b", schedule)
         t.on_step = stop
         t.resume()
     for name, w in straight.model.params.items():
@@ -194,9 +196,10 @@ def test_a_run_with_every_element_interrupted_and_resumed_equals_the_uninterrupt
         np.testing.assert_array_equal(straight.lookahead.slow[name], t.lookahead.slow[name], err_msg=name)
     assert straight.history == [dict(h, seconds=s["seconds"], images_per_s=s["images_per_s"],
                                      eval_seconds=s["eval_seconds"]) for h, s in zip(t.history, straight.history)]
-    # the rate of each epoch's first update follows the cosine after half an epoch (2 updates) of warm-up
-    assert [h["lr"] for h in straight.history] == pytest.approx(
-        [0.05 / 2, 0.05 * 0.5 * (1 + math.cos(math.pi * 2 / 10)), 0.05 * 0.5 * (1 + math.cos(math.pi * 6 / 10))])
+    # the rate of each epoch's first update follows the schedule over the 10 updates after half an epoch (2 updates)
+    # of warm-up
+    decayed = {"cosine": lambda u: 0.5 * (1 + math.cos(math.pi * u / 10)), "linear": lambda u: (10 - u) / 10}[schedule]
+    assert [h["lr"] for h in straight.history] == pytest.approx([0.05 / 2, 0.05 * decayed(2), 0.05 * decayed(6)])
     # evaluation saw the average, not the last weights: the trainer's evaluation on the average agrees
     from engine.trainer import evaluate
     with straight.final_weights():
