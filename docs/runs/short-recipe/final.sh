@@ -1,8 +1,8 @@
 #!/bin/bash
 # The final runs of the short recipe on CIFAR-10 (docs/results.md, "A recipe for 30 minutes"): the default command
 # with --recipe short, seeds 1 to 3 (or those given), on the whole training set, evaluated on the test set, into
-# final45-sN (45 epochs, the rate decayed along a line: the recipe of 2026-12-08).
-# --forty first: the recipe of 2026-12-07 (40 epochs, the rate divided by 10 after epochs 27 and 35), into final-sN;
+# final45-sN (45 epochs, the rate decayed along a line).
+# --forty first: the first short recipe (40 epochs, the rate divided by 10 after epochs 27 and 35), into final-sN;
 # --nesterov first: the same with Nesterov momentum, into final-nesterov-sN.
 #   bash docs/runs/short-recipe/final.sh [--forty | --nesterov] [SEED...]
 {  # read whole before it runs
