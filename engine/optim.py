@@ -47,6 +47,7 @@ def lr_at(epoch, base_lr, drop_epochs, factor=0.1):
 
 
 SCHEDULES = ("step", "cosine", "linear")
+DECAYS = ("cosine", "linear")  # the schedules planned over the whole run: its length sets every rate
 
 
 def scheduled_lr(base_lr, epoch, step, steps_per_epoch, epochs, schedule="step", drop_epochs=(), factor=0.1,
@@ -72,9 +73,10 @@ def scheduled_lr(base_lr, epoch, step, steps_per_epoch, epochs, schedule="step",
     if t < warm:
         return base_lr * scale
     after = max(epochs * steps_per_epoch - warm, 1)
+    u = min(t - warm, after)
     if schedule == "linear":
-        return base_lr * (after - min(t - warm, after)) / after
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(t - warm, after) / after))
+        return base_lr * (after - u) / after
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * u / after))
 
 
 class _Copies:

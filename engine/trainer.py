@@ -39,6 +39,11 @@ class TrainingDiverged(RuntimeError):
 
 # ----------------------------------------------------------------------------- evaluation
 
+def eval_forward(model):
+    """What evaluation runs: the model compiled for inference (float32, CPU or GPU), else its layers."""
+    return compiled_or_reason(model, gpu=True)[0] or model.forward
+
+
 def evaluate(model, x, y, batch_size=500, progress=False, forward=None):
     """(mean loss, accuracy) of `model` in eval mode on (x, y); restores the previous mode.
 
@@ -53,7 +58,7 @@ def evaluate(model, x, y, batch_size=500, progress=False, forward=None):
     was_training = model.training
     model.eval()
     if forward is None:
-        forward = compiled_or_reason(model, gpu=True)[0] or model.forward  # compiled in float32, else the layers
+        forward = eval_forward(model)
     loss_fn = SoftmaxCrossEntropy()
     total_loss, correct = 0.0, 0
     bar = None
@@ -142,7 +147,7 @@ class Trainer:
         if self.model.backend != "cupy":
             return None
         if self._eval_plan is None:
-            self._eval_plan = compiled_or_reason(self.model, gpu=True)[0] or self.model.forward
+            self._eval_plan = eval_forward(self.model)
         return self._eval_plan
 
     @property

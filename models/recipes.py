@@ -153,10 +153,9 @@ def describe(settings):
         return value[model] if isinstance(value, dict) else value
 
     def schedule_text(model):
-        if of("schedule", model) == "cosine":
-            text = "lr decayed to 0 along a half cosine"
-        elif of("schedule", model) == "linear":
-            text = "lr decayed to 0 along a straight line"
+        decay = {"cosine": "a half cosine", "linear": "a straight line"}.get(of("schedule", model))
+        if decay:
+            text = f"lr decayed to 0 along {decay}"
         else:
             drops = of("lr_drop_epochs", model)
             text = f"lr x{settings['lr_drop_factor']:g} after epochs {setting_text(drops) or 'none'}"

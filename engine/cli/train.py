@@ -27,7 +27,7 @@ from engine.models.recipes import (DEFAULT_RECIPE, RECIPES, complete_settings, d
                                    setting_text)
 
 from ..modelfile import ZCA_STORAGE
-from ..optim import check_nesterov
+from ..optim import DECAYS, check_nesterov
 from .common import Parser
 
 IN_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "mnist": (1, 28, 28)}
@@ -408,7 +408,7 @@ def run(args, dist=None):
         if args.epochs < meta["epoch"]:
             sys.exit(f"error: --epochs {args.epochs} ends before this run's {meta['epoch']} trained epochs: a run "
                      f"cannot be shortened (--epochs above {meta['epoch']} extends it; see --help)")
-        if args.schedule in ("cosine", "linear") and args.epochs != meta["config"]["epochs"] and is_root:
+        if args.schedule in DECAYS and args.epochs != meta["config"]["epochs"] and is_root:
             print(f"warning: the {args.schedule} schedule was planned over {meta['config']['epochs']} epochs; its "
                   f"remaining steps now follow it over {args.epochs} (a run started with --epochs {args.epochs} "
                   f"would have had other rates before epoch {meta['epoch'] + 1})", file=sys.stderr)
